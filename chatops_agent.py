@@ -1,0 +1,1481 @@
+#!/usr/bin/env python3
+"""chatops-agent: reports this server's metrics to a ChatOps API over one WebSocket.
+
+Run it:
+    CHATOPS_API_KEY=KEY python3 chatops_agent.py --api-url https://chatops.example.com
+    python3 chatops_agent.py --once        # one sample as JSON, no API needed
+    python3 chatops_agent.py --check       # diagnostics, one line per check
+    python3 chatops_agent.py --help
+
+Needs Python 3.8+ and websocket-client; psutil is used when present (on Linux
+the same metrics come from /proc without it). See README.md.
+"""
+
+__version__ = "0.1.0"
+
+import argparse
+import collections
+import datetime
+import difflib
+import glob
+import ipaddress
+import json
+import logging
+import math
+import os
+import platform
+import random
+import signal
+import socket
+import ssl
+import stat
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+try:
+    import psutil
+except ImportError:  # optional: the /proc source covers Linux without it
+    psutil = None
+
+try:
+    import pwd
+except ImportError:  # not on Windows
+    pwd = None
+
+
+###############################################################################
+# Defaults ####################################################################
+###############################################################################
+
+WS_PATH = "/api/v1/agents/ws"
+AUTH_TIMEOUT_S = 10.0          # how long the API may take to answer "auth"
+CONNECT_TIMEOUT_S = 10.0
+BACKOFF_FIRST_S = 1.0          # reconnect delays grow 1, 2, 4, ... s, full jitter
+STABLE_AFTER_S = 30.0          # a connection up this long resets the backoff
+AUTH_RETRY_FIRST_S = 60.0      # a rejected key is retried slowly: 1, 2, 4, ... min
+AUTH_RETRY_MAX_S = 900.0
+METRICS_WINDOW = 32            # metrics frames sent but not yet acknowledged
+CPU_PRIME_S = 0.25             # first sample's CPU window after start
+ONCE_CPU_WINDOW_S = 0.5        # CPU window of --once
+SHUTDOWN_CLOSE_WAIT_S = 2.0    # wait for the API's close frame on SIGTERM
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class Setting:
+    """One configuration setting: its JSON key, flag and variable follow from `name`."""
+
+    def __init__(self, name, default, kind, meaning, minimum=None):
+        self.name = name
+        self.default = default
+        self.kind = kind          # "str", "float", "int", "bool", "level"
+        self.meaning = meaning
+        self.minimum = minimum    # numbers must be > this (exclusive) when set
+
+    @property
+    def flag(self):
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self):
+        return "CHATOPS_" + self.name.upper()
+
+
+SETTINGS = (
+    Setting("api_key", None, "str", "API key that authenticates this agent (secret)"),
+    Setting("api_url", "http://localhost:8000", "str",
+            "ChatOps API base URL (http/https), or a ws/wss URL used as is"),
+    Setting("metrics_interval_s", 5.0, "float", "seconds between metrics samples", 0),
+    Setting("heartbeat_interval_s", 30.0, "float",
+            "seconds between pings; silence for two of them means the link is dead", 0),
+    Setting("reconnect_max_delay_s", 60.0, "float", "cap of the reconnect backoff", 0),
+    Setting("buffer_size", 720, "int",
+            "samples kept while the API is unreachable (720 = 1 hour at 5 s)", 0),
+    Setting("top_processes", 25, "int", "processes listed in each sample, top by CPU", -1),
+    Setting("process_refresh_s", 15.0, "float",
+            "seconds between reads of the process table (reused in between)", 0),
+    Setting("disk_include_network", False, "bool",
+            "also report network filesystems (nfs, cifs, ...), whose statvfs can hang"),
+    Setting("ca_file", None, "str", "PEM file of the CA that signed the API's certificate"),
+    Setting("tls_skip_verify", False, "bool",
+            "do not verify the API's TLS certificate (insecure; warned at every connect)"),
+    Setting("allow_plaintext", False, "bool",
+            "allow http/ws to a host that is not loopback (the key crosses the network in clear)"),
+    Setting("log_level", "info", "level", "one of " + ", ".join(LOG_LEVELS)),
+)
+SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
+CONFIG_ENV = "CHATOPS_CONFIG"
+
+# Filesystems that are not disks: kernel views, images and layers. Network
+# filesystems are left out unless asked for, because statvfs on a dead server
+# blocks uninterruptibly and would stall the metrics loop.
+PSEUDO_FS = frozenset("""
+    autofs binfmt_misc bpf cgroup cgroup2 configfs debugfs devpts devtmpfs efivarfs
+    fusectl hugetlbfs mqueue nsfs overlay proc pstore ramfs rpc_pipefs securityfs
+    selinuxfs squashfs sysfs tmpfs tracefs nfsd devfs iso9660 aufs
+""".split())
+NETWORK_FS = frozenset("""
+    nfs nfs4 cifs smb3 smbfs ceph glusterfs fuse.glusterfs fuse.sshfs sshfs 9p afs
+    lustre gpfs fuse.s3fs fuse.rclone ncpfs davfs fuse.davfs2
+""".split())
+
+
+###############################################################################
+# Errors ######################################################################
+###############################################################################
+
+class AgentError(Exception):
+    """An error the operator can act on; `main()` prints it and exits with `exit_code`."""
+    exit_code = 1
+
+
+class ConfigError(AgentError):
+    exit_code = 2
+
+
+class DependencyError(AgentError):
+    exit_code = 2
+
+
+class AuthError(AgentError):
+    """The API refused our key (close 1008, an error frame, or HTTP 401/403)."""
+
+    def __init__(self, reason, code=None):
+        self.reason = reason
+        self.code = code
+        suffix = " (close %d)" % code if code else ""
+        super().__init__("authentication rejected by the API: %s%s" % (reason, suffix))
+
+
+class LinkError(AgentError):
+    """The connection could not be made or broke; retried with backoff."""
+
+
+###############################################################################
+# Helpers #####################################################################
+###############################################################################
+
+def utc_now():
+    """RFC 3339 UTC with milliseconds and `Z`: samples 1 s apart never collide."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (now.microsecond // 1000)
+
+
+def to_json(message):
+    """Compact, ASCII-only (a lone surrogate cannot break the send), never NaN."""
+    return json.dumps(message, separators=(",", ":"), allow_nan=False)
+
+
+def gib(n_bytes):
+    return round(n_bytes / 1024 ** 3, 2)
+
+
+def percent(part, whole):
+    return round(100.0 * part / whole, 1) if whole > 0 else 0.0
+
+
+def is_loopback(host):
+    if host.lower() == "localhost" or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Backoff:
+    """Exponential backoff with full jitter: each delay is uniform in [0, ceiling]."""
+
+    def __init__(self, first_s, cap_s, floor_fraction=0.0):
+        self.first_s = first_s
+        self.cap_s = cap_s
+        self.floor_fraction = floor_fraction   # >0 keeps delays from collapsing to 0
+        self.attempt = 0
+
+    def next_delay(self):
+        ceiling = min(self.cap_s, self.first_s * 2 ** min(self.attempt, 30))
+        self.attempt += 1
+        return random.uniform(ceiling * self.floor_fraction, ceiling)
+
+    def reset(self):
+        self.attempt = 0
+
+
+class RedactFilter(logging.Filter):
+    """Last line of defence: whatever a log record says, the key never leaves."""
+
+    def __init__(self, secret):
+        super().__init__()
+        self.secret = secret
+
+    def filter(self, record):
+        if self.secret and len(self.secret) >= 4:
+            text = record.getMessage()
+            if self.secret in text:
+                record.msg, record.args = text.replace(self.secret, "<redacted>"), None
+        return True
+
+
+def setup_logging(level, secret):
+    handler = logging.StreamHandler(sys.stderr)
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s",
+                                  "%Y-%m-%dT%H:%M:%SZ")
+    formatter.converter = time.gmtime
+    handler.setFormatter(formatter)
+    handler.addFilter(RedactFilter(secret))
+    log = logging.getLogger("chatops-agent")
+    log.handlers[:] = [handler]
+    log.setLevel(level.upper())
+    log.propagate = False
+    return log
+
+
+LOG = logging.getLogger("chatops-agent")
+
+
+def load_websocket():
+    """Import websocket-client, or from a websocket_client-*.whl beside this file."""
+    try:
+        import websocket
+        if hasattr(websocket, "create_connection"):
+            return websocket
+    except ImportError:
+        pass
+    here = os.path.dirname(os.path.abspath(__file__))
+    for wheel in sorted(glob.glob(os.path.join(here, "websocket_client-*.whl")), reverse=True):
+        sys.path.insert(0, wheel)   # a wheel is a zip: zipimport reads it as it is
+        sys.modules.pop("websocket", None)
+        try:
+            import websocket
+            if hasattr(websocket, "create_connection"):
+                return websocket
+        except ImportError:
+            pass
+        sys.path.remove(wheel)
+    raise DependencyError(
+        "the Python package websocket-client is not installed (or a module named "
+        "'websocket' hides it). Install it: 'pip install websocket-client' or "
+        "'apt-get install python3-websocket', or put websocket_client-*.whl "
+        "beside chatops_agent.py")
+
+
+###############################################################################
+# Configuration ###############################################################
+###############################################################################
+
+class Config:
+    """The effective settings and, for each, where its value came from."""
+
+    def __init__(self, values, sources, config_path):
+        self.values = values
+        self.sources = sources
+        self.config_path = config_path
+
+    def __getattr__(self, name):
+        try:
+            return self.__dict__["values"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def redacted(self):
+        shown = {}
+        for name, value in self.values.items():
+            if name == "api_key" and value:
+                value = "<redacted>"
+            shown[name] = {"value": value, "source": self.sources[name]}
+        return {"config_file": self.config_path, "settings": shown}
+
+
+def convert(setting, raw, origin, text):
+    """Turn a raw value into its kind: `text` from a flag or variable, else JSON from the file."""
+    kind = setting.kind
+    try:
+        if kind in ("str", "level"):
+            if not isinstance(raw, str):
+                raise TypeError
+            value = raw.strip().lower() if kind == "level" else raw
+        elif kind == "bool":
+            value = parse_bool(raw) if text else raw
+            if not isinstance(value, bool):
+                raise TypeError
+        elif kind == "int":
+            value = int(raw) if text else raw
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError
+        else:
+            value = float(raw) if text else raw
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError
+            value = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError("%s: %s must be %s, got %s" % (
+            origin, setting.name, describe_kind(kind), json.dumps(raw)[:80])) from None
+    check_value(setting, value, origin)
+    return value
+
+
+def parse_bool(text):
+    words = {"1": True, "true": True, "yes": True, "on": True,
+             "0": False, "false": False, "no": False, "off": False}
+    if text.strip().lower() not in words:
+        raise ValueError(text)
+    return words[text.strip().lower()]
+
+
+def describe_kind(kind):
+    return {"str": "a string", "level": "a string", "bool": "true or false",
+            "int": "a whole number", "float": "a number"}[kind]
+
+
+def check_value(setting, value, origin):
+    if setting.kind == "float" and not math.isfinite(value):
+        raise ConfigError("%s: %s must be a finite number" % (origin, setting.name))
+    if setting.minimum is not None and value <= setting.minimum:
+        bound = "greater than %s" % setting.minimum if setting.minimum else "positive"
+        raise ConfigError("%s: %s must be %s, got %s" % (origin, setting.name, bound, value))
+    if setting.kind == "level" and value not in LOG_LEVELS:
+        raise ConfigError("%s: log_level must be one of %s, got %r"
+                          % (origin, ", ".join(LOG_LEVELS), value))
+
+
+def read_config_file(path):
+    """The JSON object in `path`, after the checks ssh makes of a private key."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            text = f.read()
+    except OSError as e:
+        raise ConfigError("cannot read config file %s: %s" % (path, e.strerror or e)) from None
+    except UnicodeDecodeError:
+        raise ConfigError("config file %s is not UTF-8 text" % path) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError("config file %s is not valid JSON: %s at line %d column %d"
+                          % (path, e.msg, e.lineno, e.colno)) from None
+    except (ValueError, RecursionError) as e:
+        raise ConfigError("config file %s is not usable JSON: %s" % (path, e)) from None
+    if not isinstance(data, dict):
+        raise ConfigError("config file %s must hold a JSON object ({...}), not %s"
+                          % (path, type(data).__name__))
+    if data.get("api_key") and os.name == "posix" and mode & 0o077:
+        raise ConfigError(
+            "config file %s holds the API key but is accessible by others (mode %s); "
+            "the agent refuses it, as ssh refuses such a private key. Fix: chmod 600 %s"
+            % (path, oct(stat.S_IMODE(mode)), path))
+    return data
+
+
+def file_values(path):
+    if not path:
+        return {}
+    data = read_config_file(path)
+    for key in data:
+        if key not in SETTINGS_BY_NAME:
+            close = difflib.get_close_matches(key, list(SETTINGS_BY_NAME), 1)
+            hint = " (did you mean %r?)" % close[0] if close else ""
+            raise ConfigError("config file %s: unknown key %r%s; known keys: %s"
+                              % (path, key, hint, ", ".join(SETTINGS_BY_NAME)))
+    return {k: convert(SETTINGS_BY_NAME[k], v, "config file %s" % path, text=False)
+            for k, v in data.items() if v is not None}
+
+
+def load_config(flags, environ):
+    """Merge flags > environment > config file > defaults, and validate the result.
+
+    `flags` maps setting names to the raw text given on the command line (or
+    True for switches), plus "config" for the file's path.
+    """
+    path = flags.get("config") or environ.get(CONFIG_ENV) or None
+    from_file = file_values(path)
+    values, sources = {}, {}
+    for s in SETTINGS:
+        raw = flags.get(s.name)
+        if raw is not None:   # switches arrive as True, the rest as text
+            values[s.name] = convert(s, raw, "flag " + s.flag, text=isinstance(raw, str))
+            sources[s.name] = "flag"
+        elif environ.get(s.env):
+            values[s.name] = convert(s, environ[s.env], "environment variable " + s.env, text=True)
+            sources[s.name] = "env " + s.env
+        elif s.name in from_file:
+            values[s.name], sources[s.name] = from_file[s.name], "file " + path
+        else:
+            values[s.name], sources[s.name] = s.default, "default"
+    config = Config(values, sources, path)
+    validate(config)
+    return config
+
+
+def validate(config):
+    ws_url(config.api_url)   # raises ConfigError on a bad URL
+    host = urllib.parse.urlsplit(config.api_url).hostname
+    plaintext = urllib.parse.urlsplit(config.api_url).scheme in ("http", "ws")
+    if plaintext and not is_loopback(host) and not config.allow_plaintext:
+        raise ConfigError(
+            "refusing plaintext URL %s: the API key would cross the network in clear. "
+            "Use https:// (or wss://), or if this network is trusted pass "
+            "--allow-plaintext (CHATOPS_ALLOW_PLAINTEXT=true)" % config.api_url)
+    if config.ca_file and not os.access(config.ca_file, os.R_OK):
+        raise ConfigError("CA file %s cannot be read; give the path of a PEM file "
+                          "with --ca-file" % config.ca_file)
+
+
+def ws_url(api_url):
+    """The WebSocket URL for an API URL, as PROTOCOL.md section 1 says."""
+    parts = urllib.parse.urlsplit(api_url.strip())
+    scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme)
+    if not scheme or not parts.hostname:
+        raise ConfigError("api_url %r is not a URL the agent can use: give "
+                          "http(s)://HOST[:PORT] or ws(s)://HOST[:PORT]/PATH" % api_url)
+    try:
+        parts.port   # noqa: B018 -- raises ValueError on a bad port
+    except ValueError:
+        raise ConfigError("api_url %r has an invalid port" % api_url) from None
+    path = parts.path
+    if parts.scheme in ("http", "https") or path in ("", "/"):
+        path = path.rstrip("/") + WS_PATH
+    return urllib.parse.urlunsplit((scheme, parts.netloc, path, parts.query, ""))
+
+
+def http_base(api_url):
+    """The HTTP base for /health and /api/v1/api-keys/me, from either kind of URL."""
+    parts = urllib.parse.urlsplit(api_url.strip())
+    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+    path = parts.path.rstrip("/")
+    if parts.scheme in ("ws", "wss"):
+        path = path[: -len(WS_PATH)] if path.endswith(WS_PATH) else ""
+    return urllib.parse.urlunsplit((scheme, parts.netloc, path, "", ""))
+
+
+def tls_context(config):
+    """An SSLContext for urllib that matches what the WebSocket will do."""
+    if config.tls_skip_verify:
+        return ssl._create_unverified_context()
+    return ssl.create_default_context(cafile=config.ca_file)
+
+
+def ws_sslopt(config):
+    if config.tls_skip_verify:
+        return {"cert_reqs": ssl.CERT_NONE, "check_hostname": False}
+    opts = {"cert_reqs": ssl.CERT_REQUIRED}
+    if config.ca_file:
+        opts["ca_certs"] = config.ca_file
+    return opts
+
+
+###############################################################################
+# Metrics: sources ############################################################
+###############################################################################
+#
+# A source reads raw counters; `MetricsCollector` turns two readings into
+# percents and rates. Both sources return the same shapes:
+#   cpu_times()    -> [(busy_s, total_s)] per logical CPU
+#   memory()       -> (total, available, swap_total, swap_free) in bytes
+#   mounts()       -> [(device, mount_point, fs_type)]
+#   net()          -> {interface: (bytes_sent, bytes_recv, packets_sent, packets_recv)}
+#   processes()    -> [(pid, started, name, cpu_s, rss_bytes, status, user)]
+#   frequency_mhz(), uptime_s()
+
+def busy_total(times):
+    """CPU busy and total seconds from one CPU's times; guest time is already in user."""
+    fields = times._asdict() if hasattr(times, "_asdict") else times
+    total = sum(fields.values()) - fields.get("guest", 0) - fields.get("guest_nice", 0)
+    idle = fields.get("idle", 0) + fields.get("iowait", 0)
+    return total - idle, total
+
+
+def unescape_mount(field):
+    """/proc/self/mounts writes space, tab, newline and backslash as octal escapes."""
+    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        field = field.replace(code, char)
+    return field
+
+
+def proc_mounts(path="/proc/self/mounts"):
+    with open(path, encoding="utf-8", errors="replace") as f:
+        rows = [line.split() for line in f]
+    return [(unescape_mount(r[0]), unescape_mount(r[1]), r[2]) for r in rows if len(r) >= 3]
+
+
+class UserNames:
+    """uid -> user name, cached: the password database is slow to search."""
+
+    def __init__(self):
+        self._names = {}
+
+    def __call__(self, uid):
+        if uid not in self._names:
+            try:
+                self._names[uid] = pwd.getpwuid(uid).pw_name if pwd else str(uid)
+            except KeyError:
+                self._names[uid] = str(uid)
+        return self._names[uid]
+
+
+class ProcSource:
+    """Linux /proc and os.statvfs, for hosts without psutil."""
+
+    name = "/proc"
+
+    def __init__(self, root="/proc"):
+        self.root = root
+        self.tick = os.sysconf("SC_CLK_TCK")
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.user_name = UserNames()
+
+    def _read(self, name):
+        with open(os.path.join(self.root, name), encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def cpu_times(self):
+        names = ("user", "nice", "system", "idle", "iowait", "irq", "softirq",
+                 "steal", "guest", "guest_nice")
+        cores = []
+        for line in self._read("stat").splitlines():
+            if line.startswith("cpu") and line[3:4].isdigit():
+                values = [int(v) / self.tick for v in line.split()[1:11]]
+                cores.append(busy_total(dict(zip(names, values))))
+        return cores
+
+    def memory(self):
+        info = {}
+        for line in self._read("meminfo").splitlines():
+            key, _, rest = line.partition(":")
+            info[key] = int(rest.split()[0]) * 1024 if rest.split() else 0
+        total = info.get("MemTotal", 0)
+        available = info.get("MemAvailable")
+        if available is None:   # kernels before 3.14
+            available = info.get("MemFree", 0) + info.get("Buffers", 0) + info.get("Cached", 0)
+        return total, available, info.get("SwapTotal", 0), info.get("SwapFree", 0)
+
+    def mounts(self):
+        return proc_mounts(os.path.join(self.root, "self/mounts"))
+
+    def net(self):
+        counters = {}
+        for line in self._read("net/dev").splitlines()[2:]:
+            name, _, rest = line.partition(":")
+            f = rest.split()
+            if len(f) >= 16:
+                counters[name.strip()] = (int(f[8]), int(f[0]), int(f[9]), int(f[1]))
+        return counters
+
+    def frequency_mhz(self):
+        try:
+            mhz = [float(line.split(":")[1]) for line in self._read("cpuinfo").splitlines()
+                   if line.startswith("cpu MHz")]
+        except (OSError, ValueError, IndexError):
+            return 0.0
+        return round(sum(mhz) / len(mhz), 1) if mhz else 0.0
+
+    def uptime_s(self):
+        return float(self._read("uptime").split()[0])
+
+    def processes(self):
+        table = []
+        for entry in os.listdir(self.root):
+            if entry.isdigit():
+                row = self._process(entry)
+                if row:
+                    table.append(row)
+        return table
+
+    def _process(self, pid):
+        try:
+            text = self._read(pid + "/stat")
+            uid = os.stat(os.path.join(self.root, pid)).st_uid
+        except OSError:    # the process ended while we looked
+            return None
+        # The name is in parentheses and may hold spaces and ')': split at the last one.
+        name = text[text.find("(") + 1: text.rfind(")")]
+        f = text[text.rfind(")") + 2:].split()
+        cpu_s = (int(f[11]) + int(f[12])) / self.tick
+        return (int(pid), int(f[19]), name, cpu_s, int(f[21]) * self.page, f[0],
+                self.user_name(uid))
+
+
+PSUTIL_STATUS = {"running": "R", "sleeping": "S", "disk-sleep": "D", "stopped": "T",
+                 "tracing-stop": "t", "zombie": "Z", "dead": "X", "idle": "I",
+                 "wake-kill": "K", "waking": "W", "parked": "P", "locked": "L",
+                 "waiting": "W"}
+
+
+class PsutilSource:
+    """psutil: the same readings on every system psutil supports."""
+
+    name = "psutil"
+
+    def __init__(self):
+        self.user_name = UserNames()
+
+    def cpu_times(self):
+        return [busy_total(t) for t in psutil.cpu_times(percpu=True)]
+
+    def memory(self):
+        vm, sw = psutil.virtual_memory(), psutil.swap_memory()
+        return vm.total, vm.available, sw.total, sw.free
+
+    def mounts(self):
+        if sys.platform.startswith("linux"):
+            return proc_mounts()
+        return [(p.device, p.mountpoint, p.fstype) for p in psutil.disk_partitions(all=False)]
+
+    def net(self):
+        return {name: (c.bytes_sent, c.bytes_recv, c.packets_sent, c.packets_recv)
+                for name, c in psutil.net_io_counters(pernic=True).items()}
+
+    def frequency_mhz(self):
+        try:
+            freq = psutil.cpu_freq()
+        except (OSError, RuntimeError, NotImplementedError):
+            return 0.0
+        return round(freq.current, 1) if freq else 0.0
+
+    def uptime_s(self):
+        return max(0.0, time.time() - psutil.boot_time())
+
+    def processes(self):
+        table = []
+        attrs = ["pid", "create_time", "name", "cpu_times", "memory_info", "status", "uids"]
+        if not hasattr(psutil.Process, "uids"):
+            attrs[-1] = "username"
+        for p in psutil.process_iter(attrs):
+            info = p.info
+            if info["cpu_times"] is None or info["memory_info"] is None:
+                continue   # access denied or gone
+            uids = info.get("uids")
+            user = self.user_name(uids.real) if uids else (info.get("username") or "")
+            table.append((info["pid"], info["create_time"], info["name"] or "",
+                          info["cpu_times"].user + info["cpu_times"].system,
+                          info["memory_info"].rss,
+                          PSUTIL_STATUS.get(info["status"], "?"), user))
+        return table
+
+
+def pick_source(prefer_psutil=True):
+    if psutil is not None and prefer_psutil:
+        return PsutilSource()
+    if sys.platform.startswith("linux"):
+        return ProcSource()
+    raise DependencyError("psutil is not installed and this system has no Linux /proc: "
+                          "install it with 'pip install psutil'")
+
+
+###############################################################################
+# Metrics: collector ##########################################################
+###############################################################################
+
+def real_filesystems(mounts, include_network):
+    """Disks worth reporting: one entry per device, pseudo filesystems left out."""
+    chosen = {}
+    for device, mount, fstype in mounts:
+        network = fstype in NETWORK_FS or fstype.startswith("nfs")
+        if network and not include_network:
+            continue
+        if not network and (fstype in PSEUDO_FS or not device.startswith("/")
+                            or device.startswith("/dev/loop")):
+            continue
+        # Bind mounts repeat a device: keep its shortest mount point ("/" over /var/lib/docker).
+        if device not in chosen or len(mount) < len(chosen[device][1]):
+            chosen[device] = (device, mount, fstype)
+    return sorted(chosen.values(), key=lambda m: m[1])
+
+
+def disk_usage(path):
+    """statvfs figures as df shows them: used excludes the root-reserved blocks."""
+    st = os.statvfs(path)
+    total = st.f_blocks * st.f_frsize
+    free = st.f_bavail * st.f_frsize
+    used = (st.f_blocks - st.f_bfree) * st.f_frsize
+    return total, used, free, percent(used, used + free)
+
+
+class MetricsCollector:
+    """Turns readings of a source into the `data` of a metrics message."""
+
+    def __init__(self, source, top_processes=25, process_refresh_s=15.0,
+                 include_network_fs=False):
+        self.source = source
+        self.top_processes = top_processes
+        self.process_refresh_s = process_refresh_s
+        self.include_network_fs = include_network_fs
+        self.hostname = socket.gethostname()
+        self._cpu = self._net = None
+        self._net_at = 0.0
+        self._procs, self._procs_at, self._top = {}, None, []
+        self._failed = set()   # sections whose failure was logged already
+
+    def prime(self):
+        """Take the baselines that the first sample's CPU, network and process figures need."""
+        self._cpu = self.source.cpu_times()
+        self._net, self._net_at = self.source.net(), time.monotonic()
+        if self.top_processes:
+            self._refresh_processes()
+
+    def collect(self):
+        data = {"timestamp": utc_now(), "hostname": self.hostname,
+                "agent_version": __version__}
+        errors = {}
+        for section, read in (("cpu", self._cpu_section), ("memory", self._memory_section),
+                              ("disk", self._disk_section), ("network", self._net_section),
+                              ("processes", self._process_section)):
+            try:
+                data[section] = read()
+                self._failed.discard(section)
+            except (OSError, ValueError, IndexError, KeyError, RuntimeError) as e:
+                errors[section] = "%s: %s" % (type(e).__name__, e)
+                if section not in self._failed:
+                    LOG.warning("metrics: cannot read %s: %s", section, errors[section])
+                    self._failed.add(section)
+        data.update(self._host_section())
+        data["containers"] = []
+        if errors:
+            data["errors"] = errors
+        return data
+
+    def _cpu_section(self):
+        now = self.source.cpu_times()
+        before = self._cpu if self._cpu and len(self._cpu) == len(now) else now
+        self._cpu = now
+        per_core = [percent(max(0.0, b1 - b0), t1 - t0)
+                    for (b0, t0), (b1, t1) in zip(before, now)]
+        busy = sum(max(0.0, b1 - b0) for (b0, _), (b1, _) in zip(before, now))
+        total = sum(t1 - t0 for (_, t0), (_, t1) in zip(before, now))
+        return {"usage_percent": percent(busy, total), "cores": len(now),
+                "frequency_mhz": self.source.frequency_mhz(), "per_core": per_core}
+
+    def _memory_section(self):
+        total, available, swap_total, swap_free = self.source.memory()
+        used = total - available   # the same in both sources, and across psutil versions
+        return {"total_gb": gib(total), "used_gb": gib(used), "available_gb": gib(available),
+                "usage_percent": percent(used, total),
+                "swap_total_gb": gib(swap_total), "swap_used_gb": gib(swap_total - swap_free),
+                "swap_usage_percent": percent(swap_total - swap_free, swap_total)}
+
+    def _disk_section(self):
+        total, used, free, pct = disk_usage("C:\\" if os.name == "nt" else "/")
+        section = {"total_gb": gib(total), "used_gb": gib(used), "available_gb": gib(free),
+                   "usage_percent": pct, "filesystems": []}
+        for device, mount, fstype in real_filesystems(self.source.mounts(),
+                                                      self.include_network_fs):
+            try:
+                t, u, f, p = disk_usage(mount)
+            except OSError:
+                continue   # unmounted meanwhile, or not ours to read
+            section["filesystems"].append({"mount": mount, "device": device, "fstype": fstype,
+                                           "total_bytes": t, "used_bytes": u,
+                                           "free_bytes": f, "usage_percent": p})
+        return section
+
+    def _net_section(self):
+        now, at = self.source.net(), time.monotonic()
+        before, elapsed = self._net or now, max(at - self._net_at, 1e-6)
+        self._net, self._net_at = now, at
+        interfaces = []
+        for name in sorted(now):
+            counts = now[name]
+            rates = [max(0, c - b) / elapsed for c, b in zip(counts, before.get(name, counts))]
+            interfaces.append({
+                "name": name, "bytes_sent": counts[0], "bytes_recv": counts[1],
+                "packets_sent": counts[2], "packets_recv": counts[3],
+                "bytes_sent_per_s": round(rates[0], 1), "bytes_recv_per_s": round(rates[1], 1),
+                "packets_sent_per_s": round(rates[2], 1),
+                "packets_recv_per_s": round(rates[3], 1)})
+        totals = [sum(c[i] for c in now.values()) for i in range(4)]
+        return {"bytes_sent": totals[0], "bytes_recv": totals[1], "packets_sent": totals[2],
+                "packets_recv": totals[3], "interfaces": interfaces}
+
+    def _host_section(self):
+        host = {}
+        try:
+            host["load_average"] = [round(x, 2) for x in os.getloadavg()]
+        except (OSError, AttributeError):
+            pass
+        try:
+            host["uptime_s"] = int(self.source.uptime_s())
+        except (OSError, ValueError):
+            pass
+        return host
+
+    def _process_section(self):
+        due = self._procs_at is None or \
+            time.monotonic() - self._procs_at >= self.process_refresh_s
+        if self.top_processes and due:
+            self._refresh_processes()
+        return self._top
+
+    def _refresh_processes(self):
+        """CPU % of one core over the refresh window, top N; the rest of the tick reuses it."""
+        now, table = time.monotonic(), self.source.processes()
+        elapsed = now - self._procs_at if self._procs_at else None
+        seen, rows = {}, []
+        for pid, started, name, cpu_s, rss, status, user in table:
+            seen[(pid, started)] = cpu_s
+            previous = self._procs.get((pid, started))
+            cpu = percent(cpu_s - previous, elapsed) if elapsed and previous is not None else 0.0
+            rows.append({"pid": pid, "name": name, "cpu": cpu,
+                         "memory": round(rss / 1024 ** 2, 1), "status": status, "user": user})
+        rows.sort(key=lambda r: (r["cpu"], r["memory"]), reverse=True)
+        self._procs, self._procs_at, self._top = seen, now, rows[: self.top_processes]
+
+
+###############################################################################
+# Outbox: what waits to be sent ###############################################
+###############################################################################
+
+class Outbox:
+    """Messages waiting for the writer: replies and pings first, then samples oldest first.
+
+    Samples stay here until delivered. With an API that acknowledges metrics
+    (`metrics_received`, in order, no id) a sample is delivered when
+    acknowledged, and one sent but unacknowledged when the link drops is sent
+    again. Whether the API acknowledges is learnt on each connection: the
+    server handles messages in order, so if a `pong` comes back for a `ping`
+    sent after a sample and no acknowledgement came first, it never will, and
+    a sample is delivered when sent.
+    """
+
+    UNKNOWN, ACKS, NO_ACKS = "unknown", "acks", "no acks"
+
+    def __init__(self, capacity):
+        self.capacity = capacity
+        self.ack_mode = self.UNKNOWN
+        self.dropped_total = 0
+        self._cond = threading.Condition()
+        self._urgent = collections.deque()
+        self._pending = collections.deque()
+        self._in_flight = collections.deque()
+        self._dropped_unlogged = 0
+        self._drop_logged_at = None
+        self._probe = None   # (ping number, samples in flight) of the probe ping
+
+    # -- producers ----------------------------------------------------------
+    def add_sample(self, data):
+        with self._cond:
+            self._pending.append(data)
+            while len(self._pending) + len(self._in_flight) > self.capacity:
+                # In-flight samples are the oldest, but dropping one would make the
+                # next acknowledgement count against the wrong sample.
+                (self._pending or self._in_flight).popleft()
+                self.dropped_total += 1
+                self._dropped_unlogged += 1
+            self._cond.notify()
+        self._log_drops()
+
+    def put(self, message):
+        with self._cond:
+            self._urgent.append(message)
+            self._cond.notify()
+
+    def wake(self):
+        with self._cond:
+            self._cond.notify_all()
+
+    # -- the writer ------------------------------------------------------------
+    def take(self, timeout):
+        """The next message to send, or None after `timeout`. Samples move to in-flight."""
+        with self._cond:
+            if not self._ready():
+                self._cond.wait(timeout)
+            if self._urgent:
+                return self._urgent.popleft()
+            if self._window_open() and self._pending:
+                data = self._pending.popleft()
+                if self.ack_mode != self.NO_ACKS:
+                    self._in_flight.append(data)
+                return {"type": "metrics", "data": data}
+            return None
+
+    def _ready(self):
+        return self._urgent or (self._pending and self._window_open())
+
+    def _window_open(self):
+        return self.ack_mode == self.NO_ACKS or len(self._in_flight) < METRICS_WINDOW
+
+    def probe_needed(self):
+        """True when a ping now would tell whether this API acknowledges metrics."""
+        with self._cond:
+            return self.ack_mode == self.UNKNOWN and self._in_flight and self._probe is None
+
+    def ping_sent(self, number):
+        with self._cond:
+            if self.ack_mode == self.UNKNOWN and self._in_flight and self._probe is None:
+                self._probe = number
+
+    # -- the receiver ---------------------------------------------------------
+    def acknowledged(self):
+        with self._cond:
+            self.ack_mode = self.ACKS
+            if self._in_flight:
+                self._in_flight.popleft()
+            self._cond.notify()
+
+    def pong_received(self, number):
+        with self._cond:
+            if self.ack_mode == self.UNKNOWN and self._probe is not None \
+                    and number >= self._probe:
+                self.ack_mode = self.NO_ACKS
+                self._in_flight.clear()   # this API does not acknowledge: sent is delivered
+                LOG.info("the API does not acknowledge metrics; a sample counts as "
+                         "delivered when sent")
+                self._cond.notify()
+
+    # -- the connection ---------------------------------------------------------
+    def connection_lost(self):
+        """Unacknowledged samples go back in front; replies and pings are dropped."""
+        with self._cond:
+            self._urgent.clear()
+            self._pending.extendleft(reversed(self._in_flight))
+            self._in_flight.clear()
+            self._probe = None
+
+    def counts(self):
+        with self._cond:
+            return len(self._pending), len(self._in_flight)
+
+    def _log_drops(self):
+        now = time.monotonic()
+        if self._dropped_unlogged and (self._drop_logged_at is None
+                                       or now - self._drop_logged_at >= 60):
+            LOG.warning("offline buffer full (%d samples): dropped the %d oldest "
+                        "(%d in all); raise buffer_size to keep more",
+                        self.capacity, self._dropped_unlogged, self.dropped_total)
+            self._dropped_unlogged, self._drop_logged_at = 0, now
+
+
+###############################################################################
+# Protocol: handlers by message type ##########################################
+###############################################################################
+
+ID_FIELDS = ("request_id", "command_id")
+
+
+def reply_ids(message):
+    """The ids of a request to copy into its reply (strings or numbers of sane size)."""
+    ids = {}
+    for field in ID_FIELDS:
+        value = message.get(field) if isinstance(message, dict) else None
+        if isinstance(value, (str, int)) and not isinstance(value, bool) \
+                and len(str(value)) <= 200:
+            ids[field] = value
+    return ids
+
+
+def error_reply(message, text):
+    return dict({"type": "error"}, **reply_ids(message), message=text)
+
+
+def parse_frame(payload):
+    """(message, None) for a JSON object with a string `type`, else (None, why)."""
+    if isinstance(payload, bytes):
+        try:
+            payload = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            return None, "frame is not UTF-8 text"
+    try:
+        message = json.loads(payload)
+    except (ValueError, RecursionError) as e:
+        return None, "frame is not JSON (%s)" % str(e)[:100]
+    if not isinstance(message, dict):
+        return None, "frame is JSON but not an object"
+    if not isinstance(message.get("type"), str):
+        return message, "message has no string field 'type'"
+    return message, None
+
+
+class Dispatcher:
+    """Routes each frame from the API to the handler registered for its `type`."""
+
+    def __init__(self, send):
+        self.send = send            # queues a reply; never blocks
+        self.handlers = {}
+
+    def register(self, message_type, handler):
+        self.handlers[message_type] = handler
+
+    def dispatch(self, payload, session):
+        message, problem = parse_frame(payload)
+        if problem:
+            LOG.warning("invalid message from the API: %s", problem)
+            self.send(error_reply(message, "Invalid message format: " + problem))
+            return
+        handler = self.handlers.get(message["type"])
+        if handler is None:
+            shown = message["type"][:64]
+            LOG.warning("unknown message type %r from the API; ignored", shown)
+            self.send(error_reply(message, "unknown message type %r" % shown))
+            return
+        try:
+            handler(message, session)
+        except Exception:   # a handler bug must not end the connection
+            LOG.exception("handling %r failed", message["type"])
+            self.send(error_reply(message, "internal error handling %r; see the agent's log"
+                                  % message["type"][:64]))
+
+
+###############################################################################
+# Connection ##################################################################
+###############################################################################
+
+def close_frame_status(data):
+    """(code, reason) from a close frame's payload."""
+    if len(data) < 2:
+        return None, ""
+    return int.from_bytes(data[:2], "big"), data[2:].decode("utf-8", "replace")
+
+
+class Session:
+    """One authenticated WebSocket connection and its liveness."""
+
+    def __init__(self, ws, server_id):
+        self.ws = ws
+        self.server_id = server_id
+        self.opened_at = self.last_rx = time.monotonic()
+        self.dead = threading.Event()
+        self.pings_sent = self.pongs_received = 0
+
+    def send(self, message):
+        self.ws.send(to_json(message))
+
+    def kill(self):
+        self.dead.set()
+        try:
+            self.ws.abort()   # wakes a receive blocked in another thread
+        except Exception as e:   # best effort: the socket may be gone already
+            LOG.debug("abort: %s", e)
+
+
+class Link:
+    """Connects, authenticates, receives and writes; reconnects with backoff.
+
+    The receive loop runs in the thread that calls `run()`; each connection
+    gets one writer thread that alone sends, so a peer that stops reading
+    blocks only the writer (for at most one socket timeout), never the
+    metrics loop or a handler.
+    """
+
+    def __init__(self, config, outbox, dispatcher, agent_info, stop):
+        self.config = config
+        self.outbox = outbox
+        self.dispatcher = dispatcher
+        self.agent_info = agent_info
+        self.stop = stop
+        self.url = ws_url(config.api_url)
+        self.session = None
+        self.backoff = Backoff(BACKOFF_FIRST_S, config.reconnect_max_delay_s)
+        self.auth_backoff = Backoff(AUTH_RETRY_FIRST_S, AUTH_RETRY_MAX_S, floor_fraction=0.5)
+        self.websocket = load_websocket()
+
+    def run(self):
+        while not self.stop.is_set():
+            delay = self._attempt()
+            if delay is not None:
+                self.stop.wait(delay)
+
+    def _attempt(self):
+        """One connection from start to end; the delay before the next, if any."""
+        try:
+            session = self._connect()
+        except AuthError as e:
+            delay = self.auth_backoff.next_delay()
+            LOG.error("%s; check the key; retrying in %.0f s", e, delay)
+            return delay
+        except LinkError as e:
+            delay = self.backoff.next_delay()
+            LOG.warning("%s; retrying in %.1f s", e, delay)
+            return delay
+        self.auth_backoff.reset()
+        self._serve(session)
+        if self.stop.is_set():
+            return None
+        if time.monotonic() - session.opened_at >= STABLE_AFTER_S:
+            self.backoff.reset()
+        delay = self.backoff.next_delay()
+        LOG.info("reconnecting in %.1f s", delay)
+        return delay
+
+    def _connect(self):
+        if self.config.tls_skip_verify and self.url.startswith("wss:"):
+            LOG.warning("TLS certificate verification is OFF (tls_skip_verify): anyone "
+                        "on the path can read the API key and the commands")
+        ws = self._open_socket()
+        try:
+            server_id = self._authenticate(ws)
+        except BaseException:
+            ws.shutdown()
+            raise
+        ws.settimeout(max(1.0, self.config.heartbeat_interval_s))
+        LOG.info("connected to %s as server %s", self.url, server_id)
+        return Session(ws, server_id)
+
+    def _open_socket(self):
+        wsc = self.websocket
+        try:
+            return wsc.create_connection(
+                self.url, timeout=CONNECT_TIMEOUT_S, sslopt=ws_sslopt(self.config),
+                skip_utf8_validation=True, enable_multithread=True)
+        except wsc.WebSocketBadStatusException as e:
+            status = getattr(e, "status_code", None)
+            if status in (401, 403):
+                raise AuthError("HTTP %s on the WebSocket upgrade" % status) from None
+            raise LinkError("the API refused the WebSocket at %s: %s" % (self.url, e)) from None
+        except ssl.SSLCertVerificationError as e:
+            raise LinkError("the API's TLS certificate is not trusted (%s); for a private "
+                            "CA pass --ca-file" % e.verify_message) from None
+        except (OSError, wsc.WebSocketException) as e:
+            raise LinkError("cannot reach the API at %s: %s" % (self.url, e or type(e).__name__)) \
+                from None
+
+    def _authenticate(self, ws):
+        """Send `auth`; wait for `auth_success`. The key goes in this one frame only."""
+        wsc = self.websocket
+        try:
+            ws.send(to_json(dict({"type": "auth", "api_key": self.config.api_key},
+                                 agent=self.agent_info)))
+            deadline = time.monotonic() + AUTH_TIMEOUT_S
+            while time.monotonic() < deadline:
+                ws.settimeout(max(0.1, deadline - time.monotonic()))
+                opcode, frame = ws.recv_data_frame(True)
+                if opcode == wsc.ABNF.OPCODE_CLOSE:
+                    code, reason = close_frame_status(frame.data)
+                    if code == 1008:
+                        raise AuthError(reason or "no reason given", code)
+                    raise LinkError("the API closed the connection during authentication "
+                                    "(close %s %s)" % (code, reason))
+                if opcode not in (wsc.ABNF.OPCODE_TEXT, wsc.ABNF.OPCODE_BINARY):
+                    continue
+                message, _ = parse_frame(frame.data)
+                kind = message.get("type") if message else None
+                if kind == "auth_success":
+                    return message.get("server_id")
+                if kind == "error":
+                    raise AuthError(str(message.get("message", "no reason given"))[:300])
+                LOG.debug("ignored %r before auth_success", kind)
+        except (OSError, wsc.WebSocketException) as e:
+            raise LinkError("connection lost during authentication: %s"
+                            % (e or type(e).__name__)) from None
+        raise LinkError("the API did not answer 'auth' within %.0f s" % AUTH_TIMEOUT_S)
+
+    def _serve(self, session):
+        self.session = session
+        writer = threading.Thread(target=self._write_loop, args=(session,),
+                                  name="writer", daemon=True)
+        writer.start()
+        try:
+            self._receive_loop(session)
+        finally:
+            session.kill()
+            self.outbox.wake()
+            writer.join()
+            session.ws.shutdown()
+            self.outbox.connection_lost()
+            self.session = None
+            if not self.stop.is_set():
+                LOG.warning("disconnected from the API; %d samples wait to be sent",
+                            self.outbox.counts()[0])
+
+    def _receive_loop(self, session):
+        wsc = self.websocket
+        while not session.dead.is_set():
+            try:
+                opcode, frame = session.ws.recv_data_frame(True)
+            except wsc.WebSocketTimeoutException:
+                continue    # the writer's watchdog decides when silence is death
+            except (OSError, wsc.WebSocketException) as e:
+                if not session.dead.is_set():
+                    LOG.warning("connection lost: %s", e or type(e).__name__)
+                return
+            session.last_rx = time.monotonic()
+            if opcode == wsc.ABNF.OPCODE_CLOSE:
+                code, reason = close_frame_status(frame.data)
+                if not self.stop.is_set():
+                    LOG.warning("the API closed the connection (close %s %s)", code, reason)
+                return
+            if opcode in (wsc.ABNF.OPCODE_TEXT, wsc.ABNF.OPCODE_BINARY):
+                self.dispatcher.dispatch(frame.data, session)
+
+    def _write_loop(self, session):
+        heartbeat = self.config.heartbeat_interval_s
+        next_ping = time.monotonic() + heartbeat
+        try:
+            while not session.dead.is_set() and not self.stop.is_set():
+                now = time.monotonic()
+                if now - session.last_rx > 2 * heartbeat:
+                    LOG.warning("nothing heard from the API for %.1f s (two heartbeats); "
+                                "treating the connection as dead", now - session.last_rx)
+                    break
+                if now >= next_ping or self.outbox.probe_needed():
+                    session.pings_sent += 1
+                    self.outbox.ping_sent(session.pings_sent)
+                    session.send({"type": "ping"})
+                    next_ping = now + heartbeat
+                    continue
+                message = self.outbox.take(timeout=min(next_ping - now, 0.5))
+                if message is not None:
+                    session.send(message if message.get("type") != "metrics" else
+                                 {"type": "metrics",
+                                  "data": dict(server_id=session.server_id, **message["data"])})
+            if self.stop.is_set():
+                session.ws.send_close(1000, b"agent shutting down")
+                return     # the receive loop waits for the API's close frame
+        except (OSError, self.websocket.WebSocketException) as e:
+            if not session.dead.is_set():
+                LOG.warning("sending failed: %s", e or type(e).__name__)
+        session.kill()
+
+    def abort(self):
+        session = self.session
+        if session is not None:
+            session.kill()
+
+
+###############################################################################
+# The agent ###################################################################
+###############################################################################
+
+def agent_info(source_name):
+    """Extra fields of the `auth` message that describe this agent (documented in README)."""
+    return {"name": "chatops-agent", "version": __version__, "hostname": socket.gethostname(),
+            "os": platform.system(), "os_release": platform.release(),
+            "arch": platform.machine(), "python": platform.python_version(),
+            "metrics_source": source_name, "capabilities": ["metrics", "heartbeat"]}
+
+
+class Agent:
+    """Owns the threads: metrics loop, receive loop (with its writer)."""
+
+    def __init__(self, config, source=None):
+        self.config = config
+        self.stop_event = threading.Event()
+        self.outbox = Outbox(config.buffer_size)
+        self.collector = MetricsCollector(source or pick_source(), config.top_processes,
+                                          config.process_refresh_s, config.disk_include_network)
+        self.dispatcher = Dispatcher(self.outbox.put)
+        self._register_handlers()
+        self.link = None
+        self.threads = []
+
+    def _register_handlers(self):
+        for message_type, handler in (("auth_success", self.on_auth_success),
+                                      ("pong", self.on_pong), ("ping", self.on_ping),
+                                      ("metrics_received", self.on_metrics_received),
+                                      ("error", self.on_error)):
+            self.dispatcher.register(message_type, handler)
+
+    # -- handlers ---------------------------------------------------------------
+    def on_auth_success(self, message, session):
+        session.server_id = message.get("server_id", session.server_id)
+
+    def on_pong(self, message, session):
+        session.pongs_received += 1
+        self.outbox.pong_received(session.pongs_received)
+
+    def on_ping(self, message, session):
+        self.outbox.put(dict({"type": "pong"}, **reply_ids(message)))
+
+    def on_metrics_received(self, message, session):
+        self.outbox.acknowledged()
+
+    def on_error(self, message, session):
+        LOG.warning("the API reported an error: %s", str(message.get("message"))[:300])
+
+    # -- threads ------------------------------------------------------------------
+    def start(self):
+        self.link = Link(self.config, self.outbox, self.dispatcher,
+                         agent_info(self.collector.source.name), self.stop_event)
+        LOG.info("chatops-agent %s: metrics from %s every %g s, API %s", __version__,
+                 self.collector.source.name, self.config.metrics_interval_s, self.link.url)
+        for name, target in (("metrics", self._metrics_loop), ("receive", self.link.run)):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def _metrics_loop(self):
+        self.collector.prime()
+        interval = self.config.metrics_interval_s
+        next_at = time.monotonic() + CPU_PRIME_S
+        while not self.stop_event.wait(max(0.0, next_at - time.monotonic())):
+            try:
+                self.outbox.add_sample(self.collector.collect())
+            except Exception:   # keep sampling whatever one tick hit
+                LOG.exception("metrics collection failed")
+            next_at += interval
+            if next_at < time.monotonic():   # overran: skip ticks rather than burst
+                next_at = time.monotonic() + interval
+
+    def shutdown(self):
+        """Close with 1000, stop the threads; bounded so SIGTERM exits within 5 s."""
+        self.stop_event.set()
+        self.outbox.wake()
+        receive = self.threads[1] if len(self.threads) > 1 else None
+        if receive is not None:
+            receive.join(SHUTDOWN_CLOSE_WAIT_S)
+            if receive.is_alive():
+                self.link.abort()
+                receive.join(1.0)
+        for thread in self.threads[:1]:
+            thread.join(1.0)
+
+
+###############################################################################
+# Command line ################################################################
+###############################################################################
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="chatops_agent.py", allow_abbrev=False,
+        description="Report this server's metrics to a ChatOps API over a WebSocket.",
+        epilog="Each setting can also come from CHATOPS_<NAME> or the JSON config file; "
+               "flags win over variables, variables over the file. Single-dash "
+               "spellings (-api-key, -api-url, -config) are accepted too.")
+    parser.add_argument("--config", "-config", metavar="PATH",
+                        help="JSON config file (or %s)" % CONFIG_ENV)
+    for s in SETTINGS:
+        names = [s.flag, "-" + s.flag[2:]]
+        if s.kind == "bool":
+            parser.add_argument(*names, dest=s.name, action="store_const", const=True,
+                                help=s.meaning)
+        else:
+            parser.add_argument(*names, dest=s.name, metavar=s.name.upper(),
+                                help="%s (default: %s)" % (s.meaning, s.default))
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument("--once", action="store_true",
+                       help="print one metrics message as JSON and exit (no API needed)")
+    modes.add_argument("--check", action="store_true", help="run diagnostics and exit")
+    modes.add_argument("--print-config", action="store_true",
+                       help="print the effective configuration (key redacted) and exit")
+    parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    return parser
+
+
+def run_once(config):
+    collector = MetricsCollector(pick_source(), config.top_processes, ONCE_CPU_WINDOW_S,
+                                 config.disk_include_network)
+    collector.prime()
+    time.sleep(ONCE_CPU_WINDOW_S)   # the CPU and rate window of this one sample
+    print(json.dumps({"type": "metrics", "data": collector.collect()}, indent=2))
+    return 0
+
+
+def run_agent(config):
+    if not config.api_key:
+        raise ConfigError("no API key: set CHATOPS_API_KEY, or api_key in the config file "
+                          "(mode 600), or pass --api-key")
+    stopping = threading.Event()
+
+    def on_signal(signum, _frame):
+        LOG.info("received %s; shutting down", signal.Signals(signum).name)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    agent = Agent(config)
+    agent.start()
+    while not stopping.wait(0.5):
+        pass
+    agent.shutdown()
+    LOG.info("stopped")
+    return 0
+
+
+###############################################################################
+# Diagnostics (--check) #######################################################
+###############################################################################
+
+def http_get(url, config, headers=None):
+    """(status, parsed JSON or text) of a GET; raises OSError when unreachable."""
+    request = urllib.request.Request(url, headers=dict(headers or {},
+                                                       **{"User-Agent": "chatops-agent"}))
+    context = tls_context(config) if url.startswith("https:") else None
+    try:
+        with urllib.request.urlopen(request, timeout=10, context=context) as response:
+            status, body = response.status, response.read(65536)
+    except urllib.error.HTTPError as e:
+        status, body = e.code, e.read(65536)
+    try:
+        return status, json.loads(body.decode("utf-8", "replace"))
+    except ValueError:
+        return status, body.decode("utf-8", "replace")[:200]
+
+
+def check_api(config):
+    """Yields (ok, text) for the checks that talk to the API."""
+    base = http_base(config.api_url)
+    try:
+        status, body = http_get(base + "/health", config)
+        yield status == 200, "API reachable: GET %s/health -> %s %s" % (base, status, body)
+    except (OSError, ssl.SSLError) as e:
+        yield False, "API not reachable at %s/health: %s" % (base, getattr(e, "reason", e))
+        return
+    if not config.api_key:
+        yield False, "no API key configured: set CHATOPS_API_KEY or api_key in the config file"
+        return
+    status, body = http_get(base + "/api/v1/api-keys/me", config, {"X-API-Key": config.api_key})
+    if status == 200 and isinstance(body, dict):
+        yield True, "API key accepted: server_id %s, key %r, active %s" % (
+            body.get("server_id"), body.get("name"), body.get("is_active"))
+    else:
+        detail = body.get("detail") if isinstance(body, dict) else body
+        yield False, "API key rejected: HTTP %s %s; check the key in the ChatOps UI" % (
+            status, detail)
+
+
+def run_check(config):
+    results = [(True, "config valid: %s" % (config.config_path or "no config file"))]
+    url = ws_url(config.api_url)
+    tls = ("not used" if url.startswith("ws:") else "NOT VERIFIED (tls_skip_verify)"
+           if config.tls_skip_verify else "verified with %s"
+           % (config.ca_file or "the system's CAs"))
+    results.append((True, "WebSocket URL %s; TLS %s" % (url, tls)))
+    results.extend(check_api(config))
+    try:
+        source = pick_source()
+        results.append((True, "metrics source: %s" % (
+            "psutil %s" % psutil.__version__ if source.name == "psutil"
+            else "/proc (psutil not installed)")))
+    except DependencyError as e:
+        results.append((False, "metrics source: %s" % e))
+    try:
+        websocket = load_websocket()
+        results.append((True, "websocket-client %s" % getattr(websocket, "__version__", "?")))
+    except DependencyError as e:
+        results.append((False, str(e)))
+    for ok, text in results:
+        print("%-4s %s" % ("ok" if ok else "FAIL", text))
+    return 0 if all(ok for ok, _ in results) else 1
+
+
+def flags_given(args):
+    flags = {s.name: getattr(args, s.name) for s in SETTINGS}
+    flags["config"] = args.config
+    return flags
+
+
+def main(argv=None, environ=None):
+    environ = os.environ if environ is None else environ
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(flags_given(args), environ)
+        setup_logging(config.log_level, config.api_key)
+        if config.sources["api_key"] == "flag":
+            LOG.warning("the API key was given on the command line, where any user can read "
+                        "it in the process list; use CHATOPS_API_KEY or api_key in a config "
+                        "file with mode 600 instead")
+        if args.print_config:
+            print(json.dumps(config.redacted(), indent=2))
+            return 0
+        if args.once:
+            return run_once(config)
+        if args.check:
+            return run_check(config)
+        return run_agent(config)
+    except AgentError as e:
+        print("chatops-agent: error: %s" % e, file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
