@@ -1195,6 +1195,7 @@ class Link:
                     LOG.warning("the API closed the connection (close %s %s)", code, reason)
                 return
             if opcode in (wsc.ABNF.OPCODE_TEXT, wsc.ABNF.OPCODE_BINARY):
+                LOG.debug("<- frame of %d bytes", len(frame.data))
                 self.dispatcher.dispatch(frame.data, session)
 
     def _write_loop(self, session):
@@ -1215,6 +1216,7 @@ class Link:
                     continue
                 message = self.outbox.take(timeout=min(next_ping - now, 0.5))
                 if message is not None:
+                    LOG.debug("-> %s", message["type"])
                     session.send(message if message.get("type") != "metrics" else
                                  {"type": "metrics",
                                   "data": dict(server_id=session.server_id, **message["data"])})

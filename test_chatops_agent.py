@@ -442,3 +442,495 @@ class TestHelpers:
         record = agent.logging.LogRecord("x", 20, "f", 1, "key is %s", (KEY,), None)
         agent.RedactFilter(KEY).filter(record)
         assert KEY not in record.getMessage()
+
+
+###############################################################################
+# Metrics #####################################################################
+###############################################################################
+
+def sources():
+    """The metrics sources this machine can run: /proc always, psutil when installed."""
+    found = [agent.ProcSource()]
+    if agent.psutil is not None:
+        found.append(agent.PsutilSource())
+    return found
+
+
+def sample(source, **kwargs):
+    collector = agent.MetricsCollector(source, **kwargs)
+    collector.prime()
+    wait_until(lambda: collector.source.cpu_times()[0][1] > collector._cpu[0][1] + 0.05,
+               5, "CPU time to advance")
+    return collector.collect()
+
+
+class TestMetrics:
+    @pytest.mark.parametrize("source", sources(), ids=lambda s: s.name)
+    def test_values_match_the_machine(self, source):
+        data = sample(source)
+        with open("/proc/meminfo") as f:
+            mem_total_kib = int(f.readline().split()[1])
+        assert data["memory"]["total_gb"] == round(mem_total_kib * 1024 / 1024 ** 3, 2)
+        assert data["cpu"]["cores"] == os.cpu_count() == len(data["cpu"]["per_core"])
+        assert 0 <= data["cpu"]["usage_percent"] <= 100
+        st = os.statvfs("/")
+        assert data["disk"]["total_gb"] == round(st.f_blocks * st.f_frsize / 1024 ** 3, 2)
+        with open("/proc/net/dev") as f:
+            interfaces = {line.split(":")[0].strip() for line in f.readlines()[2:]}
+        assert {i["name"] for i in data["network"]["interfaces"]} == interfaces
+        assert data["network"]["bytes_recv"] == sum(i["bytes_recv"]
+                                                    for i in data["network"]["interfaces"])
+        assert "errors" not in data and data["containers"] == []
+
+    @pytest.mark.parametrize("source", sources(), ids=lambda s: s.name)
+    def test_first_sample_cpu_is_measured_not_zero(self, source):
+        burn = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            data = sample(source, top_processes=5)
+            assert data["cpu"]["usage_percent"] > 0
+            assert max(data["cpu"]["per_core"]) > 10
+        finally:
+            burn.kill()
+            burn.wait()
+
+    @pytest.mark.parametrize("source", sources(), ids=lambda s: s.name)
+    def test_top_processes_by_cpu(self, source):
+        burn = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            collector = agent.MetricsCollector(source, top_processes=5, process_refresh_s=0.2)
+            collector.prime()
+            wait_until(lambda: any(p["pid"] == burn.pid and p["cpu"] > 20
+                                   for p in collector.collect()["processes"]),
+                       10, "the busy process on top")
+            processes = collector.collect()["processes"]
+            assert len(processes) == 5
+            assert [p["cpu"] for p in processes] == sorted((p["cpu"] for p in processes),
+                                                           reverse=True)
+            mine = next(p for p in processes if p["pid"] == burn.pid)
+            assert mine["user"] == "root" if os.geteuid() == 0 else mine["user"]
+            assert mine["status"] in ("R", "S") and mine["memory"] > 1
+        finally:
+            burn.kill()
+            burn.wait()
+
+    def test_process_table_reused_between_refreshes(self):
+        collector = agent.MetricsCollector(agent.ProcSource(), process_refresh_s=3600)
+        collector.prime()
+        first = collector.collect()["processes"]
+        assert collector.collect()["processes"] is first
+
+    def test_proc_source_agrees_with_psutil(self):
+        require(agent.psutil is not None, "psutil is not installed")
+        proc, ps = sample(agent.ProcSource()), sample(agent.PsutilSource())
+        for key in ("total_gb", "swap_total_gb"):
+            assert proc["memory"][key] == ps["memory"][key]
+        assert abs(proc["memory"]["used_gb"] - ps["memory"]["used_gb"]) < 0.1
+        assert proc["cpu"]["cores"] == ps["cpu"]["cores"]
+        assert abs(proc["cpu"]["usage_percent"] - ps["cpu"]["usage_percent"]) < 25
+        assert proc["disk"]["filesystems"][0]["mount"] == ps["disk"]["filesystems"][0]["mount"]
+        assert abs(proc["disk"]["used_gb"] - ps["disk"]["used_gb"]) < 0.1
+        assert [i["name"] for i in proc["network"]["interfaces"]] == \
+            [i["name"] for i in ps["network"]["interfaces"]]
+        assert abs(proc["network"]["bytes_recv"] - ps["network"]["bytes_recv"]) < 1e6
+        assert abs(proc["uptime_s"] - ps["uptime_s"]) <= 2
+        ps_procs = {p.pid: p.info for p in psutil.process_iter(["name", "memory_info"])}
+        for row in agent.ProcSource().processes():
+            if row[0] in ps_procs and ps_procs[row[0]]["memory_info"]:
+                assert row[2][:15] == ps_procs[row[0]]["name"][:15]
+
+    def test_filesystem_filter(self):
+        mounts = [("/dev/vda", "/", "ext4"), ("/dev/vda", "/var/lib/docker", "ext4"),
+                  ("/dev/loop0", "/snap/core/1", "squashfs"), ("overlay", "/x", "overlay"),
+                  ("tmpfs", "/run", "tmpfs"), ("srv:/export", "/mnt/nfs", "nfs4"),
+                  ("/dev/sdb1", "/data", "xfs"), ("proc", "/proc", "proc")]
+        assert agent.real_filesystems(mounts, False) == [
+            ("/dev/vda", "/", "ext4"), ("/dev/sdb1", "/data", "xfs")]
+        assert ("srv:/export", "/mnt/nfs", "nfs4") in agent.real_filesystems(mounts, True)
+
+    def test_mount_escapes(self, tmp_path):
+        table = tmp_path / "mounts"
+        table.write_text("/dev/sda1 /media/my\\040disk ext4 rw 0 0\n")
+        assert agent.proc_mounts(str(table)) == [("/dev/sda1", "/media/my disk", "ext4")]
+
+    def test_network_rates_clamp_counter_resets(self):
+        class Counters(agent.ProcSource):
+            readings = [{"eth0": (1000, 5000, 10, 50)}, {"eth0": (3000, 100, 30, 1)}]
+
+            def net(self):
+                return self.readings.pop(0)
+
+        collector = agent.MetricsCollector(Counters(), top_processes=0)
+        collector._net, collector._net_at = collector.source.net(), time.monotonic() - 2.0
+        eth0 = collector._net_section()["interfaces"][0]
+        assert 900 <= eth0["bytes_sent_per_s"] <= 1000
+        assert eth0["bytes_recv_per_s"] == 0 and eth0["packets_recv_per_s"] == 0
+
+    def test_a_failing_section_is_reported_not_fatal(self):
+        class NoNet(agent.ProcSource):
+            def net(self):
+                raise OSError("no /proc/net/dev")
+
+        collector = agent.MetricsCollector(NoNet(), top_processes=0)
+        collector._cpu = collector.source.cpu_times()
+        data = collector.collect()
+        assert "no /proc/net/dev" in data["errors"]["network"]
+        assert data["memory"]["total_gb"] > 0
+
+    def test_once_prints_a_real_sample_without_api(self):
+        burn = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            result = run_cli("--once")
+        finally:
+            burn.kill()
+            burn.wait()
+        assert result.returncode == 0, result.stderr
+        message = json.loads(result.stdout)
+        assert message["type"] == "metrics"
+        data = message["data"]
+        for section, keys in (("cpu", ("usage_percent", "cores", "frequency_mhz")),
+                              ("memory", ("total_gb", "used_gb", "available_gb",
+                                          "usage_percent")),
+                              ("disk", ("total_gb", "used_gb", "available_gb",
+                                        "usage_percent")),
+                              ("network", ("bytes_sent", "bytes_recv", "packets_sent",
+                                           "packets_recv"))):
+            assert set(keys) <= set(data[section])
+        assert data["timestamp"].endswith("Z") and data["processes"]
+        assert 50 / os.cpu_count() <= data["cpu"]["usage_percent"] <= 100   # one core busy
+
+
+###############################################################################
+# Outbox ######################################################################
+###############################################################################
+
+class TestOutbox:
+    def test_samples_oldest_first_and_acknowledged_in_order(self):
+        box = agent.Outbox(10)
+        for i in range(3):
+            box.add_sample({"n": i})
+        assert [box.take(0)["data"]["n"] for _ in range(3)] == [0, 1, 2]
+        assert box.counts() == (0, 3)
+        box.acknowledged()
+        box.connection_lost()
+        assert box.counts() == (2, 0)
+        assert [box.take(0)["data"]["n"] for _ in range(2)] == [1, 2]
+
+    def test_replies_go_before_samples(self):
+        box = agent.Outbox(10)
+        box.add_sample({"n": 0})
+        box.put({"type": "pong"})
+        assert box.take(0) == {"type": "pong"}
+
+    def test_overflow_drops_oldest_and_logs_count(self, caplog):
+        box = agent.Outbox(5)
+        with caplog.at_level("WARNING", logger="chatops-agent"):
+            for i in range(8):
+                box.add_sample({"n": i})
+        assert box.dropped_total == 3
+        assert [box.take(0)["data"]["n"] for _ in range(5)] == [3, 4, 5, 6, 7]
+        assert "dropped the 1 oldest" in caplog.text
+
+    def test_api_that_never_acks_counts_sent_as_delivered(self):
+        box = agent.Outbox(10)
+        box.add_sample({"n": 0})
+        box.take(0)
+        assert box.probe_needed()
+        box.ping_sent(1)
+        box.add_sample({"n": 1})
+        box.take(0)
+        box.pong_received(1)
+        assert box.ack_mode == box.NO_ACKS and box.counts() == (0, 0)
+        box.connection_lost()
+        assert box.counts() == (0, 0)
+
+    def test_ack_before_pong_means_acks(self):
+        box = agent.Outbox(10)
+        box.add_sample({"n": 0})
+        box.take(0)
+        box.ping_sent(1)
+        box.acknowledged()
+        box.pong_received(1)
+        assert box.ack_mode == box.ACKS and not box.probe_needed()
+
+    def test_window_limits_unacknowledged(self):
+        box = agent.Outbox(1000)
+        for i in range(agent.METRICS_WINDOW + 5):
+            box.add_sample({"n": i})
+        sent = [box.take(0) for _ in range(agent.METRICS_WINDOW + 5)]
+        assert sum(m is not None for m in sent) == agent.METRICS_WINDOW
+        box.acknowledged()
+        assert box.take(0)["data"]["n"] == agent.METRICS_WINDOW
+
+
+###############################################################################
+# Protocol ####################################################################
+###############################################################################
+
+class TestDispatcher:
+    def make(self):
+        replies = []
+        dispatcher = agent.Dispatcher(replies.append)
+        handled = []
+        dispatcher.register("ping", lambda m, s: handled.append(m))
+        dispatcher.register("boom", lambda m, s: 1 / 0)
+        return dispatcher, replies, handled
+
+    @pytest.mark.parametrize("frame, why", [
+        (b"\xff\xfe", "not UTF-8"), ("not json", "not JSON"), ("[1]", "not an object"),
+        ('{"no":"type"}', "no string field 'type'"), ("[" * 100000, "not JSON"),
+        ('{"type": 1' + "0" * 5000 + "}", "not JSON"),
+    ])
+    def test_malformed_frames_answered_with_error(self, frame, why):
+        dispatcher, replies, _ = self.make()
+        dispatcher.dispatch(frame, None)
+        assert replies[0]["type"] == "error" and why in replies[0]["message"]
+        agent.to_json(replies[0])
+
+    def test_unknown_type_answered_with_its_id(self):
+        dispatcher, replies, _ = self.make()
+        dispatcher.dispatch('{"type":"frobnicate","request_id":"r1"}', None)
+        assert replies == [{"type": "error", "request_id": "r1",
+                            "message": "unknown message type 'frobnicate'"}]
+
+    def test_handler_failure_is_an_error_reply(self):
+        dispatcher, replies, _ = self.make()
+        dispatcher.dispatch('{"type":"boom","command_id":"c9"}', None)
+        assert replies[0]["command_id"] == "c9" and "internal error" in replies[0]["message"]
+
+    def test_registry_routes_by_type(self):
+        dispatcher, replies, handled = self.make()
+        dispatcher.dispatch('{"type":"ping"}', None)
+        assert handled == [{"type": "ping"}] and replies == []
+
+    def test_any_text_is_survived(self):
+        hypothesis = pytest.importorskip("hypothesis")
+        strategies = hypothesis.strategies
+        dispatcher, replies, _ = self.make()
+
+        @hypothesis.settings(max_examples=300, deadline=None)
+        @hypothesis.given(strategies.one_of(
+            strategies.text(), strategies.binary(),
+            strategies.recursive(strategies.none() | strategies.floats() | strategies.text(),
+                                 lambda c: strategies.lists(c) | strategies.dictionaries(
+                                     strategies.sampled_from(["type", "request_id", "x"]), c)
+                                 ).map(json.dumps)))
+        def survive(frame):
+            replies.clear()
+            dispatcher.dispatch(frame, None)
+            for reply in replies:
+                agent.to_json(reply).encode("utf-8")
+
+        survive()
+
+
+###############################################################################
+# Connection ##################################################################
+###############################################################################
+
+class TestConnection:
+    def test_handshake_and_first_metrics_frame(self, api, run_agent):
+        started = time.monotonic()
+        proc = run_agent(api.url, "--metrics-interval-s", "5")
+        wait_until(api.metrics, 6, "the first metrics frame")
+        assert time.monotonic() - started < 6
+        auth = api.messages()[0]
+        assert auth["type"] == "auth" and auth["api_key"] == KEY
+        assert auth["agent"]["name"] == "chatops-agent"
+        assert auth["agent"]["version"] == agent.__version__
+        assert {"hostname", "os", "python", "metrics_source", "capabilities"} <= set(auth["agent"])
+        data = api.metrics()[0]
+        assert data["server_id"] == SERVER_ID
+        assert data["cpu"]["cores"] == os.cpu_count() and data["containers"] == []
+        assert "request_id" not in api.messages("metrics")[0]
+        assert "connected to ws://127.0.0.1:%d/api/v1/agents/ws" % api.port in proc.log()
+
+    def test_rejected_key_shows_reason_and_retries_slowly(self, api, run_agent):
+        proc = run_agent(api.url, key="wrong-key-123456")
+        proc.wait_log("authentication rejected by the API: Invalid or inactive API key "
+                      "(close 1008)")
+        retry = float(proc.log().split("retrying in ")[1].split()[0])
+        assert retry >= agent.AUTH_RETRY_FIRST_S / 2
+        assert api.rejections == 1 and proc.proc.poll() is None
+        assert "wrong-key-123456" not in proc.log()
+
+    def test_reconnects_after_server_restart(self, api, run_agent):
+        proc = run_agent(api.url, "--reconnect-max-delay-s", "1")
+        wait_until(api.metrics, 6, "metrics")
+        api.stop()
+        proc.wait_log("cannot reach the API")
+        api.start()
+        wait_until(lambda: len(api.connects) >= 2 and
+                   any(n == len(api.connects) - 1 and m["type"] == "metrics"
+                       for n, m in api.frames), 10, "metrics on a second connection")
+
+    def test_ten_second_outage_loses_no_sample(self, api, run_agent):
+        proc = run_agent(api.url, "--metrics-interval-s", "1", "--reconnect-max-delay-s", "2")
+        wait_until(lambda: len(api.metrics()) >= 2, 6, "metrics")
+        api.stop()
+        outage_ends = time.monotonic() + 10
+        proc.wait_log("cannot reach the API")
+        wait_until(lambda: time.monotonic() >= outage_ends, 12, "the outage to last 10 s")
+        api.start()
+        first_after = wait_until(lambda: [m for n, m in api.frames if n > 0
+                                          and m["type"] == "metrics"], 10, "metrics again")
+        wait_until(lambda: len(api.metrics()) >= len(first_after) + 12, 10, "the backlog")
+        stamps = sorted({parse_ts(m["timestamp"]) for m in api.metrics()})
+        gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+        assert stamps[-1] - stamps[0] >= 12
+        assert max(gaps) < 1.6, gaps           # one sample a second, none missing
+        resent = len(api.metrics()) - len(stamps)
+        assert resent <= agent.METRICS_WINDOW  # duplicates only from unacknowledged resends
+        assert "samples wait to be sent" in proc.log()
+
+    def test_never_acking_api_gets_no_duplicates(self, run_agent):
+        api = FakeAPI(ack=False).start()
+        try:
+            proc = run_agent(api.url, "--reconnect-max-delay-s", "1")
+            proc.wait_log("does not acknowledge metrics")
+            wait_until(lambda: len(api.metrics()) >= 3, 6, "metrics")
+            api.drop()
+            wait_until(lambda: len(api.connects) >= 2, 10, "a reconnect")
+            wait_until(lambda: any(n == 1 and m["type"] == "metrics" for n, m in api.frames),
+                       10, "metrics on the new connection")
+            stamps = [m["timestamp"] for m in api.metrics()]
+            assert len(stamps) == len(set(stamps))
+        finally:
+            api.stop()
+
+    def test_silent_server_detected_within_two_heartbeats(self, api, run_agent):
+        proc = run_agent(api.url, "--heartbeat-interval-s", "1", "--reconnect-max-delay-s", "1")
+        wait_until(lambda: api.messages("ping"), 6, "a ping")
+        api.silent = True
+        silent_since = time.monotonic()
+        proc.wait_log("nothing heard from the API", 5)
+        assert time.monotonic() - silent_since < 2 * 1.0 + 1.0
+        api.silent = False
+        wait_until(lambda: len(api.connects) >= 2, 5, "a reconnect")
+
+    def test_malformed_and_unknown_frames_keep_the_connection(self, api, run_agent):
+        proc = run_agent(api.url)
+        wait_until(api.metrics, 6, "metrics")
+        api.send_all("this is not json")
+        api.send_all(json.dumps({"type": "warp_drive", "request_id": "r-42"}))
+        errors = wait_until(lambda: len(api.messages("error")) >= 2 and api.messages("error"),
+                            5, "two error replies")
+        assert errors[0] == {"type": "error", "message":
+                             "Invalid message format: frame is not JSON (Expecting value: "
+                             "line 1 column 1 (char 0))"}
+        assert errors[1] == {"type": "error", "request_id": "r-42",
+                             "message": "unknown message type 'warp_drive'"}
+        count = len(api.metrics())
+        wait_until(lambda: len(api.metrics()) > count + 1, 5, "metrics to go on")
+        assert len(api.connects) == 1 and proc.proc.poll() is None
+
+    def test_answers_protocol_ping(self, api, run_agent):
+        run_agent(api.url)
+        wait_until(api.metrics, 6, "metrics")
+        api.send_all(json.dumps({"type": "ping"}))
+        wait_until(lambda: api.messages("pong"), 5, "a pong")
+
+    def test_sigterm_closes_1000_and_exits_0_within_5s(self, api, run_agent):
+        proc = run_agent(api.url)
+        wait_until(api.metrics, 6, "metrics")
+        stopped_at = time.monotonic()
+        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.proc.wait(5) == 0
+        assert time.monotonic() - stopped_at < 5
+        wait_until(lambda: api.closes, 5, "the close frame")
+        assert api.closes[-1][0] == 1000
+
+    def test_sigterm_while_api_unreachable(self, run_agent):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = run_agent("http://127.0.0.1:%d" % port)
+        proc.wait_log("cannot reach the API")
+        proc.proc.send_signal(signal.SIGINT)
+        assert proc.proc.wait(5) == 0
+
+    def test_key_never_in_logs(self, api, run_agent, tmp_path):
+        proc = run_agent(api.url, "--log-level", "debug", "--heartbeat-interval-s", "1")
+        wait_until(lambda: api.messages("pong") or len(api.metrics()) >= 2, 6, "traffic")
+        api.drop()
+        wait_until(lambda: len(api.connects) >= 2, 10, "a reconnect")
+        proc.terminate()
+        bad = run_agent(api.url, "--log-level", "debug", key=KEY + "-revoked")
+        bad.wait_log("authentication rejected")
+        bad.terminate()
+        for text in (proc.log(), bad.log()):
+            assert KEY not in text
+        assert "DEBUG -> auth" not in proc.log() and "DEBUG -> metrics" in proc.log()
+
+    def test_check_reports_each_diagnostic(self, api):
+        result = run_cli("--check", "--api-url", api.url, env=clean_env(CHATOPS_API_KEY=KEY))
+        assert result.returncode == 0, result.stdout + result.stderr
+        lines = result.stdout.splitlines()
+        assert [line.split()[0] for line in lines] == ["ok"] * 6
+        assert "API key accepted: server_id " + SERVER_ID in result.stdout
+        bad = run_cli("--check", "--api-url", api.url, env=clean_env(CHATOPS_API_KEY="nope"))
+        assert bad.returncode == 1 and "FAIL API key rejected: HTTP 401 Invalid API key" \
+            in bad.stdout
+
+    def test_check_fails_when_api_down(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        result = run_cli("--check", "--api-url", "http://127.0.0.1:%d" % port)
+        assert result.returncode == 1 and "FAIL API not reachable" in result.stdout
+
+
+class TestTLS:
+    @pytest.fixture
+    def tls_api(self, tmp_path):
+        trustme = pytest.importorskip("trustme")
+        ca = trustme.CA()
+        context = __import__("ssl").create_default_context(__import__("ssl").Purpose.CLIENT_AUTH)
+        ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+        ca_file = tmp_path / "ca.pem"
+        ca.cert_pem.write_to_path(str(ca_file))
+        server = FakeAPI(ssl_context=context).start()
+        yield server, str(ca_file)
+        server.stop()
+
+    def test_accepted_with_ca_file(self, tls_api, run_agent):
+        api, ca_file = tls_api
+        proc = run_agent(api.url, "--ca-file", ca_file)
+        wait_until(api.metrics, 6, "metrics over wss")
+        assert "connected to wss://127.0.0.1" in proc.log()
+
+    def test_refused_without_ca_file(self, tls_api, run_agent):
+        api, _ = tls_api
+        proc = run_agent(api.url)
+        proc.wait_log("TLS certificate is not trusted")
+        assert "--ca-file" in proc.log() and not api.messages()
+
+    def test_skip_verify_connects_and_warns(self, tls_api, run_agent):
+        api, _ = tls_api
+        proc = run_agent(api.url, "--tls-skip-verify")
+        wait_until(api.metrics, 6, "metrics")
+        assert "TLS certificate verification is OFF" in proc.log()
+
+
+class TestDependencies:
+    def test_websocket_client_from_a_wheel_beside_the_agent(self, tmp_path):
+        """A venv without websocket-client; the agent finds a wheel beside itself."""
+        websocket = pytest.importorskip("websocket")
+        env_dir = tmp_path / "venv"
+        venv.create(env_dir, with_pip=False)
+        python = str(env_dir / "bin" / "python")
+        copy = tmp_path / "chatops_agent.py"
+        copy.write_text(open(AGENT).read())
+        missing = subprocess.run([python, str(copy), "--check", "--api-url",
+                                  "http://127.0.0.1:9"], capture_output=True, text=True,
+                                 env=clean_env(), timeout=60)
+        assert "FAIL the Python package websocket-client is not installed" in missing.stdout
+        package = os.path.dirname(websocket.__file__)
+        wheel = tmp_path / ("websocket_client-%s-py3-none-any.whl" % websocket.__version__)
+        with zipfile.ZipFile(wheel, "w") as z:
+            for name in os.listdir(package):
+                if name.endswith(".py"):
+                    z.write(os.path.join(package, name), "websocket/" + name)
+        found = subprocess.run([python, str(copy), "--check", "--api-url",
+                                "http://127.0.0.1:9"], capture_output=True, text=True,
+                               env=clean_env(), timeout=60)
+        assert "ok   websocket-client %s" % websocket.__version__ in found.stdout
