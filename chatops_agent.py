@@ -35,6 +35,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import contextlib
 
 try:
     import psutil
@@ -52,16 +53,16 @@ except ImportError:  # not on Windows
 ###############################################################################
 
 WS_PATH = "/api/v1/agents/ws"
-AUTH_TIMEOUT_S = 10.0          # how long the API may take to answer "auth"
+AUTH_TIMEOUT_S = 10.0  # how long the API may take to answer "auth"
 CONNECT_TIMEOUT_S = 10.0
-BACKOFF_FIRST_S = 1.0          # reconnect delays grow 1, 2, 4, ... s, full jitter
-STABLE_AFTER_S = 30.0          # a connection up this long resets the backoff
-AUTH_RETRY_FIRST_S = 60.0      # a rejected key is retried slowly: 1, 2, 4, ... min
+BACKOFF_FIRST_S = 1.0  # reconnect delays grow 1, 2, 4, ... s, full jitter
+STABLE_AFTER_S = 30.0  # a connection up this long resets the backoff
+AUTH_RETRY_FIRST_S = 60.0  # a rejected key is retried slowly: 1, 2, 4, ... min
 AUTH_RETRY_MAX_S = 900.0
-METRICS_WINDOW = 32            # metrics frames sent but not yet acknowledged
-CPU_PRIME_S = 0.25             # first sample's CPU window after start
-ONCE_CPU_WINDOW_S = 0.5        # CPU window of --once
-SHUTDOWN_CLOSE_WAIT_S = 2.0    # wait for the API's close frame on SIGTERM
+METRICS_WINDOW = 32  # metrics frames sent but not yet acknowledged
+CPU_PRIME_S = 0.25  # first sample's CPU window after start
+ONCE_CPU_WINDOW_S = 0.5  # CPU window of --once
+SHUTDOWN_CLOSE_WAIT_S = 2.0  # wait for the API's close frame on SIGTERM
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -71,9 +72,9 @@ class Setting:
     def __init__(self, name, default, kind, meaning, minimum=None):
         self.name = name
         self.default = default
-        self.kind = kind          # "str", "float", "int", "bool", "level"
+        self.kind = kind  # "str", "float", "int", "bool", "level"
         self.meaning = meaning
-        self.minimum = minimum    # numbers must be > this (exclusive) when set
+        self.minimum = minimum  # numbers must be > this (exclusive) when set
 
     @property
     def flag(self):
@@ -84,51 +85,108 @@ class Setting:
         return "CHATOPS_" + self.name.upper()
 
 
+# fmt: off
 SETTINGS = (
-    Setting("api_key", None, "str", "API key that authenticates this agent (secret)"),
+    Setting("api_key", None, "str",
+            "API key that authenticates this agent (secret)"),
     Setting("api_url", "http://localhost:8000", "str",
             "ChatOps API base URL (http/https), or a ws/wss URL used as is"),
-    Setting("metrics_interval_s", 5.0, "float", "seconds between metrics samples", 0),
+    Setting("metrics_interval_s", 5.0, "float",
+            "seconds between metrics samples", 0),
     Setting("heartbeat_interval_s", 30.0, "float",
             "seconds between pings; silence for two of them means the link is dead", 0),
-    Setting("reconnect_max_delay_s", 60.0, "float", "cap of the reconnect backoff", 0),
+    Setting("reconnect_max_delay_s", 60.0, "float",
+            "cap of the reconnect backoff", 0),
     Setting("buffer_size", 720, "int",
             "samples kept while the API is unreachable (720 = 1 hour at 5 s)", 0),
-    Setting("top_processes", 25, "int", "processes listed in each sample, top by CPU", -1),
+    Setting("top_processes", 25, "int",
+            "processes listed in each sample, top by CPU", -1),
     Setting("process_refresh_s", 15.0, "float",
             "seconds between reads of the process table (reused in between)", 0),
     Setting("disk_include_network", False, "bool",
             "also report network filesystems (nfs, cifs, ...), whose statvfs can hang"),
-    Setting("ca_file", None, "str", "PEM file of the CA that signed the API's certificate"),
+    Setting("ca_file", None, "str",
+            "PEM file of the CA that signed the API's certificate"),
     Setting("tls_skip_verify", False, "bool",
-            "do not verify the API's TLS certificate (insecure; warned at every connect)"),
+            "do not verify the API's TLS certificate (insecure; warned at connect)"),
     Setting("allow_plaintext", False, "bool",
-            "allow http/ws to a host that is not loopback (the key crosses the network in clear)"),
-    Setting("log_level", "info", "level", "one of " + ", ".join(LOG_LEVELS)),
+            "allow http/ws to a host that is not loopback (the key goes in clear)"),
+    Setting("log_level", "info", "level",
+            "one of " + ", ".join(LOG_LEVELS)),
 )
+# fmt: on
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 CONFIG_ENV = "CHATOPS_CONFIG"
 
 # Filesystems that are not disks: kernel views, images and layers. Network
 # filesystems are left out unless asked for, because statvfs on a dead server
 # blocks uninterruptibly and would stall the metrics loop.
-PSEUDO_FS = frozenset("""
-    autofs binfmt_misc bpf cgroup cgroup2 configfs debugfs devpts devtmpfs efivarfs
-    fusectl hugetlbfs mqueue nsfs overlay proc pstore ramfs rpc_pipefs securityfs
-    selinuxfs squashfs sysfs tmpfs tracefs nfsd devfs iso9660 aufs
-""".split())
-NETWORK_FS = frozenset("""
-    nfs nfs4 cifs smb3 smbfs ceph glusterfs fuse.glusterfs fuse.sshfs sshfs 9p afs
-    lustre gpfs fuse.s3fs fuse.rclone ncpfs davfs fuse.davfs2
-""".split())
+PSEUDO_FS = frozenset(
+    [
+        "autofs",
+        "binfmt_misc",
+        "bpf",
+        "cgroup",
+        "cgroup2",
+        "configfs",
+        "debugfs",
+        "devpts",
+        "devtmpfs",
+        "efivarfs",
+        "fusectl",
+        "hugetlbfs",
+        "mqueue",
+        "nsfs",
+        "overlay",
+        "proc",
+        "pstore",
+        "ramfs",
+        "rpc_pipefs",
+        "securityfs",
+        "selinuxfs",
+        "squashfs",
+        "sysfs",
+        "tmpfs",
+        "tracefs",
+        "nfsd",
+        "devfs",
+        "iso9660",
+        "aufs",
+    ]
+)
+NETWORK_FS = frozenset(
+    [
+        "nfs",
+        "nfs4",
+        "cifs",
+        "smb3",
+        "smbfs",
+        "ceph",
+        "glusterfs",
+        "fuse.glusterfs",
+        "fuse.sshfs",
+        "sshfs",
+        "9p",
+        "afs",
+        "lustre",
+        "gpfs",
+        "fuse.s3fs",
+        "fuse.rclone",
+        "ncpfs",
+        "davfs",
+        "fuse.davfs2",
+    ]
+)
 
 
 ###############################################################################
 # Errors ######################################################################
 ###############################################################################
 
+
 class AgentError(Exception):
-    """An error the operator can act on; `main()` prints it and exits with `exit_code`."""
+    """An error the operator can act on; `main()` prints it, exits with `exit_code`."""
+
     exit_code = 1
 
 
@@ -146,8 +204,8 @@ class AuthError(AgentError):
     def __init__(self, reason, code=None):
         self.reason = reason
         self.code = code
-        suffix = " (close %d)" % code if code else ""
-        super().__init__("authentication rejected by the API: %s%s" % (reason, suffix))
+        suffix = f" (close {code})" if code else ""
+        super().__init__(f"authentication rejected by the API: {reason}{suffix}")
 
 
 class LinkError(AgentError):
@@ -158,10 +216,11 @@ class LinkError(AgentError):
 # Helpers #####################################################################
 ###############################################################################
 
+
 def utc_now():
     """RFC 3339 UTC with milliseconds and `Z`: samples 1 s apart never collide."""
     now = datetime.datetime.now(datetime.timezone.utc)
-    return now.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (now.microsecond // 1000)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
 
 
 def to_json(message):
@@ -170,7 +229,7 @@ def to_json(message):
 
 
 def gib(n_bytes):
-    return round(n_bytes / 1024 ** 3, 2)
+    return round(n_bytes / 1024**3, 2)
 
 
 def percent(part, whole):
@@ -192,7 +251,7 @@ class Backoff:
     def __init__(self, first_s, cap_s, floor_fraction=0.0):
         self.first_s = first_s
         self.cap_s = cap_s
-        self.floor_fraction = floor_fraction   # >0 keeps delays from collapsing to 0
+        self.floor_fraction = floor_fraction  # >0 keeps delays from collapsing to 0
         self.attempt = 0
 
     def next_delay(self):
@@ -221,8 +280,9 @@ class RedactFilter(logging.Filter):
 
 def setup_logging(level, secret):
     handler = logging.StreamHandler(sys.stderr)
-    formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s",
-                                  "%Y-%m-%dT%H:%M:%SZ")
+    formatter = logging.Formatter(
+        "%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%SZ"
+    )
     formatter.converter = time.gmtime
     handler.setFormatter(formatter)
     handler.addFilter(RedactFilter(secret))
@@ -240,16 +300,20 @@ def load_websocket():
     """Import websocket-client, or from a websocket_client-*.whl beside this file."""
     try:
         import websocket
+
         if hasattr(websocket, "create_connection"):
             return websocket
     except ImportError:
         pass
     here = os.path.dirname(os.path.abspath(__file__))
-    for wheel in sorted(glob.glob(os.path.join(here, "websocket_client-*.whl")), reverse=True):
-        sys.path.insert(0, wheel)   # a wheel is a zip: zipimport reads it as it is
+    for wheel in sorted(
+        glob.glob(os.path.join(here, "websocket_client-*.whl")), reverse=True
+    ):
+        sys.path.insert(0, wheel)  # a wheel is a zip: zipimport reads it as it is
         sys.modules.pop("websocket", None)
         try:
             import websocket
+
             if hasattr(websocket, "create_connection"):
                 return websocket
         except ImportError:
@@ -259,12 +323,14 @@ def load_websocket():
         "the Python package websocket-client is not installed (or a module named "
         "'websocket' hides it). Install it: 'pip install websocket-client' or "
         "'apt-get install python3-websocket', or put websocket_client-*.whl "
-        "beside chatops_agent.py")
+        "beside chatops_agent.py"
+    )
 
 
 ###############################################################################
 # Configuration ###############################################################
 ###############################################################################
+
 
 class Config:
     """The effective settings and, for each, where its value came from."""
@@ -290,7 +356,7 @@ class Config:
 
 
 def convert(setting, raw, origin, text):
-    """Turn a raw value into its kind: `text` from a flag or variable, else JSON from the file."""
+    """Turn a raw value into its kind: `text` from a flag or variable, else JSON."""
     kind = setting.kind
     try:
         if kind in ("str", "level"):
@@ -311,34 +377,52 @@ def convert(setting, raw, origin, text):
                 raise TypeError
             value = float(value)
     except (TypeError, ValueError):
-        raise ConfigError("%s: %s must be %s, got %s" % (
-            origin, setting.name, describe_kind(kind), json.dumps(raw)[:80])) from None
+        raise ConfigError(
+            f"{origin}: {setting.name} must be {describe_kind(kind)}, "
+            f"got {json.dumps(raw)[:80]}"
+        ) from None
     check_value(setting, value, origin)
     return value
 
 
 def parse_bool(text):
-    words = {"1": True, "true": True, "yes": True, "on": True,
-             "0": False, "false": False, "no": False, "off": False}
+    words = {
+        "1": True,
+        "true": True,
+        "yes": True,
+        "on": True,
+        "0": False,
+        "false": False,
+        "no": False,
+        "off": False,
+    }
     if text.strip().lower() not in words:
         raise ValueError(text)
     return words[text.strip().lower()]
 
 
 def describe_kind(kind):
-    return {"str": "a string", "level": "a string", "bool": "true or false",
-            "int": "a whole number", "float": "a number"}[kind]
+    return {
+        "str": "a string",
+        "level": "a string",
+        "bool": "true or false",
+        "int": "a whole number",
+        "float": "a number",
+    }[kind]
 
 
 def check_value(setting, value, origin):
     if setting.kind == "float" and not math.isfinite(value):
-        raise ConfigError("%s: %s must be a finite number" % (origin, setting.name))
+        raise ConfigError(f"{origin}: {setting.name} must be a finite number")
     if setting.minimum is not None and value <= setting.minimum:
-        bound = "greater than %s" % setting.minimum if setting.minimum else "positive"
-        raise ConfigError("%s: %s must be %s, got %s" % (origin, setting.name, bound, value))
+        bound = f"greater than {setting.minimum}" if setting.minimum else "positive"
+        raise ConfigError(f"{origin}: {setting.name} must be {bound}, got {value}")
     if setting.kind == "level" and value not in LOG_LEVELS:
-        raise ConfigError("%s: log_level must be one of %s, got %r"
-                          % (origin, ", ".join(LOG_LEVELS), value))
+        raise ConfigError(
+            "{}: log_level must be one of {}, got {!r}".format(
+                origin, ", ".join(LOG_LEVELS), value
+            )
+        )
 
 
 def read_config_file(path):
@@ -348,24 +432,31 @@ def read_config_file(path):
             mode = os.fstat(f.fileno()).st_mode
             text = f.read()
     except OSError as e:
-        raise ConfigError("cannot read config file %s: %s" % (path, e.strerror or e)) from None
+        raise ConfigError(
+            f"cannot read config file {path}: {e.strerror or e}"
+        ) from None
     except UnicodeDecodeError:
-        raise ConfigError("config file %s is not UTF-8 text" % path) from None
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ConfigError("config file %s is not valid JSON: %s at line %d column %d"
-                          % (path, e.msg, e.lineno, e.colno)) from None
+        raise ConfigError(
+            f"config file {path} is not valid JSON: {e.msg} "
+            f"at line {e.lineno} column {e.colno}"
+        ) from None
     except (ValueError, RecursionError) as e:
-        raise ConfigError("config file %s is not usable JSON: %s" % (path, e)) from None
+        raise ConfigError(f"config file {path} is not usable JSON: {e}") from None
     if not isinstance(data, dict):
-        raise ConfigError("config file %s must hold a JSON object ({...}), not %s"
-                          % (path, type(data).__name__))
+        raise ConfigError(
+            f"config file {path} must hold a JSON object ({{...}}), "
+            f"not {type(data).__name__}"
+        )
     if data.get("api_key") and os.name == "posix" and mode & 0o077:
         raise ConfigError(
-            "config file %s holds the API key but is accessible by others (mode %s); "
-            "the agent refuses it, as ssh refuses such a private key. Fix: chmod 600 %s"
-            % (path, oct(stat.S_IMODE(mode)), path))
+            f"config file {path} holds the API key but is accessible by others "
+            f"(mode {oct(stat.S_IMODE(mode))}); the agent refuses it, as ssh refuses "
+            f"such a private key. Fix: chmod 600 {path}"
+        )
     return data
 
 
@@ -376,11 +467,17 @@ def file_values(path):
     for key in data:
         if key not in SETTINGS_BY_NAME:
             close = difflib.get_close_matches(key, list(SETTINGS_BY_NAME), 1)
-            hint = " (did you mean %r?)" % close[0] if close else ""
-            raise ConfigError("config file %s: unknown key %r%s; known keys: %s"
-                              % (path, key, hint, ", ".join(SETTINGS_BY_NAME)))
-    return {k: convert(SETTINGS_BY_NAME[k], v, "config file %s" % path, text=False)
-            for k, v in data.items() if v is not None}
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(
+                "config file {}: unknown key {!r}{}; known keys: {}".format(
+                    path, key, hint, ", ".join(SETTINGS_BY_NAME)
+                )
+            )
+    return {
+        k: convert(SETTINGS_BY_NAME[k], v, f"config file {path}", text=False)
+        for k, v in data.items()
+        if v is not None
+    }
 
 
 def load_config(flags, environ):
@@ -394,11 +491,15 @@ def load_config(flags, environ):
     values, sources = {}, {}
     for s in SETTINGS:
         raw = flags.get(s.name)
-        if raw is not None:   # switches arrive as True, the rest as text
-            values[s.name] = convert(s, raw, "flag " + s.flag, text=isinstance(raw, str))
+        if raw is not None:  # switches arrive as True, the rest as text
+            values[s.name] = convert(
+                s, raw, "flag " + s.flag, text=isinstance(raw, str)
+            )
             sources[s.name] = "flag"
         elif environ.get(s.env):
-            values[s.name] = convert(s, environ[s.env], "environment variable " + s.env, text=True)
+            values[s.name] = convert(
+                s, environ[s.env], "environment variable " + s.env, text=True
+            )
             sources[s.name] = "env " + s.env
         elif s.name in from_file:
             values[s.name], sources[s.name] = from_file[s.name], "file " + path
@@ -410,17 +511,21 @@ def load_config(flags, environ):
 
 
 def validate(config):
-    ws_url(config.api_url)   # raises ConfigError on a bad URL
+    ws_url(config.api_url)  # raises ConfigError on a bad URL
     host = urllib.parse.urlsplit(config.api_url).hostname
     plaintext = urllib.parse.urlsplit(config.api_url).scheme in ("http", "ws")
     if plaintext and not is_loopback(host) and not config.allow_plaintext:
         raise ConfigError(
-            "refusing plaintext URL %s: the API key would cross the network in clear. "
-            "Use https:// (or wss://), or if this network is trusted pass "
-            "--allow-plaintext (CHATOPS_ALLOW_PLAINTEXT=true)" % config.api_url)
+            f"refusing plaintext URL {config.api_url}: the API key would cross the "
+            "network in clear. Use https:// (or wss://), or if this network is "
+            "trusted pass "
+            "--allow-plaintext (CHATOPS_ALLOW_PLAINTEXT=true)"
+        )
     if config.ca_file and not os.access(config.ca_file, os.R_OK):
-        raise ConfigError("CA file %s cannot be read; give the path of a PEM file "
-                          "with --ca-file" % config.ca_file)
+        raise ConfigError(
+            f"CA file {config.ca_file} cannot be read; give the path of a PEM file "
+            "with --ca-file"
+        )
 
 
 def ws_url(api_url):
@@ -428,12 +533,14 @@ def ws_url(api_url):
     parts = urllib.parse.urlsplit(api_url.strip())
     scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme)
     if not scheme or not parts.hostname:
-        raise ConfigError("api_url %r is not a URL the agent can use: give "
-                          "http(s)://HOST[:PORT] or ws(s)://HOST[:PORT]/PATH" % api_url)
+        raise ConfigError(
+            f"api_url {api_url!r} is not a URL the agent can use: give "
+            "http(s)://HOST[:PORT] or ws(s)://HOST[:PORT]/PATH"
+        )
     try:
-        parts.port   # noqa: B018 -- raises ValueError on a bad port
+        parts.port  # noqa: B018 -- raises ValueError on a bad port
     except ValueError:
-        raise ConfigError("api_url %r has an invalid port" % api_url) from None
+        raise ConfigError(f"api_url {api_url!r} has an invalid port") from None
     path = parts.path
     if parts.scheme in ("http", "https") or path in ("", "/"):
         path = path.rstrip("/") + WS_PATH
@@ -479,8 +586,9 @@ def ws_sslopt(config):
 #   processes()    -> [(pid, started, name, cpu_s, rss_bytes, status, user)]
 #   frequency_mhz(), uptime_s()
 
+
 def busy_total(times):
-    """CPU busy and total seconds from one CPU's times; guest time is already in user."""
+    """CPU busy and total seconds from one CPU's times (guest time is inside user)."""
     fields = times._asdict() if hasattr(times, "_asdict") else times
     total = sum(fields.values()) - fields.get("guest", 0) - fields.get("guest_nice", 0)
     idle = fields.get("idle", 0) + fields.get("iowait", 0)
@@ -489,7 +597,12 @@ def busy_total(times):
 
 def unescape_mount(field):
     """/proc/self/mounts writes space, tab, newline and backslash as octal escapes."""
-    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+    for code, char in (
+        ("\\040", " "),
+        ("\\011", "\t"),
+        ("\\012", "\n"),
+        ("\\134", "\\"),
+    ):
         field = field.replace(code, char)
     return field
 
@@ -497,7 +610,9 @@ def unescape_mount(field):
 def proc_mounts(path="/proc/self/mounts"):
     with open(path, encoding="utf-8", errors="replace") as f:
         rows = [line.split() for line in f]
-    return [(unescape_mount(r[0]), unescape_mount(r[1]), r[2]) for r in rows if len(r) >= 3]
+    return [
+        (unescape_mount(r[0]), unescape_mount(r[1]), r[2]) for r in rows if len(r) >= 3
+    ]
 
 
 class UserNames:
@@ -527,12 +642,24 @@ class ProcSource:
         self.user_name = UserNames()
 
     def _read(self, name):
-        with open(os.path.join(self.root, name), encoding="utf-8", errors="replace") as f:
+        with open(
+            os.path.join(self.root, name), encoding="utf-8", errors="replace"
+        ) as f:
             return f.read()
 
     def cpu_times(self):
-        names = ("user", "nice", "system", "idle", "iowait", "irq", "softirq",
-                 "steal", "guest", "guest_nice")
+        names = (
+            "user",
+            "nice",
+            "system",
+            "idle",
+            "iowait",
+            "irq",
+            "softirq",
+            "steal",
+            "guest",
+            "guest_nice",
+        )
         cores = []
         for line in self._read("stat").splitlines():
             if line.startswith("cpu") and line[3:4].isdigit():
@@ -547,8 +674,10 @@ class ProcSource:
             info[key] = int(rest.split()[0]) * 1024 if rest.split() else 0
         total = info.get("MemTotal", 0)
         available = info.get("MemAvailable")
-        if available is None:   # kernels before 3.14
-            available = info.get("MemFree", 0) + info.get("Buffers", 0) + info.get("Cached", 0)
+        if available is None:  # kernels before 3.14
+            available = (
+                info.get("MemFree", 0) + info.get("Buffers", 0) + info.get("Cached", 0)
+            )
         return total, available, info.get("SwapTotal", 0), info.get("SwapFree", 0)
 
     def mounts(self):
@@ -565,8 +694,11 @@ class ProcSource:
 
     def frequency_mhz(self):
         try:
-            mhz = [float(line.split(":")[1]) for line in self._read("cpuinfo").splitlines()
-                   if line.startswith("cpu MHz")]
+            mhz = [
+                float(line.split(":")[1])
+                for line in self._read("cpuinfo").splitlines()
+                if line.startswith("cpu MHz")
+            ]
         except (OSError, ValueError, IndexError):
             return 0.0
         return round(sum(mhz) / len(mhz), 1) if mhz else 0.0
@@ -587,20 +719,38 @@ class ProcSource:
         try:
             text = self._read(pid + "/stat")
             uid = os.stat(os.path.join(self.root, pid)).st_uid
-        except OSError:    # the process ended while we looked
+        except OSError:  # the process ended while we looked
             return None
         # The name is in parentheses and may hold spaces and ')': split at the last one.
-        name = text[text.find("(") + 1: text.rfind(")")]
-        f = text[text.rfind(")") + 2:].split()
+        name = text[text.find("(") + 1 : text.rfind(")")]
+        f = text[text.rfind(")") + 2 :].split()
         cpu_s = (int(f[11]) + int(f[12])) / self.tick
-        return (int(pid), int(f[19]), name, cpu_s, int(f[21]) * self.page, f[0],
-                self.user_name(uid))
+        return (
+            int(pid),
+            int(f[19]),
+            name,
+            cpu_s,
+            int(f[21]) * self.page,
+            f[0],
+            self.user_name(uid),
+        )
 
 
-PSUTIL_STATUS = {"running": "R", "sleeping": "S", "disk-sleep": "D", "stopped": "T",
-                 "tracing-stop": "t", "zombie": "Z", "dead": "X", "idle": "I",
-                 "wake-kill": "K", "waking": "W", "parked": "P", "locked": "L",
-                 "waiting": "W"}
+PSUTIL_STATUS = {
+    "running": "R",
+    "sleeping": "S",
+    "disk-sleep": "D",
+    "stopped": "T",
+    "tracing-stop": "t",
+    "zombie": "Z",
+    "dead": "X",
+    "idle": "I",
+    "wake-kill": "K",
+    "waking": "W",
+    "parked": "P",
+    "locked": "L",
+    "waiting": "W",
+}
 
 
 class PsutilSource:
@@ -621,11 +771,16 @@ class PsutilSource:
     def mounts(self):
         if sys.platform.startswith("linux"):
             return proc_mounts()
-        return [(p.device, p.mountpoint, p.fstype) for p in psutil.disk_partitions(all=False)]
+        return [
+            (p.device, p.mountpoint, p.fstype)
+            for p in psutil.disk_partitions(all=False)
+        ]
 
     def net(self):
-        return {name: (c.bytes_sent, c.bytes_recv, c.packets_sent, c.packets_recv)
-                for name, c in psutil.net_io_counters(pernic=True).items()}
+        return {
+            name: (c.bytes_sent, c.bytes_recv, c.packets_sent, c.packets_recv)
+            for name, c in psutil.net_io_counters(pernic=True).items()
+        }
 
     def frequency_mhz(self):
         try:
@@ -639,19 +794,34 @@ class PsutilSource:
 
     def processes(self):
         table = []
-        attrs = ["pid", "create_time", "name", "cpu_times", "memory_info", "status", "uids"]
+        attrs = [
+            "pid",
+            "create_time",
+            "name",
+            "cpu_times",
+            "memory_info",
+            "status",
+            "uids",
+        ]
         if not hasattr(psutil.Process, "uids"):
             attrs[-1] = "username"
         for p in psutil.process_iter(attrs):
             info = p.info
             if info["cpu_times"] is None or info["memory_info"] is None:
-                continue   # access denied or gone
+                continue  # access denied or gone
             uids = info.get("uids")
             user = self.user_name(uids.real) if uids else (info.get("username") or "")
-            table.append((info["pid"], info["create_time"], info["name"] or "",
-                          info["cpu_times"].user + info["cpu_times"].system,
-                          info["memory_info"].rss,
-                          PSUTIL_STATUS.get(info["status"], "?"), user))
+            table.append(
+                (
+                    info["pid"],
+                    info["create_time"],
+                    info["name"] or "",
+                    info["cpu_times"].user + info["cpu_times"].system,
+                    info["memory_info"].rss,
+                    PSUTIL_STATUS.get(info["status"], "?"),
+                    user,
+                )
+            )
         return table
 
 
@@ -660,13 +830,16 @@ def pick_source(prefer_psutil=True):
         return PsutilSource()
     if sys.platform.startswith("linux"):
         return ProcSource()
-    raise DependencyError("psutil is not installed and this system has no Linux /proc: "
-                          "install it with 'pip install psutil'")
+    raise DependencyError(
+        "psutil is not installed and this system has no Linux /proc: "
+        "install it with 'pip install psutil'"
+    )
 
 
 ###############################################################################
 # Metrics: collector ##########################################################
 ###############################################################################
+
 
 def real_filesystems(mounts, include_network):
     """Disks worth reporting: one entry per device, pseudo filesystems left out."""
@@ -675,10 +848,14 @@ def real_filesystems(mounts, include_network):
         network = fstype in NETWORK_FS or fstype.startswith("nfs")
         if network and not include_network:
             continue
-        if not network and (fstype in PSEUDO_FS or not device.startswith("/")
-                            or device.startswith("/dev/loop")):
+        if not network and (
+            fstype in PSEUDO_FS
+            or not device.startswith("/")
+            or device.startswith("/dev/loop")
+        ):
             continue
-        # Bind mounts repeat a device: keep its shortest mount point ("/" over /var/lib/docker).
+        # Bind mounts repeat a device: keep its shortest mount point
+        # ("/" rather than /var/lib/docker).
         if device not in chosen or len(mount) < len(chosen[device][1]):
             chosen[device] = (device, mount, fstype)
     return sorted(chosen.values(), key=lambda m: m[1])
@@ -696,8 +873,9 @@ def disk_usage(path):
 class MetricsCollector:
     """Turns readings of a source into the `data` of a metrics message."""
 
-    def __init__(self, source, top_processes=25, process_refresh_s=15.0,
-                 include_network_fs=False):
+    def __init__(
+        self, source, top_processes=25, process_refresh_s=15.0, include_network_fs=False
+    ):
         self.source = source
         self.top_processes = top_processes
         self.process_refresh_s = process_refresh_s
@@ -706,27 +884,35 @@ class MetricsCollector:
         self._cpu = self._net = None
         self._net_at = 0.0
         self._procs, self._procs_at, self._top = {}, None, []
-        self._failed = set()   # sections whose failure was logged already
+        self._top_measured = False  # False until a table has a previous one to compare
+        self._failed = set()  # sections whose failure was logged already
 
     def prime(self):
-        """Take the baselines that the first sample's CPU, network and process figures need."""
+        """Read the baselines the first sample's CPU, network and processes need."""
         self._cpu = self.source.cpu_times()
         self._net, self._net_at = self.source.net(), time.monotonic()
         if self.top_processes:
             self._refresh_processes()
 
     def collect(self):
-        data = {"timestamp": utc_now(), "hostname": self.hostname,
-                "agent_version": __version__}
+        data = {
+            "timestamp": utc_now(),
+            "hostname": self.hostname,
+            "agent_version": __version__,
+        }
         errors = {}
-        for section, read in (("cpu", self._cpu_section), ("memory", self._memory_section),
-                              ("disk", self._disk_section), ("network", self._net_section),
-                              ("processes", self._process_section)):
+        for section, read in (
+            ("cpu", self._cpu_section),
+            ("memory", self._memory_section),
+            ("disk", self._disk_section),
+            ("network", self._net_section),
+            ("processes", self._process_section),
+        ):
             try:
                 data[section] = read()
                 self._failed.discard(section)
             except (OSError, ValueError, IndexError, KeyError, RuntimeError) as e:
-                errors[section] = "%s: %s" % (type(e).__name__, e)
+                errors[section] = f"{type(e).__name__}: {e}"
                 if section not in self._failed:
                     LOG.warning("metrics: cannot read %s: %s", section, errors[section])
                     self._failed.add(section)
@@ -740,34 +926,59 @@ class MetricsCollector:
         now = self.source.cpu_times()
         before = self._cpu if self._cpu and len(self._cpu) == len(now) else now
         self._cpu = now
-        per_core = [percent(max(0.0, b1 - b0), t1 - t0)
-                    for (b0, t0), (b1, t1) in zip(before, now)]
+        per_core = [
+            percent(max(0.0, b1 - b0), t1 - t0)
+            for (b0, t0), (b1, t1) in zip(before, now)
+        ]
         busy = sum(max(0.0, b1 - b0) for (b0, _), (b1, _) in zip(before, now))
         total = sum(t1 - t0 for (_, t0), (_, t1) in zip(before, now))
-        return {"usage_percent": percent(busy, total), "cores": len(now),
-                "frequency_mhz": self.source.frequency_mhz(), "per_core": per_core}
+        return {
+            "usage_percent": percent(busy, total),
+            "cores": len(now),
+            "frequency_mhz": self.source.frequency_mhz(),
+            "per_core": per_core,
+        }
 
     def _memory_section(self):
         total, available, swap_total, swap_free = self.source.memory()
-        used = total - available   # the same in both sources, and across psutil versions
-        return {"total_gb": gib(total), "used_gb": gib(used), "available_gb": gib(available),
-                "usage_percent": percent(used, total),
-                "swap_total_gb": gib(swap_total), "swap_used_gb": gib(swap_total - swap_free),
-                "swap_usage_percent": percent(swap_total - swap_free, swap_total)}
+        used = total - available  # the same in both sources, and across psutil versions
+        return {
+            "total_gb": gib(total),
+            "used_gb": gib(used),
+            "available_gb": gib(available),
+            "usage_percent": percent(used, total),
+            "swap_total_gb": gib(swap_total),
+            "swap_used_gb": gib(swap_total - swap_free),
+            "swap_usage_percent": percent(swap_total - swap_free, swap_total),
+        }
 
     def _disk_section(self):
         total, used, free, pct = disk_usage("C:\\" if os.name == "nt" else "/")
-        section = {"total_gb": gib(total), "used_gb": gib(used), "available_gb": gib(free),
-                   "usage_percent": pct, "filesystems": []}
-        for device, mount, fstype in real_filesystems(self.source.mounts(),
-                                                      self.include_network_fs):
+        section = {
+            "total_gb": gib(total),
+            "used_gb": gib(used),
+            "available_gb": gib(free),
+            "usage_percent": pct,
+            "filesystems": [],
+        }
+        for device, mount, fstype in real_filesystems(
+            self.source.mounts(), self.include_network_fs
+        ):
             try:
                 t, u, f, p = disk_usage(mount)
             except OSError:
-                continue   # unmounted meanwhile, or not ours to read
-            section["filesystems"].append({"mount": mount, "device": device, "fstype": fstype,
-                                           "total_bytes": t, "used_bytes": u,
-                                           "free_bytes": f, "usage_percent": p})
+                continue  # unmounted meanwhile, or not ours to read
+            section["filesystems"].append(
+                {
+                    "mount": mount,
+                    "device": device,
+                    "fstype": fstype,
+                    "total_bytes": t,
+                    "used_bytes": u,
+                    "free_bytes": f,
+                    "usage_percent": p,
+                }
+            )
         return section
 
     def _net_section(self):
@@ -777,57 +988,84 @@ class MetricsCollector:
         interfaces = []
         for name in sorted(now):
             counts = now[name]
-            rates = [max(0, c - b) / elapsed for c, b in zip(counts, before.get(name, counts))]
-            interfaces.append({
-                "name": name, "bytes_sent": counts[0], "bytes_recv": counts[1],
-                "packets_sent": counts[2], "packets_recv": counts[3],
-                "bytes_sent_per_s": round(rates[0], 1), "bytes_recv_per_s": round(rates[1], 1),
-                "packets_sent_per_s": round(rates[2], 1),
-                "packets_recv_per_s": round(rates[3], 1)})
+            rates = [
+                max(0, c - b) / elapsed
+                for c, b in zip(counts, before.get(name, counts))
+            ]
+            interfaces.append(
+                {
+                    "name": name,
+                    "bytes_sent": counts[0],
+                    "bytes_recv": counts[1],
+                    "packets_sent": counts[2],
+                    "packets_recv": counts[3],
+                    "bytes_sent_per_s": round(rates[0], 1),
+                    "bytes_recv_per_s": round(rates[1], 1),
+                    "packets_sent_per_s": round(rates[2], 1),
+                    "packets_recv_per_s": round(rates[3], 1),
+                }
+            )
         totals = [sum(c[i] for c in now.values()) for i in range(4)]
-        return {"bytes_sent": totals[0], "bytes_recv": totals[1], "packets_sent": totals[2],
-                "packets_recv": totals[3], "interfaces": interfaces}
+        return {
+            "bytes_sent": totals[0],
+            "bytes_recv": totals[1],
+            "packets_sent": totals[2],
+            "packets_recv": totals[3],
+            "interfaces": interfaces,
+        }
 
     def _host_section(self):
         host = {}
-        try:
+        with contextlib.suppress(OSError, AttributeError):
             host["load_average"] = [round(x, 2) for x in os.getloadavg()]
-        except (OSError, AttributeError):
-            pass
-        try:
+        with contextlib.suppress(OSError, ValueError):
             host["uptime_s"] = int(self.source.uptime_s())
-        except (OSError, ValueError):
-            pass
         return host
 
     def _process_section(self):
-        due = self._procs_at is None or \
-            time.monotonic() - self._procs_at >= self.process_refresh_s
+        due = (
+            not self._top_measured
+            or time.monotonic() - self._procs_at >= self.process_refresh_s
+        )
         if self.top_processes and due:
             self._refresh_processes()
         return self._top
 
     def _refresh_processes(self):
-        """CPU % of one core over the refresh window, top N; the rest of the tick reuses it."""
+        """CPU % of one core over the refresh window, top N; reused until the next."""
         now, table = time.monotonic(), self.source.processes()
         elapsed = now - self._procs_at if self._procs_at else None
         seen, rows = {}, []
         for pid, started, name, cpu_s, rss, status, user in table:
             seen[(pid, started)] = cpu_s
             previous = self._procs.get((pid, started))
-            cpu = percent(cpu_s - previous, elapsed) if elapsed and previous is not None else 0.0
-            rows.append({"pid": pid, "name": name, "cpu": cpu,
-                         "memory": round(rss / 1024 ** 2, 1), "status": status, "user": user})
+            cpu = (
+                percent(cpu_s - previous, elapsed)
+                if elapsed and previous is not None
+                else 0.0
+            )
+            rows.append(
+                {
+                    "pid": pid,
+                    "name": name,
+                    "cpu": cpu,
+                    "memory": round(rss / 1024**2, 1),
+                    "status": status,
+                    "user": user,
+                }
+            )
         rows.sort(key=lambda r: (r["cpu"], r["memory"]), reverse=True)
         self._procs, self._procs_at, self._top = seen, now, rows[: self.top_processes]
+        self._top_measured = elapsed is not None
 
 
 ###############################################################################
 # Outbox: what waits to be sent ###############################################
 ###############################################################################
 
+
 class Outbox:
-    """Messages waiting for the writer: replies and pings first, then samples oldest first.
+    """What waits for the writer: replies and pings first, then samples oldest first.
 
     Samples stay here until delivered. With an API that acknowledges metrics
     (`metrics_received`, in order, no id) a sample is delivered when
@@ -850,7 +1088,7 @@ class Outbox:
         self._in_flight = collections.deque()
         self._dropped_unlogged = 0
         self._drop_logged_at = None
-        self._probe = None   # (ping number, samples in flight) of the probe ping
+        self._probe = None  # (ping number, samples in flight) of the probe ping
 
     # -- producers ----------------------------------------------------------
     def add_sample(self, data):
@@ -876,7 +1114,7 @@ class Outbox:
 
     # -- the writer ------------------------------------------------------------
     def take(self, timeout):
-        """The next message to send, or None after `timeout`. Samples move to in-flight."""
+        """The next message to send, or None after `timeout`; samples move in flight."""
         with self._cond:
             if not self._ready():
                 self._cond.wait(timeout)
@@ -898,11 +1136,19 @@ class Outbox:
     def probe_needed(self):
         """True when a ping now would tell whether this API acknowledges metrics."""
         with self._cond:
-            return self.ack_mode == self.UNKNOWN and self._in_flight and self._probe is None
+            return (
+                self.ack_mode == self.UNKNOWN
+                and self._in_flight
+                and self._probe is None
+            )
 
     def ping_sent(self, number):
         with self._cond:
-            if self.ack_mode == self.UNKNOWN and self._in_flight and self._probe is None:
+            if (
+                self.ack_mode == self.UNKNOWN
+                and self._in_flight
+                and self._probe is None
+            ):
                 self._probe = number
 
     # -- the receiver ---------------------------------------------------------
@@ -915,12 +1161,17 @@ class Outbox:
 
     def pong_received(self, number):
         with self._cond:
-            if self.ack_mode == self.UNKNOWN and self._probe is not None \
-                    and number >= self._probe:
+            if (
+                self.ack_mode == self.UNKNOWN
+                and self._probe is not None
+                and number >= self._probe
+            ):
                 self.ack_mode = self.NO_ACKS
-                self._in_flight.clear()   # this API does not acknowledge: sent is delivered
-                LOG.info("the API does not acknowledge metrics; a sample counts as "
-                         "delivered when sent")
+                self._in_flight.clear()  # no acknowledgements: sent is delivered
+                LOG.info(
+                    "the API does not acknowledge metrics; a sample counts as "
+                    "delivered when sent"
+                )
                 self._cond.notify()
 
     # -- the connection ---------------------------------------------------------
@@ -938,11 +1189,16 @@ class Outbox:
 
     def _log_drops(self):
         now = time.monotonic()
-        if self._dropped_unlogged and (self._drop_logged_at is None
-                                       or now - self._drop_logged_at >= 60):
-            LOG.warning("offline buffer full (%d samples): dropped the %d oldest "
-                        "(%d in all); raise buffer_size to keep more",
-                        self.capacity, self._dropped_unlogged, self.dropped_total)
+        if self._dropped_unlogged and (
+            self._drop_logged_at is None or now - self._drop_logged_at >= 60
+        ):
+            LOG.warning(
+                "offline buffer full (%d samples): dropped the %d oldest "
+                "(%d in all); raise buffer_size to keep more",
+                self.capacity,
+                self._dropped_unlogged,
+                self.dropped_total,
+            )
             self._dropped_unlogged, self._drop_logged_at = 0, now
 
 
@@ -958,8 +1214,11 @@ def reply_ids(message):
     ids = {}
     for field in ID_FIELDS:
         value = message.get(field) if isinstance(message, dict) else None
-        if isinstance(value, (str, int)) and not isinstance(value, bool) \
-                and len(str(value)) <= 200:
+        if (
+            isinstance(value, (str, int))
+            and not isinstance(value, bool)
+            and len(str(value)) <= 200
+        ):
             ids[field] = value
     return ids
 
@@ -978,7 +1237,7 @@ def parse_frame(payload):
     try:
         message = json.loads(payload)
     except (ValueError, RecursionError) as e:
-        return None, "frame is not JSON (%s)" % str(e)[:100]
+        return None, f"frame is not JSON ({str(e)[:100]})"
     if not isinstance(message, dict):
         return None, "frame is JSON but not an object"
     if not isinstance(message.get("type"), str):
@@ -990,7 +1249,7 @@ class Dispatcher:
     """Routes each frame from the API to the handler registered for its `type`."""
 
     def __init__(self, send):
-        self.send = send            # queues a reply; never blocks
+        self.send = send  # queues a reply; never blocks
         self.handlers = {}
 
     def register(self, message_type, handler):
@@ -1006,19 +1265,26 @@ class Dispatcher:
         if handler is None:
             shown = message["type"][:64]
             LOG.warning("unknown message type %r from the API; ignored", shown)
-            self.send(error_reply(message, "unknown message type %r" % shown))
+            self.send(error_reply(message, f"unknown message type {shown!r}"))
             return
         try:
             handler(message, session)
-        except Exception:   # a handler bug must not end the connection
+        except Exception:  # a handler bug must not end the connection
             LOG.exception("handling %r failed", message["type"])
-            self.send(error_reply(message, "internal error handling %r; see the agent's log"
-                                  % message["type"][:64]))
+            self.send(
+                error_reply(
+                    message,
+                    "internal error handling {!r}; see the agent's log".format(
+                        message["type"][:64]
+                    ),
+                )
+            )
 
 
 ###############################################################################
 # Connection ##################################################################
 ###############################################################################
+
 
 def close_frame_status(data):
     """(code, reason) from a close frame's payload."""
@@ -1043,8 +1309,8 @@ class Session:
     def kill(self):
         self.dead.set()
         try:
-            self.ws.abort()   # wakes a receive blocked in another thread
-        except Exception as e:   # best effort: the socket may be gone already
+            self.ws.abort()  # wakes a receive blocked in another thread
+        except Exception as e:  # best effort: the socket may be gone already
             LOG.debug("abort: %s", e)
 
 
@@ -1066,7 +1332,9 @@ class Link:
         self.url = ws_url(config.api_url)
         self.session = None
         self.backoff = Backoff(BACKOFF_FIRST_S, config.reconnect_max_delay_s)
-        self.auth_backoff = Backoff(AUTH_RETRY_FIRST_S, AUTH_RETRY_MAX_S, floor_fraction=0.5)
+        self.auth_backoff = Backoff(
+            AUTH_RETRY_FIRST_S, AUTH_RETRY_MAX_S, floor_fraction=0.5
+        )
         self.websocket = load_websocket()
 
     def run(self):
@@ -1099,8 +1367,10 @@ class Link:
 
     def _connect(self):
         if self.config.tls_skip_verify and self.url.startswith("wss:"):
-            LOG.warning("TLS certificate verification is OFF (tls_skip_verify): anyone "
-                        "on the path can read the API key and the commands")
+            LOG.warning(
+                "TLS certificate verification is OFF (tls_skip_verify): anyone "
+                "on the path can read the API key and the commands"
+            )
         ws = self._open_socket()
         try:
             server_id = self._authenticate(ws)
@@ -1115,26 +1385,41 @@ class Link:
         wsc = self.websocket
         try:
             return wsc.create_connection(
-                self.url, timeout=CONNECT_TIMEOUT_S, sslopt=ws_sslopt(self.config),
-                skip_utf8_validation=True, enable_multithread=True)
+                self.url,
+                timeout=CONNECT_TIMEOUT_S,
+                sslopt=ws_sslopt(self.config),
+                skip_utf8_validation=True,
+                enable_multithread=True,
+            )
         except wsc.WebSocketBadStatusException as e:
             status = getattr(e, "status_code", None)
             if status in (401, 403):
-                raise AuthError("HTTP %s on the WebSocket upgrade" % status) from None
-            raise LinkError("the API refused the WebSocket at %s: %s" % (self.url, e)) from None
+                raise AuthError(f"HTTP {status} on the WebSocket upgrade") from None
+            raise LinkError(
+                f"the API refused the WebSocket at {self.url}: {e}"
+            ) from None
         except ssl.SSLCertVerificationError as e:
-            raise LinkError("the API's TLS certificate is not trusted (%s); for a private "
-                            "CA pass --ca-file" % e.verify_message) from None
+            raise LinkError(
+                f"the API's TLS certificate is not trusted ({e.verify_message}); "
+                "for a private CA pass --ca-file"
+            ) from None
         except (OSError, wsc.WebSocketException) as e:
-            raise LinkError("cannot reach the API at %s: %s" % (self.url, e or type(e).__name__)) \
-                from None
+            raise LinkError(
+                f"cannot reach the API at {self.url}: {e or type(e).__name__}"
+            ) from None
 
     def _authenticate(self, ws):
         """Send `auth`; wait for `auth_success`. The key goes in this one frame only."""
         wsc = self.websocket
         try:
-            ws.send(to_json(dict({"type": "auth", "api_key": self.config.api_key},
-                                 agent=self.agent_info)))
+            ws.send(
+                to_json(
+                    dict(
+                        {"type": "auth", "api_key": self.config.api_key},
+                        agent=self.agent_info,
+                    )
+                )
+            )
             deadline = time.monotonic() + AUTH_TIMEOUT_S
             while time.monotonic() < deadline:
                 ws.settimeout(max(0.1, deadline - time.monotonic()))
@@ -1143,8 +1428,10 @@ class Link:
                     code, reason = close_frame_status(frame.data)
                     if code == 1008:
                         raise AuthError(reason or "no reason given", code)
-                    raise LinkError("the API closed the connection during authentication "
-                                    "(close %s %s)" % (code, reason))
+                    raise LinkError(
+                        "the API closed the connection during authentication "
+                        f"(close {code} {reason})"
+                    )
                 if opcode not in (wsc.ABNF.OPCODE_TEXT, wsc.ABNF.OPCODE_BINARY):
                     continue
                 message, _ = parse_frame(frame.data)
@@ -1152,17 +1439,21 @@ class Link:
                 if kind == "auth_success":
                     return message.get("server_id")
                 if kind == "error":
-                    raise AuthError(str(message.get("message", "no reason given"))[:300])
+                    raise AuthError(
+                        str(message.get("message", "no reason given"))[:300]
+                    )
                 LOG.debug("ignored %r before auth_success", kind)
         except (OSError, wsc.WebSocketException) as e:
-            raise LinkError("connection lost during authentication: %s"
-                            % (e or type(e).__name__)) from None
-        raise LinkError("the API did not answer 'auth' within %.0f s" % AUTH_TIMEOUT_S)
+            raise LinkError(
+                "connection lost during authentication: %s" % (e or type(e).__name__)
+            ) from None
+        raise LinkError(f"the API did not answer 'auth' within {AUTH_TIMEOUT_S:.0f} s")
 
     def _serve(self, session):
         self.session = session
-        writer = threading.Thread(target=self._write_loop, args=(session,),
-                                  name="writer", daemon=True)
+        writer = threading.Thread(
+            target=self._write_loop, args=(session,), name="writer", daemon=True
+        )
         writer.start()
         try:
             self._receive_loop(session)
@@ -1174,8 +1465,10 @@ class Link:
             self.outbox.connection_lost()
             self.session = None
             if not self.stop.is_set():
-                LOG.warning("disconnected from the API; %d samples wait to be sent",
-                            self.outbox.counts()[0])
+                LOG.warning(
+                    "disconnected from the API; %d samples wait to be sent",
+                    self.outbox.counts()[0],
+                )
 
     def _receive_loop(self, session):
         wsc = self.websocket
@@ -1183,7 +1476,7 @@ class Link:
             try:
                 opcode, frame = session.ws.recv_data_frame(True)
             except wsc.WebSocketTimeoutException:
-                continue    # the writer's watchdog decides when silence is death
+                continue  # the writer's watchdog decides when silence is death
             except (OSError, wsc.WebSocketException) as e:
                 if not session.dead.is_set():
                     LOG.warning("connection lost: %s", e or type(e).__name__)
@@ -1192,7 +1485,9 @@ class Link:
             if opcode == wsc.ABNF.OPCODE_CLOSE:
                 code, reason = close_frame_status(frame.data)
                 if not self.stop.is_set():
-                    LOG.warning("the API closed the connection (close %s %s)", code, reason)
+                    LOG.warning(
+                        "the API closed the connection (close %s %s)", code, reason
+                    )
                 return
             if opcode in (wsc.ABNF.OPCODE_TEXT, wsc.ABNF.OPCODE_BINARY):
                 LOG.debug("<- frame of %d bytes", len(frame.data))
@@ -1205,8 +1500,11 @@ class Link:
             while not session.dead.is_set() and not self.stop.is_set():
                 now = time.monotonic()
                 if now - session.last_rx > 2 * heartbeat:
-                    LOG.warning("nothing heard from the API for %.1f s (two heartbeats); "
-                                "treating the connection as dead", now - session.last_rx)
+                    LOG.warning(
+                        "nothing heard from the API for %.1f s (two heartbeats); "
+                        "treating the connection as dead",
+                        now - session.last_rx,
+                    )
                     break
                 if now >= next_ping or self.outbox.probe_needed():
                     session.pings_sent += 1
@@ -1217,12 +1515,19 @@ class Link:
                 message = self.outbox.take(timeout=min(next_ping - now, 0.5))
                 if message is not None:
                     LOG.debug("-> %s", message["type"])
-                    session.send(message if message.get("type") != "metrics" else
-                                 {"type": "metrics",
-                                  "data": dict(server_id=session.server_id, **message["data"])})
+                    session.send(
+                        message
+                        if message.get("type") != "metrics"
+                        else {
+                            "type": "metrics",
+                            "data": dict(
+                                server_id=session.server_id, **message["data"]
+                            ),
+                        }
+                    )
             if self.stop.is_set():
                 session.ws.send_close(1000, b"agent shutting down")
-                return     # the receive loop waits for the API's close frame
+                return  # the receive loop waits for the API's close frame
         except (OSError, self.websocket.WebSocketException) as e:
             if not session.dead.is_set():
                 LOG.warning("sending failed: %s", e or type(e).__name__)
@@ -1238,12 +1543,20 @@ class Link:
 # The agent ###################################################################
 ###############################################################################
 
+
 def agent_info(source_name):
-    """Extra fields of the `auth` message that describe this agent (documented in README)."""
-    return {"name": "chatops-agent", "version": __version__, "hostname": socket.gethostname(),
-            "os": platform.system(), "os_release": platform.release(),
-            "arch": platform.machine(), "python": platform.python_version(),
-            "metrics_source": source_name, "capabilities": ["metrics", "heartbeat"]}
+    """Extra fields of the `auth` message that describe this agent (see README)."""
+    return {
+        "name": "chatops-agent",
+        "version": __version__,
+        "hostname": socket.gethostname(),
+        "os": platform.system(),
+        "os_release": platform.release(),
+        "arch": platform.machine(),
+        "python": platform.python_version(),
+        "metrics_source": source_name,
+        "capabilities": ["metrics", "heartbeat"],
+    }
 
 
 class Agent:
@@ -1253,18 +1566,25 @@ class Agent:
         self.config = config
         self.stop_event = threading.Event()
         self.outbox = Outbox(config.buffer_size)
-        self.collector = MetricsCollector(source or pick_source(), config.top_processes,
-                                          config.process_refresh_s, config.disk_include_network)
+        self.collector = MetricsCollector(
+            source or pick_source(),
+            config.top_processes,
+            config.process_refresh_s,
+            config.disk_include_network,
+        )
         self.dispatcher = Dispatcher(self.outbox.put)
         self._register_handlers()
         self.link = None
         self.threads = []
 
     def _register_handlers(self):
-        for message_type, handler in (("auth_success", self.on_auth_success),
-                                      ("pong", self.on_pong), ("ping", self.on_ping),
-                                      ("metrics_received", self.on_metrics_received),
-                                      ("error", self.on_error)):
+        for message_type, handler in (
+            ("auth_success", self.on_auth_success),
+            ("pong", self.on_pong),
+            ("ping", self.on_ping),
+            ("metrics_received", self.on_metrics_received),
+            ("error", self.on_error),
+        ):
             self.dispatcher.register(message_type, handler)
 
     # -- handlers ---------------------------------------------------------------
@@ -1286,11 +1606,24 @@ class Agent:
 
     # -- threads ------------------------------------------------------------------
     def start(self):
-        self.link = Link(self.config, self.outbox, self.dispatcher,
-                         agent_info(self.collector.source.name), self.stop_event)
-        LOG.info("chatops-agent %s: metrics from %s every %g s, API %s", __version__,
-                 self.collector.source.name, self.config.metrics_interval_s, self.link.url)
-        for name, target in (("metrics", self._metrics_loop), ("receive", self.link.run)):
+        self.link = Link(
+            self.config,
+            self.outbox,
+            self.dispatcher,
+            agent_info(self.collector.source.name),
+            self.stop_event,
+        )
+        LOG.info(
+            "chatops-agent %s: metrics from %s every %g s, API %s",
+            __version__,
+            self.collector.source.name,
+            self.config.metrics_interval_s,
+            self.link.url,
+        )
+        for name, target in (
+            ("metrics", self._metrics_loop),
+            ("receive", self.link.run),
+        ):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self.threads.append(thread)
@@ -1302,10 +1635,10 @@ class Agent:
         while not self.stop_event.wait(max(0.0, next_at - time.monotonic())):
             try:
                 self.outbox.add_sample(self.collector.collect())
-            except Exception:   # keep sampling whatever one tick hit
+            except Exception:  # keep sampling whatever one tick hit
                 LOG.exception("metrics collection failed")
             next_at += interval
-            if next_at < time.monotonic():   # overran: skip ticks rather than burst
+            if next_at < time.monotonic():  # overran: skip ticks rather than burst
                 next_at = time.monotonic() + interval
 
     def shutdown(self):
@@ -1326,46 +1659,72 @@ class Agent:
 # Command line ################################################################
 ###############################################################################
 
+
 def build_parser():
     parser = argparse.ArgumentParser(
-        prog="chatops_agent.py", allow_abbrev=False,
+        prog="chatops_agent.py",
+        allow_abbrev=False,
         description="Report this server's metrics to a ChatOps API over a WebSocket.",
-        epilog="Each setting can also come from CHATOPS_<NAME> or the JSON config file; "
-               "flags win over variables, variables over the file. Single-dash "
-               "spellings (-api-key, -api-url, -config) are accepted too.")
-    parser.add_argument("--config", "-config", metavar="PATH",
-                        help="JSON config file (or %s)" % CONFIG_ENV)
+        epilog="Each setting can also come from CHATOPS_<NAME> or the JSON config "
+        "file; flags win over variables, variables over the file. Single-dash "
+        "spellings (-api-key, -api-url, -config) are accepted too.",
+    )
+    parser.add_argument(
+        "--config",
+        "-config",
+        metavar="PATH",
+        help=f"JSON config file (or {CONFIG_ENV})",
+    )
     for s in SETTINGS:
         names = [s.flag, "-" + s.flag[2:]]
         if s.kind == "bool":
-            parser.add_argument(*names, dest=s.name, action="store_const", const=True,
-                                help=s.meaning)
+            parser.add_argument(
+                *names, dest=s.name, action="store_const", const=True, help=s.meaning
+            )
         else:
-            parser.add_argument(*names, dest=s.name, metavar=s.name.upper(),
-                                help="%s (default: %s)" % (s.meaning, s.default))
+            parser.add_argument(
+                *names,
+                dest=s.name,
+                metavar=s.name.upper(),
+                help=f"{s.meaning} (default: {s.default})",
+            )
     modes = parser.add_mutually_exclusive_group()
-    modes.add_argument("--once", action="store_true",
-                       help="print one metrics message as JSON and exit (no API needed)")
+    modes.add_argument(
+        "--once",
+        action="store_true",
+        help="print one metrics message as JSON and exit (no API needed)",
+    )
     modes.add_argument("--check", action="store_true", help="run diagnostics and exit")
-    modes.add_argument("--print-config", action="store_true",
-                       help="print the effective configuration (key redacted) and exit")
-    parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    modes.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the effective configuration (key redacted) and exit",
+    )
+    parser.add_argument(
+        "--version", action="version", version="%(prog)s " + __version__
+    )
     return parser
 
 
 def run_once(config):
-    collector = MetricsCollector(pick_source(), config.top_processes, ONCE_CPU_WINDOW_S,
-                                 config.disk_include_network)
+    collector = MetricsCollector(
+        pick_source(),
+        config.top_processes,
+        ONCE_CPU_WINDOW_S,
+        config.disk_include_network,
+    )
     collector.prime()
-    time.sleep(ONCE_CPU_WINDOW_S)   # the CPU and rate window of this one sample
+    time.sleep(ONCE_CPU_WINDOW_S)  # the CPU and rate window of this one sample
     print(json.dumps({"type": "metrics", "data": collector.collect()}, indent=2))
     return 0
 
 
 def run_agent(config):
     if not config.api_key:
-        raise ConfigError("no API key: set CHATOPS_API_KEY, or api_key in the config file "
-                          "(mode 600), or pass --api-key")
+        raise ConfigError(
+            "no API key: set CHATOPS_API_KEY, or api_key in the config file "
+            "(mode 600), or pass --api-key"
+        )
     stopping = threading.Event()
 
     def on_signal(signum, _frame):
@@ -1387,10 +1746,12 @@ def run_agent(config):
 # Diagnostics (--check) #######################################################
 ###############################################################################
 
+
 def http_get(url, config, headers=None):
     """(status, parsed JSON or text) of a GET; raises OSError when unreachable."""
-    request = urllib.request.Request(url, headers=dict(headers or {},
-                                                       **{"User-Agent": "chatops-agent"}))
+    request = urllib.request.Request(
+        url, headers=dict(headers or {}, **{"User-Agent": "chatops-agent"})
+    )
     context = tls_context(config) if url.startswith("https:") else None
     try:
         with urllib.request.urlopen(request, timeout=10, context=context) as response:
@@ -1408,45 +1769,76 @@ def check_api(config):
     base = http_base(config.api_url)
     try:
         status, body = http_get(base + "/health", config)
-        yield status == 200, "API reachable: GET %s/health -> %s %s" % (base, status, body)
+        yield (
+            status == 200,
+            f"API reachable: GET {base}/health -> {status} {body}",
+        )
     except (OSError, ssl.SSLError) as e:
-        yield False, "API not reachable at %s/health: %s" % (base, getattr(e, "reason", e))
+        yield (
+            False,
+            "API not reachable at {}/health: {}".format(base, getattr(e, "reason", e)),
+        )
         return
     if not config.api_key:
-        yield False, "no API key configured: set CHATOPS_API_KEY or api_key in the config file"
+        yield (
+            False,
+            "no API key configured: set CHATOPS_API_KEY or api_key in the config file",
+        )
         return
-    status, body = http_get(base + "/api/v1/api-keys/me", config, {"X-API-Key": config.api_key})
+    status, body = http_get(
+        base + "/api/v1/api-keys/me", config, {"X-API-Key": config.api_key}
+    )
     if status == 200 and isinstance(body, dict):
-        yield True, "API key accepted: server_id %s, key %r, active %s" % (
-            body.get("server_id"), body.get("name"), body.get("is_active"))
+        yield (
+            True,
+            "API key accepted: server_id {}, key {!r}, active {}".format(
+                body.get("server_id"), body.get("name"), body.get("is_active")
+            ),
+        )
     else:
         detail = body.get("detail") if isinstance(body, dict) else body
-        yield False, "API key rejected: HTTP %s %s; check the key in the ChatOps UI" % (
-            status, detail)
+        yield (
+            False,
+            f"API key rejected: HTTP {status} {detail}; check it in the ChatOps UI",
+        )
 
 
 def run_check(config):
     results = [(True, "config valid: %s" % (config.config_path or "no config file"))]
     url = ws_url(config.api_url)
-    tls = ("not used" if url.startswith("ws:") else "NOT VERIFIED (tls_skip_verify)"
-           if config.tls_skip_verify else "verified with %s"
-           % (config.ca_file or "the system's CAs"))
-    results.append((True, "WebSocket URL %s; TLS %s" % (url, tls)))
+    tls = (
+        "not used"
+        if url.startswith("ws:")
+        else "NOT VERIFIED (tls_skip_verify)"
+        if config.tls_skip_verify
+        else "verified with %s" % (config.ca_file or "the system's CAs")
+    )
+    results.append((True, f"WebSocket URL {url}; TLS {tls}"))
     results.extend(check_api(config))
     try:
         source = pick_source()
-        results.append((True, "metrics source: %s" % (
-            "psutil %s" % psutil.__version__ if source.name == "psutil"
-            else "/proc (psutil not installed)")))
+        results.append(
+            (
+                True,
+                "metrics source: %s"
+                % (
+                    f"psutil {psutil.__version__}"
+                    if source.name == "psutil"
+                    else "/proc (psutil not installed)"
+                ),
+            )
+        )
     except DependencyError as e:
-        results.append((False, "metrics source: %s" % e))
+        results.append((False, f"metrics source: {e}"))
     try:
         websocket = load_websocket()
-        results.append((True, "websocket-client %s" % getattr(websocket, "__version__", "?")))
+        results.append(
+            (True, "websocket-client {}".format(getattr(websocket, "__version__", "?")))
+        )
     except DependencyError as e:
         results.append((False, str(e)))
     for ok, text in results:
-        print("%-4s %s" % ("ok" if ok else "FAIL", text))
+        print(f"{'ok' if ok else 'FAIL':<4} {text}")
     return 0 if all(ok for ok, _ in results) else 1
 
 
@@ -1463,9 +1855,11 @@ def main(argv=None, environ=None):
         config = load_config(flags_given(args), environ)
         setup_logging(config.log_level, config.api_key)
         if config.sources["api_key"] == "flag":
-            LOG.warning("the API key was given on the command line, where any user can read "
-                        "it in the process list; use CHATOPS_API_KEY or api_key in a config "
-                        "file with mode 600 instead")
+            LOG.warning(
+                "the API key was given on the command line, where any user can read "
+                "it in the process list; use CHATOPS_API_KEY or api_key in a config "
+                "file with mode 600 instead"
+            )
         if args.print_config:
             print(json.dumps(config.redacted(), indent=2))
             return 0
@@ -1475,7 +1869,7 @@ def main(argv=None, environ=None):
             return run_check(config)
         return run_agent(config)
     except AgentError as e:
-        print("chatops-agent: error: %s" % e, file=sys.stderr)
+        print(f"chatops-agent: error: {e}", file=sys.stderr)
         return e.exit_code
 
 

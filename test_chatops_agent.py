@@ -6,9 +6,9 @@ Run: python3 -m pytest -q test_chatops_agent.py
 
 import json
 import os
+import shutil
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import threading
@@ -29,6 +29,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Response
 from websockets.datastructures import Headers
 from websockets.sync.server import serve
+import contextlib
 
 AGENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chatops_agent.py")
 KEY = "test-key-7f3a9c1e5b2d"
@@ -39,6 +40,7 @@ SERVER_ID = "0b7c1a52-5d1e-4c55-9a43-6f0b6b1c9e21"
 # Helpers #####################################################################
 ###############################################################################
 
+
 def wait_until(predicate, timeout_s=10.0, what="condition"):
     """Poll `predicate` until it is true; fail with `what` after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
@@ -47,33 +49,41 @@ def wait_until(predicate, timeout_s=10.0, what="condition"):
         if value:
             return value
         time.sleep(0.02)
-    raise AssertionError("timed out after %.1f s waiting for %s" % (timeout_s, what))
+    raise AssertionError(f"timed out after {timeout_s:.1f} s waiting for {what}")
 
 
 def require(condition, reason):
     """Skip with a reason locally; in CI what the test needs must be there."""
     if condition:
         return
-    if os.environ.get("CI") and reason not in os.environ.get("CHATOPS_TEST_EXPECT_MISSING", ""):
+    if os.environ.get("CI") and reason not in os.environ.get(
+        "CHATOPS_TEST_EXPECT_MISSING", ""
+    ):
         pytest.fail("CI must provide this: " + reason)
     pytest.skip(reason)
 
 
 def clean_env(**extra):
     """The environment for an agent process: no proxies, no CHATOPS_ leftovers."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("CHATOPS_") and "proxy" not in k.lower()}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("CHATOPS_") and "proxy" not in k.lower()
+    }
     env.update(extra)
     return env
 
 
 def parse_ts(text):
-    return time.mktime(time.strptime(text[:19], "%Y-%m-%dT%H:%M:%S")) + float(text[19:-1] or 0)
+    return time.mktime(time.strptime(text[:19], "%Y-%m-%dT%H:%M:%S")) + float(
+        text[19:-1] or 0
+    )
 
 
 ###############################################################################
 # A fake ChatOps API ##########################################################
 ###############################################################################
+
 
 class FakeAPI:
     """The ChatOps API's WebSocket side, as PROTOCOL.md describes it, on 127.0.0.1.
@@ -90,17 +100,23 @@ class FakeAPI:
         self.ssl_context = ssl_context
         self.port = 0
         self.frames = []
-        self.connections = []        # live server connections
-        self.connects = []           # monotonic time of each accepted TCP+WS connection
-        self.closes = []             # (code, reason) the agent closed with
+        self.connections = []  # live server connections
+        self.connects = []  # monotonic time of each accepted TCP+WS connection
+        self.closes = []  # (code, reason) the agent closed with
         self.rejections = 0
         self.lock = threading.Lock()
         self.server = None
 
     # -- lifecycle -------------------------------------------------------------
     def start(self):
-        self.server = serve(self._handle, "127.0.0.1", self.port, ssl=self.ssl_context,
-                            process_request=self._http, ping_interval=None)
+        self.server = serve(
+            self._handle,
+            "127.0.0.1",
+            self.port,
+            ssl=self.ssl_context,
+            process_request=self._http,
+            ping_interval=None,
+        )
         self.port = self.server.socket.getsockname()[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
@@ -114,14 +130,13 @@ class FakeAPI:
         with self.lock:
             conns, self.connections = list(self.connections), []
         for conn in conns:
-            try:
+            with contextlib.suppress(OSError):
                 conn.socket.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     @property
     def url(self):
-        return "%s://127.0.0.1:%d" % ("https" if self.ssl_context else "http", self.port)
+        scheme = "https" if self.ssl_context else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     # -- what it saw -----------------------------------------------------------
     def messages(self, kind=None):
@@ -138,16 +153,31 @@ class FakeAPI:
         if request.path == "/api/v1/api-keys/me":
             if request.headers.get("X-API-Key") != self.key:
                 return self._json(401, {"detail": "Invalid API key"})
-            return self._json(200, {"server_id": SERVER_ID, "key_id": "k1", "name": "test",
-                                    "is_active": True})
+            return self._json(
+                200,
+                {
+                    "server_id": SERVER_ID,
+                    "key_id": "k1",
+                    "name": "test",
+                    "is_active": True,
+                },
+            )
         return None
 
     @staticmethod
     def _json(status, body):
         data = json.dumps(body).encode()
-        return Response(status, "OK" if status == 200 else "Unauthorized",
-                        Headers([("Content-Type", "application/json"),
-                                 ("Content-Length", str(len(data)))]), data)
+        return Response(
+            status,
+            "OK" if status == 200 else "Unauthorized",
+            Headers(
+                [
+                    ("Content-Type", "application/json"),
+                    ("Content-Length", str(len(data))),
+                ]
+            ),
+            data,
+        )
 
     def _handle(self, conn):
         with self.lock:
@@ -175,8 +205,15 @@ class FakeAPI:
                 self.rejections += 1
             conn.close(1008, "Invalid or inactive API key")
             return False
-        conn.send(json.dumps({"type": "auth_success", "server_id": SERVER_ID,
-                              "message": "Connected successfully"}))
+        conn.send(
+            json.dumps(
+                {
+                    "type": "auth_success",
+                    "server_id": SERVER_ID,
+                    "message": "Connected successfully",
+                }
+            )
+        )
         return True
 
     def _on_frame(self, conn, number, raw):
@@ -201,18 +238,26 @@ class AgentProcess:
     """chatops_agent.py in a subprocess, its log in a file we can read while it runs."""
 
     def __init__(self, tmp_path, *args, env=None):
-        self.log_path = tmp_path / ("agent-%d.log" % time.monotonic_ns())
-        self.log_file = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, AGENT, *args], env=env or clean_env(),
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=self.log_file, text=True)
+        self.log_path = tmp_path / f"agent-{time.monotonic_ns()}.log"
+        self.log_file = open(self.log_path, "w")  # noqa: SIM115 -- closed in terminate()
+        self.proc = subprocess.Popen(
+            [sys.executable, AGENT, *args],
+            env=env or clean_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=self.log_file,
+            text=True,
+        )
 
     def log(self):
         return self.log_path.read_text()
 
     def wait_log(self, text, timeout_s=10.0):
-        wait_until(lambda: text in self.log(), timeout_s, "%r in the agent's log:\n%s"
-                   % (text, self.log()[-2000:]))
+        wait_until(
+            lambda: text in self.log(),
+            timeout_s,
+            f"{text!r} in the agent's log:\n{self.log()[-2000:]}",
+        )
 
     def terminate(self):
         if self.proc.poll() is None:
@@ -230,6 +275,7 @@ class AgentProcess:
 # Fixtures ####################################################################
 ###############################################################################
 
+
 @pytest.fixture
 def api():
     server = FakeAPI().start()
@@ -243,8 +289,15 @@ def run_agent(tmp_path):
     started = []
 
     def start(url, *args, key=KEY, **env):
-        flags = ["--api-url", url, "--metrics-interval-s", "0.5", "--top-processes", "3",
-                 *args]
+        flags = [
+            "--api-url",
+            url,
+            "--metrics-interval-s",
+            "0.5",
+            "--top-processes",
+            "3",
+            *args,
+        ]
         extra = {"CHATOPS_API_KEY": key} if key else {}
         proc = AgentProcess(tmp_path, *flags, env=clean_env(**extra, **env))
         started.append(proc)
@@ -256,14 +309,20 @@ def run_agent(tmp_path):
 
 
 def run_cli(*args, env=None, timeout=30):
-    return subprocess.run([sys.executable, AGENT, *args], env=env or clean_env(),
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, AGENT, *args],
+        env=env or clean_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 ###############################################################################
 # Configuration ###############################################################
 ###############################################################################
+
 
 def write_config(tmp_path, data, mode=0o600, raw=None):
     path = tmp_path / "config.json"
@@ -283,60 +342,94 @@ class TestConfiguration:
         assert all(source == "default" for source in config.sources.values())
 
     def test_precedence_flag_over_env_over_file_over_default(self, tmp_path):
-        path = write_config(tmp_path, {"metrics_interval_s": 3, "heartbeat_interval_s": 7,
-                                       "buffer_size": 10})
-        env = {"CHATOPS_CONFIG": path, "CHATOPS_METRICS_INTERVAL_S": "2",
-               "CHATOPS_HEARTBEAT_INTERVAL_S": "9"}
+        path = write_config(
+            tmp_path,
+            {"metrics_interval_s": 3, "heartbeat_interval_s": 7, "buffer_size": 10},
+        )
+        env = {
+            "CHATOPS_CONFIG": path,
+            "CHATOPS_METRICS_INTERVAL_S": "2",
+            "CHATOPS_HEARTBEAT_INTERVAL_S": "9",
+        }
         config = agent.load_config({"metrics_interval_s": "1"}, env)
-        assert config.metrics_interval_s == 1.0 and config.sources["metrics_interval_s"] == "flag"
+        assert (
+            config.metrics_interval_s == 1.0
+            and config.sources["metrics_interval_s"] == "flag"
+        )
         assert config.heartbeat_interval_s == 9.0
-        assert config.sources["heartbeat_interval_s"] == "env CHATOPS_HEARTBEAT_INTERVAL_S"
-        assert config.buffer_size == 10 and config.sources["buffer_size"] == "file " + path
-        assert config.top_processes == 25 and config.sources["top_processes"] == "default"
+        assert (
+            config.sources["heartbeat_interval_s"] == "env CHATOPS_HEARTBEAT_INTERVAL_S"
+        )
+        assert (
+            config.buffer_size == 10 and config.sources["buffer_size"] == "file " + path
+        )
+        assert (
+            config.top_processes == 25 and config.sources["top_processes"] == "default"
+        )
 
     def test_go_agent_single_dash_flags(self, tmp_path):
         path = write_config(tmp_path, {"log_level": "debug"})
         args = agent.build_parser().parse_args(
-            ["-api-key", "abc", "-api-url", "https://api.example.com", "-config", path])
+            ["-api-key", "abc", "-api-url", "https://api.example.com", "-config", path]
+        )
         config = agent.load_config(agent.flags_given(args), {})
-        assert (config.api_key, config.api_url, config.log_level) == \
-            ("abc", "https://api.example.com", "debug")
+        assert (config.api_key, config.api_url, config.log_level) == (
+            "abc",
+            "https://api.example.com",
+            "debug",
+        )
 
     def test_bool_from_env_and_file(self, tmp_path):
         path = write_config(tmp_path, {"tls_skip_verify": True})
-        config = agent.load_config({}, {"CHATOPS_CONFIG": path,
-                                        "CHATOPS_ALLOW_PLAINTEXT": "yes"})
+        config = agent.load_config(
+            {}, {"CHATOPS_CONFIG": path, "CHATOPS_ALLOW_PLAINTEXT": "yes"}
+        )
         assert config.tls_skip_verify is True and config.allow_plaintext is True
 
-    @pytest.mark.parametrize("content, message", [
-        ({"metrics_interval": 5}, "unknown key 'metrics_interval' (did you mean "
-                                  "'metrics_interval_s'?)"),
-        ({"buffer_size": "720"}, "buffer_size must be a whole number"),
-        ({"tls_skip_verify": 1}, "tls_skip_verify must be true or false"),
-        ({"metrics_interval_s": -5}, "metrics_interval_s must be positive"),
-        ({"heartbeat_interval_s": 0}, "heartbeat_interval_s must be positive"),
-        ({"log_level": "loud"}, "log_level must be one of"),
-        ({"api_url": "ftp://x"}, "is not a URL the agent can use"),
-        ([1, 2], "must hold a JSON object"),
-    ])
+    @pytest.mark.parametrize(
+        "content, message",
+        [
+            (
+                {"metrics_interval": 5},
+                "unknown key 'metrics_interval' (did you mean 'metrics_interval_s'?)",
+            ),
+            ({"buffer_size": "720"}, "buffer_size must be a whole number"),
+            ({"tls_skip_verify": 1}, "tls_skip_verify must be true or false"),
+            ({"metrics_interval_s": -5}, "metrics_interval_s must be positive"),
+            ({"heartbeat_interval_s": 0}, "heartbeat_interval_s must be positive"),
+            ({"log_level": "loud"}, "log_level must be one of"),
+            ({"api_url": "ftp://x"}, "is not a URL the agent can use"),
+            ([1, 2], "must hold a JSON object"),
+        ],
+    )
     def test_bad_file_values(self, tmp_path, content, message):
         path = write_config(tmp_path, content)
-        with pytest.raises(agent.ConfigError, match=message.replace("(", r"\(")
-                           .replace(")", r"\)").replace("?", r"\?")):
+        with pytest.raises(
+            agent.ConfigError,
+            match=message.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?"),
+        ):
             agent.load_config({"config": path}, {})
 
     def test_invalid_json_names_line_and_column(self, tmp_path):
-        path = write_config(tmp_path, None, raw='{\n  "api_url": "http://x",\n  oops\n}')
-        with pytest.raises(agent.ConfigError, match="not valid JSON: .* at line 3 column 3"):
+        path = write_config(
+            tmp_path, None, raw='{\n  "api_url": "http://x",\n  oops\n}'
+        )
+        with pytest.raises(
+            agent.ConfigError, match="not valid JSON: .* at line 3 column 3"
+        ):
             agent.load_config({"config": path}, {})
 
     def test_unreadable_file(self, tmp_path):
-        with pytest.raises(agent.ConfigError, match="cannot read config file .*missing.json"):
+        with pytest.raises(
+            agent.ConfigError, match="cannot read config file .*missing.json"
+        ):
             agent.load_config({"config": str(tmp_path / "missing.json")}, {})
 
     def test_bad_env_value(self):
-        with pytest.raises(agent.ConfigError,
-                           match="environment variable CHATOPS_BUFFER_SIZE: buffer_size"):
+        with pytest.raises(
+            agent.ConfigError,
+            match="environment variable CHATOPS_BUFFER_SIZE: buffer_size",
+        ):
             agent.load_config({}, {"CHATOPS_BUFFER_SIZE": "lots"})
 
     def test_key_file_readable_by_others_refused_like_ssh(self, tmp_path):
@@ -355,10 +448,16 @@ class TestConfiguration:
             agent.load_config({"api_url": "http://192.0.2.10:8000"}, {})
         with pytest.raises(agent.ConfigError, match="in clear"):
             agent.load_config({"api_url": "ws://api.example.com/ws"}, {})
-        allowed = agent.load_config({"api_url": "http://192.0.2.10", "allow_plaintext": True}, {})
+        allowed = agent.load_config(
+            {"api_url": "http://192.0.2.10", "allow_plaintext": True}, {}
+        )
         assert allowed.allow_plaintext
-        for url in ("http://localhost:8000", "http://127.0.0.2", "ws://[::1]:9/x",
-                    "https://api.example.com"):
+        for url in (
+            "http://localhost:8000",
+            "http://127.0.0.2",
+            "ws://[::1]:9/x",
+            "https://api.example.com",
+        ):
             agent.load_config({"api_url": url}, {})
 
     def test_bad_config_exits_2_with_one_message(self, tmp_path):
@@ -369,19 +468,29 @@ class TestConfiguration:
         assert result.stderr.count("\n") == 1 and "unknown key 'nope'" in result.stderr
 
     def test_plaintext_refused_at_start_before_any_connection(self):
-        result = run_cli("--api-url", "http://192.0.2.10:8000",
-                         env=clean_env(CHATOPS_API_KEY=KEY))
+        result = run_cli(
+            "--api-url", "http://192.0.2.10:8000", env=clean_env(CHATOPS_API_KEY=KEY)
+        )
         assert result.returncode == 2
         assert "refusing plaintext URL http://192.0.2.10:8000" in result.stderr
 
     def test_print_config_redacts_key_and_names_sources(self, tmp_path):
         path = write_config(tmp_path, {"api_key": KEY, "buffer_size": 9})
-        result = run_cli("--print-config", "--config", path, "--log-level", "debug",
-                         env=clean_env(CHATOPS_API_URL="https://api.example.com"))
+        result = run_cli(
+            "--print-config",
+            "--config",
+            path,
+            "--log-level",
+            "debug",
+            env=clean_env(CHATOPS_API_URL="https://api.example.com"),
+        )
         assert result.returncode == 0, result.stderr
         assert KEY not in result.stdout + result.stderr
         shown = json.loads(result.stdout)
-        assert shown["settings"]["api_key"] == {"value": "<redacted>", "source": "file " + path}
+        assert shown["settings"]["api_key"] == {
+            "value": "<redacted>",
+            "source": "file " + path,
+        }
         assert shown["settings"]["api_url"]["source"] == "env CHATOPS_API_URL"
         assert shown["settings"]["log_level"] == {"value": "debug", "source": "flag"}
         assert shown["settings"]["buffer_size"]["value"] == 9
@@ -397,27 +506,44 @@ class TestConfiguration:
 
 
 class TestURLs:
-    @pytest.mark.parametrize("given, expected", [
-        ("http://localhost:8000", "ws://localhost:8000/api/v1/agents/ws"),
-        ("http://localhost:8000/", "ws://localhost:8000/api/v1/agents/ws"),
-        ("https://chatops.example.com", "wss://chatops.example.com/api/v1/agents/ws"),
-        ("https://example.com/chatops/", "wss://example.com/chatops/api/v1/agents/ws"),
-        ("ws://10.0.0.1:9000/custom/path", "ws://10.0.0.1:9000/custom/path"),
-        ("wss://example.com", "wss://example.com/api/v1/agents/ws"),
-        ("wss://example.com/api/v1/agents/ws", "wss://example.com/api/v1/agents/ws"),
-    ])
+    @pytest.mark.parametrize(
+        "given, expected",
+        [
+            ("http://localhost:8000", "ws://localhost:8000/api/v1/agents/ws"),
+            ("http://localhost:8000/", "ws://localhost:8000/api/v1/agents/ws"),
+            (
+                "https://chatops.example.com",
+                "wss://chatops.example.com/api/v1/agents/ws",
+            ),
+            (
+                "https://example.com/chatops/",
+                "wss://example.com/chatops/api/v1/agents/ws",
+            ),
+            ("ws://10.0.0.1:9000/custom/path", "ws://10.0.0.1:9000/custom/path"),
+            ("wss://example.com", "wss://example.com/api/v1/agents/ws"),
+            (
+                "wss://example.com/api/v1/agents/ws",
+                "wss://example.com/api/v1/agents/ws",
+            ),
+        ],
+    )
     def test_ws_url(self, given, expected):
         assert agent.ws_url(given) == expected
 
-    @pytest.mark.parametrize("given, expected", [
-        ("http://localhost:8000/", "http://localhost:8000"),
-        ("wss://example.com/api/v1/agents/ws", "https://example.com"),
-        ("ws://example.com/other", "http://example.com"),
-    ])
+    @pytest.mark.parametrize(
+        "given, expected",
+        [
+            ("http://localhost:8000/", "http://localhost:8000"),
+            ("wss://example.com/api/v1/agents/ws", "https://example.com"),
+            ("ws://example.com/other", "http://example.com"),
+        ],
+    )
     def test_http_base(self, given, expected):
         assert agent.http_base(given) == expected
 
-    @pytest.mark.parametrize("bad", ["localhost:8000", "ftp://x", "http://", "http://h:99999"])
+    @pytest.mark.parametrize(
+        "bad", ["localhost:8000", "ftp://x", "http://", "http://h:99999"]
+    )
     def test_bad_urls(self, bad):
         with pytest.raises(agent.ConfigError):
             agent.ws_url(bad)
@@ -427,7 +553,7 @@ class TestHelpers:
     def test_backoff_full_jitter_grows_to_cap_and_resets(self):
         backoff = agent.Backoff(1.0, 60.0)
         delays = [backoff.next_delay() for _ in range(12)]
-        ceilings = [min(60.0, 2 ** i) for i in range(12)]
+        ceilings = [min(60.0, 2**i) for i in range(12)]
         assert all(0 <= d <= c for d, c in zip(delays, ceilings))
         assert max(agent.Backoff(1.0, 60.0).next_delay() for _ in range(50)) <= 1.0
         backoff.reset()
@@ -448,6 +574,7 @@ class TestHelpers:
 # Metrics #####################################################################
 ###############################################################################
 
+
 def sources():
     """The metrics sources this machine can run: /proc always, psutil when installed."""
     found = [agent.ProcSource()]
@@ -459,8 +586,11 @@ def sources():
 def sample(source, **kwargs):
     collector = agent.MetricsCollector(source, **kwargs)
     collector.prime()
-    wait_until(lambda: collector.source.cpu_times()[0][1] > collector._cpu[0][1] + 0.05,
-               5, "CPU time to advance")
+    wait_until(
+        lambda: collector.source.cpu_times()[0][1] > collector._cpu[0][1] + 0.05,
+        5,
+        "CPU time to advance",
+    )
     return collector.collect()
 
 
@@ -470,16 +600,17 @@ class TestMetrics:
         data = sample(source)
         with open("/proc/meminfo") as f:
             mem_total_kib = int(f.readline().split()[1])
-        assert data["memory"]["total_gb"] == round(mem_total_kib * 1024 / 1024 ** 3, 2)
+        assert data["memory"]["total_gb"] == round(mem_total_kib * 1024 / 1024**3, 2)
         assert data["cpu"]["cores"] == os.cpu_count() == len(data["cpu"]["per_core"])
         assert 0 <= data["cpu"]["usage_percent"] <= 100
         st = os.statvfs("/")
-        assert data["disk"]["total_gb"] == round(st.f_blocks * st.f_frsize / 1024 ** 3, 2)
+        assert data["disk"]["total_gb"] == round(st.f_blocks * st.f_frsize / 1024**3, 2)
         with open("/proc/net/dev") as f:
             interfaces = {line.split(":")[0].strip() for line in f.readlines()[2:]}
         assert {i["name"] for i in data["network"]["interfaces"]} == interfaces
-        assert data["network"]["bytes_recv"] == sum(i["bytes_recv"]
-                                                    for i in data["network"]["interfaces"])
+        assert data["network"]["bytes_recv"] == sum(
+            i["bytes_recv"] for i in data["network"]["interfaces"]
+        )
         assert "errors" not in data and data["containers"] == []
 
     @pytest.mark.parametrize("source", sources(), ids=lambda s: s.name)
@@ -489,6 +620,10 @@ class TestMetrics:
             data = sample(source, top_processes=5)
             assert data["cpu"]["usage_percent"] > 0
             assert max(data["cpu"]["per_core"]) > 10
+            assert (
+                data["processes"][0]["pid"] == burn.pid
+                and data["processes"][0]["cpu"] > 10
+            )
         finally:
             burn.kill()
             burn.wait()
@@ -497,15 +632,23 @@ class TestMetrics:
     def test_top_processes_by_cpu(self, source):
         burn = subprocess.Popen([sys.executable, "-c", "while True: pass"])
         try:
-            collector = agent.MetricsCollector(source, top_processes=5, process_refresh_s=0.2)
+            collector = agent.MetricsCollector(
+                source, top_processes=5, process_refresh_s=0.2
+            )
             collector.prime()
-            wait_until(lambda: any(p["pid"] == burn.pid and p["cpu"] > 20
-                                   for p in collector.collect()["processes"]),
-                       10, "the busy process on top")
+            wait_until(
+                lambda: any(
+                    p["pid"] == burn.pid and p["cpu"] > 20
+                    for p in collector.collect()["processes"]
+                ),
+                10,
+                "the busy process on top",
+            )
             processes = collector.collect()["processes"]
             assert len(processes) == 5
-            assert [p["cpu"] for p in processes] == sorted((p["cpu"] for p in processes),
-                                                           reverse=True)
+            assert [p["cpu"] for p in processes] == sorted(
+                (p["cpu"] for p in processes), reverse=True
+            )
             mine = next(p for p in processes if p["pid"] == burn.pid)
             assert mine["user"] == "root" if os.geteuid() == 0 else mine["user"]
             assert mine["status"] in ("R", "S") and mine["memory"] > 1
@@ -527,10 +670,14 @@ class TestMetrics:
         assert abs(proc["memory"]["used_gb"] - ps["memory"]["used_gb"]) < 0.1
         assert proc["cpu"]["cores"] == ps["cpu"]["cores"]
         assert abs(proc["cpu"]["usage_percent"] - ps["cpu"]["usage_percent"]) < 25
-        assert proc["disk"]["filesystems"][0]["mount"] == ps["disk"]["filesystems"][0]["mount"]
+        assert (
+            proc["disk"]["filesystems"][0]["mount"]
+            == ps["disk"]["filesystems"][0]["mount"]
+        )
         assert abs(proc["disk"]["used_gb"] - ps["disk"]["used_gb"]) < 0.1
-        assert [i["name"] for i in proc["network"]["interfaces"]] == \
-            [i["name"] for i in ps["network"]["interfaces"]]
+        assert [i["name"] for i in proc["network"]["interfaces"]] == [
+            i["name"] for i in ps["network"]["interfaces"]
+        ]
         assert abs(proc["network"]["bytes_recv"] - ps["network"]["bytes_recv"]) < 1e6
         assert abs(proc["uptime_s"] - ps["uptime_s"]) <= 2
         ps_procs = {p.pid: p.info for p in psutil.process_iter(["name", "memory_info"])}
@@ -539,18 +686,30 @@ class TestMetrics:
                 assert row[2][:15] == ps_procs[row[0]]["name"][:15]
 
     def test_filesystem_filter(self):
-        mounts = [("/dev/vda", "/", "ext4"), ("/dev/vda", "/var/lib/docker", "ext4"),
-                  ("/dev/loop0", "/snap/core/1", "squashfs"), ("overlay", "/x", "overlay"),
-                  ("tmpfs", "/run", "tmpfs"), ("srv:/export", "/mnt/nfs", "nfs4"),
-                  ("/dev/sdb1", "/data", "xfs"), ("proc", "/proc", "proc")]
+        mounts = [
+            ("/dev/vda", "/", "ext4"),
+            ("/dev/vda", "/var/lib/docker", "ext4"),
+            ("/dev/loop0", "/snap/core/1", "squashfs"),
+            ("overlay", "/x", "overlay"),
+            ("tmpfs", "/run", "tmpfs"),
+            ("srv:/export", "/mnt/nfs", "nfs4"),
+            ("/dev/sdb1", "/data", "xfs"),
+            ("proc", "/proc", "proc"),
+        ]
         assert agent.real_filesystems(mounts, False) == [
-            ("/dev/vda", "/", "ext4"), ("/dev/sdb1", "/data", "xfs")]
-        assert ("srv:/export", "/mnt/nfs", "nfs4") in agent.real_filesystems(mounts, True)
+            ("/dev/vda", "/", "ext4"),
+            ("/dev/sdb1", "/data", "xfs"),
+        ]
+        assert ("srv:/export", "/mnt/nfs", "nfs4") in agent.real_filesystems(
+            mounts, True
+        )
 
     def test_mount_escapes(self, tmp_path):
         table = tmp_path / "mounts"
         table.write_text("/dev/sda1 /media/my\\040disk ext4 rw 0 0\n")
-        assert agent.proc_mounts(str(table)) == [("/dev/sda1", "/media/my disk", "ext4")]
+        assert agent.proc_mounts(str(table)) == [
+            ("/dev/sda1", "/media/my disk", "ext4")
+        ]
 
     def test_network_rates_clamp_counter_resets(self):
         class Counters(agent.ProcSource):
@@ -560,7 +719,10 @@ class TestMetrics:
                 return self.readings.pop(0)
 
         collector = agent.MetricsCollector(Counters(), top_processes=0)
-        collector._net, collector._net_at = collector.source.net(), time.monotonic() - 2.0
+        collector._net, collector._net_at = (
+            collector.source.net(),
+            time.monotonic() - 2.0,
+        )
         eth0 = collector._net_section()["interfaces"][0]
         assert 900 <= eth0["bytes_sent_per_s"] <= 1000
         assert eth0["bytes_recv_per_s"] == 0 and eth0["packets_recv_per_s"] == 0
@@ -587,21 +749,23 @@ class TestMetrics:
         message = json.loads(result.stdout)
         assert message["type"] == "metrics"
         data = message["data"]
-        for section, keys in (("cpu", ("usage_percent", "cores", "frequency_mhz")),
-                              ("memory", ("total_gb", "used_gb", "available_gb",
-                                          "usage_percent")),
-                              ("disk", ("total_gb", "used_gb", "available_gb",
-                                        "usage_percent")),
-                              ("network", ("bytes_sent", "bytes_recv", "packets_sent",
-                                           "packets_recv"))):
+        for section, keys in (
+            ("cpu", ("usage_percent", "cores", "frequency_mhz")),
+            ("memory", ("total_gb", "used_gb", "available_gb", "usage_percent")),
+            ("disk", ("total_gb", "used_gb", "available_gb", "usage_percent")),
+            ("network", ("bytes_sent", "bytes_recv", "packets_sent", "packets_recv")),
+        ):
             assert set(keys) <= set(data[section])
         assert data["timestamp"].endswith("Z") and data["processes"]
-        assert 50 / os.cpu_count() <= data["cpu"]["usage_percent"] <= 100   # one core busy
+        assert (
+            50 / os.cpu_count() <= data["cpu"]["usage_percent"] <= 100
+        )  # one core busy
 
 
 ###############################################################################
 # Outbox ######################################################################
 ###############################################################################
+
 
 class TestOutbox:
     def test_samples_oldest_first_and_acknowledged_in_order(self):
@@ -666,6 +830,7 @@ class TestOutbox:
 # Protocol ####################################################################
 ###############################################################################
 
+
 class TestDispatcher:
     def make(self):
         replies = []
@@ -675,11 +840,17 @@ class TestDispatcher:
         dispatcher.register("boom", lambda m, s: 1 / 0)
         return dispatcher, replies, handled
 
-    @pytest.mark.parametrize("frame, why", [
-        (b"\xff\xfe", "not UTF-8"), ("not json", "not JSON"), ("[1]", "not an object"),
-        ('{"no":"type"}', "no string field 'type'"), ("[" * 100000, "not JSON"),
-        ('{"type": 1' + "0" * 5000 + "}", "not JSON"),
-    ])
+    @pytest.mark.parametrize(
+        "frame, why",
+        [
+            (b"\xff\xfe", "not UTF-8"),
+            ("not json", "not JSON"),
+            ("[1]", "not an object"),
+            ('{"no":"type"}', "no string field 'type'"),
+            ("[" * 100000, "not JSON"),
+            ('{"type": 1' + "0" * 5000 + "}", "not JSON"),
+        ],
+    )
     def test_malformed_frames_answered_with_error(self, frame, why):
         dispatcher, replies, _ = self.make()
         dispatcher.dispatch(frame, None)
@@ -689,13 +860,21 @@ class TestDispatcher:
     def test_unknown_type_answered_with_its_id(self):
         dispatcher, replies, _ = self.make()
         dispatcher.dispatch('{"type":"frobnicate","request_id":"r1"}', None)
-        assert replies == [{"type": "error", "request_id": "r1",
-                            "message": "unknown message type 'frobnicate'"}]
+        assert replies == [
+            {
+                "type": "error",
+                "request_id": "r1",
+                "message": "unknown message type 'frobnicate'",
+            }
+        ]
 
     def test_handler_failure_is_an_error_reply(self):
         dispatcher, replies, _ = self.make()
         dispatcher.dispatch('{"type":"boom","command_id":"c9"}', None)
-        assert replies[0]["command_id"] == "c9" and "internal error" in replies[0]["message"]
+        assert (
+            replies[0]["command_id"] == "c9"
+            and "internal error" in replies[0]["message"]
+        )
 
     def test_registry_routes_by_type(self):
         dispatcher, replies, handled = self.make()
@@ -708,12 +887,21 @@ class TestDispatcher:
         dispatcher, replies, _ = self.make()
 
         @hypothesis.settings(max_examples=300, deadline=None)
-        @hypothesis.given(strategies.one_of(
-            strategies.text(), strategies.binary(),
-            strategies.recursive(strategies.none() | strategies.floats() | strategies.text(),
-                                 lambda c: strategies.lists(c) | strategies.dictionaries(
-                                     strategies.sampled_from(["type", "request_id", "x"]), c)
-                                 ).map(json.dumps)))
+        @hypothesis.given(
+            strategies.one_of(
+                strategies.text(),
+                strategies.binary(),
+                strategies.recursive(
+                    strategies.none() | strategies.floats() | strategies.text(),
+                    lambda c: (
+                        strategies.lists(c)
+                        | strategies.dictionaries(
+                            strategies.sampled_from(["type", "request_id", "x"]), c
+                        )
+                    ),
+                ).map(json.dumps),
+            )
+        )
         def survive(frame):
             replies.clear()
             dispatcher.dispatch(frame, None)
@@ -727,6 +915,7 @@ class TestDispatcher:
 # Connection ##################################################################
 ###############################################################################
 
+
 class TestConnection:
     def test_handshake_and_first_metrics_frame(self, api, run_agent):
         started = time.monotonic()
@@ -737,17 +926,21 @@ class TestConnection:
         assert auth["type"] == "auth" and auth["api_key"] == KEY
         assert auth["agent"]["name"] == "chatops-agent"
         assert auth["agent"]["version"] == agent.__version__
-        assert {"hostname", "os", "python", "metrics_source", "capabilities"} <= set(auth["agent"])
+        assert {"hostname", "os", "python", "metrics_source", "capabilities"} <= set(
+            auth["agent"]
+        )
         data = api.metrics()[0]
         assert data["server_id"] == SERVER_ID
         assert data["cpu"]["cores"] == os.cpu_count() and data["containers"] == []
         assert "request_id" not in api.messages("metrics")[0]
-        assert "connected to ws://127.0.0.1:%d/api/v1/agents/ws" % api.port in proc.log()
+        assert f"connected to ws://127.0.0.1:{api.port}/api/v1/agents/ws" in proc.log()
 
     def test_rejected_key_shows_reason_and_retries_slowly(self, api, run_agent):
         proc = run_agent(api.url, key="wrong-key-123456")
-        proc.wait_log("authentication rejected by the API: Invalid or inactive API key "
-                      "(close 1008)")
+        proc.wait_log(
+            "authentication rejected by the API: Invalid or inactive API key "
+            "(close 1008)"
+        )
         retry = float(proc.log().split("retrying in ")[1].split()[0])
         assert retry >= agent.AUTH_RETRY_FIRST_S / 2
         assert api.rejections == 1 and proc.proc.poll() is None
@@ -759,27 +952,46 @@ class TestConnection:
         api.stop()
         proc.wait_log("cannot reach the API")
         api.start()
-        wait_until(lambda: len(api.connects) >= 2 and
-                   any(n == len(api.connects) - 1 and m["type"] == "metrics"
-                       for n, m in api.frames), 10, "metrics on a second connection")
+        wait_until(
+            lambda: (
+                len(api.connects) >= 2
+                and any(
+                    n == len(api.connects) - 1 and m["type"] == "metrics"
+                    for n, m in api.frames
+                )
+            ),
+            10,
+            "metrics on a second connection",
+        )
 
     def test_ten_second_outage_loses_no_sample(self, api, run_agent):
-        proc = run_agent(api.url, "--metrics-interval-s", "1", "--reconnect-max-delay-s", "2")
+        proc = run_agent(
+            api.url, "--metrics-interval-s", "1", "--reconnect-max-delay-s", "2"
+        )
         wait_until(lambda: len(api.metrics()) >= 2, 6, "metrics")
         api.stop()
         outage_ends = time.monotonic() + 10
         proc.wait_log("cannot reach the API")
-        wait_until(lambda: time.monotonic() >= outage_ends, 12, "the outage to last 10 s")
+        wait_until(
+            lambda: time.monotonic() >= outage_ends, 12, "the outage to last 10 s"
+        )
         api.start()
-        first_after = wait_until(lambda: [m for n, m in api.frames if n > 0
-                                          and m["type"] == "metrics"], 10, "metrics again")
-        wait_until(lambda: len(api.metrics()) >= len(first_after) + 12, 10, "the backlog")
+        first_after = wait_until(
+            lambda: [m for n, m in api.frames if n > 0 and m["type"] == "metrics"],
+            10,
+            "metrics again",
+        )
+        wait_until(
+            lambda: len(api.metrics()) >= len(first_after) + 12, 10, "the backlog"
+        )
         stamps = sorted({parse_ts(m["timestamp"]) for m in api.metrics()})
         gaps = [b - a for a, b in zip(stamps, stamps[1:])]
         assert stamps[-1] - stamps[0] >= 12
-        assert max(gaps) < 1.6, gaps           # one sample a second, none missing
+        assert max(gaps) < 1.6, gaps  # one sample a second, none missing
         resent = len(api.metrics()) - len(stamps)
-        assert resent <= agent.METRICS_WINDOW  # duplicates only from unacknowledged resends
+        assert (
+            resent <= agent.METRICS_WINDOW
+        )  # duplicates only from unacknowledged resends
         assert "samples wait to be sent" in proc.log()
 
     def test_never_acking_api_gets_no_duplicates(self, run_agent):
@@ -790,15 +1002,20 @@ class TestConnection:
             wait_until(lambda: len(api.metrics()) >= 3, 6, "metrics")
             api.drop()
             wait_until(lambda: len(api.connects) >= 2, 10, "a reconnect")
-            wait_until(lambda: any(n == 1 and m["type"] == "metrics" for n, m in api.frames),
-                       10, "metrics on the new connection")
+            wait_until(
+                lambda: any(n == 1 and m["type"] == "metrics" for n, m in api.frames),
+                10,
+                "metrics on the new connection",
+            )
             stamps = [m["timestamp"] for m in api.metrics()]
             assert len(stamps) == len(set(stamps))
         finally:
             api.stop()
 
     def test_silent_server_detected_within_two_heartbeats(self, api, run_agent):
-        proc = run_agent(api.url, "--heartbeat-interval-s", "1", "--reconnect-max-delay-s", "1")
+        proc = run_agent(
+            api.url, "--heartbeat-interval-s", "1", "--reconnect-max-delay-s", "1"
+        )
         wait_until(lambda: api.messages("ping"), 6, "a ping")
         api.silent = True
         silent_since = time.monotonic()
@@ -812,13 +1029,21 @@ class TestConnection:
         wait_until(api.metrics, 6, "metrics")
         api.send_all("this is not json")
         api.send_all(json.dumps({"type": "warp_drive", "request_id": "r-42"}))
-        errors = wait_until(lambda: len(api.messages("error")) >= 2 and api.messages("error"),
-                            5, "two error replies")
-        assert errors[0] == {"type": "error", "message":
-                             "Invalid message format: frame is not JSON (Expecting value: "
-                             "line 1 column 1 (char 0))"}
-        assert errors[1] == {"type": "error", "request_id": "r-42",
-                             "message": "unknown message type 'warp_drive'"}
+        errors = wait_until(
+            lambda: len(api.messages("error")) >= 2 and api.messages("error"),
+            5,
+            "two error replies",
+        )
+        assert errors[0] == {
+            "type": "error",
+            "message": "Invalid message format: frame is not JSON (Expecting value: "
+            "line 1 column 1 (char 0))",
+        }
+        assert errors[1] == {
+            "type": "error",
+            "request_id": "r-42",
+            "message": "unknown message type 'warp_drive'",
+        }
         count = len(api.metrics())
         wait_until(lambda: len(api.metrics()) > count + 1, 5, "metrics to go on")
         assert len(api.connects) == 1 and proc.proc.poll() is None
@@ -843,14 +1068,16 @@ class TestConnection:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        proc = run_agent("http://127.0.0.1:%d" % port)
+        proc = run_agent(f"http://127.0.0.1:{port}")
         proc.wait_log("cannot reach the API")
         proc.proc.send_signal(signal.SIGINT)
         assert proc.proc.wait(5) == 0
 
     def test_key_never_in_logs(self, api, run_agent, tmp_path):
         proc = run_agent(api.url, "--log-level", "debug", "--heartbeat-interval-s", "1")
-        wait_until(lambda: api.messages("pong") or len(api.metrics()) >= 2, 6, "traffic")
+        wait_until(
+            lambda: api.messages("pong") or len(api.metrics()) >= 2, 6, "traffic"
+        )
         api.drop()
         wait_until(lambda: len(api.connects) >= 2, 10, "a reconnect")
         proc.terminate()
@@ -862,20 +1089,26 @@ class TestConnection:
         assert "DEBUG -> auth" not in proc.log() and "DEBUG -> metrics" in proc.log()
 
     def test_check_reports_each_diagnostic(self, api):
-        result = run_cli("--check", "--api-url", api.url, env=clean_env(CHATOPS_API_KEY=KEY))
+        result = run_cli(
+            "--check", "--api-url", api.url, env=clean_env(CHATOPS_API_KEY=KEY)
+        )
         assert result.returncode == 0, result.stdout + result.stderr
         lines = result.stdout.splitlines()
         assert [line.split()[0] for line in lines] == ["ok"] * 6
         assert "API key accepted: server_id " + SERVER_ID in result.stdout
-        bad = run_cli("--check", "--api-url", api.url, env=clean_env(CHATOPS_API_KEY="nope"))
-        assert bad.returncode == 1 and "FAIL API key rejected: HTTP 401 Invalid API key" \
-            in bad.stdout
+        bad = run_cli(
+            "--check", "--api-url", api.url, env=clean_env(CHATOPS_API_KEY="nope")
+        )
+        assert (
+            bad.returncode == 1
+            and "FAIL API key rejected: HTTP 401 Invalid API key" in bad.stdout
+        )
 
     def test_check_fails_when_api_down(self):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        result = run_cli("--check", "--api-url", "http://127.0.0.1:%d" % port)
+        result = run_cli("--check", "--api-url", f"http://127.0.0.1:{port}")
         assert result.returncode == 1 and "FAIL API not reachable" in result.stdout
 
 
@@ -884,7 +1117,9 @@ class TestTLS:
     def tls_api(self, tmp_path):
         trustme = pytest.importorskip("trustme")
         ca = trustme.CA()
-        context = __import__("ssl").create_default_context(__import__("ssl").Purpose.CLIENT_AUTH)
+        context = __import__("ssl").create_default_context(
+            __import__("ssl").Purpose.CLIENT_AUTH
+        )
         ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
         ca_file = tmp_path / "ca.pem"
         ca.cert_pem.write_to_path(str(ca_file))
@@ -919,18 +1154,31 @@ class TestDependencies:
         venv.create(env_dir, with_pip=False)
         python = str(env_dir / "bin" / "python")
         copy = tmp_path / "chatops_agent.py"
-        copy.write_text(open(AGENT).read())
-        missing = subprocess.run([python, str(copy), "--check", "--api-url",
-                                  "http://127.0.0.1:9"], capture_output=True, text=True,
-                                 env=clean_env(), timeout=60)
-        assert "FAIL the Python package websocket-client is not installed" in missing.stdout
+        shutil.copy(AGENT, copy)
+        missing = subprocess.run(
+            [python, str(copy), "--check", "--api-url", "http://127.0.0.1:9"],
+            capture_output=True,
+            text=True,
+            env=clean_env(),
+            timeout=60,
+        )
+        assert (
+            "FAIL the Python package websocket-client is not installed"
+            in missing.stdout
+        )
         package = os.path.dirname(websocket.__file__)
-        wheel = tmp_path / ("websocket_client-%s-py3-none-any.whl" % websocket.__version__)
+        wheel = tmp_path / (
+            f"websocket_client-{websocket.__version__}-py3-none-any.whl"
+        )
         with zipfile.ZipFile(wheel, "w") as z:
             for name in os.listdir(package):
                 if name.endswith(".py"):
                     z.write(os.path.join(package, name), "websocket/" + name)
-        found = subprocess.run([python, str(copy), "--check", "--api-url",
-                                "http://127.0.0.1:9"], capture_output=True, text=True,
-                               env=clean_env(), timeout=60)
-        assert "ok   websocket-client %s" % websocket.__version__ in found.stdout
+        found = subprocess.run(
+            [python, str(copy), "--check", "--api-url", "http://127.0.0.1:9"],
+            capture_output=True,
+            text=True,
+            env=clean_env(),
+            timeout=60,
+        )
+        assert f"ok   websocket-client {websocket.__version__}" in found.stdout
