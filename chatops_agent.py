@@ -1175,13 +1175,25 @@ class Outbox:
                 self._cond.notify()
 
     # -- the connection ---------------------------------------------------------
+    def unsent(self, data):
+        """A sample whose send failed goes back in front, unless it waits in flight."""
+        with self._cond:
+            if not any(d is data for d in self._in_flight):
+                self._pending.appendleft(data)
+
     def connection_lost(self):
-        """Unacknowledged samples go back in front; replies and pings are dropped."""
+        """Unacknowledged samples go back in front; replies and pings are dropped.
+
+        The next connection learns afresh whether the API acknowledges: it may
+        be another server, and a window waiting for acks that never come
+        would stop metrics altogether.
+        """
         with self._cond:
             self._urgent.clear()
             self._pending.extendleft(reversed(self._in_flight))
             self._in_flight.clear()
             self._probe = None
+            self.ack_mode = self.UNKNOWN
 
     def counts(self):
         with self._cond:
@@ -1514,17 +1526,7 @@ class Link:
                     continue
                 message = self.outbox.take(timeout=min(next_ping - now, 0.5))
                 if message is not None:
-                    LOG.debug("-> %s", message["type"])
-                    session.send(
-                        message
-                        if message.get("type") != "metrics"
-                        else {
-                            "type": "metrics",
-                            "data": dict(
-                                server_id=session.server_id, **message["data"]
-                            ),
-                        }
-                    )
+                    self._send(session, message)
             if self.stop.is_set():
                 session.ws.send_close(1000, b"agent shutting down")
                 return  # the receive loop waits for the API's close frame
@@ -1532,6 +1534,18 @@ class Link:
             if not session.dead.is_set():
                 LOG.warning("sending failed: %s", e or type(e).__name__)
         session.kill()
+
+    def _send(self, session, message):
+        LOG.debug("-> %s", message["type"])
+        if message["type"] != "metrics":
+            session.send(message)
+            return
+        data = dict(server_id=session.server_id, **message["data"])
+        try:
+            session.send({"type": "metrics", "data": data})
+        except BaseException:
+            self.outbox.unsent(message["data"])
+            raise
 
     def abort(self):
         session = self.session

@@ -93,12 +93,16 @@ class FakeAPI:
     start again on the same port. Answers GET /health and /api/v1/api-keys/me.
     """
 
-    def __init__(self, key=KEY, ack=True, ssl_context=None):
+    def __init__(self, key=KEY, ack=True, ssl_context=None, port=0):
         self.key = key
         self.ack = ack
-        self.silent = False
+        self.silent = False  # reads frames but answers none
+        self.hearing = threading.Event()  # cleared: stops reading frames at all
+        self.hearing.set()
+        self.reject_with_error_frame = False  # the docs' variant of a rejection
+        self.upgrade_status = None  # e.g. 403: refuse the WebSocket upgrade
         self.ssl_context = ssl_context
-        self.port = 0
+        self.port = port
         self.frames = []
         self.connections = []  # live server connections
         self.connects = []  # monotonic time of each accepted TCP+WS connection
@@ -148,6 +152,8 @@ class FakeAPI:
 
     # -- the server ------------------------------------------------------------
     def _http(self, connection, request):
+        if self.upgrade_status and request.path == agent.WS_PATH:
+            return self._json(self.upgrade_status, {"detail": "Forbidden"})
         if request.path == "/health":
             return self._json(200, {"status": "healthy"})
         if request.path == "/api/v1/api-keys/me":
@@ -187,8 +193,8 @@ class FakeAPI:
         try:
             if not self._authenticate(conn, number):
                 return
-            for raw in conn:
-                self._on_frame(conn, number, raw)
+            while self.hearing.wait():
+                self._on_frame(conn, number, conn.recv())
         except ConnectionClosed:
             pass
         finally:
@@ -203,6 +209,9 @@ class FakeAPI:
         if first.get("type") != "auth" or first.get("api_key") != self.key:
             with self.lock:
                 self.rejections += 1
+            if self.reject_with_error_frame:
+                error = {"type": "error", "message": "Invalid or inactive API key"}
+                conn.send(json.dumps(error))
             conn.close(1008, "Invalid or inactive API key")
             return False
         conn.send(
@@ -794,6 +803,24 @@ class TestOutbox:
         assert [box.take(0)["data"]["n"] for _ in range(5)] == [3, 4, 5, 6, 7]
         assert "dropped the 1 oldest" in caplog.text
 
+    def test_a_failed_send_puts_the_sample_back(self):
+        box = agent.Outbox(10)
+        box.add_sample({"n": 0})
+        box.add_sample({"n": 1})
+        box.ack_mode = box.NO_ACKS
+        message = box.take(0)
+        box.unsent(message["data"])
+        assert [box.take(0)["data"]["n"] for _ in range(2)] == [0, 1]
+
+    def test_each_connection_learns_the_ack_mode_afresh(self):
+        box = agent.Outbox(10)
+        box.add_sample({"n": 0})
+        box.take(0)
+        box.acknowledged()
+        assert box.ack_mode == box.ACKS
+        box.connection_lost()
+        assert box.ack_mode == box.UNKNOWN
+
     def test_api_that_never_acks_counts_sent_as_delivered(self):
         box = agent.Outbox(10)
         box.add_sample({"n": 0})
@@ -1053,6 +1080,60 @@ class TestConnection:
         wait_until(api.metrics, 6, "metrics")
         api.send_all(json.dumps({"type": "ping"}))
         wait_until(lambda: api.messages("pong"), 5, "a pong")
+
+    def test_starts_and_collects_while_api_unreachable(self, run_agent):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = run_agent(f"http://127.0.0.1:{port}", "--reconnect-max-delay-s", "1")
+        proc.wait_log("cannot reach the API")
+        wait_until(lambda: proc.log().count("cannot reach") >= 3, 10, "three tries")
+        api = FakeAPI(port=port).start()
+        try:
+            wait_until(lambda: len(api.metrics()) >= 8, 10, "the buffered samples")
+            first = parse_ts(api.metrics()[0]["timestamp"])
+            assert first < parse_ts(agent.utc_now()) - 2  # taken while unreachable
+            stamps = sorted({parse_ts(m["timestamp"]) for m in api.metrics()})
+            assert max(b - a for a, b in zip(stamps, stamps[1:])) < 0.9
+        finally:
+            api.stop()
+
+    def test_error_frame_rejection_is_an_auth_failure(self, api, run_agent):
+        api.reject_with_error_frame = True
+        proc = run_agent(api.url, key="wrong-key-123456")
+        proc.wait_log(
+            "authentication rejected by the API: Invalid or inactive API key; "
+        )
+
+    def test_http_403_on_upgrade_is_an_auth_failure(self, api, run_agent):
+        api.upgrade_status = 403
+        proc = run_agent(api.url)
+        proc.wait_log("authentication rejected by the API: HTTP 403")
+        assert "retrying in" in proc.log()
+
+    def test_peer_that_stops_reading_does_not_freeze_the_agent(self, api, run_agent):
+        proc = run_agent(
+            api.url,
+            "--metrics-interval-s",
+            "0.2",
+            "--heartbeat-interval-s",
+            "1",
+            "--reconnect-max-delay-s",
+            "1",
+        )
+        wait_until(lambda: len(api.metrics()) >= 3, 6, "metrics")
+        api.hearing.clear()
+        proc.wait_log("nothing heard from the API", 5)
+        api.hearing.set()
+        wait_until(lambda: len(api.connects) >= 2, 5, "a reconnect")
+        deaf_from = parse_ts(agent.utc_now())
+        wait_until(
+            lambda: any(parse_ts(m["timestamp"]) > deaf_from for m in api.metrics()),
+            10,
+            "fresh samples after the reconnect",
+        )
+        stamps = sorted({parse_ts(m["timestamp"]) for m in api.metrics()})
+        assert max(b - a for a, b in zip(stamps, stamps[1:])) < 0.5
 
     def test_sigterm_closes_1000_and_exits_0_within_5s(self, api, run_agent):
         proc = run_agent(api.url)
