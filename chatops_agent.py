@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 
 import argparse
 import collections
+import contextlib
 import datetime
 import difflib
 import glob
@@ -35,7 +36,6 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import contextlib
 
 try:
     import psutil
@@ -62,7 +62,8 @@ AUTH_RETRY_MAX_S = 900.0
 METRICS_WINDOW = 32  # metrics frames sent but not yet acknowledged
 CPU_PRIME_S = 0.25  # first sample's CPU window after start
 ONCE_CPU_WINDOW_S = 0.5  # CPU window of --once
-SHUTDOWN_CLOSE_WAIT_S = 2.0  # wait for the API's close frame on SIGTERM
+SHUTDOWN_FLUSH_S = 1.0  # on SIGTERM, time to send what waits before closing
+SHUTDOWN_CLOSE_WAIT_S = 2.0  # then to wait for the API's close frame
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -121,62 +122,27 @@ CONFIG_ENV = "CHATOPS_CONFIG"
 # Filesystems that are not disks: kernel views, images and layers. Network
 # filesystems are left out unless asked for, because statvfs on a dead server
 # blocks uninterruptibly and would stall the metrics loop.
-PSEUDO_FS = frozenset(
-    [
-        "autofs",
-        "binfmt_misc",
-        "bpf",
-        "cgroup",
-        "cgroup2",
-        "configfs",
-        "debugfs",
-        "devpts",
-        "devtmpfs",
-        "efivarfs",
-        "fusectl",
-        "hugetlbfs",
-        "mqueue",
-        "nsfs",
-        "overlay",
-        "proc",
-        "pstore",
-        "ramfs",
-        "rpc_pipefs",
-        "securityfs",
-        "selinuxfs",
-        "squashfs",
-        "sysfs",
-        "tmpfs",
-        "tracefs",
-        "nfsd",
-        "devfs",
-        "iso9660",
-        "aufs",
-    ]
-)
-NETWORK_FS = frozenset(
-    [
-        "nfs",
-        "nfs4",
-        "cifs",
-        "smb3",
-        "smbfs",
-        "ceph",
-        "glusterfs",
-        "fuse.glusterfs",
-        "fuse.sshfs",
-        "sshfs",
-        "9p",
-        "afs",
-        "lustre",
-        "gpfs",
-        "fuse.s3fs",
-        "fuse.rclone",
-        "ncpfs",
-        "davfs",
-        "fuse.davfs2",
-    ]
-)
+# fmt: off
+PSEUDO_FS = frozenset({
+    "autofs", "binfmt_misc", "bpf", "cgroup", "cgroup2", "configfs", "debugfs",
+    "devpts", "devtmpfs", "efivarfs", "fusectl", "hugetlbfs", "mqueue", "nsfs",
+    "overlay", "proc", "pstore", "ramfs", "rpc_pipefs", "securityfs", "selinuxfs",
+    "squashfs", "sysfs", "tmpfs", "tracefs", "nfsd", "devfs", "iso9660", "aufs",
+})
+NETWORK_FS = frozenset({
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "fuse.glusterfs",
+    "fuse.sshfs", "sshfs", "9p", "afs", "lustre", "gpfs", "fuse.s3fs", "fuse.rclone",
+    "ncpfs", "davfs", "fuse.davfs2",
+})
+# fmt: on
+
+# How flags and variables spell true and false, and how errors name each kind.
+BOOL_WORDS = {
+    **dict.fromkeys(("1", "true", "yes", "on"), True),
+    **dict.fromkeys(("0", "false", "no", "off"), False),
+}
+KIND_WORDS = {"str": "a string", "level": "a string", "bool": "true or false",
+              "int": "a whole number", "float": "a number"}  # fmt: skip
 
 
 ###############################################################################
@@ -215,6 +181,8 @@ class LinkError(AgentError):
 ###############################################################################
 # Helpers #####################################################################
 ###############################################################################
+
+LOG = logging.getLogger("chatops-agent")
 
 
 def utc_now():
@@ -291,9 +259,6 @@ def setup_logging(level, secret):
     log.setLevel(level.upper())
     log.propagate = False
     return log
-
-
-LOG = logging.getLogger("chatops-agent")
 
 
 def load_websocket():
@@ -378,7 +343,7 @@ def convert(setting, raw, origin, text):
             value = float(value)
     except (TypeError, ValueError):
         raise ConfigError(
-            f"{origin}: {setting.name} must be {describe_kind(kind)}, "
+            f"{origin}: {setting.name} must be {KIND_WORDS[kind]}, "
             f"got {json.dumps(raw)[:80]}"
         ) from None
     check_value(setting, value, origin)
@@ -386,29 +351,10 @@ def convert(setting, raw, origin, text):
 
 
 def parse_bool(text):
-    words = {
-        "1": True,
-        "true": True,
-        "yes": True,
-        "on": True,
-        "0": False,
-        "false": False,
-        "no": False,
-        "off": False,
-    }
-    if text.strip().lower() not in words:
+    word = text.strip().lower()
+    if word not in BOOL_WORDS:
         raise ValueError(text)
-    return words[text.strip().lower()]
-
-
-def describe_kind(kind):
-    return {
-        "str": "a string",
-        "level": "a string",
-        "bool": "true or false",
-        "int": "a whole number",
-        "float": "a number",
-    }[kind]
+    return BOOL_WORDS[word]
 
 
 def check_value(setting, value, origin):
@@ -418,11 +364,8 @@ def check_value(setting, value, origin):
         bound = f"greater than {setting.minimum}" if setting.minimum else "positive"
         raise ConfigError(f"{origin}: {setting.name} must be {bound}, got {value}")
     if setting.kind == "level" and value not in LOG_LEVELS:
-        raise ConfigError(
-            "{}: log_level must be one of {}, got {!r}".format(
-                origin, ", ".join(LOG_LEVELS), value
-            )
-        )
+        levels = ", ".join(LOG_LEVELS)
+        raise ConfigError(f"{origin}: log_level must be one of {levels}, got {value!r}")
 
 
 def read_config_file(path):
@@ -468,10 +411,9 @@ def file_values(path):
         if key not in SETTINGS_BY_NAME:
             close = difflib.get_close_matches(key, list(SETTINGS_BY_NAME), 1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
+            known = ", ".join(SETTINGS_BY_NAME)
             raise ConfigError(
-                "config file {}: unknown key {!r}{}; known keys: {}".format(
-                    path, key, hint, ", ".join(SETTINGS_BY_NAME)
-                )
+                f"config file {path}: unknown key {key!r}{hint}; known keys: {known}"
             )
     return {
         k: convert(SETTINGS_BY_NAME[k], v, f"config file {path}", text=False)
@@ -518,8 +460,7 @@ def validate(config):
         raise ConfigError(
             f"refusing plaintext URL {config.api_url}: the API key would cross the "
             "network in clear. Use https:// (or wss://), or if this network is "
-            "trusted pass "
-            "--allow-plaintext (CHATOPS_ALLOW_PLAINTEXT=true)"
+            "trusted pass --allow-plaintext (CHATOPS_ALLOW_PLAINTEXT=true)"
         )
     if config.ca_file and not os.access(config.ca_file, os.R_OK):
         raise ConfigError(
@@ -736,21 +677,14 @@ class ProcSource:
         )
 
 
+# psutil's process states as the one letter of ps and /proc/PID/stat.
+# fmt: off
 PSUTIL_STATUS = {
-    "running": "R",
-    "sleeping": "S",
-    "disk-sleep": "D",
-    "stopped": "T",
-    "tracing-stop": "t",
-    "zombie": "Z",
-    "dead": "X",
-    "idle": "I",
-    "wake-kill": "K",
-    "waking": "W",
-    "parked": "P",
-    "locked": "L",
-    "waiting": "W",
+    "running": "R", "sleeping": "S", "disk-sleep": "D", "stopped": "T",
+    "tracing-stop": "t", "zombie": "Z", "dead": "X", "idle": "I", "wake-kill": "K",
+    "waking": "W", "parked": "P", "locked": "L", "waiting": "W",
 }
+# fmt: on
 
 
 class PsutilSource:
@@ -794,18 +728,9 @@ class PsutilSource:
 
     def processes(self):
         table = []
-        attrs = [
-            "pid",
-            "create_time",
-            "name",
-            "cpu_times",
-            "memory_info",
-            "status",
-            "uids",
-        ]
-        if not hasattr(psutil.Process, "uids"):
-            attrs[-1] = "username"
-        for p in psutil.process_iter(attrs):
+        owner = "uids" if hasattr(psutil.Process, "uids") else "username"  # Windows
+        attrs = ["pid", "create_time", "name", "cpu_times", "memory_info", "status"]
+        for p in psutil.process_iter([*attrs, owner]):
             info = p.info
             if info["cpu_times"] is None or info["memory_info"] is None:
                 continue  # access denied or gone
@@ -825,8 +750,8 @@ class PsutilSource:
         return table
 
 
-def pick_source(prefer_psutil=True):
-    if psutil is not None and prefer_psutil:
+def pick_source():
+    if psutil is not None:
         return PsutilSource()
     if sys.platform.startswith("linux"):
         return ProcSource()
@@ -1283,14 +1208,10 @@ class Dispatcher:
             handler(message, session)
         except Exception:  # a handler bug must not end the connection
             LOG.exception("handling %r failed", message["type"])
-            self.send(
-                error_reply(
-                    message,
-                    "internal error handling {!r}; see the agent's log".format(
-                        message["type"][:64]
-                    ),
-                )
+            why = (
+                f"internal error handling {message['type'][:64]!r}; see the agent's log"
             )
+            self.send(error_reply(message, why))
 
 
 ###############################################################################
@@ -1528,12 +1449,22 @@ class Link:
                 if message is not None:
                     self._send(session, message)
             if self.stop.is_set():
+                self._flush(session)
                 session.ws.send_close(1000, b"agent shutting down")
                 return  # the receive loop waits for the API's close frame
         except (OSError, self.websocket.WebSocketException) as e:
             if not session.dead.is_set():
                 LOG.warning("sending failed: %s", e or type(e).__name__)
         session.kill()
+
+    def _flush(self, session):
+        """Send what still waits (replies, the last samples), for a short while."""
+        deadline = time.monotonic() + SHUTDOWN_FLUSH_S
+        while time.monotonic() < deadline:
+            message = self.outbox.take(timeout=0)
+            if message is None:
+                return
+            self._send(session, message)
 
     def _send(self, session, message):
         LOG.debug("-> %s", message["type"])
@@ -1589,7 +1520,7 @@ class Agent:
         self.dispatcher = Dispatcher(self.outbox.put)
         self._register_handlers()
         self.link = None
-        self.threads = []
+        self.metrics_thread = self.receive_thread = None
 
     def _register_handlers(self):
         for message_type, handler in (
@@ -1634,13 +1565,14 @@ class Agent:
             self.config.metrics_interval_s,
             self.link.url,
         )
-        for name, target in (
-            ("metrics", self._metrics_loop),
-            ("receive", self.link.run),
-        ):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self.threads.append(thread)
+        self.metrics_thread = threading.Thread(
+            target=self._metrics_loop, name="metrics", daemon=True
+        )
+        self.receive_thread = threading.Thread(
+            target=self.link.run, name="receive", daemon=True
+        )
+        self.metrics_thread.start()
+        self.receive_thread.start()
 
     def _metrics_loop(self):
         self.collector.prime()
@@ -1659,14 +1591,11 @@ class Agent:
         """Close with 1000, stop the threads; bounded so SIGTERM exits within 5 s."""
         self.stop_event.set()
         self.outbox.wake()
-        receive = self.threads[1] if len(self.threads) > 1 else None
-        if receive is not None:
-            receive.join(SHUTDOWN_CLOSE_WAIT_S)
-            if receive.is_alive():
-                self.link.abort()
-                receive.join(1.0)
-        for thread in self.threads[:1]:
-            thread.join(1.0)
+        self.receive_thread.join(SHUTDOWN_FLUSH_S + SHUTDOWN_CLOSE_WAIT_S)
+        if self.receive_thread.is_alive():
+            self.link.abort()
+            self.receive_thread.join(1.0)
+        self.metrics_thread.join(1.0)  # a hung statvfs must not hold the exit
 
 
 ###############################################################################
@@ -1724,7 +1653,7 @@ def run_once(config):
     collector = MetricsCollector(
         pick_source(),
         config.top_processes,
-        ONCE_CPU_WINDOW_S,
+        config.process_refresh_s,
         config.disk_include_network,
     )
     collector.prime()
@@ -1788,10 +1717,7 @@ def check_api(config):
             f"API reachable: GET {base}/health -> {status} {body}",
         )
     except (OSError, ssl.SSLError) as e:
-        yield (
-            False,
-            "API not reachable at {}/health: {}".format(base, getattr(e, "reason", e)),
-        )
+        yield False, f"API not reachable at {base}/health: {getattr(e, 'reason', e)}"
         return
     if not config.api_key:
         yield (
@@ -1803,12 +1729,8 @@ def check_api(config):
         base + "/api/v1/api-keys/me", config, {"X-API-Key": config.api_key}
     )
     if status == 200 and isinstance(body, dict):
-        yield (
-            True,
-            "API key accepted: server_id {}, key {!r}, active {}".format(
-                body.get("server_id"), body.get("name"), body.get("is_active")
-            ),
-        )
+        key = f"key {body.get('name')!r}, active {body.get('is_active')}"
+        yield True, f"API key accepted: server_id {body.get('server_id')}, {key}"
     else:
         detail = body.get("detail") if isinstance(body, dict) else body
         yield (
@@ -1846,9 +1768,8 @@ def run_check(config):
         results.append((False, f"metrics source: {e}"))
     try:
         websocket = load_websocket()
-        results.append(
-            (True, "websocket-client {}".format(getattr(websocket, "__version__", "?")))
-        )
+        version = getattr(websocket, "__version__", "?")
+        results.append((True, f"websocket-client {version}"))
     except DependencyError as e:
         results.append((False, str(e)))
     for ok, text in results:
