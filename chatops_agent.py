@@ -1717,7 +1717,11 @@ def check_api(config):
             f"API reachable: GET {base}/health -> {status} {body}",
         )
     except (OSError, ssl.SSLError) as e:
-        yield False, f"API not reachable at {base}/health: {getattr(e, 'reason', e)}"
+        reason = getattr(e, "reason", e)
+        hint = ""
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            hint = "; for a private CA pass --ca-file"
+        yield False, f"API not reachable at {base}/health: {reason}{hint}"
         return
     if not config.api_key:
         yield (

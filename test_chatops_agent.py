@@ -63,6 +63,16 @@ def require(condition, reason):
     pytest.skip(reason)
 
 
+def need_module(name):
+    """Import a test-only module, skipping (failing in CI) where it is missing."""
+    try:
+        return __import__(name)
+    except ImportError:
+        require(
+            False, f"{name} is not installed (pip install -r requirements-test.txt)"
+        )
+
+
 def clean_env(**extra):
     """The environment for an agent process: no proxies, no CHATOPS_ leftovers."""
     env = {
@@ -504,6 +514,14 @@ class TestConfiguration:
         assert shown["settings"]["log_level"] == {"value": "debug", "source": "flag"}
         assert shown["settings"]["buffer_size"]["value"] == 9
 
+    def test_version_and_help(self):
+        version = run_cli("--version")
+        assert version.returncode == 0 and agent.__version__ in version.stdout
+        usage = run_cli("--help")
+        assert usage.returncode == 0
+        for flag in ("--api-key", "--api-url", "--config", "--once", "--check"):
+            assert flag in usage.stdout
+
     def test_key_on_command_line_warns(self):
         result = run_cli("--print-config", "--api-key", KEY)
         assert "process list" in result.stderr and "CHATOPS_API_KEY" in result.stderr
@@ -909,7 +927,7 @@ class TestDispatcher:
         assert handled == [{"type": "ping"}] and replies == []
 
     def test_any_text_is_survived(self):
-        hypothesis = pytest.importorskip("hypothesis")
+        hypothesis = need_module("hypothesis")
         strategies = hypothesis.strategies
         dispatcher, replies, _ = self.make()
 
@@ -1196,7 +1214,7 @@ class TestConnection:
 class TestTLS:
     @pytest.fixture
     def tls_api(self, tmp_path):
-        trustme = pytest.importorskip("trustme")
+        trustme = need_module("trustme")
         ca = trustme.CA()
         context = __import__("ssl").create_default_context(
             __import__("ssl").Purpose.CLIENT_AUTH
@@ -1220,6 +1238,20 @@ class TestTLS:
         proc.wait_log("TLS certificate is not trusted")
         assert "--ca-file" in proc.log() and not api.messages()
 
+    def test_check_uses_the_ca_file(self, tls_api):
+        api, ca_file = tls_api
+        env = clean_env(CHATOPS_API_KEY=KEY)
+        trusted = run_cli(
+            "--check", "--api-url", api.url, "--ca-file", ca_file, env=env
+        )
+        assert trusted.returncode == 0, trusted.stdout
+        assert f"TLS verified with {ca_file}" in trusted.stdout
+        untrusted = run_cli("--check", "--api-url", api.url, env=env)
+        assert untrusted.returncode == 1
+        assert "FAIL API not reachable" in untrusted.stdout
+        assert "CERTIFICATE_VERIFY_FAILED" in untrusted.stdout
+        assert "for a private CA pass --ca-file" in untrusted.stdout
+
     def test_skip_verify_connects_and_warns(self, tls_api, run_agent):
         api, _ = tls_api
         proc = run_agent(api.url, "--tls-skip-verify")
@@ -1230,7 +1262,8 @@ class TestTLS:
 class TestDependencies:
     def test_websocket_client_from_a_wheel_beside_the_agent(self, tmp_path):
         """A venv without websocket-client; the agent finds a wheel beside itself."""
-        websocket = pytest.importorskip("websocket")
+        import websocket
+
         env_dir = tmp_path / "venv"
         venv.create(env_dir, with_pip=False)
         python = str(env_dir / "bin" / "python")
