@@ -261,6 +261,12 @@ def setup_logging(level, secret):
     return log
 
 
+def wheel_version(path):
+    """(1, 10, 0) from .../websocket_client-1.10.0-py3-none-any.whl: 1.10 > 1.9."""
+    version = os.path.basename(path).split("-")[1]
+    return tuple(int(part) if part.isdigit() else 0 for part in version.split("."))
+
+
 def load_websocket():
     """Import websocket-client, or from a websocket_client-*.whl beside this file."""
     try:
@@ -271,9 +277,8 @@ def load_websocket():
     except ImportError:
         pass
     here = os.path.dirname(os.path.abspath(__file__))
-    for wheel in sorted(
-        glob.glob(os.path.join(here, "websocket_client-*.whl")), reverse=True
-    ):
+    wheels = glob.glob(os.path.join(here, "websocket_client-*.whl"))
+    for wheel in sorted(wheels, key=wheel_version, reverse=True):
         sys.path.insert(0, wheel)  # a wheel is a zip: zipimport reads it as it is
         sys.modules.pop("websocket", None)
         try:
@@ -1013,7 +1018,8 @@ class Outbox:
         self._in_flight = collections.deque()
         self._dropped_unlogged = 0
         self._drop_logged_at = None
-        self._probe = None  # (ping number, samples in flight) of the probe ping
+        self._probe = None  # number of the ping that tells whether acks come
+        self._waiting_since = None  # when in-flight samples last saw progress
 
     # -- producers ----------------------------------------------------------
     def add_sample(self, data):
@@ -1048,6 +1054,8 @@ class Outbox:
             if self._window_open() and self._pending:
                 data = self._pending.popleft()
                 if self.ack_mode != self.NO_ACKS:
+                    if not self._in_flight:
+                        self._waiting_since = time.monotonic()
                     self._in_flight.append(data)
                 return {"type": "metrics", "data": data}
             return None
@@ -1082,7 +1090,14 @@ class Outbox:
             self.ack_mode = self.ACKS
             if self._in_flight:
                 self._in_flight.popleft()
+            self._waiting_since = time.monotonic() if self._in_flight else None
             self._cond.notify()
+
+    def unacknowledged_for(self):
+        """Seconds the oldest in-flight sample has waited without any ack coming."""
+        with self._cond:
+            since = self._waiting_since
+        return time.monotonic() - since if since is not None else 0.0
 
     def pong_received(self, number):
         with self._cond:
@@ -1093,6 +1108,7 @@ class Outbox:
             ):
                 self.ack_mode = self.NO_ACKS
                 self._in_flight.clear()  # no acknowledgements: sent is delivered
+                self._waiting_since = None
                 LOG.info(
                     "the API does not acknowledge metrics; a sample counts as "
                     "delivered when sent"
@@ -1118,6 +1134,7 @@ class Outbox:
             self._pending.extendleft(reversed(self._in_flight))
             self._in_flight.clear()
             self._probe = None
+            self._waiting_since = None
             self.ack_mode = self.UNKNOWN
 
     def counts(self):
@@ -1432,12 +1449,9 @@ class Link:
         try:
             while not session.dead.is_set() and not self.stop.is_set():
                 now = time.monotonic()
-                if now - session.last_rx > 2 * heartbeat:
-                    LOG.warning(
-                        "nothing heard from the API for %.1f s (two heartbeats); "
-                        "treating the connection as dead",
-                        now - session.last_rx,
-                    )
+                problem = self._liveness_problem(session, now)
+                if problem:
+                    LOG.warning("%s; reconnecting", problem)
                     break
                 if now >= next_ping or self.outbox.probe_needed():
                     session.pings_sent += 1
@@ -1445,7 +1459,8 @@ class Link:
                     session.send({"type": "ping"})
                     next_ping = now + heartbeat
                     continue
-                message = self.outbox.take(timeout=min(next_ping - now, 0.5))
+                wake_at = min(next_ping, session.last_rx + 2 * heartbeat)
+                message = self.outbox.take(timeout=max(0.01, wake_at - now))
                 if message is not None:
                     self._send(session, message)
             if self.stop.is_set():
@@ -1456,6 +1471,22 @@ class Link:
             if not session.dead.is_set():
                 LOG.warning("sending failed: %s", e or type(e).__name__)
         session.kill()
+
+    def _liveness_problem(self, session, now):
+        """Why the connection should be given up, or None while it works."""
+        limit = 2 * self.config.heartbeat_interval_s
+        if now - session.last_rx > limit:
+            return (
+                f"nothing heard from the API for {now - session.last_rx:.1f} s "
+                "(two heartbeats)"
+            )
+        waited = self.outbox.unacknowledged_for()
+        if waited > limit:
+            return (
+                f"the API has acknowledged no metrics for {waited:.1f} s "
+                "(two heartbeats) though it answers; sending them again"
+            )
+        return None
 
     def _flush(self, session):
         """Send what still waits (replies, the last samples), for a short while."""

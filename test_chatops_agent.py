@@ -591,6 +591,11 @@ class TestHelpers:
         assert len(stamp) == 24 and stamp.endswith("Z") and stamp[10] == "T"
         assert abs(parse_ts(stamp) - time.mktime(time.gmtime())) < 5
 
+    def test_newest_wheel_first(self):
+        names = ["websocket_client-1.9.0-py3-none-any.whl",
+                 "websocket_client-1.10.1-py3-none-any.whl"]  # fmt: skip
+        assert max(names, key=agent.wheel_version) == names[1]
+
     def test_redact_filter(self):
         record = agent.logging.LogRecord("x", 20, "f", 1, "key is %s", (KEY,), None)
         agent.RedactFilter(KEY).filter(record)
@@ -858,6 +863,15 @@ class TestOutbox:
         box.acknowledged()
         box.pong_received(1)
         assert box.ack_mode == box.ACKS and not box.probe_needed()
+
+    def test_waiting_for_acks_is_timed(self):
+        box = agent.Outbox(10)
+        assert box.unacknowledged_for() == 0.0
+        box.add_sample({"n": 0})
+        box.take(0)
+        wait_until(lambda: box.unacknowledged_for() > 0.05, 2, "time to pass")
+        box.acknowledged()
+        assert box.unacknowledged_for() == 0.0
 
     def test_window_limits_unacknowledged(self):
         box = agent.Outbox(1000)
@@ -1127,6 +1141,31 @@ class TestConnection:
         proc.wait_log("authentication rejected by the API: HTTP 403")
         assert "retrying in" in proc.log()
 
+    def test_acks_that_stop_coming_mean_resend_on_a_new_connection(
+        self, api, run_agent
+    ):
+        proc = run_agent(
+            api.url,
+            "--metrics-interval-s", "0.2",
+            "--heartbeat-interval-s", "1",
+            "--reconnect-max-delay-s", "1",
+        )  # fmt: skip
+        wait_until(lambda: len(api.metrics()) >= 3, 6, "metrics")
+        api.ack = False  # still answers pings
+        proc.wait_log("the API has acknowledged no metrics for", 5)
+        wait_until(lambda: len(api.connects) >= 2, 5, "a reconnect")
+        proc.wait_log("does not acknowledge metrics", 5)
+        stalled_at = parse_ts(agent.utc_now())
+        wait_until(
+            lambda: any(
+                parse_ts(m["timestamp"]) > stalled_at + 1 for m in api.metrics()
+            ),
+            10,
+            "samples flowing again",
+        )
+        stamps = sorted({parse_ts(m["timestamp"]) for m in api.metrics()})
+        assert max(b - a for a, b in zip(stamps, stamps[1:])) < 0.5
+
     def test_peer_that_stops_reading_does_not_freeze_the_agent(self, api, run_agent):
         proc = run_agent(
             api.url,
@@ -1267,17 +1306,17 @@ class TestDependencies:
         python = str(env_dir / "bin" / "python")
         copy = tmp_path / "chatops_agent.py"
         shutil.copy(AGENT, copy)
-        missing = subprocess.run(
-            [python, str(copy), "--check", "--api-url", "http://127.0.0.1:9"],
-            capture_output=True,
-            text=True,
-            env=clean_env(),
-            timeout=60,
-        )
-        assert (
-            "FAIL the Python package websocket-client is not installed"
-            in missing.stdout
-        )
+
+        def check():
+            return subprocess.run(
+                [python, str(copy), "--check", "--api-url", "http://127.0.0.1:9"],
+                capture_output=True,
+                text=True,
+                env=clean_env(),
+                timeout=60,
+            ).stdout
+
+        assert "FAIL the Python package websocket-client is not installed" in check()
         package = os.path.dirname(websocket.__file__)
         wheel = tmp_path / (
             f"websocket_client-{websocket.__version__}-py3-none-any.whl"
@@ -1286,11 +1325,4 @@ class TestDependencies:
             for name in os.listdir(package):
                 if name.endswith(".py"):
                     z.write(os.path.join(package, name), "websocket/" + name)
-        found = subprocess.run(
-            [python, str(copy), "--check", "--api-url", "http://127.0.0.1:9"],
-            capture_output=True,
-            text=True,
-            env=clean_env(),
-            timeout=60,
-        )
-        assert f"ok   websocket-client {websocket.__version__}" in found.stdout
+        assert f"ok   websocket-client {websocket.__version__}" in check()
