@@ -339,6 +339,37 @@ def run_cli(*args, env=None, timeout=30):
 
 
 ###############################################################################
+# Helpers of the module #######################################################
+###############################################################################
+
+
+class TestHelpers:
+    def test_backoff_full_jitter_grows_to_cap_and_resets(self):
+        backoff = agent.Backoff(1.0, 60.0)
+        delays = [backoff.next_delay() for _ in range(12)]
+        ceilings = [min(60.0, 2**i) for i in range(12)]
+        assert all(0 <= d <= c for d, c in zip(delays, ceilings))
+        assert max(agent.Backoff(1.0, 60.0).next_delay() for _ in range(50)) <= 1.0
+        backoff.reset()
+        assert backoff.next_delay() <= 1.0
+
+    def test_utc_timestamps_are_rfc3339_z(self):
+        stamp = agent.utc_now()
+        assert len(stamp) == 24 and stamp.endswith("Z") and stamp[10] == "T"
+        assert abs(parse_ts(stamp) - time.mktime(time.gmtime())) < 5
+
+    def test_newest_wheel_first(self):
+        names = ["websocket_client-1.9.0-py3-none-any.whl",
+                 "websocket_client-1.10.1-py3-none-any.whl"]  # fmt: skip
+        assert max(names, key=agent.wheel_version) == names[1]
+
+    def test_redact_filter(self):
+        record = agent.logging.LogRecord("x", 20, "f", 1, "key is %s", (KEY,), None)
+        agent.RedactFilter(KEY).filter(record)
+        assert KEY not in record.getMessage()
+
+
+###############################################################################
 # Configuration ###############################################################
 ###############################################################################
 
@@ -574,32 +605,6 @@ class TestURLs:
     def test_bad_urls(self, bad):
         with pytest.raises(agent.ConfigError):
             agent.ws_url(bad)
-
-
-class TestHelpers:
-    def test_backoff_full_jitter_grows_to_cap_and_resets(self):
-        backoff = agent.Backoff(1.0, 60.0)
-        delays = [backoff.next_delay() for _ in range(12)]
-        ceilings = [min(60.0, 2**i) for i in range(12)]
-        assert all(0 <= d <= c for d, c in zip(delays, ceilings))
-        assert max(agent.Backoff(1.0, 60.0).next_delay() for _ in range(50)) <= 1.0
-        backoff.reset()
-        assert backoff.next_delay() <= 1.0
-
-    def test_utc_timestamps_are_rfc3339_z(self):
-        stamp = agent.utc_now()
-        assert len(stamp) == 24 and stamp.endswith("Z") and stamp[10] == "T"
-        assert abs(parse_ts(stamp) - time.mktime(time.gmtime())) < 5
-
-    def test_newest_wheel_first(self):
-        names = ["websocket_client-1.9.0-py3-none-any.whl",
-                 "websocket_client-1.10.1-py3-none-any.whl"]  # fmt: skip
-        assert max(names, key=agent.wheel_version) == names[1]
-
-    def test_redact_filter(self):
-        record = agent.logging.LogRecord("x", 20, "f", 1, "key is %s", (KEY,), None)
-        agent.RedactFilter(KEY).filter(record)
-        assert KEY not in record.getMessage()
 
 
 ###############################################################################
