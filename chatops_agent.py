@@ -14,6 +14,7 @@ the same metrics come from /proc without it). See README.md.
 __version__ = "0.1.0"
 
 import argparse
+import codecs
 import collections
 import contextlib
 import datetime
@@ -25,11 +26,15 @@ import logging
 import math
 import os
 import platform
+import queue
 import random
+import re
+import selectors
 import signal
 import socket
 import ssl
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -53,6 +58,7 @@ except ImportError:  # not on Windows
 ###############################################################################
 
 WS_PATH = "/api/v1/agents/ws"
+OPCODE_TEXT = 0x1  # RFC 6455: a text frame (its payload is UTF-8)
 AUTH_TIMEOUT_S = 10.0  # how long the API may take to answer "auth"
 CONNECT_TIMEOUT_S = 10.0
 BACKOFF_FIRST_S = 1.0  # reconnect delays grow 1, 2, 4, ... s, full jitter
@@ -60,22 +66,25 @@ STABLE_AFTER_S = 30.0  # a connection up this long resets the backoff
 AUTH_RETRY_FIRST_S = 60.0  # a rejected key is retried slowly: 1, 2, 4, ... min
 AUTH_RETRY_MAX_S = 900.0
 METRICS_WINDOW = 32  # metrics frames sent but not yet acknowledged
+MAX_KEPT_REPLIES = 256  # command replies waiting for a reconnect
 CPU_PRIME_S = 0.25  # first sample's CPU window after start
 ONCE_CPU_WINDOW_S = 0.5  # CPU window of --once
-SHUTDOWN_FLUSH_S = 1.0  # on SIGTERM, time to send what waits before closing
-SHUTDOWN_CLOSE_WAIT_S = 2.0  # then to wait for the API's close frame
+SHUTDOWN_COMMAND_GRACE_S = 1.0  # on SIGTERM, running commands get TERM, then KILL
+SHUTDOWN_FLUSH_S = 1.0  # then the time to send what waits before closing
+SHUTDOWN_CLOSE_WAIT_S = 1.5  # and to wait for the API's close frame
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class Setting:
     """One configuration setting: its JSON key, flag and variable follow from `name`."""
 
-    def __init__(self, name, default, kind, meaning, minimum=None):
+    def __init__(self, name, default, kind, meaning, above=None, at_least=None):
         self.name = name
         self.default = default
-        self.kind = kind  # "str", "float", "int", "bool", "level"
+        self.kind = kind  # a key of CONVERTERS
         self.meaning = meaning
-        self.minimum = minimum  # numbers must be > this (exclusive) when set
+        self.above = above  # numbers must be greater than this, when set
+        self.at_least = at_least  # numbers must be at least this, when set
 
     @property
     def flag(self):
@@ -93,17 +102,19 @@ SETTINGS = (
     Setting("api_url", "http://localhost:8000", "str",
             "ChatOps API base URL (http/https), or a ws/wss URL used as is"),
     Setting("metrics_interval_s", 5.0, "float",
-            "seconds between metrics samples", 0),
+            "seconds between metrics samples", above=0),
     Setting("heartbeat_interval_s", 30.0, "float",
-            "seconds between pings; silence for two of them means the link is dead", 0),
+            "seconds between pings; silence for two of them means the link is dead",
+            above=0),
     Setting("reconnect_max_delay_s", 60.0, "float",
-            "cap of the reconnect backoff", 0),
+            "cap of the reconnect backoff", above=0),
     Setting("buffer_size", 720, "int",
-            "samples kept while the API is unreachable (720 = 1 hour at 5 s)", 0),
+            "samples kept while the API is unreachable (720 = 1 hour at 5 s)",
+            at_least=1),
     Setting("top_processes", 25, "int",
-            "processes listed in each sample, top by CPU", -1),
+            "processes listed in each sample, top by CPU", at_least=0),
     Setting("process_refresh_s", 15.0, "float",
-            "seconds between reads of the process table (reused in between)", 0),
+            "seconds between reads of the process table (reused in between)", above=0),
     Setting("disk_include_network", False, "bool",
             "also report network filesystems (nfs, cifs, ...), whose statvfs can hang"),
     Setting("ca_file", None, "str",
@@ -114,6 +125,32 @@ SETTINGS = (
             "allow http/ws to a host that is not loopback (the key goes in clear)"),
     Setting("log_level", "info", "level",
             "one of " + ", ".join(LOG_LEVELS)),
+    Setting("commands_enabled", True, "bool",
+            "run the shell commands the API sends (false: refuse every one)"),
+    Setting("command_allow", [], "regexes",
+            "if not empty, only commands that one of these regexes matches whole run"),
+    Setting("command_timeout_s", 300.0, "float",
+            "default and longest run time of a command; a request may ask less",
+            above=0),
+    Setting("command_grace_s", 5.0, "float",
+            "on timeout or cancel, seconds between SIGTERM and SIGKILL", at_least=0),
+    Setting("command_workers", 4, "int",
+            "commands that run at once", at_least=1),
+    Setting("command_queue_size", 64, "int",
+            "commands that may wait for a worker; beyond, the agent answers busy",
+            at_least=0),
+    Setting("command_output_max_bytes", 1048576, "int",
+            "output kept per command: the first and last halves, the middle cut",
+            at_least=1024),
+    Setting("command_cwd", "/", "str",
+            "working directory of commands"),
+    Setting("command_allow_cwd", True, "bool",
+            "let a request choose the working directory (its cwd field)"),
+    Setting("command_env", {}, "env",
+            "extra environment variables for commands, a JSON object"),
+    Setting("reply_keep_s", 300.0, "float",
+            "how long a reply that could not be sent waits for a reconnect",
+            at_least=0),
 )
 # fmt: on
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
@@ -142,7 +179,10 @@ BOOL_WORDS = {
     **dict.fromkeys(("0", "false", "no", "off"), False),
 }
 KIND_WORDS = {"str": "a string", "level": "a string", "bool": "true or false",
-              "int": "a whole number", "float": "a number"}  # fmt: skip
+              "int": "a whole number", "float": "a number",
+              "regexes": "a JSON list of regular expressions (or, as text, one)",
+              "env": 'a JSON object of variables, {"NAME": "value"}'}  # fmt: skip
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 ###############################################################################
@@ -174,6 +214,10 @@ class AuthError(AgentError):
         super().__init__(f"authentication rejected by the API: {reason}{suffix}")
 
 
+class RequestError(AgentError):
+    """A request from the API that cannot be carried out; answered with an error."""
+
+
 class LinkError(AgentError):
     """The connection could not be made or broke; retried with backoff."""
 
@@ -192,8 +236,18 @@ def utc_now():
 
 
 def to_json(message):
-    """Compact, ASCII-only (a lone surrogate cannot break the send), never NaN."""
-    return json.dumps(message, separators=(",", ":"), allow_nan=False)
+    """The UTF-8 bytes of a text frame: compact, never NaN.
+
+    Plain UTF-8 keeps non-ASCII output at 1-3 bytes a character (escapes
+    would cost 6); a string that cannot be encoded (a lone surrogate echoed
+    from a request) falls back to ASCII escapes rather than failing the send.
+    """
+    text = json.dumps(message, separators=(",", ":"), allow_nan=False,
+                      ensure_ascii=False)  # fmt: skip
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(message, separators=(",", ":"), allow_nan=False).encode()
 
 
 def gib(n_bytes):
@@ -327,50 +381,93 @@ class Config:
 
 def convert(setting, raw, origin, text):
     """Turn a raw value into its kind: `text` from a flag or variable, else JSON."""
-    kind = setting.kind
     try:
-        if kind in ("str", "level"):
-            if not isinstance(raw, str):
-                raise TypeError
-            value = raw.strip().lower() if kind == "level" else raw
-        elif kind == "bool":
-            value = parse_bool(raw) if text else raw
-            if not isinstance(value, bool):
-                raise TypeError
-        elif kind == "int":
-            value = int(raw) if text else raw
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError
-        else:
-            value = float(raw) if text else raw
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError
-            value = float(value)
+        value = CONVERTERS[setting.kind](raw, text)
     except (TypeError, ValueError):
         raise ConfigError(
-            f"{origin}: {setting.name} must be {KIND_WORDS[kind]}, "
+            f"{origin}: {setting.name} must be {KIND_WORDS[setting.kind]}, "
             f"got {json.dumps(raw)[:80]}"
         ) from None
     check_value(setting, value, origin)
     return value
 
 
-def parse_bool(text):
-    word = text.strip().lower()
-    if word not in BOOL_WORDS:
-        raise ValueError(text)
-    return BOOL_WORDS[word]
+def as_str(raw, text):
+    if not isinstance(raw, str):
+        raise TypeError
+    return raw
+
+
+def as_bool(raw, text):
+    if text:
+        raw = BOOL_WORDS.get(raw.strip().lower(), raw)
+    if not isinstance(raw, bool):
+        raise TypeError
+    return raw
+
+
+def as_number(kind):
+    def convert_number(raw, text):
+        value = kind(raw) if text else raw
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError
+        if kind is int and not isinstance(value, int):
+            raise TypeError
+        return kind(value)
+
+    return convert_number
+
+
+def as_regexes(raw, text):
+    """A JSON list of strings; as text also one regex alone."""
+    if text:
+        raw = json.loads(raw) if raw.lstrip().startswith("[") else [raw]
+    if not isinstance(raw, list) or not all(isinstance(r, str) for r in raw):
+        raise TypeError
+    return raw
+
+
+def as_env(raw, text):
+    """A JSON object of variable names to string values."""
+    if text:
+        raw = json.loads(raw)
+    if not isinstance(raw, dict) or not all(
+        isinstance(v, str) and ENV_NAME.match(k) for k, v in raw.items()
+    ):
+        raise TypeError
+    return raw
+
+
+def as_level(raw, text):
+    return as_str(raw, text).strip().lower()
+
+
+CONVERTERS = {"str": as_str, "level": as_level, "bool": as_bool,
+              "int": as_number(int), "float": as_number(float),
+              "regexes": as_regexes, "env": as_env}  # fmt: skip
 
 
 def check_value(setting, value, origin):
+    name = setting.name
     if setting.kind == "float" and not math.isfinite(value):
-        raise ConfigError(f"{origin}: {setting.name} must be a finite number")
-    if setting.minimum is not None and value <= setting.minimum:
-        bound = f"greater than {setting.minimum}" if setting.minimum else "positive"
-        raise ConfigError(f"{origin}: {setting.name} must be {bound}, got {value}")
+        raise ConfigError(f"{origin}: {name} must be a finite number")
+    if setting.above is not None and value <= setting.above:
+        bound = f"greater than {setting.above}" if setting.above else "positive"
+        raise ConfigError(f"{origin}: {name} must be {bound}, got {value}")
+    if setting.at_least is not None and value < setting.at_least:
+        raise ConfigError(
+            f"{origin}: {name} must be at least {setting.at_least}, got {value}"
+        )
     if setting.kind == "level" and value not in LOG_LEVELS:
         levels = ", ".join(LOG_LEVELS)
-        raise ConfigError(f"{origin}: log_level must be one of {levels}, got {value!r}")
+        raise ConfigError(f"{origin}: {name} must be one of {levels}, got {value!r}")
+    for pattern in value if setting.kind == "regexes" else ():
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(
+                f"{origin}: {name}: {pattern!r} is not a valid regular expression: {e}"
+            ) from None
 
 
 def read_config_file(path):
@@ -466,6 +563,11 @@ def validate(config):
             f"refusing plaintext URL {config.api_url}: the API key would cross the "
             "network in clear. Use https:// (or wss://), or if this network is "
             "trusted pass --allow-plaintext (CHATOPS_ALLOW_PLAINTEXT=true)"
+        )
+    if config.commands_enabled and not os.path.isdir(config.command_cwd):
+        raise ConfigError(
+            f"command_cwd {config.command_cwd} is not a directory; give an existing "
+            "one with --command-cwd"
         )
     if config.ca_file and not os.access(config.ca_file, os.R_OK):
         raise ConfigError(
@@ -1034,9 +1136,10 @@ class Outbox:
             self._cond.notify()
         self._log_drops()
 
-    def put(self, message):
+    def put(self, message, keep_until=None):
+        """Queue a reply or ping; with `keep_until` (monotonic) it outlives a drop."""
         with self._cond:
-            self._urgent.append(message)
+            self._urgent.append((message, keep_until))
             self._cond.notify()
 
     def wake(self):
@@ -1050,7 +1153,7 @@ class Outbox:
             if not self._ready():
                 self._cond.wait(timeout)
             if self._urgent:
-                return self._urgent.popleft()
+                return self._urgent.popleft()[0]
             if self._window_open() and self._pending:
                 data = self._pending.popleft()
                 if self.ack_mode != self.NO_ACKS:
@@ -1123,14 +1226,23 @@ class Outbox:
                 self._pending.appendleft(data)
 
     def connection_lost(self):
-        """Unacknowledged samples go back in front; replies and pings are dropped.
+        """Unacknowledged samples go back in front; replies kept only if asked.
+
+        A command's reply waits for the next connection until its `keep_until`
+        (and at most MAX_KEPT_REPLIES of them); pings, pongs and stream chunks
+        are dropped.
 
         The next connection learns afresh whether the API acknowledges: it may
         be another server, and a window waiting for acks that never come
         would stop metrics altogether.
         """
         with self._cond:
-            self._urgent.clear()
+            now = time.monotonic()
+            kept = [m for m in self._urgent if m[1] is not None and m[1] > now]
+            if len(kept) > MAX_KEPT_REPLIES:
+                LOG.warning("dropped %d replies waiting for a reconnect (more than %d)",
+                            len(kept) - MAX_KEPT_REPLIES, MAX_KEPT_REPLIES)  # fmt: skip
+            self._urgent = collections.deque(kept[-MAX_KEPT_REPLIES:])
             self._pending.extendleft(reversed(self._in_flight))
             self._in_flight.clear()
             self._probe = None
@@ -1223,12 +1335,538 @@ class Dispatcher:
             return
         try:
             handler(message, session)
+        except RequestError as e:
+            LOG.warning("refused %r request: %s", message["type"][:64], e)
+            self.send(error_reply(message, str(e)))
         except Exception:  # a handler bug must not end the connection
             LOG.exception("handling %r failed", message["type"])
             why = (
                 f"internal error handling {message['type'][:64]!r}; see the agent's log"
             )
             self.send(error_reply(message, why))
+
+
+###############################################################################
+# Commands ####################################################################
+###############################################################################
+
+COMMAND_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+READ_CHUNK = 65536
+POLL_S = 0.1  # how often a running command looks at its deadline and cancel flag
+DRAIN_S = 0.5  # after the shell exits, how long background jobs may hold the pipe
+STREAM_FLUSH_S = 0.2  # streamed output is sent at least this often, in chunks
+MAX_COMMAND_CHARS = 65536
+MAX_TIMEOUT_S = 7 * 86400.0  # a request's timeout beyond this is absurd: refused
+REAP_EVERY_S = 30.0  # idle workers reap adopted orphans this often
+EXIT_TIMEOUT, EXIT_CANCELLED = 124, 130
+PR_SET_CHILD_SUBREAPER = 36
+
+
+class Children:
+    """The processes the agent starts, and the orphans it adopts.
+
+    As a child subreaper (Linux), the agent inherits what its commands leave
+    behind when their shell exits, instead of PID 1 — which may not reap them
+    (a container whose PID 1 is the agent, or a minimal init). Such orphans
+    are reaped here; processes the agent started itself are reaped only by
+    their owners, or their exit status would be lost.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._owned = set()
+
+    def become_subreaper(self):
+        if not sys.platform.startswith("linux"):
+            return
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), "prctl")
+        except (OSError, AttributeError) as e:
+            LOG.debug("cannot become a child subreaper: %s", e)
+
+    def spawn(self, argv, **popen_args):
+        with self._lock:
+            proc = subprocess.Popen(argv, **popen_args)
+            self._owned.add(proc.pid)
+        return proc
+
+    def reaped(self, proc):
+        with self._lock:
+            self._owned.discard(proc.pid)
+
+    def reap_group(self, pgid, timeout_s):
+        """Reap the group's members that became our children, until none is left."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                pid, _ = os.waitpid(-pgid, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                time.sleep(0.01)  # a member is still dying
+
+    def reap_orphans(self):
+        """Reap every zombie child of ours that no owner waits for."""
+        with self._lock:
+            for pid in zombie_children(os.getpid()):
+                if pid not in self._owned:
+                    with contextlib.suppress(ChildProcessError):
+                        os.waitpid(pid, os.WNOHANG)
+
+
+def zombie_children(parent):
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(
+                    f"/proc/{entry}/stat", encoding="utf-8", errors="replace"
+                ) as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if fields[0] == "Z" and int(fields[1]) == parent:
+                found.append(int(entry))
+    return found
+
+
+def leader_exited(proc):
+    """True once the shell has exited, without reaping it: while it is unreaped,
+    its pid, and so the group id, cannot be reused, and killpg stays safe."""
+    if hasattr(os, "waitid"):
+        flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
+        try:
+            return os.waitid(os.P_PID, proc.pid, flags) is not None
+        except ChildProcessError:
+            return True
+    return proc.poll() is not None
+
+
+def signal_group(pgid, sig):
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+class OutputCapture:
+    """The first and last halves of a command's output, `cap` bytes in all."""
+
+    def __init__(self, cap):
+        self.head_cap = cap // 2
+        self.tail_cap = cap - self.head_cap
+        self.head = bytearray()
+        self.tail = collections.deque()
+        self.tail_size = 0
+        self.total = 0
+
+    def add(self, data):
+        self.total += len(data)
+        room = self.head_cap - len(self.head)
+        if room > 0:
+            self.head += data[:room]
+            data = data[room:]
+        if data:
+            self.tail.append(data)
+            self.tail_size += len(data)
+            while self.tail_size - len(self.tail[0]) >= self.tail_cap:
+                self.tail_size -= len(self.tail.popleft())
+
+    def text(self):
+        """(output, truncated): decoded with replacement, a marker where cut."""
+        tail = b"".join(self.tail)[-self.tail_cap :]
+        omitted = self.total - len(self.head) - len(tail)
+        if not omitted:
+            return (bytes(self.head) + tail).decode("utf-8", "replace"), False
+        marker = f"\n[... {omitted} bytes of output omitted ...]\n"
+        head = bytes(self.head).decode("utf-8", "replace")
+        return head + marker + tail.decode("utf-8", "replace"), True
+
+
+class OutputStream:
+    """Sends output as `command_output` chunks when a request asked to stream.
+
+    Chunks are gathered for STREAM_FLUSH_S, decoded incrementally (a UTF-8
+    character split between reads stays whole), and stop after `cap` bytes:
+    the final reply still has the head and tail of everything.
+    """
+
+    def __init__(self, job, send, cap):
+        self.job = job
+        self.send = send
+        self.cap = cap
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.buffer = bytearray()
+        self.sent_bytes = 0
+        self.seq = 0
+        self.flushed_at = time.monotonic()
+        self.stopped = False
+
+    def add(self, data):
+        if not self.stopped:
+            self.buffer += data[: max(0, self.cap - self.sent_bytes - len(self.buffer))]
+
+    def tick(self, now):
+        if self.buffer and now - self.flushed_at >= STREAM_FLUSH_S:
+            self.flush()
+
+    def flush(self, final=False):
+        self.flushed_at = time.monotonic()
+        text = self.decoder.decode(bytes(self.buffer), final)
+        self.sent_bytes += len(self.buffer)
+        self.buffer.clear()
+        if self.sent_bytes >= self.cap and not self.stopped:
+            self.stopped = True
+            text += f"\n[streaming stopped after {self.cap} bytes]\n"
+        if text:
+            self.seq += 1
+            self.send(self.job.message("command_output", seq=self.seq, output=text))
+
+
+class PumpState:
+    """Where reading a command's output stands."""
+
+    def __init__(self):
+        self.eof = False
+        self.exited_at = None  # when the shell was seen to exit
+        self.reason = None  # "timeout" or "cancelled" once the group was stopped
+        self.term_at = None
+        self.killed = False
+        self.pause_s = 0.0005
+
+    def finished(self, now):
+        # Done when the shell exited and the pipe closed, or DRAIN_S after the
+        # exit if a background job keeps the pipe open.
+        return self.exited_at is not None and (
+            self.eof or now - self.exited_at > DRAIN_S
+        )
+
+    def pause(self):
+        """Wait a little for the shell's exit: 0.5 ms first (it is usually that
+        close behind EOF), growing to POLL_S."""
+        time.sleep(self.pause_s)
+        self.pause_s = min(POLL_S, self.pause_s * 2)
+
+
+class CommandJob:
+    """One command request, from the moment it is accepted to its reply."""
+
+    def __init__(self, form, request_id, command, timeout_s, cwd, stream, by):
+        self.form = form  # "api": execute_command; "docs": command
+        self.id = request_id
+        self.command = command
+        self.timeout_s = timeout_s
+        self.cwd = cwd
+        self.stream = stream
+        self.requested_by = by
+        self.received_at = time.monotonic()
+        self.cancelled_by = None  # the id of the cancel request, once one came
+        self.cancel_event = threading.Event()
+        self.grace_s = None  # set by the runner; lowered when the agent stops
+        self.started = False
+
+    def message(self, message_type, **fields):
+        """A message about this job, carrying its id in the field its form uses."""
+        if self.form == "api":
+            return {"type": message_type, "request_id": self.id, "data": fields}
+        return dict({"type": message_type, "command_id": self.id}, **fields)
+
+    def reply(self, result):
+        kind = "command_result" if self.form == "api" else "command_response"
+        return self.message(kind, **result)
+
+    def describe(self):
+        by = f" by {self.requested_by}" if self.requested_by else ""
+        return f"command {self.id}{by}: {self.command[:200]!r}"
+
+
+def request_field(message, name, kinds, what, default=None):
+    """message[name] if it is of `kinds` (JSON true is no number), else RequestError."""
+    value = message.get(name, default)
+    if value is None:
+        return None
+    if (kinds is bool) != isinstance(value, bool) or not isinstance(value, kinds):
+        raise RequestError(f"'{name}' must be {what}, got {json.dumps(value)[:60]}")
+    return value
+
+
+def parse_command_request(message, form, config):
+    """A CommandJob from a request, or RequestError saying what is wrong with it."""
+    id_field = "request_id" if form == "api" else "command_id"
+    request_id = message.get(id_field)
+    if (
+        isinstance(request_id, bool)
+        or not isinstance(request_id, (str, int))
+        or (request_id == "" or len(str(request_id)) > 200)
+    ):
+        raise RequestError(f"the request has no usable '{id_field}'")
+    command = request_field(message, "command", str, "a string")
+    if command is None or not command.strip():
+        raise RequestError("'command' is missing or empty")
+    if len(command) > MAX_COMMAND_CHARS or "\0" in command:
+        raise RequestError(
+            f"'command' is longer than {MAX_COMMAND_CHARS} characters or holds NUL"
+        )
+    timeout = request_field(message, "timeout", (int, float), "a number of seconds")
+    if timeout is not None and not 0 < timeout <= MAX_TIMEOUT_S:
+        raise RequestError(f"'timeout' must be between 0 and {MAX_TIMEOUT_S:.0f} s")
+    stream = request_field(message, "stream", bool, "true or false", False)
+    cwd = request_cwd(message, config)
+    by = request_field(message, "requested_by", str, "a string")
+    timeout_s = min(timeout or config.command_timeout_s, config.command_timeout_s)
+    return CommandJob(form, request_id, command, timeout_s, cwd, stream,
+                      by and by[:100])  # fmt: skip
+
+
+def request_cwd(message, config):
+    cwd = request_field(message, "cwd", str, "a string")
+    if cwd is None:
+        return config.command_cwd
+    if not config.command_allow_cwd:
+        raise RequestError("this agent does not let requests choose 'cwd'")
+    if not os.path.isabs(cwd) or not os.path.isdir(cwd):
+        raise RequestError(
+            f"'cwd' {cwd[:200]!r} is not an absolute path to a directory"
+        )
+    return cwd
+
+
+def command_environment(config):
+    """What commands see: a fixed set, never the agent's own (it holds the key)."""
+    try:
+        user = pwd.getpwuid(os.geteuid()) if pwd else None
+    except KeyError:
+        user = None
+    env = {"PATH": COMMAND_PATH, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
+           "HOME": user.pw_dir if user else "/", "TERM": "dumb",
+           "USER": user.pw_name if user else str(os.geteuid()),
+           "LOGNAME": user.pw_name if user else str(os.geteuid())}  # fmt: skip
+    env.update(config.command_env)
+    return env
+
+
+def result_fields(output, exit_code, truncated=False, output_bytes=0,
+                  timed_out=False, cancelled=False):  # fmt: skip
+    """The fields of a command's reply (duration_ms is added by the runner)."""
+    return {"output": output, "exit_code": exit_code, "duration_ms": 0,
+            "truncated": truncated, "output_bytes": output_bytes,
+            "timed_out": timed_out, "cancelled": cancelled}  # fmt: skip
+
+
+class CommandRunner:
+    """Runs commands from the API in a pool of workers; never in the receive loop."""
+
+    def __init__(self, config, send, children):
+        self.config = config
+        self.send = send  # Outbox.put: queues a message, never blocks
+        self.children = children
+        self.queue = queue.Queue(maxsize=config.command_queue_size)
+        self.jobs = {}  # id -> CommandJob, queued or running
+        self.lock = threading.Lock()
+        self.job_done = threading.Condition(self.lock)
+        self.env = None
+        self.stopping = threading.Event()
+        self.workers = []
+
+    def start(self):
+        self.env = command_environment(self.config)
+        self.children.become_subreaper()
+        for n in range(self.config.command_workers):
+            worker = threading.Thread(
+                target=self._work, name=f"command-{n}", daemon=True
+            )
+            worker.start()
+            self.workers.append(worker)
+
+    # -- requests (called by the receive loop: fast, never blocking) ----------
+    def submit(self, message, form):
+        if not self.config.commands_enabled:
+            raise RequestError("command execution is disabled on this agent")
+        if os.name != "posix":
+            raise RequestError("remote commands need /bin/sh; not supported on Windows")
+        job = parse_command_request(message, form, self.config)
+        job.grace_s = self.config.command_grace_s
+        self._check_allowed(job)
+        with self.lock:
+            if job.id in self.jobs:
+                raise RequestError(f"a command with id {job.id!r} is already running")
+            try:
+                self.queue.put_nowait(job)
+            except queue.Full:
+                raise RequestError(
+                    f"agent busy: {self.config.command_workers} commands running and "
+                    f"{self.config.command_queue_size} waiting; try again later"
+                ) from None
+            self.jobs[job.id] = job
+
+    def _check_allowed(self, job):
+        allow = self.config.command_allow
+        if allow and not any(re.fullmatch(p, job.command) for p in allow):
+            LOG.warning("refused %s: not in command_allow", job.describe())
+            raise RequestError(
+                "command refused: it matches none of this agent's allowed "
+                "commands (command_allow)"
+            )
+
+    def cancel(self, message):
+        """Answers a cancel_command request: stops the target as a timeout would."""
+        form = "api" if "request_id" in message else "docs"
+        target = message.get("target_id")
+        if isinstance(target, bool) or not isinstance(target, (str, int)):
+            raise RequestError("'target_id' must name the command to cancel")
+        with self.lock:
+            job = self.jobs.get(target)
+            if job is not None:
+                job.cancelled_by = message.get("request_id", message.get("command_id"))
+                job.cancel_event.set()
+        state = ("running" if job.started else "queued") if job else "not running"
+        text = f"command {target!r} {'cancelled' if job else 'is not running'}"
+        kind = "cancel_result" if form == "api" else "cancel_response"
+        reply = {"target_id": target, "cancelled": job is not None, "state": state,
+                 "message": text}  # fmt: skip
+        ids = reply_ids(message)
+        if form == "api":
+            self.send(dict({"type": kind}, **ids, data=reply))
+        else:
+            self.send(dict({"type": kind}, **ids, **reply))
+
+    # -- workers ----------------------------------------------------------------
+    def _work(self):
+        while not self.stopping.is_set():
+            try:
+                job = self.queue.get(timeout=REAP_EVERY_S)
+            except queue.Empty:
+                self.children.reap_orphans()
+                continue
+            try:
+                result = self._execute(job)
+            except Exception as e:  # a bug here must still answer the request
+                LOG.exception("%s failed", job.describe())
+                result = result_fields(
+                    f"the agent failed to run the command: {e}\n", -1
+                )
+            keep_until = job.received_at + self.config.reply_keep_s
+            self.send(job.reply(result), keep_until=keep_until)
+            with self.lock:
+                self.jobs.pop(job.id, None)
+                self.job_done.notify_all()
+
+    def _execute(self, job):
+        if job.cancel_event.is_set():
+            LOG.info("%s cancelled before it started", job.describe())
+            text = f"[cancelled by request {job.cancelled_by!r} before it started]\n"
+            return result_fields(text, EXIT_CANCELLED, cancelled=True)
+        LOG.info("%s started", job.describe())
+        started = time.monotonic()
+        try:
+            result = self._run(job)
+        except OSError as e:
+            result = result_fields(f"cannot start the command: {e}\n", 127)
+        result["duration_ms"] = int((time.monotonic() - started) * 1000)
+        LOG.info("command %s ended: exit %s in %d ms, %d bytes of output%s", job.id,
+                 result["exit_code"], result["duration_ms"], result["output_bytes"],
+                 " (timed out)" if result["timed_out"] else
+                 " (cancelled)" if result["cancelled"] else "")  # fmt: skip
+        return result
+
+    def _run(self, job):
+        proc = self.children.spawn(
+            ["/bin/sh", "-c", job.command], stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=job.cwd,
+            env=self.env, start_new_session=True)  # fmt: skip
+        job.started = True
+        capture = OutputCapture(self.config.command_output_max_bytes)
+        stream = OutputStream(job, self.send, capture.head_cap + capture.tail_cap) \
+            if job.stream else None  # fmt: skip
+        try:
+            stop_reason = self._pump(job, proc, capture, stream)
+        finally:
+            proc.stdout.close()
+            proc.wait()
+            self.children.reaped(proc)
+        if stop_reason:  # what the command started may now be our children
+            self.children.reap_group(proc.pid, timeout_s=1.0)
+        if stream:
+            stream.flush(final=True)
+        return self._result(job, proc.returncode, capture, stop_reason)
+
+    def _pump(self, job, proc, capture, stream):
+        """Read output until EOF and the shell's exit; on timeout or cancel stop
+        the whole group. Returns None, "timeout" or "cancelled".
+
+        The group is signalled only while the shell is unreaped, so that its
+        id cannot belong to anyone else yet.
+        """
+        fd = proc.stdout.fileno()
+        deadline = time.monotonic() + job.timeout_s
+        state = PumpState()
+        with selectors.DefaultSelector() as selector:
+            selector.register(fd, selectors.EVENT_READ)
+            while not state.finished(time.monotonic()):
+                now = time.monotonic()
+                self._enforce_limits(job, proc, state, now, deadline)
+                if state.exited_at is None and leader_exited(proc):
+                    state.exited_at = now
+                if stream:
+                    stream.tick(now)
+                if state.eof:
+                    state.pause()  # the shell closed its output but still runs
+                elif selector.select(POLL_S):
+                    data = os.read(fd, READ_CHUNK)
+                    state.eof = not data
+                    capture.add(data)
+                    if stream:
+                        stream.add(data)
+        if state.reason:
+            signal_group(proc.pid, signal.SIGKILL)  # nothing it started survives
+        return state.reason
+
+    @staticmethod
+    def _enforce_limits(job, proc, state, now, deadline):
+        if state.reason is None and (now >= deadline or job.cancel_event.is_set()):
+            state.reason = "timeout" if now >= deadline else "cancelled"
+            state.term_at = now
+            signal_group(proc.pid, signal.SIGTERM)
+        if state.term_at is not None and not state.killed and \
+                now >= state.term_at + job.grace_s:  # fmt: skip
+            state.killed = True
+            signal_group(proc.pid, signal.SIGKILL)
+
+    def _result(self, job, returncode, capture, stop_reason):
+        output, truncated = capture.text()
+        exit_code = returncode
+        if stop_reason == "timeout":
+            exit_code = EXIT_TIMEOUT
+            output += f"\n[timed out after {job.timeout_s:g} s]\n"
+        elif stop_reason == "cancelled":
+            exit_code = EXIT_CANCELLED
+            output += f"\n[cancelled by request {job.cancelled_by!r}]\n"
+        elif returncode < 0:
+            exit_code = 128 - returncode
+            name = signal.Signals(-returncode).name if -returncode in \
+                signal.valid_signals() else "?"  # fmt: skip
+            output += f"\n[killed by signal {-returncode} ({name})]\n"
+        return result_fields(output, exit_code, truncated=truncated,
+                             output_bytes=capture.total,
+                             timed_out=stop_reason == "timeout",
+                             cancelled=stop_reason == "cancelled")  # fmt: skip
+
+    def shutdown(self, grace_s):
+        """Stop every running command's group (TERM, then KILL after `grace_s`)."""
+        self.stopping.set()
+        with self.lock:
+            jobs = list(self.jobs.values())
+        for job in jobs:
+            job.grace_s = min(job.grace_s, grace_s)
+            job.cancelled_by = "agent shutdown"
+            job.cancel_event.set()
+        with self.lock:  # idle workers need no waiting for: they are daemons
+            self.job_done.wait_for(
+                lambda: not any(job.started for job in self.jobs.values()),
+                grace_s + POLL_S * 3,
+            )
 
 
 ###############################################################################
@@ -1254,7 +1892,7 @@ class Session:
         self.pings_sent = self.pongs_received = 0
 
     def send(self, message):
-        self.ws.send(to_json(message))
+        self.ws.send(to_json(message), opcode=OPCODE_TEXT)
 
     def kill(self):
         self.dead.set()
@@ -1362,14 +2000,8 @@ class Link:
         """Send `auth`; wait for `auth_success`. The key goes in this one frame only."""
         wsc = self.websocket
         try:
-            ws.send(
-                to_json(
-                    dict(
-                        {"type": "auth", "api_key": self.config.api_key},
-                        agent=self.agent_info,
-                    )
-                )
-            )
+            auth = {"type": "auth", "api_key": self.config.api_key}
+            ws.send(to_json(dict(auth, agent=self.agent_info)), opcode=OPCODE_TEXT)
             deadline = time.monotonic() + AUTH_TIMEOUT_S
             while time.monotonic() < deadline:
                 ws.settimeout(max(0.1, deadline - time.monotonic()))
@@ -1520,7 +2152,7 @@ class Link:
 ###############################################################################
 
 
-def agent_info(source_name):
+def agent_info(source_name, config):
     """Extra fields of the `auth` message that describe this agent (see README)."""
     return {
         "name": "chatops-agent",
@@ -1531,7 +2163,8 @@ def agent_info(source_name):
         "arch": platform.machine(),
         "python": platform.python_version(),
         "metrics_source": source_name,
-        "capabilities": ["metrics", "heartbeat"],
+        "capabilities": ["metrics", "heartbeat"]
+        + (["commands", "cancel_command", "stream"] if config.commands_enabled else []),
     }
 
 
@@ -1548,6 +2181,8 @@ class Agent:
             config.process_refresh_s,
             config.disk_include_network,
         )
+        self.children = Children()
+        self.commands = CommandRunner(config, self.outbox.put, self.children)
         self.dispatcher = Dispatcher(self.outbox.put)
         self._register_handlers()
         self.link = None
@@ -1560,6 +2195,9 @@ class Agent:
             ("ping", self.on_ping),
             ("metrics_received", self.on_metrics_received),
             ("error", self.on_error),
+            ("execute_command", self.on_execute_command),
+            ("command", self.on_command),
+            ("cancel_command", self.on_cancel_command),
         ):
             self.dispatcher.register(message_type, handler)
 
@@ -1580,13 +2218,22 @@ class Agent:
     def on_error(self, message, session):
         LOG.warning("the API reported an error: %s", str(message.get("message"))[:300])
 
+    def on_execute_command(self, message, session):
+        self.commands.submit(message, "api")
+
+    def on_command(self, message, session):
+        self.commands.submit(message, "docs")
+
+    def on_cancel_command(self, message, session):
+        self.commands.cancel(message)
+
     # -- threads ------------------------------------------------------------------
     def start(self):
         self.link = Link(
             self.config,
             self.outbox,
             self.dispatcher,
-            agent_info(self.collector.source.name),
+            agent_info(self.collector.source.name, self.config),
             self.stop_event,
         )
         LOG.info(
@@ -1602,6 +2249,7 @@ class Agent:
         self.receive_thread = threading.Thread(
             target=self.link.run, name="receive", daemon=True
         )
+        self.commands.start()
         self.metrics_thread.start()
         self.receive_thread.start()
 
@@ -1620,6 +2268,7 @@ class Agent:
 
     def shutdown(self):
         """Close with 1000, stop the threads; bounded so SIGTERM exits within 5 s."""
+        self.commands.shutdown(SHUTDOWN_COMMAND_GRACE_S)  # their replies go out too
         self.stop_event.set()
         self.outbox.wake()
         self.receive_thread.join(SHUTDOWN_FLUSH_S + SHUTDOWN_CLOSE_WAIT_S)

@@ -130,6 +130,7 @@ class FakeAPI:
             ssl=self.ssl_context,
             process_request=self._http,
             ping_interval=None,
+            max_size=16 * 1024 * 1024,  # as uvicorn, which serves the ChatOps API
         )
         self.port = self.server.socket.getsockname()[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -968,7 +969,7 @@ class TestDispatcher:
             replies.clear()
             dispatcher.dispatch(frame, None)
             for reply in replies:
-                agent.to_json(reply).encode("utf-8")
+                agent.to_json(reply).decode("utf-8")
 
         survive()
 
