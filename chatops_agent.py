@@ -1357,7 +1357,8 @@ DRAIN_S = 0.5  # after the shell exits, how long background jobs may hold the pi
 STREAM_FLUSH_S = 0.2  # streamed output is sent at least this often, in chunks
 MAX_COMMAND_CHARS = 65536
 MAX_TIMEOUT_S = 7 * 86400.0  # a request's timeout beyond this is absurd: refused
-REAP_EVERY_S = 30.0  # idle workers reap adopted orphans this often
+REAP_EVERY_S = 5.0  # idle workers reap adopted orphans this often
+ORPHAN_SCAN_S = 60.0  # and look through /proc for any others this often
 EXIT_TIMEOUT, EXIT_CANCELLED = 124, 130
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -1366,15 +1367,19 @@ class Children:
     """The processes the agent starts, and the orphans it adopts.
 
     As a child subreaper (Linux), the agent inherits what its commands leave
-    behind when their shell exits, instead of PID 1 — which may not reap them
-    (a container whose PID 1 is the agent, or a minimal init). Such orphans
-    are reaped here; processes the agent started itself are reaped only by
-    their owners, or their exit status would be lost.
+    behind when their shell exits, instead of PID 1 — which may not reap
+    them (in a container whose PID 1 is the agent, or under a minimal init).
+    Such orphans are reaped here: by process group for commands whose group
+    outlived their shell, and by a scan of /proc once a minute for daemons
+    that left their group. Processes the agent started itself are reaped
+    only by their owners, or their exit status would be lost.
     """
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._owned = set()
+        self._owned = set()  # pids of our own Popen children not yet waited for
+        self._groups = set()  # groups that outlived their shell
+        self._scan_at = math.inf  # no scan until a command has run
 
     def become_subreaper(self):
         if not sys.platform.startswith("linux"):
@@ -1395,23 +1400,41 @@ class Children:
         return proc
 
     def reaped(self, proc):
+        """The owner has waited for `proc`; see whether its group lives on."""
         with self._lock:
             self._owned.discard(proc.pid)
+            self._scan_at = min(self._scan_at, time.monotonic() + ORPHAN_SCAN_S)
+        try:
+            os.killpg(proc.pid, 0)  # signal 0: only asks whether the group exists
+        except (ProcessLookupError, PermissionError):
+            return
+        with self._lock:
+            self._groups.add(proc.pid)
 
     def reap_group(self, pgid, timeout_s):
-        """Reap the group's members that became our children, until none is left."""
+        """After killing a group: reap its members as they die, up to `timeout_s`."""
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        while not self._reap_group_now(pgid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    @staticmethod
+    def _reap_group_now(pgid):
+        """Reap the group's dead members that are our children; True if none is left."""
+        while True:
             try:
                 pid, _ = os.waitpid(-pgid, os.WNOHANG)
             except ChildProcessError:
-                return
+                return True
             if pid == 0:
-                time.sleep(0.01)  # a member is still dying
+                return False
 
-    def reap_orphans(self):
-        """Reap every zombie child of ours that no owner waits for."""
+    def reap(self):
+        """Reap adopted orphans: of tracked groups now, any others once a minute."""
         with self._lock:
+            self._groups = {g for g in self._groups if not self._reap_group_now(g)}
+            if time.monotonic() < self._scan_at:
+                return
+            self._scan_at = time.monotonic() + ORPHAN_SCAN_S
             for pid in zombie_children(os.getpid()):
                 if pid not in self._owned:
                     with contextlib.suppress(ChildProcessError):
@@ -1738,7 +1761,7 @@ class CommandRunner:
             try:
                 job = self.queue.get(timeout=REAP_EVERY_S)
             except queue.Empty:
-                self.children.reap_orphans()
+                self.children.reap()
                 continue
             try:
                 result = self._execute(job)
@@ -1752,6 +1775,7 @@ class CommandRunner:
             with self.lock:
                 self.jobs.pop(job.id, None)
                 self.job_done.notify_all()
+            self.children.reap()
 
     def _execute(self, job):
         if job.cancel_event.is_set():

@@ -1332,3 +1332,443 @@ class TestDependencies:
                 if name.endswith(".py"):
                     z.write(os.path.join(package, name), "websocket/" + name)
         assert f"ok   websocket-client {websocket.__version__}" in check()
+
+
+###############################################################################
+# Commands ####################################################################
+###############################################################################
+
+
+def process_groups():
+    """{pgid: [(pid, state, cmdline)]} of every process on the machine."""
+    groups = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        groups.setdefault(int(fields[2]), []).append((int(entry), fields[0], cmdline))
+    return groups
+
+
+def group_running(marker):
+    """The process group id of the process whose command line holds `marker`."""
+    for pgid, members in process_groups().items():
+        if any(marker in cmdline for _, _, cmdline in members):
+            return pgid
+    return None
+
+
+def rss_kib(pid, field="VmRSS"):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {field} for {pid}")
+
+
+class Commander:
+    """Sends requests through the fake API and waits for their replies."""
+
+    def __init__(self, api, proc):
+        self.api = api
+        self.proc = proc
+        self.count = 0
+
+    def send(self, command=None, form="api", **fields):
+        self.count += 1
+        id_field = "request_id" if form == "api" else "command_id"
+        kind = "execute_command" if form == "api" else "command"
+        request_id = fields.pop(id_field, f"req-{self.count}")
+        message = {"type": kind, id_field: request_id, **fields}
+        if command is not None:
+            message["command"] = command
+        self.api.send_all(json.dumps(message))
+        return request_id
+
+    def reply(self, request_id, timeout_s=15, id_field="request_id"):
+        """The first message with this id that is not a stream chunk."""
+        found = wait_until(
+            lambda: [
+                m
+                for m in self.api.messages()
+                if m.get(id_field) == request_id and m["type"] != "command_output"
+            ],
+            timeout_s,
+            f"the reply to {request_id}",
+        )
+        return found[0]
+
+    def run(self, command, form="api", timeout_s=15, **fields):
+        request_id = self.send(command, form, **fields)
+        id_field = "request_id" if form == "api" else "command_id"
+        return self.reply(request_id, timeout_s, id_field)
+
+    def cancel(self, target_id):
+        self.count += 1
+        request_id = f"cancel-{self.count}"
+        self.api.send_all(json.dumps({"type": "cancel_command",
+                                      "request_id": request_id,
+                                      "target_id": target_id}))  # fmt: skip
+        return self.reply(request_id)
+
+
+@pytest.fixture
+def commander(api, run_agent):
+    """An agent connected to the fake API, ready for commands; extra flags per test."""
+
+    def start(*args, **env):
+        proc = run_agent(api.url, "--command-grace-s", "1", *args, **env)
+        wait_until(api.metrics, 6, "the agent to connect")
+        return Commander(api, proc)
+
+    return start
+
+
+class TestOutputCapture:
+    def test_keeps_everything_under_the_cap(self):
+        capture = agent.OutputCapture(100)
+        capture.add(b"a" * 30)
+        capture.add(b"b" * 30)
+        assert capture.text() == ("a" * 30 + "b" * 30, False)
+
+    def test_keeps_head_and_tail_with_a_marker(self):
+        capture = agent.OutputCapture(100)
+        for i in range(1000):
+            capture.add(f"{i:04d}\n".encode())
+        output, truncated = capture.text()
+        assert truncated and capture.total == 5000
+        head, marker, tail = output.partition(
+            "\n[... 4900 bytes of output omitted ...]\n"
+        )
+        assert marker and head == "".join(f"{i:04d}\n" for i in range(10))
+        assert tail == "".join(f"{i:04d}\n" for i in range(990, 1000))
+
+    def test_binary_is_replaced_not_fatal(self):
+        capture = agent.OutputCapture(100)
+        capture.add(b"ok \xff\xfe\n")
+        assert capture.text()[0] == "ok \ufffd\ufffd\n"
+
+
+class TestCommandRequests:
+    """Request validation, in-process: nothing here starts a process."""
+
+    def config(self, **values):
+        return agent.load_config({k: str(v) for k, v in values.items()}, {})
+
+    @pytest.mark.parametrize("fields, message", [
+        ({}, "'command' is missing or empty"),
+        ({"command": "   "}, "'command' is missing or empty"),
+        ({"command": 42}, "'command' must be a string"),
+        ({"command": ["ls"]}, "'command' must be a string"),
+        ({"command": "ls\0x"}, "holds NUL"),
+        ({"command": "ls", "timeout": -1}, "'timeout' must be between 0 and"),
+        ({"command": "ls", "timeout": 0}, "'timeout' must be between 0 and"),
+        ({"command": "ls", "timeout": 1e12}, "'timeout' must be between 0 and"),
+        ({"command": "ls", "timeout": float("nan")}, "'timeout' must be between"),
+        ({"command": "ls", "timeout": "10"}, "'timeout' must be a number of seconds"),
+        ({"command": "ls", "timeout": True}, "'timeout' must be a number of seconds"),
+        ({"command": "ls", "stream": "yes"}, "'stream' must be true or false"),
+        ({"command": "ls", "cwd": "tmp"}, "not an absolute path to a directory"),
+        ({"command": "ls", "cwd": "/no/such/dir"}, "not an absolute path"),
+        ({"command": "ls", "cwd": 7}, "'cwd' must be a string"),
+    ])  # fmt: skip
+    def test_bad_requests(self, fields, message):
+        request = {"type": "execute_command", "request_id": "r1", **fields}
+        with pytest.raises(agent.RequestError, match=message.replace("(", r"\(")):
+            agent.parse_command_request(request, "api", self.config())
+
+    @pytest.mark.parametrize("request_id", [None, "", True, ["x"], "x" * 201])
+    def test_unusable_ids(self, request_id):
+        request = {"type": "command", "command_id": request_id, "command": "ls"}
+        with pytest.raises(agent.RequestError, match="no usable 'command_id'"):
+            agent.parse_command_request(request, "docs", self.config())
+
+    def test_timeout_may_lower_never_raise(self):
+        config = self.config(command_timeout_s=60)
+        lower = {"request_id": "r", "command": "ls", "timeout": 5}
+        higher = {"request_id": "r", "command": "ls", "timeout": 600}
+        assert agent.parse_command_request(lower, "api", config).timeout_s == 5
+        assert agent.parse_command_request(higher, "api", config).timeout_s == 60
+        plain = {"request_id": "r", "command": "ls"}
+        assert agent.parse_command_request(plain, "api", config).timeout_s == 60
+
+    def test_cwd_refused_when_not_allowed(self):
+        config = agent.load_config({"command_allow_cwd": False}, {})
+        request = {"request_id": "r", "command": "ls", "cwd": "/tmp"}
+        with pytest.raises(agent.RequestError, match="does not let requests choose"):
+            agent.parse_command_request(request, "api", config)
+
+    def test_command_settings_from_text(self):
+        config = agent.load_config({}, {
+            "CHATOPS_COMMAND_ALLOW": '["uptime", "df( -h)?"]',
+            "CHATOPS_COMMAND_ENV": '{"HTTP_PROXY": "http://proxy:3128"}',
+        })  # fmt: skip
+        assert config.command_allow == ["uptime", "df( -h)?"]
+        assert config.command_env == {"HTTP_PROXY": "http://proxy:3128"}
+        one = agent.load_config({"command_allow": "uptime"}, {})
+        assert one.command_allow == ["uptime"]
+
+    @pytest.mark.parametrize("values, message", [
+        ({"command_allow": "(unclosed"}, "not a valid regular expression"),
+        ({"command_env": '{"BAD NAME": "x"}'}, "command_env must be a JSON object"),
+        ({"command_env": "[1]"}, "command_env must be a JSON object"),
+        ({"command_workers": "0"}, "command_workers must be at least 1"),
+        ({"command_output_max_bytes": "10"}, "must be at least 1024"),
+        ({"command_cwd": "/no/such/dir"}, "is not a directory"),
+    ])  # fmt: skip
+    def test_bad_command_settings(self, values, message):
+        with pytest.raises(agent.ConfigError, match=message):
+            agent.load_config(values, {})
+
+
+class TestCommands:
+    def test_uptime_through_the_api_while_metrics_flow(self, commander):
+        cmd = commander()
+        before = len(cmd.api.metrics())
+        started = time.monotonic()
+        reply = cmd.run("uptime")
+        assert time.monotonic() - started < 10
+        assert reply["type"] == "command_result" and reply["data"]["exit_code"] == 0
+        assert "load average" in reply["data"]["output"]
+        wait_until(lambda: len(cmd.api.metrics()) > before + 1, 5, "metrics to go on")
+
+    @pytest.mark.parametrize("form", ["api", "docs"])
+    def test_exit_codes_and_output_order(self, commander, form):
+        cmd = commander()
+
+        def result(command):
+            reply = cmd.run(command, form)
+            return reply["data"] if form == "api" else reply
+
+        assert result("true")["exit_code"] == 0
+        assert result("false")["exit_code"] == 1
+        mixed = result("echo one; echo two >&2; echo three; exit 3")
+        assert mixed["exit_code"] == 3 and mixed["output"] == "one\ntwo\nthree\n"
+        assert {"duration_ms", "truncated", "output_bytes"} <= set(mixed)
+        killed = result("kill -TERM $$")
+        assert killed["exit_code"] == 128 + 15
+        assert "[killed by signal 15 (SIGTERM)]" in killed["output"]
+
+    def test_docs_form_reply_shape(self, commander):
+        reply = commander().run("echo hi", form="docs", command_id="c-7")
+        assert reply["type"] == "command_response" and reply["command_id"] == "c-7"
+        assert reply["output"] == "hi\n" and reply["exit_code"] == 0
+        assert "request_id" not in reply
+
+    def test_binary_output(self, commander):
+        data = commander().run("head -c 4000 /dev/urandom")["data"]
+        assert data["exit_code"] == 0 and data["output_bytes"] == 4000
+
+    def test_environment_is_built_not_inherited(self, commander):
+        cmd = commander(AGENT_ONLY_MARKER="leak-me")
+        output = cmd.run("env")["data"]["output"]
+        names = {line.split("=", 1)[0] for line in output.splitlines()}
+        assert "CHATOPS_API_KEY" not in names and "AGENT_ONLY_MARKER" not in names
+        assert KEY not in output and "leak-me" not in output
+        assert {"PATH", "LANG", "LC_ALL", "HOME", "USER", "TERM"} <= names
+        assert "TERM=dumb" in output
+
+    def test_configured_extras_and_cwd(self, commander, tmp_path):
+        cmd = commander("--command-env", '{"GREETING": "hello"}')
+        assert cmd.run("echo $GREETING")["data"]["output"] == "hello\n"
+        assert cmd.run("pwd")["data"]["output"] == "/\n"
+        assert cmd.run("pwd", cwd=str(tmp_path))["data"]["output"] == f"{tmp_path}\n"
+
+    def test_timeout_leaves_no_process_and_no_zombie(self, commander):
+        cmd = commander()
+        marker = "987654.321"
+        request_id = cmd.send(f"sleep {marker} & sleep {marker}", timeout=1)
+        pgid = wait_until(lambda: group_running(marker), 5, "the command to run")
+        reply = cmd.reply(request_id)
+        assert reply["data"]["exit_code"] == 124 and reply["data"]["timed_out"]
+        assert "timed out after 1 s" in reply["data"]["output"]
+        wait_until(lambda: pgid not in process_groups(), 5,
+                   f"group {pgid} to be gone, zombies included")  # fmt: skip
+
+    def test_background_job_does_not_hold_the_reply(self, commander):
+        cmd = commander()
+        started = time.monotonic()
+        reply = cmd.run("sleep 30 & echo started")
+        assert reply["data"]["output"] == "started\n"
+        assert time.monotonic() - started < 3
+
+    def test_agent_adopts_and_reaps_what_commands_leave_behind(self, commander):
+        """As a child subreaper the agent, not PID 1, inherits a command's
+        background job, and reaps it when it ends: no zombie even where PID 1
+        would not reap (a container whose PID 1 is the agent)."""
+        cmd = commander()
+        reply = cmd.run("sleep 1.2345 & echo started")
+        assert reply["data"]["output"] == "started\n"
+        orphan = group_members("sleep 1.2345")
+        assert orphan, "the background job should still run"
+        with open(f"/proc/{orphan[0][0]}/stat") as f:
+            parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        assert parent == cmd.proc.proc.pid
+        pid = orphan[0][0]  # a zombie has no command line: follow its pid
+        wait_until(lambda: not os.path.exists(f"/proc/{pid}"), 10,
+                   "the orphan to end and be reaped by the agent")  # fmt: skip
+
+    def test_200_mb_of_output_is_bounded(self, commander):
+        cmd = commander()
+        cmd.run("true")  # the workers and their buffers exist before measuring
+        before = rss_kib(cmd.proc.proc.pid)
+        reply = cmd.run("yes 0123456789abcdef | head -c 200000000", timeout_s=120)
+        data = reply["data"]
+        assert data["exit_code"] == 0 and data["truncated"]
+        assert data["output_bytes"] == 200_000_000
+        marker = f"\n[... {200_000_000 - 1048576} bytes of output omitted ...]\n"
+        assert marker in data["output"]
+        assert len(data["output"]) == 1048576 + len(marker)
+        growth_mib = (rss_kib(cmd.proc.proc.pid, "VmHWM") - before) / 1024
+        assert growth_mib < 10, f"peak RSS grew by {growth_mib:.1f} MiB"
+
+    def test_long_commands_do_not_block_the_receive_loop(self, commander):
+        cmd = commander()
+        sleepers = [cmd.send("sleep 60") for _ in range(4)]
+        wait_until(lambda: group_running("sleep 60"), 5, "the sleepers to run")
+        sent = time.monotonic()
+        cmd.api.send_all(json.dumps({"type": "ping"}))
+        wait_until(lambda: cmd.api.messages("pong"), 2, "a pong")
+        assert time.monotonic() - sent < 0.5
+        waiting = cmd.send("echo queued")  # a fifth: waits for a worker
+        for request_id in sleepers:
+            assert cmd.cancel(request_id)["data"]["cancelled"]
+        assert cmd.reply(waiting)["data"]["output"] == "queued\n"
+
+    def test_full_queue_answers_busy_at_once(self, commander):
+        cmd = commander("--command-workers", "1", "--command-queue-size", "1")
+        running, queued = cmd.send("sleep 60"), cmd.send("sleep 60")
+        refused = cmd.run("echo never", timeout_s=2)
+        assert refused["type"] == "error" and "agent busy" in refused["message"]
+        assert cmd.cancel(queued)["data"]["state"] == "queued"
+        assert cmd.cancel(running)["data"]["state"] == "running"
+        assert cmd.reply(queued)["data"]["cancelled"]
+
+    def test_cancel(self, commander):
+        cmd = commander()
+        target = cmd.send("echo before; sleep 60")
+        wait_until(lambda: group_running("sleep 60"), 5, "the command to run")
+        answer = cmd.cancel(target)
+        assert answer["type"] == "cancel_result"
+        assert answer["data"]["cancelled"] and answer["data"]["target_id"] == target
+        reply = cmd.reply(target)
+        assert reply["data"]["cancelled"] and reply["data"]["exit_code"] == 130
+        assert reply["data"]["output"].startswith("before\n")
+        assert "cancelled by request 'cancel-" in reply["data"]["output"]
+        again = cmd.cancel(target)
+        assert again["type"] == "cancel_result" and not again["data"]["cancelled"]
+        unknown = cmd.cancel("no-such-id")
+        assert unknown["data"] == {
+            "target_id": "no-such-id",
+            "cancelled": False,
+            "state": "not running",
+            "message": "command 'no-such-id' is not running",
+        }
+
+    def test_stream_only_when_asked(self, commander):
+        cmd = commander()
+        script = "for i in 1 2 3 4 5; do echo line $i; sleep 0.3; done"
+        streamed = cmd.send(script, stream=True)
+        final = cmd.reply(streamed)
+        chunks = [
+            m
+            for m in cmd.api.messages()
+            if m["type"] == "command_output" and m["request_id"] == streamed
+        ]
+        assert len(chunks) >= 3
+        assert [c["data"]["seq"] for c in chunks] == list(range(1, len(chunks) + 1))
+        assert "".join(c["data"]["output"] for c in chunks) == final["data"]["output"]
+        messages = [m for m in cmd.api.messages() if m.get("request_id") == streamed]
+        assert messages[-1] is final  # chunks first, then the one final reply
+        plain = cmd.send("echo quiet")
+        cmd.reply(plain)
+        assert not [m for m in cmd.api.messages() if m["type"] == "command_output"
+                    and m["request_id"] == plain]  # fmt: skip
+
+    def test_disabled_commands_never_start(self, commander, tmp_path):
+        marker = tmp_path / "ran"
+        cmd = commander("--command-cwd", str(tmp_path),
+                        CHATOPS_COMMANDS_ENABLED="false")  # fmt: skip
+        reply = cmd.run(f"touch {marker}")
+        assert reply == {
+            "type": "error",
+            "request_id": reply["request_id"],
+            "message": "command execution is disabled on this agent",
+        }
+        docs = cmd.run(f"touch {marker}", form="docs", command_id="c1")
+        assert docs["type"] == "error" and docs["command_id"] == "c1"
+        assert not marker.exists()
+
+    def test_allow_list_must_match_the_whole_command(self, commander, tmp_path):
+        marker = tmp_path / "ran"
+        cmd = commander("--command-allow", '["uptime", "echo [a-z]+"]')
+        assert cmd.run("uptime")["data"]["exit_code"] == 0
+        assert cmd.run("echo hello")["data"]["output"] == "hello\n"
+        for refused in (f"echo hello; touch {marker}", f"touch {marker}",
+                        f"uptime && touch {marker}"):  # fmt: skip
+            reply = cmd.run(refused)
+            assert reply["type"] == "error" and "command_allow" in reply["message"]
+        assert not marker.exists()
+
+    def test_bad_requests_answered_with_their_id(self, commander, tmp_path):
+        marker = tmp_path / "ran"
+        cmd = commander()
+        for fields in ({"command": 5}, {"command": ""},
+                       {"command": f"touch {marker}", "timeout": -3},
+                       {"command": f"touch {marker}", "stream": "please"},
+                       {"command": f"touch {marker}", "cwd": "relative"}):  # fmt: skip
+            request_id = cmd.send(**fields)
+            reply = cmd.reply(request_id)
+            assert reply["type"] == "error" and reply["request_id"] == request_id
+        first = cmd.send("sleep 60", request_id="dup")
+        wait_until(lambda: group_running("sleep 60"), 5, "the first to run")
+        second = cmd.run(f"touch {marker}", request_id="dup")
+        assert second["type"] == "error" and "already running" in second["message"]
+        cmd.cancel(first)
+        assert not marker.exists()
+
+    def test_audit_log_without_the_key(self, commander):
+        cmd = commander()
+        cmd.run("echo audited", requested_by="alice")
+        log = cmd.proc.log()
+        assert "command req-1 by alice: 'echo audited' started" in log
+        assert "command req-1 ended: exit 0 in" in log and "8 bytes of output" in log
+        assert KEY not in log
+
+    def test_reply_waits_for_the_reconnect(self, commander):
+        cmd = commander("--reconnect-max-delay-s", "1")
+        request_id = cmd.send("sleep 1; echo done")
+        wait_until(lambda: group_running("sleep 1"), 5, "the command to run")
+        cmd.api.drop()
+        reply = cmd.reply(request_id)
+        assert reply["data"]["output"] == "done\n"
+        number = next(n for n, m in cmd.api.frames if m is reply)
+        assert number >= 1  # sent on a later connection
+
+    def test_sigterm_kills_running_commands_and_exits_in_time(self, commander):
+        cmd = commander()
+        for _ in range(3):
+            cmd.send("sleep 777.25 & sleep 777.25")
+        pgids = wait_until(
+            lambda: {pg for pg, members in process_groups().items()
+                     if any("777.25" in c for _, _, c in members)}
+            if len(group_members("777.25")) >= 6 else None,
+            5, "three commands to run")  # fmt: skip
+        stopped = time.monotonic()
+        cmd.proc.proc.send_signal(signal.SIGTERM)
+        assert cmd.proc.proc.wait(5) == 0
+        assert time.monotonic() - stopped < 5
+        wait_until(
+            lambda: not pgids & set(process_groups()), 5, "the groups to be gone"
+        )
+
+
+def group_members(marker):
+    return [p for members in process_groups().values() for p in members
+            if marker in p[2]]  # fmt: skip
