@@ -399,7 +399,7 @@ def as_str(raw, text):
 
 
 def as_bool(raw, text):
-    if text:
+    if text and isinstance(raw, str):
         raw = BOOL_WORDS.get(raw.strip().lower(), raw)
     if not isinstance(raw, bool):
         raise TypeError
@@ -535,10 +535,8 @@ def load_config(flags, environ):
     values, sources = {}, {}
     for s in SETTINGS:
         raw = flags.get(s.name)
-        if raw is not None:  # switches arrive as True, the rest as text
-            values[s.name] = convert(
-                s, raw, "flag " + s.flag, text=isinstance(raw, str)
-            )
+        if raw is not None:
+            values[s.name] = convert(s, raw, "flag " + s.flag, text=True)
             sources[s.name] = "flag"
         elif environ.get(s.env):
             values[s.name] = convert(
@@ -2324,10 +2322,11 @@ def build_parser():
     )
     for s in SETTINGS:
         names = [s.flag, "-" + s.flag[2:]]
-        if s.kind == "bool":
-            parser.add_argument(
-                *names, dest=s.name, action="store_const", const=True, help=s.meaning
-            )
+        if s.kind == "bool":  # --switch alone means true; --switch false also works
+            default = str(s.default).lower()
+            parser.add_argument(*names, dest=s.name, nargs="?", const="true",
+                                metavar="true|false",
+                                help=f"{s.meaning} (default: {default})")  # fmt: skip
         else:
             parser.add_argument(
                 *names,

@@ -430,6 +430,14 @@ class TestConfiguration:
             "debug",
         )
 
+    def test_switches_take_an_optional_value(self):
+        parse = agent.build_parser().parse_args
+        on = agent.load_config(agent.flags_given(parse(["--allow-plaintext"])), {})
+        off = agent.load_config(
+            agent.flags_given(parse(["--commands-enabled", "false"])), {}
+        )
+        assert on.allow_plaintext is True and off.commands_enabled is False
+
     def test_bool_from_env_and_file(self, tmp_path):
         path = write_config(tmp_path, {"tls_skip_verify": True})
         config = agent.load_config(
