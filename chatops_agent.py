@@ -59,6 +59,7 @@ except ImportError:  # not on Windows
 
 WS_PATH = "/api/v1/agents/ws"
 OPCODE_TEXT = 0x1  # RFC 6455: a text frame (its payload is UTF-8)
+FRAGMENT_BYTES = 65536  # larger messages go out in fragments of this size
 AUTH_TIMEOUT_S = 10.0  # how long the API may take to answer "auth"
 CONNECT_TIMEOUT_S = 10.0
 BACKOFF_FIRST_S = 1.0  # reconnect delays grow 1, 2, 4, ... s, full jitter
@@ -1495,15 +1496,23 @@ class OutputCapture:
             while self.tail_size - len(self.tail[0]) >= self.tail_cap:
                 self.tail_size -= len(self.tail.popleft())
 
-    def text(self):
-        """(output, truncated): decoded with replacement, a marker where cut."""
-        tail = b"".join(self.tail)[-self.tail_cap :]
-        omitted = self.total - len(self.head) - len(tail)
+    def text(self, footer=""):
+        """(output + footer, truncated): decoded with replacement, a marker where cut.
+
+        Built with as few full-size copies as possible: it can be 1 MiB.
+        """
+        excess = self.tail_size - self.tail_cap
+        if excess > 0:  # the oldest tail chunk starts before the kept tail
+            self.tail[0] = self.tail[0][excess:]
+            self.tail_size -= excess
+        omitted = self.total - len(self.head) - self.tail_size
         if not omitted:
-            return (bytes(self.head) + tail).decode("utf-8", "replace"), False
+            self.head += b"".join(self.tail)
+            return self.head.decode("utf-8", "replace") + footer, False
         marker = f"\n[... {omitted} bytes of output omitted ...]\n"
-        head = bytes(self.head).decode("utf-8", "replace")
-        return head + marker + tail.decode("utf-8", "replace"), True
+        head = self.head.decode("utf-8", "replace")
+        tail = b"".join(self.tail).decode("utf-8", "replace")
+        return "".join((head, marker, tail, footer)), True
 
 
 class OutputStream:
@@ -1857,19 +1866,19 @@ class CommandRunner:
             signal_group(proc.pid, signal.SIGKILL)
 
     def _result(self, job, returncode, capture, stop_reason):
-        output, truncated = capture.text()
-        exit_code = returncode
+        exit_code, footer = returncode, ""
         if stop_reason == "timeout":
             exit_code = EXIT_TIMEOUT
-            output += f"\n[timed out after {job.timeout_s:g} s]\n"
+            footer = f"\n[timed out after {job.timeout_s:g} s]\n"
         elif stop_reason == "cancelled":
             exit_code = EXIT_CANCELLED
-            output += f"\n[cancelled by request {job.cancelled_by!r}]\n"
+            footer = f"\n[cancelled by request {job.cancelled_by!r}]\n"
         elif returncode < 0:
             exit_code = 128 - returncode
             name = signal.Signals(-returncode).name if -returncode in \
                 signal.valid_signals() else "?"  # fmt: skip
-            output += f"\n[killed by signal {-returncode} ({name})]\n"
+            footer = f"\n[killed by signal {-returncode} ({name})]\n"
+        output, truncated = capture.text(footer)
         return result_fields(output, exit_code, truncated=truncated,
                              output_bytes=capture.total,
                              timed_out=stop_reason == "timeout",
@@ -1906,15 +1915,31 @@ def close_frame_status(data):
 class Session:
     """One authenticated WebSocket connection and its liveness."""
 
-    def __init__(self, ws, server_id):
+    def __init__(self, ws, server_id, abnf):
         self.ws = ws
+        self.abnf = abnf  # websocket-client's frame class
         self.server_id = server_id
         self.opened_at = self.last_rx = time.monotonic()
         self.dead = threading.Event()
         self.pings_sent = self.pongs_received = 0
 
     def send(self, message):
-        self.ws.send(to_json(message), opcode=OPCODE_TEXT)
+        """One text message; a large one in fragments (RFC 6455 section 5.4).
+
+        websocket-client masks a frame by building several copies of it; for
+        a 1 MiB command reply that made 5 MB of transient memory. Fragments
+        of FRAGMENT_BYTES keep it small; the server reassembles them.
+        """
+        payload = to_json(message)
+        if len(payload) <= FRAGMENT_BYTES:
+            self.ws.send(payload, opcode=OPCODE_TEXT)
+            return
+        view = memoryview(payload)
+        for start in range(0, len(payload), FRAGMENT_BYTES):
+            opcode = OPCODE_TEXT if start == 0 else self.abnf.OPCODE_CONT
+            fin = start + FRAGMENT_BYTES >= len(payload)
+            part = bytes(view[start : start + FRAGMENT_BYTES])
+            self.ws.send_frame(self.abnf.create_frame(part, opcode, fin))
 
     def kill(self):
         self.dead.set()
@@ -1989,7 +2014,7 @@ class Link:
             raise
         ws.settimeout(max(1.0, self.config.heartbeat_interval_s))
         LOG.info("connected to %s as server %s", self.url, server_id)
-        return Session(ws, server_id)
+        return Session(ws, server_id, self.websocket.ABNF)
 
     def _open_socket(self):
         wsc = self.websocket
