@@ -1555,6 +1555,14 @@ class OutputStream:
             self.send(self.job.message("command_output", seq=self.seq, output=text))
 
 
+def shaped(form, message_type, ids, fields):
+    """A reply in the request's form: the API's puts `fields` in `data`, the
+    docs' at the top level."""
+    if form == "api":
+        return dict({"type": message_type}, **ids, data=fields)
+    return dict({"type": message_type}, **ids, **fields)
+
+
 class PumpState:
     """Where reading a command's output stands."""
 
@@ -1583,7 +1591,7 @@ class PumpState:
 class CommandJob:
     """One command request, from the moment it is accepted to its reply."""
 
-    def __init__(self, form, request_id, command, timeout_s, cwd, stream, by):
+    def __init__(self, form, request_id, command, timeout_s, grace_s, cwd, stream, by):
         self.form = form  # "api": execute_command; "docs": command
         self.id = request_id
         self.command = command
@@ -1594,14 +1602,13 @@ class CommandJob:
         self.received_at = time.monotonic()
         self.cancelled_by = None  # the id of the cancel request, once one came
         self.cancel_event = threading.Event()
-        self.grace_s = None  # set by the runner; lowered when the agent stops
+        self.grace_s = grace_s  # lowered when the agent stops
         self.started = False
 
     def message(self, message_type, **fields):
         """A message about this job, carrying its id in the field its form uses."""
-        if self.form == "api":
-            return {"type": message_type, "request_id": self.id, "data": fields}
-        return dict({"type": message_type, "command_id": self.id}, **fields)
+        id_field = "request_id" if self.form == "api" else "command_id"
+        return shaped(self.form, message_type, {id_field: self.id}, fields)
 
     def reply(self, result):
         kind = "command_result" if self.form == "api" else "command_response"
@@ -1646,8 +1653,8 @@ def parse_command_request(message, form, config):
     cwd = request_cwd(message, config)
     by = request_field(message, "requested_by", str, "a string")
     timeout_s = min(timeout or config.command_timeout_s, config.command_timeout_s)
-    return CommandJob(form, request_id, command, timeout_s, cwd, stream,
-                      by and by[:100])  # fmt: skip
+    return CommandJob(form, request_id, command, timeout_s, config.command_grace_s,
+                      cwd, stream, by and by[:100])  # fmt: skip
 
 
 def request_cwd(message, config):
@@ -1717,7 +1724,6 @@ class CommandRunner:
         if os.name != "posix":
             raise RequestError("remote commands need /bin/sh; not supported on Windows")
         job = parse_command_request(message, form, self.config)
-        job.grace_s = self.config.command_grace_s
         self._check_allowed(job)
         with self.lock:
             if job.id in self.jobs:
@@ -1756,11 +1762,7 @@ class CommandRunner:
         kind = "cancel_result" if form == "api" else "cancel_response"
         reply = {"target_id": target, "cancelled": job is not None, "state": state,
                  "message": text}  # fmt: skip
-        ids = reply_ids(message)
-        if form == "api":
-            self.send(dict({"type": kind}, **ids, data=reply))
-        else:
-            self.send(dict({"type": kind}, **ids, **reply))
+        self.send(shaped(form, kind, reply_ids(message), reply))
 
     # -- workers ----------------------------------------------------------------
     def _work(self):
