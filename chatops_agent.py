@@ -152,6 +152,17 @@ SETTINGS = (
     Setting("reply_keep_s", 300.0, "float",
             "how long a reply that could not be sent waits for a reconnect",
             at_least=0),
+    Setting("docker_enabled", True, "bool",
+            "report containers and answer docker requests (false: neither)"),
+    Setting("docker_binary", "docker", "str",
+            "the docker CLI: a name looked up in PATH, or a path"),
+    Setting("docker_timeout_s", 30.0, "float",
+            "longest wait for one docker CLI call (a hung daemon)", above=0),
+    Setting("docker_refresh_s", 300.0, "float",
+            "safety re-read of the container list; events trigger the others",
+            above=0),
+    Setting("docker_check_s", 30.0, "float",
+            "while Docker is unavailable, how often to look again", above=0),
 )
 # fmt: on
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
@@ -905,9 +916,12 @@ class MetricsCollector:
     """Turns readings of a source into the `data` of a metrics message."""
 
     def __init__(
-        self, source, top_processes=25, process_refresh_s=15.0, include_network_fs=False
-    ):
+        self, source, top_processes=25, process_refresh_s=15.0,
+        include_network_fs=False, containers=None,
+    ):  # fmt: skip
         self.source = source
+        # () -> (containers, docker status); the Docker section provides it
+        self.containers = containers or (lambda: ([], {"status": "disabled"}))
         self.top_processes = top_processes
         self.process_refresh_s = process_refresh_s
         self.include_network_fs = include_network_fs
@@ -948,7 +962,7 @@ class MetricsCollector:
                     LOG.warning("metrics: cannot read %s: %s", section, errors[section])
                     self._failed.add(section)
         data.update(self._host_section())
-        data["containers"] = []
+        data["containers"], data["docker"] = self.containers()
         if errors:
             data["errors"] = errors
         return data
@@ -1614,6 +1628,12 @@ class CommandJob:
         kind = "command_result" if self.form == "api" else "command_response"
         return self.message(kind, **result)
 
+    def run(self, runner):
+        return self.reply(runner.execute(self))
+
+    def failure(self, text):
+        return self.reply(result_fields(text + "\n", -1))
+
     def describe(self):
         by = f" by {self.requested_by}" if self.requested_by else ""
         return f"command {self.id}{by}: {self.command[:200]!r}"
@@ -1693,12 +1713,14 @@ def result_fields(output, exit_code, truncated=False, output_bytes=0,
 
 
 class CommandRunner:
-    """Runs commands from the API in a pool of workers; never in the receive loop."""
+    """Runs commands and docker requests in a pool of workers, never in the
+    receive loop. A job has `id`, `run(runner) -> reply` and `failure(text)`."""
 
-    def __init__(self, config, send, children):
+    def __init__(self, config, send, children, docker=None):
         self.config = config
         self.send = send  # Outbox.put: queues a message, never blocks
         self.children = children
+        self.docker = docker  # DockerActions, for docker jobs
         self.queue = queue.Queue(maxsize=config.command_queue_size)
         self.jobs = {}  # id -> CommandJob, queued or running
         self.lock = threading.Lock()
@@ -1725,9 +1747,13 @@ class CommandRunner:
             raise RequestError("remote commands need /bin/sh; not supported on Windows")
         job = parse_command_request(message, form, self.config)
         self._check_allowed(job)
+        self.enqueue(job)
+
+    def enqueue(self, job):
+        """Queue a job (a command or a docker request) for the workers."""
         with self.lock:
             if job.id in self.jobs:
-                raise RequestError(f"a command with id {job.id!r} is already running")
+                raise RequestError(f"a request with id {job.id!r} is already running")
             try:
                 self.queue.put_nowait(job)
             except queue.Full:
@@ -1773,20 +1799,18 @@ class CommandRunner:
                 self.children.reap()
                 continue
             try:
-                result = self._execute(job)
+                reply = job.run(self)
             except Exception as e:  # a bug here must still answer the request
                 LOG.exception("%s failed", job.describe())
-                result = result_fields(
-                    f"the agent failed to run the command: {e}\n", -1
-                )
+                reply = job.failure(f"the agent failed to carry out the request: {e}")
             keep_until = job.received_at + self.config.reply_keep_s
-            self.send(job.reply(result), keep_until=keep_until)
+            self.send(reply, keep_until=keep_until)
             with self.lock:
                 self.jobs.pop(job.id, None)
                 self.job_done.notify_all()
             self.children.reap()
 
-    def _execute(self, job):
+    def execute(self, job):
         if job.cancel_event.is_set():
             LOG.info("%s cancelled before it started", job.describe())
             text = f"[cancelled by request {job.cancelled_by!r} before it started]\n"
@@ -1900,6 +1924,577 @@ class CommandRunner:
                 lambda: not any(job.started for job in self.jobs.values()),
                 grace_s + POLL_S * 3,
             )
+
+
+###############################################################################
+# Docker ######################################################################
+###############################################################################
+
+DOCKER_REF = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}\Z")
+DOCKER_SINCE = re.compile(
+    r"\d{1,10}(\.\d{1,9})?[smh]?\Z|\d{4}-\d\d-\d\dT[\d:.]+(Z|[+-]\d\d:\d\d)?\Z"
+)
+MAX_LOG_LINES = 10000
+DEFAULT_LOG_LINES = 500
+DOCKER_MAX_OUTPUT = 8 * 1024 * 1024  # per stream of one CLI call
+LOG_REPLY_MAX_BYTES = 1024 * 1024
+MAX_STOP_TIMEOUT_S = 3600
+# `docker ps` with the fields named: {{json .}} would make the daemon compute
+# every container's size, which takes seconds to minutes on a big host.
+PS_FORMAT = ('{"id":{{json .ID}},"names":{{json .Names}},"image":{{json .Image}},'
+             '"status":{{json .Status}},"state":{{json .State}},'
+             '"created":{{json .CreatedAt}},"ports":{{json .Ports}}}')  # fmt: skip
+PORT_SPEC = re.compile(
+    r"(?:(?P<ip>[0-9A-Fa-f.:\[\]]*):(?P<public>\d+(?:-\d+)?)->)?"
+    r"(?P<private>\d+(?:-\d+)?)/(?P<type>\w+)"
+)
+UNIT_BYTES = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
+              "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}  # fmt: skip
+SOCKET_FIX = (
+    "add the agent's user to the 'docker' group (usermod -aG docker USER) and "
+    "restart the agent; note that access to the docker socket is root-equivalent"
+)
+
+
+class DockerError(RequestError):
+    """A docker CLI call that failed; `status` says why for the metrics."""
+
+    def __init__(self, message, status="error"):
+        super().__init__(message)
+        self.status = status
+
+
+def docker_environment():
+    """The agent's environment (DOCKER_HOST...) without its own (the key)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("CHATOPS_")}
+
+
+def classify_docker_error(stderr, binary):
+    """A DockerError from what the CLI wrote: the CLI's own words, and a fix."""
+    text = " ".join(stderr.split())[:300] or "docker failed without a message"
+    lower = text.lower()
+    if "no such container" in lower:
+        return DockerError(text.replace("Error: ", "").replace("Error response from "
+                                                               "daemon: ", ""),
+                           "ok")  # fmt: skip
+    if "permission denied" in lower and "docker" in lower:
+        return DockerError(f"permission denied on the docker socket: {SOCKET_FIX}",
+                           "permission denied")  # fmt: skip
+    if "cannot connect to the docker daemon" in lower or "daemon running" in lower:
+        return DockerError(f"the Docker daemon is not running: {text}",
+                           "daemon not running")  # fmt: skip
+    return DockerError(text)
+
+
+def parse_bytes(text):
+    """'788KiB' -> 806912, '1.5GB' -> 1500000000, '0B' -> 0."""
+    match = re.fullmatch(r"\s*([\d.]+)\s*([a-zA-Z]*)\s*", text)
+    if not match:
+        return None
+    return int(float(match.group(1)) * UNIT_BYTES.get(match.group(2).lower(), 1))
+
+
+def parse_pair(text):
+    """'788KiB / 23.54GiB' -> (806912, 25275588853)."""
+    parts = text.split("/")
+    return [parse_bytes(p) for p in parts] if len(parts) == 2 else [None, None]
+
+
+def parse_ports(text):
+    """docker ps's "0.0.0.0:8080->80/tcp, :::8080->80/tcp, 443/tcp" as the API wants."""
+    ports, seen = [], set()
+    for spec in text.split(","):
+        match = PORT_SPEC.search(spec.strip())
+        if not match:
+            continue
+        private = port_range(match.group("private"))
+        public = port_range(match.group("public")) if match.group("public") else None
+        for i, port in enumerate(private[:100]):
+            entry = {"private_port": port, "type": match.group("type")}
+            if public:
+                entry["public_port"] = public[min(i, len(public) - 1)]
+            key = tuple(sorted(entry.items()))
+            if key not in seen:  # IPv4 and IPv6 bindings repeat each port
+                seen.add(key)
+                ports.append(entry)
+    return ports
+
+
+def port_range(text):
+    low, _, high = text.partition("-")
+    return list(range(int(low), int(high or low) + 1))
+
+
+def rfc3339(docker_time):
+    """'2026-11-25 14:28:30 +0000 UTC' (docker ps) -> '2026-11-25T14:28:30Z'."""
+    try:
+        parsed = datetime.datetime.strptime(docker_time[:25], "%Y-%m-%d %H:%M:%S %z")
+    except ValueError:
+        return docker_time
+    return parsed.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def container_row(row):
+    """One line of docker ps (PS_FORMAT) in the shape of PROTOCOL.md section 3."""
+    return {"id": row["id"][:12], "name": row["names"].split(",")[0].lstrip("/"),
+            "image": row["image"], "status": row["status"], "state": row["state"],
+            "created": rfc3339(row["created"]),
+            "ports": parse_ports(row["ports"] or "")}  # fmt: skip
+
+
+class DockerCLI:
+    """Runs the docker CLI: argument lists (never a shell), timeouts, bounded output."""
+
+    def __init__(self, config, children):
+        self.binary = config.docker_binary
+        self.timeout_s = config.docker_timeout_s
+        self.children = children
+        self.calls = 0
+
+    def run(self, *args, timeout_s=None, max_bytes=DOCKER_MAX_OUTPUT):
+        """stdout and stderr of a successful call, or a DockerError saying why not."""
+        rc, out, err = self._call(args, timeout_s or self.timeout_s, max_bytes)
+        if rc != 0:
+            raise classify_docker_error(err.decode("utf-8", "replace"), self.binary)
+        return out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+
+    def _call(self, args, timeout_s, max_bytes):
+        self.calls += 1
+        try:
+            proc = self.children.spawn(
+                [self.binary, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, env=docker_environment(),
+                start_new_session=True)  # fmt: skip
+        except FileNotFoundError:
+            raise DockerError(
+                f"the docker CLI ({self.binary}) was not found: install Docker "
+                "(e.g. apt-get install docker.io) or set docker_binary",
+                "not installed",
+            ) from None
+        except OSError as e:
+            raise DockerError(f"cannot run {self.binary}: {e}") from None
+        try:
+            out, err = read_pipes(proc, time.monotonic() + timeout_s, max_bytes)
+        finally:
+            proc.kill() if proc.poll() is None else None
+            proc.wait()
+            self.children.reaped(proc)
+        if out is None:
+            raise DockerError(f"docker {args[0]} did not answer within {timeout_s:g} s "
+                              "(is the daemon hung?)")  # fmt: skip
+        return proc.returncode, out, err
+
+    def check(self):
+        """(status, detail): is there a CLI, and a daemon it may talk to?"""
+        try:
+            out, _ = self.run("version", "--format", "{{.Server.Version}}",
+                              timeout_s=min(self.timeout_s, 15))  # fmt: skip
+        except DockerError as e:
+            return e.status if e.status != "ok" else "error", str(e)
+        return "ok", out.strip()
+
+
+def read_pipes(proc, deadline, max_bytes):
+    """(stdout, stderr) bytes, each cut at max_bytes; (None, None) at the deadline."""
+    chunks = {proc.stdout: bytearray(), proc.stderr: bytearray()}
+    with selectors.DefaultSelector() as selector:
+        for pipe in chunks:
+            selector.register(pipe, selectors.EVENT_READ)
+        while selector.get_map():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None, None
+            for key, _ in selector.select(remaining):
+                data = os.read(key.fd, READ_CHUNK)
+                if not data:
+                    selector.unregister(key.fileobj)
+                elif len(chunks[key.fileobj]) < max_bytes:
+                    chunks[key.fileobj] += data[: max_bytes - len(chunks[key.fileobj])]
+    proc.stdout.close()
+    proc.stderr.close()
+    return bytes(chunks[proc.stdout]), bytes(chunks[proc.stderr])
+
+
+class ContainerCache:
+    """The container list for metrics, kept current by one `docker events` process.
+
+    Events only mark the list stale; it is re-read (one `docker ps`) when
+    stale and every docker_refresh_s as a safety net, never per metrics tick.
+    When the CLI or daemon is missing, the status says why and is checked
+    again every docker_check_s; a daemon that comes back is noticed.
+    """
+
+    def __init__(self, config, cli, stop):
+        self.config = config
+        self.cli = cli
+        self.stop = stop
+        self.status, self.detail = "starting", ""
+        self.containers = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stale = True
+        self._fresh = threading.Event()
+        self._events = None
+
+    def snapshot(self, wait_s=1.0):
+        """(containers, status) for a metrics sample; waits briefly if an event
+        made the list stale, so that the next sample shows the change."""
+        if self.status == "ok" and self._stale:
+            self._fresh.wait(wait_s)
+        with self._lock:
+            status = {"status": self.status}
+            if self.detail:
+                status["detail" if self.status != "ok" else "server_version"] = (
+                    self.detail
+                )
+            return list(self.containers), status
+
+    def read_once(self):
+        """Check and list once, without watching (for --once)."""
+        status, detail = self.cli.check()
+        self._set_status(status, detail)
+        if status == "ok":
+            try:
+                self._refresh()
+            except DockerError as e:
+                self._set_status(e.status, str(e))
+        return self.snapshot(wait_s=0)
+
+    def mark_stale(self):
+        self._fresh.clear()
+        self._stale = True
+        self._wake.set()
+
+    def run(self):
+        """The docker thread: check, watch events, refresh; again when they fail."""
+        backoff = Backoff(1.0, 60.0)
+        while not self.stop.is_set():
+            status, detail = self.cli.check()
+            self._set_status(status, detail)
+            if status == "ok":
+                self._watch()
+                if self.stop.wait(backoff.next_delay()):
+                    return
+            elif self.stop.wait(self.config.docker_check_s):
+                return
+
+    def _watch(self):
+        """Follow events and refresh the list until the events process ends."""
+        self._start_events()
+        try:
+            self.mark_stale()
+            while not self.stop.is_set() and self._events.poll() is None:
+                self._wake.wait(self.config.docker_refresh_s)
+                self._wake.clear()
+                self._refresh()
+        except DockerError as e:
+            self._set_status(e.status, str(e))
+        finally:
+            self._stop_events()
+
+    def _refresh(self):
+        self._stale = False
+        out, _ = self.cli.run("ps", "--all", "--no-trunc", "--format", PS_FORMAT)
+        rows = [container_row(json.loads(line)) for line in out.splitlines() if line]
+        with self._lock:
+            self.containers = rows
+        self._fresh.set()
+
+    def _start_events(self):
+        self.cli.calls += 1
+        self._events = self.cli.children.spawn(
+            [self.cli.binary, "events", "--format", "{{json .}}", "--filter",
+             "type=container"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, env=docker_environment(),
+            start_new_session=True)  # fmt: skip
+        threading.Thread(target=self._read_events, args=(self._events,),
+                         name="docker-events", daemon=True).start()  # fmt: skip
+
+    def _read_events(self, proc):
+        for _line in proc.stdout:  # each event: something changed
+            self.mark_stale()
+        self._wake.set()  # the process ended: the daemon went away or restarted
+
+    def _stop_events(self):
+        proc, self._events = self._events, None
+        if proc is not None:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            proc.stdout.close()
+            self.cli.children.reaped(proc)
+
+    def _set_status(self, status, detail):
+        with self._lock:
+            changed = status != self.status
+            self.status, self.detail = status, detail
+            if status != "ok":
+                self.containers = []
+        self._fresh.set()
+        if changed and status == "ok":
+            LOG.info("docker: daemon %s reachable", detail)
+        elif changed:
+            LOG.warning("docker: %s (%s); containers are not reported", status, detail)
+
+    def shutdown(self):
+        self._wake.set()
+        self._stop_events()
+
+
+# API-form request type -> action; action -> (API-form reply type, status word).
+DOCKER_REQUESTS = {
+    "start_container": "start", "stop_container": "stop",
+    "restart_container": "restart", "pause_container": "pause",
+    "unpause_container": "unpause", "get_container_logs": "logs",
+    "inspect_container": "inspect", "get_container_stats": "stats",
+    "list_containers": "list",
+}  # fmt: skip
+DOCKER_REPLIES = {
+    "start": ("container_started", "started"), "stop": ("container_stopped", "stopped"),
+    "restart": ("container_restarted", "restarted"),
+    "pause": ("container_paused", "paused"),
+    "unpause": ("container_unpaused", "unpaused"),
+    "logs": ("container_logs", None), "inspect": ("container_info", None),
+    "stats": ("container_stats", None), "list": ("container_list", None),
+}  # fmt: skip
+
+
+class DockerJob:
+    """One docker request; runs in the worker pool like a command."""
+
+    def __init__(self, form, request_id, action, ref, params):
+        self.form = form  # "api": start_container...; "docs": docker_command
+        self.id = request_id
+        self.action = action
+        self.ref = ref  # validated container name or id, or None for "list"
+        self.params = params
+        self.received_at = time.monotonic()
+        self.cancel_event = threading.Event()
+        self.cancelled_by = None
+        self.grace_s = 0.0
+        self.started = False
+
+    def describe(self):
+        return f"docker {self.action} {self.ref or ''} (request {self.id})"
+
+    def run(self, runner):
+        self.started = True
+        try:
+            text, fields = runner.docker.perform(self)
+        except DockerError as e:
+            LOG.info("%s failed: %s", self.describe(), e)
+            return self.failure(str(e))
+        LOG.info("%s: %s", self.describe(), text)
+        return self.success(text, fields)
+
+    def success(self, text, fields):
+        ref = {"container_id": self.ref} if self.ref else {}
+        if self.form == "docs":
+            head = {"type": "docker_response", "command_id": self.id, "success": True}
+            return dict(head, message=text, **ref, **fields)
+        kind, word = DOCKER_REPLIES[self.action]
+        status = {"status": word} if word else {}
+        return {
+            "type": kind,
+            "request_id": self.id,
+            "data": dict(ref, **status, **fields),
+        }
+
+    def failure(self, text):
+        if self.form == "docs":
+            return {"type": "docker_response", "command_id": self.id, "success": False,
+                    "message": text}  # fmt: skip
+        return {"type": "error", "request_id": self.id, "message": text}
+
+
+def parse_docker_request(message, form):
+    """A DockerJob, or RequestError before any process starts."""
+    id_field = "request_id" if form == "api" else "command_id"
+    request_id = message.get(id_field)
+    if (
+        isinstance(request_id, bool)
+        or not isinstance(request_id, (str, int))
+        or (request_id == "" or len(str(request_id)) > 200)
+    ):
+        raise RequestError(f"the request has no usable '{id_field}'")
+    action = DOCKER_REQUESTS.get(message["type"]) if form == "api" else \
+        request_field(message, "action", str, "a string")  # fmt: skip
+    if action not in DOCKER_REPLIES:
+        known = ", ".join(DOCKER_REPLIES)
+        raise RequestError(
+            f"unknown docker action {str(action)[:40]!r}; known: {known}"
+        )
+    ref = None if action == "list" else container_ref(message)
+    return DockerJob(form, request_id, action, ref, docker_params(message, action))
+
+
+def container_ref(message):
+    ref = message.get("container_id", message.get("container"))
+    if not isinstance(ref, str) or not DOCKER_REF.match(ref):
+        shown = json.dumps(ref)[:60]
+        raise RequestError(
+            f"invalid container reference {shown}: give a container name or id "
+            "(letters, digits, '_', '.', '-'; at most 128 characters)"
+        )
+    return ref
+
+
+def docker_params(message, action):
+    params = {}
+    if action in ("stop", "restart"):
+        timeout = request_field(message, "timeout", int, "whole seconds", 10)
+        if not 0 <= timeout <= MAX_STOP_TIMEOUT_S:
+            raise RequestError(f"'timeout' must be 0 to {MAX_STOP_TIMEOUT_S} seconds")
+        params["timeout"] = timeout
+    if action == "logs":
+        tail = request_field(message, "tail", int, "a whole number", DEFAULT_LOG_LINES)
+        if tail < 0:
+            raise RequestError("'tail' must not be negative")
+        params["tail"] = min(tail, MAX_LOG_LINES)
+        since = request_field(message, "since", str, "a string")
+        if since is not None and not DOCKER_SINCE.match(since):
+            raise RequestError("'since' must be like 10m, 2h, a Unix time or RFC 3339")
+        params["since"] = since
+        params["timestamps"] = request_field(message, "timestamps", bool,
+                                             "true or false", False)  # fmt: skip
+    return params
+
+
+class DockerActions:
+    """What each docker request does, through the CLI."""
+
+    def __init__(self, config, cli, cache):
+        self.config = config
+        self.cli = cli
+        self.cache = cache
+
+    def check_enabled(self):
+        if not self.config.docker_enabled:
+            raise RequestError(
+                "Docker support is disabled on this agent (docker_enabled)"
+            )
+
+    def perform(self, job):
+        return getattr(self, "do_" + job.action)(job)
+
+    def _simple(self, job, verb, done, *options, extra_s=0):
+        self.cli.run(verb, *options, "--", job.ref,
+                     timeout_s=self.config.docker_timeout_s + extra_s)  # fmt: skip
+        self.cache.mark_stale()
+        return f"Container {done}", {}
+
+    def do_start(self, job):
+        return self._simple(job, "start", "started")
+
+    def do_stop(self, job):
+        t = job.params["timeout"]
+        return self._simple(job, "stop", "stopped", "--time", str(t), extra_s=t)
+
+    def do_restart(self, job):
+        t = job.params["timeout"]
+        return self._simple(job, "restart", "restarted", "--time", str(t), extra_s=t)
+
+    def do_pause(self, job):
+        return self._simple(job, "pause", "paused")
+
+    def do_unpause(self, job):
+        return self._simple(job, "unpause", "unpaused")
+
+    def do_list(self, job):
+        out, _ = self.cli.run("ps", "--all", "--no-trunc", "--format", PS_FORMAT)
+        rows = [container_row(json.loads(line)) for line in out.splitlines() if line]
+        return f"{len(rows)} containers", {"containers": rows}
+
+    def do_logs(self, job):
+        p = job.params
+        args = ["logs", "--tail", str(p["tail"]), "--timestamps"]
+        args += ["--since", p["since"]] if p["since"] else []
+        out, err = self.cli.run(*args, "--", job.ref)
+        entries = merge_log_streams(out, err)[-p["tail"] :] if p["tail"] else []
+        entries, truncated = bound_log_entries(entries, LOG_REPLY_MAX_BYTES)
+        lines = entries if p["timestamps"] else [e["line"] for e in entries]
+        fields = {"logs": lines}
+        if truncated:
+            fields["truncated"] = True
+        return f"{len(lines)} log lines", fields
+
+    def do_inspect(self, job):
+        out, _ = self.cli.run("container", "inspect", "--", job.ref)
+        return "Container inspected", {"info": inspect_summary(json.loads(out)[0])}
+
+    def do_stats(self, job):
+        out, _ = self.cli.run("stats", "--no-stream", "--no-trunc", "--format",
+                              "{{json .}}", "--", job.ref)  # fmt: skip
+        return "Container stats", {
+            "stats": stats_numbers(json.loads(out.splitlines()[0]))
+        }
+
+
+def merge_log_streams(stdout, stderr):
+    """Both streams of `docker logs --timestamps`, merged in time order."""
+    entries = []
+    for stream, text in (("stdout", stdout), ("stderr", stderr)):
+        for line in text.splitlines():
+            stamp, _, rest = line.partition(" ")
+            entries.append({"time": stamp, "stream": stream, "line": rest})
+    return sorted(entries, key=lambda e: log_time_key(e["time"]))
+
+
+def log_time_key(stamp):
+    """RFC 3339 with nanoseconds whose trailing zeros docker trims: sortable."""
+    whole, _, fraction = stamp.rstrip("Z").partition(".")
+    return whole, fraction.ljust(9, "0")
+
+
+def bound_log_entries(entries, max_bytes):
+    """The newest entries that fit in max_bytes; (entries, truncated)."""
+    total, keep = 0, len(entries)
+    while keep > 0:
+        total += len(entries[keep - 1]["line"]) + 60
+        if total > max_bytes:
+            break
+        keep -= 1
+    return entries[keep:], keep > 0
+
+
+def inspect_summary(info):
+    state, config = info.get("State", {}), info.get("Config", {})
+    ports = []
+    for spec, bindings in (info.get("NetworkSettings", {}).get("Ports") or {}).items():
+        private, _, kind = spec.partition("/")
+        for binding in bindings or [{}]:
+            entry = {"private_port": int(private), "type": kind}
+            if binding.get("HostPort"):
+                entry["public_port"] = int(binding["HostPort"])
+            if entry not in ports:
+                ports.append(entry)
+    return {
+        "id": info.get("Id", "")[:12], "name": info.get("Name", "").lstrip("/"),
+        "image": config.get("Image"), "created": info.get("Created"),
+        "state": state.get("Status"), "running": state.get("Running"),
+        "paused": state.get("Paused"), "exit_code": state.get("ExitCode"),
+        "started_at": state.get("StartedAt"), "finished_at": state.get("FinishedAt"),
+        "health": (state.get("Health") or {}).get("Status"),
+        "restart_count": info.get("RestartCount"), "ports": ports,
+        "mounts": [{"type": m.get("Type"), "source": m.get("Source"),
+                    "destination": m.get("Destination"), "read_only": not m.get("RW")}
+                   for m in info.get("Mounts") or []],
+    }  # fmt: skip
+
+
+def stats_numbers(row):
+    """docker stats' human strings ("788KiB / 23.54GiB") as numbers."""
+    memory, net, block = (
+        parse_pair(row.get(k, "")) for k in ("MemUsage", "NetIO", "BlockIO")
+    )
+    return {
+        "cpu_percent": float(row.get("CPUPerc", "0").rstrip("%") or 0),
+        "memory_used_bytes": memory[0], "memory_limit_bytes": memory[1],
+        "memory_percent": float(row.get("MemPerc", "0").rstrip("%") or 0),
+        "network_rx_bytes": net[0], "network_tx_bytes": net[1],
+        "block_read_bytes": block[0], "block_write_bytes": block[1],
+        "pids": int(row["PIDs"]) if str(row.get("PIDs", "")).isdigit() else None,
+    }  # fmt: skip
 
 
 ###############################################################################
@@ -2213,7 +2808,8 @@ def agent_info(source_name, config):
         "python": platform.python_version(),
         "metrics_source": source_name,
         "capabilities": ["metrics", "heartbeat"]
-        + (["commands", "cancel_command", "stream"] if config.commands_enabled else []),
+        + (["commands", "cancel_command", "stream"] if config.commands_enabled else [])
+        + (["docker"] if config.docker_enabled else []),
     }
 
 
@@ -2229,15 +2825,29 @@ class Agent:
             config.top_processes,
             config.process_refresh_s,
             config.disk_include_network,
+            self._containers,
         )
         self.children = Children()
-        self.commands = CommandRunner(config, self.outbox.put, self.children)
+        self.docker_cli = DockerCLI(config, self.children)
+        self.containers = ContainerCache(config, self.docker_cli, self.stop_event)
+        self.docker = DockerActions(config, self.docker_cli, self.containers)
+        self.commands = CommandRunner(
+            config, self.outbox.put, self.children, self.docker
+        )
         self.dispatcher = Dispatcher(self.outbox.put)
         self._register_handlers()
         self.link = None
         self.metrics_thread = self.receive_thread = None
 
+    def _containers(self):
+        if not self.config.docker_enabled:
+            return [], {"status": "disabled"}
+        return self.containers.snapshot()
+
     def _register_handlers(self):
+        for message_type in DOCKER_REQUESTS:
+            self.dispatcher.register(message_type, self.on_docker_request)
+        self.dispatcher.register("docker_command", self.on_docker_command)
         for message_type, handler in (
             ("auth_success", self.on_auth_success),
             ("pong", self.on_pong),
@@ -2276,6 +2886,20 @@ class Agent:
     def on_cancel_command(self, message, session):
         self.commands.cancel(message)
 
+    def on_docker_request(self, message, session):
+        self.docker.check_enabled()
+        self.commands.enqueue(parse_docker_request(message, "api"))
+
+    def on_docker_command(self, message, session):
+        """The docs' form answers every failure as docker_response, success false."""
+        try:
+            self.docker.check_enabled()
+            self.commands.enqueue(parse_docker_request(message, "docs"))
+        except RequestError as e:
+            LOG.warning("refused docker_command: %s", e)
+            self.outbox.put(dict({"type": "docker_response"}, **reply_ids(message),
+                                 success=False, message=str(e)))  # fmt: skip
+
     # -- threads ------------------------------------------------------------------
     def start(self):
         self.link = Link(
@@ -2299,6 +2923,10 @@ class Agent:
             target=self.link.run, name="receive", daemon=True
         )
         self.commands.start()
+        if self.config.docker_enabled:
+            threading.Thread(
+                target=self.containers.run, name="docker", daemon=True
+            ).start()
         self.metrics_thread.start()
         self.receive_thread.start()
 
@@ -2318,6 +2946,7 @@ class Agent:
     def shutdown(self):
         """Close with 1000, stop the threads; bounded so SIGTERM exits within 5 s."""
         self.commands.shutdown(SHUTDOWN_COMMAND_GRACE_S)  # their replies go out too
+        self.containers.shutdown()
         self.stop_event.set()
         self.outbox.wake()
         self.receive_thread.join(SHUTDOWN_FLUSH_S + SHUTDOWN_CLOSE_WAIT_S)
@@ -2380,11 +3009,18 @@ def build_parser():
 
 
 def run_once(config):
+    def containers():
+        if not config.docker_enabled:
+            return [], {"status": "disabled"}
+        cache = ContainerCache(config, DockerCLI(config, Children()), threading.Event())
+        return cache.read_once()
+
     collector = MetricsCollector(
         pick_source(),
         config.top_processes,
         config.process_refresh_s,
         config.disk_include_network,
+        containers,
     )
     collector.prime()
     time.sleep(ONCE_CPU_WINDOW_S)  # the CPU and rate window of this one sample

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import venv
@@ -1780,3 +1781,356 @@ class TestCommands:
 def group_members(marker):
     return [p for members in process_groups().values() for p in members
             if marker in p[2]]  # fmt: skip
+
+
+###############################################################################
+# Docker ######################################################################
+###############################################################################
+
+TEST_IMAGE = "chatops-test-busybox:latest"
+
+
+def docker_ready():
+    """True when a docker CLI talks to a daemon, with the test image built."""
+    if not shutil.which("docker"):
+        return False
+    try:
+        subprocess.run(
+            ["docker", "version"], capture_output=True, timeout=20, check=True
+        )
+    except (subprocess.SubprocessError, OSError):
+        return False
+    images = subprocess.run(["docker", "images", "-q", TEST_IMAGE],
+                            capture_output=True, text=True, timeout=20)  # fmt: skip
+    return bool(images.stdout.strip()) or build_test_image()
+
+
+def build_test_image():
+    """A busybox rootfs imported as an image: no registry is needed."""
+    busybox = shutil.which("busybox")
+    if not busybox:
+        return False
+    root = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"rootfs-{os.getpid()}")
+    os.makedirs(os.path.join(root, "bin"), exist_ok=True)
+    shutil.copy(busybox, os.path.join(root, "bin", "busybox"))
+    for name in ("sh", "echo", "sleep", "cat", "yes", "head", "seq"):
+        link = os.path.join(root, "bin", name)
+        if not os.path.lexists(link):
+            os.symlink("busybox", link)
+    tar = subprocess.Popen(["tar", "-C", root, "-c", "."], stdout=subprocess.PIPE)
+    subprocess.run(["docker", "import", "-", TEST_IMAGE], stdin=tar.stdout,
+                   capture_output=True, timeout=60, check=True)  # fmt: skip
+    tar.wait()
+    shutil.rmtree(root)
+    return True
+
+
+@pytest.fixture(scope="session")
+def docker_engine():
+    ready = docker_ready()
+    required = os.environ.get("CHATOPS_TEST_REQUIRE_DOCKER")
+    require(ready or not required, "no Docker engine, and CI requires one")
+    require(ready, "no Docker engine with the test image")
+
+
+def docker(*args, check=True):
+    return subprocess.run(["docker", *args], capture_output=True, text=True,
+                          timeout=60, check=check)  # fmt: skip
+
+
+def docker_state(name):
+    return docker(
+        "container", "inspect", "--format", "{{.State.Status}}", name
+    ).stdout.strip()
+
+
+@pytest.fixture
+def container(docker_engine):
+    """Makes uniquely named test containers (no network) and removes them after."""
+    names = []
+
+    def make(script="sleep 600", start=True):
+        name = f"chatops-test-{os.getpid()}-{time.monotonic_ns() % 10**9}"
+        verb = ["run", "-d"] if start else ["create"]
+        docker(
+            *verb, "--network", "none", "--name", name, TEST_IMAGE, "sh", "-c", script
+        )
+        names.append(name)
+        return name
+
+    yield make
+    if names:
+        docker("rm", "-f", *names, check=False)
+
+
+@pytest.fixture
+def counting_docker(tmp_path):
+    """A docker CLI that logs each call, so tests can count what the agent runs."""
+    calls = tmp_path / "docker-calls"
+    shim = tmp_path / "docker"
+    shim.write_text(f'#!/bin/sh\necho "$1" >> {calls}\nexec docker "$@"\n')
+    shim.chmod(0o755)
+    calls.touch()
+    return str(shim), calls
+
+
+class TestDockerParsing:
+    def test_ports(self):
+        text = "0.0.0.0:8080->80/tcp, :::8080->80/tcp, 443/tcp, 127.0.0.1:53->53/udp"
+        assert agent.parse_ports(text) == [
+            {"private_port": 80, "type": "tcp", "public_port": 8080},
+            {"private_port": 443, "type": "tcp"},
+            {"private_port": 53, "type": "udp", "public_port": 53},
+        ]
+        assert agent.parse_ports("0.0.0.0:9000-9001->9000-9001/tcp") == [
+            {"private_port": 9000, "type": "tcp", "public_port": 9000},
+            {"private_port": 9001, "type": "tcp", "public_port": 9001},
+        ]
+        assert agent.parse_ports("") == []
+
+    def test_sizes_and_times(self):
+        assert agent.parse_pair("788KiB / 23.54GiB") == [806912, int(23.54 * 1024**3)]
+        assert agent.parse_bytes("1.5GB") == 1_500_000_000
+        assert agent.parse_bytes("0B") == 0
+        assert agent.rfc3339("2026-11-25 14:28:30 +0100 CET") == "2026-11-25T13:28:30Z"
+
+    def test_log_merge_orders_trimmed_nanoseconds(self):
+        out = "2026-11-25T14:28:31.7141512Z b\n2026-11-25T14:28:31.9Z d\n"
+        err = "2026-11-25T14:28:31.71415125Z c\n2026-11-25T14:28:30Z a\n"
+        merged = agent.merge_log_streams(out, err)
+        assert [e["line"] for e in merged] == ["a", "b", "c", "d"]
+        assert [e["stream"] for e in merged] == ["stderr", "stdout", "stderr", "stdout"]
+
+    @pytest.mark.parametrize("stderr, status, words", [
+        ("Error: No such container: web", "ok", "No such container: web"),
+        ("Error response from daemon: No such container: web", "ok",
+         "No such container: web"),
+        ("Cannot connect to the Docker daemon at unix:///var/run/docker.sock. Is the "
+         "docker daemon running?", "daemon not running", "not running"),
+        ("permission denied while trying to connect to the Docker daemon socket at "
+         "unix:///var/run/docker.sock", "permission denied", "root-equivalent"),
+        ("unknown flag: --bogus", "error", "unknown flag: --bogus"),
+    ])  # fmt: skip
+    def test_cli_errors(self, stderr, status, words):
+        error = agent.classify_docker_error(stderr, "docker")
+        assert error.status == status and words in str(error)
+
+    @pytest.mark.parametrize("ref", ["-rf", "--help", "a b", "$(id)", "x" * 300,
+                                     "", None, 5, "web;reboot", "../x"])  # fmt: skip
+    def test_invalid_references_refused(self, ref):
+        request = {"type": "stop_container", "request_id": "r", "container_id": ref}
+        with pytest.raises(agent.RequestError, match="invalid container reference"):
+            agent.parse_docker_request(request, "api")
+
+    @pytest.mark.parametrize("fields, message", [
+        ({"type": "stop_container", "timeout": -1}, "'timeout' must be 0 to"),
+        ({"type": "stop_container", "timeout": "5"}, "'timeout' must be whole"),
+        ({"type": "get_container_logs", "tail": -5}, "must not be negative"),
+        ({"type": "get_container_logs", "since": "$(id)"}, "'since' must be like"),
+    ])  # fmt: skip
+    def test_bad_parameters(self, fields, message):
+        request = {"request_id": "r", "container_id": "web", **fields}
+        with pytest.raises(agent.RequestError, match=message):
+            agent.parse_docker_request(request, "api")
+
+    def test_tail_is_bounded(self):
+        request = {"type": "get_container_logs", "request_id": "r",
+                   "container_id": "web", "tail": 10**9}  # fmt: skip
+        assert agent.parse_docker_request(request, "api").params["tail"] == 10000
+
+
+def listed(api, name):
+    """The container `name` in the latest metrics sample, if it is there."""
+    latest = api.metrics()[-1]["containers"] if api.metrics() else []
+    return next((c for c in latest if c["name"] == name), None)
+
+
+def send(api, kind, request_id, id_field="request_id", **fields):
+    api.send_all(json.dumps({"type": kind, id_field: request_id, **fields}))
+
+
+class TestDocker:
+    def test_list_in_metrics_follows_hand_made_changes(self, api, run_agent, container,
+                                                       counting_docker):  # fmt: skip
+        shim, calls = counting_docker
+        proc = run_agent(api.url, "--docker-binary", shim)
+        name = container("sleep 600")
+        wait_until(lambda: listed(api, name), 10, "the container in metrics")
+        row = next(c for c in api.metrics()[-1]["containers"] if c["name"] == name)
+        assert row["state"] == "running" and row["status"].startswith("Up")
+        assert len(row["id"]) == 12 and row["image"].startswith("chatops-test-busybox")
+        assert row["created"].endswith("Z") and row["ports"] == []
+        assert api.metrics()[-1]["docker"]["status"] == "ok"
+        docker("stop", "--time", "0", name)
+        after_stop = len(api.metrics())
+        wait_until(lambda: len(api.metrics()) > after_stop, 5, "the next sample")
+        stopped = next(
+            c for c in api.metrics()[after_stop]["containers"] if c["name"] == name
+        )
+        assert stopped["state"] == "exited"
+        ps_before = calls.read_text().split().count("ps")
+        ticks = len(api.metrics())
+        wait_until(lambda: len(api.metrics()) >= ticks + 6, 10, "six quiet ticks")
+        assert calls.read_text().split().count("ps") == ps_before  # no ps per tick
+        assert calls.read_text().split().count("events") == 1
+        assert "docker" in proc.log()
+
+    def test_actions_through_the_api(self, api, run_agent, container):
+        name = container("sleep 600")
+        cmd = Commander(api, run_agent(api.url))
+        wait_until(api.metrics, 6, "the agent")
+
+        def ask(kind, **fields):
+            cmd.count += 1
+            request_id = f"d-{cmd.count}"
+            api.send_all(json.dumps({"type": kind, "request_id": request_id,
+                                     "container_id": name, **fields}))  # fmt: skip
+            started = time.monotonic()
+            reply = cmd.reply(request_id, 15)
+            assert time.monotonic() - started < 10, "the API waits only 10 s"
+            return reply
+
+        reply = ask("stop_container", timeout=1)
+        assert reply == {
+            "type": "container_stopped",
+            "request_id": reply["request_id"],
+            "data": {"container_id": name, "status": "stopped"},
+        }
+        assert docker_state(name) == "exited"
+        assert ask("start_container")["data"]["status"] == "started"
+        assert docker_state(name) == "running"
+        assert ask("restart_container", timeout=1)["type"] == "container_restarted"
+        assert docker_state(name) == "running"
+        assert ask("pause_container")["type"] == "container_paused"
+        assert docker_state(name) == "paused"
+        assert ask("unpause_container")["type"] == "container_unpaused"
+        assert docker_state(name) == "running"
+        info = ask("inspect_container")["data"]["info"]
+        assert info["name"] == name and info["state"] == "running"
+        assert info["restart_count"] == 0 and info["started_at"].startswith("20")
+        stats = ask("get_container_stats")["data"]["stats"]
+        assert stats["memory_used_bytes"] > 0 and stats["memory_limit_bytes"] > 0
+        assert stats["pids"] >= 1 and stats["cpu_percent"] >= 0
+        listed = ask("list_containers")["data"]["containers"]
+        assert any(c["name"] == name for c in listed)
+        missing = ask("stop_container", container_id="chatops-test-no-such-thing")
+        assert missing["type"] == "error"
+        assert "no such container" in missing["message"].lower()
+
+    def test_logs_both_streams_in_order_with_tail(self, api, run_agent, container):
+        # The daemon stamps each line as it reads the stream's pipe: lines written
+        # microseconds apart on two pipes can come out either way, so space them.
+        script = ("for i in 1 2 3 4 5 6; do echo out$i; sleep 0.05; echo err$i >&2; "
+                  "sleep 0.05; done; sleep 600")  # fmt: skip
+        name = container(script)
+        wait_until(lambda: "err6" in docker("logs", name).stderr, 10, "the logs")
+        cmd = Commander(api, run_agent(api.url))
+        wait_until(api.metrics, 6, "the agent")
+        api.send_all(json.dumps({"type": "get_container_logs", "request_id": "l1",
+                                 "container_id": name}))  # fmt: skip
+        logs = cmd.reply("l1")["data"]["logs"]
+        assert logs == [f"{s}{i}" for i in range(1, 7) for s in ("out", "err")]
+        api.send_all(json.dumps({"type": "get_container_logs", "request_id": "l2",
+                                 "container_id": name, "tail": 3,
+                                 "timestamps": True}))  # fmt: skip
+        tail = cmd.reply("l2")["data"]["logs"]
+        assert [e["line"] for e in tail] == ["err5", "out6", "err6"]
+        assert [e["stream"] for e in tail] == ["stderr", "stdout", "stderr"]
+        assert all(e["time"].endswith("Z") for e in tail)
+
+    def test_docs_form(self, api, run_agent, container):
+        name = container("sleep 600")
+        cmd = Commander(api, run_agent(api.url))
+        wait_until(api.metrics, 6, "the agent")
+        actions = [("stop", {"timeout": 0}), ("start", {}), ("inspect", {}),
+                   ("list", {}), ("logs", {})]  # fmt: skip
+        for n, (action, extra) in enumerate(actions):
+            send(api, "docker_command", f"c{n}", "command_id", action=action,
+                 container_id=name, **extra)  # fmt: skip
+            reply = cmd.reply(f"c{n}", id_field="command_id")
+            assert reply["type"] == "docker_response", reply
+            assert reply["success"], reply
+        assert cmd.reply("c2", id_field="command_id")["info"]["name"] == name
+        containers = cmd.reply("c3", id_field="command_id")["containers"]
+        assert any(c["name"] == name for c in containers)
+        api.send_all(json.dumps({"type": "docker_command", "command_id": "bad",
+                                 "action": "stop", "container_id": "-rf"}))  # fmt: skip
+        bad = cmd.reply("bad", id_field="command_id")
+        assert bad["type"] == "docker_response" and not bad["success"]
+
+    def test_invalid_references_start_no_process(self, api, run_agent, counting_docker):
+        shim, calls = counting_docker
+        cmd = Commander(api, run_agent(api.url, "--docker-binary", shim))
+        wait_until(api.metrics, 6, "the agent")
+        wait_until(lambda: "events" in calls.read_text(), 10, "the events watcher")
+        before = calls.read_text()
+        for n, ref in enumerate(["-rf", "--help", "a b", "$(id)", "x" * 300]):
+            api.send_all(json.dumps({"type": "start_container", "request_id": f"i{n}",
+                                     "container_id": ref}))  # fmt: skip
+            reply = cmd.reply(f"i{n}")
+            assert reply["type"] == "error" and "invalid container reference" in \
+                reply["message"]  # fmt: skip
+        assert calls.read_text() == before
+
+    def test_missing_cli(self, api, run_agent):
+        cmd = Commander(
+            api, run_agent(api.url, "--docker-binary", "/nonexistent/docker")
+        )
+        wait_until(lambda: api.metrics() and api.metrics()[-1]["docker"]["status"]
+                   == "not installed", 10, "the status")  # fmt: skip
+        assert api.metrics()[-1]["containers"] == []
+        api.send_all(json.dumps({"type": "start_container", "request_id": "m1",
+                                 "container_id": "web"}))  # fmt: skip
+        reply = cmd.reply("m1")
+        assert (
+            reply["type"] == "error" and "apt-get install docker.io" in reply["message"]
+        )
+
+    def test_daemon_down_then_back(self, api, run_agent, docker_engine, tmp_path,
+                                   container):  # fmt: skip
+        """DOCKER_HOST names a socket with no daemon behind it; then the real
+        socket appears there, as when the daemon comes back."""
+        socket_path = tmp_path / "docker.sock"
+        name = container("sleep 600")
+        proc = run_agent(api.url, "--docker-check-s", "0.5",
+                         DOCKER_HOST=f"unix://{socket_path}")  # fmt: skip
+        wait_until(lambda: api.metrics() and api.metrics()[-1]["docker"]["status"]
+                   == "daemon not running", 10, "the daemon-down status")  # fmt: skip
+        assert api.metrics()[-1]["containers"] == []
+        cmd = Commander(api, proc)
+        api.send_all(json.dumps({"type": "start_container", "request_id": "s1",
+                                 "container_id": name}))  # fmt: skip
+        assert "daemon is not running" in cmd.reply("s1")["message"]
+        os.symlink("/var/run/docker.sock", socket_path)
+        wait_until(lambda: listed(api, name), 10, "the containers once it is back")
+        assert api.metrics()[-1]["docker"]["status"] == "ok"
+
+    def test_permission_denied_on_the_socket(self, api, docker_engine):
+        """The agent as user nobody, who may not use the root-owned socket."""
+        setpriv = shutil.which("setpriv")
+        require(setpriv and os.geteuid() == 0, "setpriv and root are needed")
+        shared = tempfile.mkdtemp()  # pytest's tmp_path is closed to other users
+        os.chmod(shared, 0o755)
+        copy = os.path.join(shared, "chatops_agent.py")
+        shutil.copy(AGENT, copy)
+        result = subprocess.run(
+            [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups",
+             sys.executable, copy, "--once"],
+            capture_output=True, text=True, timeout=60,
+            env=clean_env(HOME="/nonexistent"))  # fmt: skip
+        shutil.rmtree(shared)
+        assert result.returncode == 0, result.stderr
+        status = json.loads(result.stdout)["data"]["docker"]
+        assert status["status"] == "permission denied", status
+        assert (
+            "docker' group" in status["detail"]
+            and "root-equivalent" in status["detail"]
+        )
+
+    def test_docker_disabled(self, api, run_agent):
+        cmd = Commander(api, run_agent(api.url, "--docker-enabled", "false"))
+        wait_until(api.metrics, 6, "the agent")
+        assert api.metrics()[-1]["docker"] == {"status": "disabled"}
+        api.send_all(json.dumps({"type": "start_container", "request_id": "x1",
+                                 "container_id": "web"}))  # fmt: skip
+        assert "disabled" in cmd.reply("x1")["message"]
