@@ -3110,41 +3110,53 @@ def check_api(config):
 
 
 def run_check(config):
-    results = [(True, "config valid: %s" % (config.config_path or "no config file"))]
-    url = ws_url(config.api_url)
-    tls = (
-        "not used"
-        if url.startswith("ws:")
-        else "NOT VERIFIED (tls_skip_verify)"
-        if config.tls_skip_verify
-        else "verified with %s" % (config.ca_file or "the system's CAs")
-    )
-    results.append((True, f"WebSocket URL {url}; TLS {tls}"))
+    """One line per check; exit 1 if any failed. Docker is reported, never failed:
+    it is optional."""
+    results = [(True, f"config valid: {config.config_path or 'no config file'}")]
+    results.append((True, check_url(config)))
     results.extend(check_api(config))
-    try:
-        source = pick_source()
-        results.append(
-            (
-                True,
-                "metrics source: %s"
-                % (
-                    f"psutil {psutil.__version__}"
-                    if source.name == "psutil"
-                    else "/proc (psutil not installed)"
-                ),
-            )
-        )
-    except DependencyError as e:
-        results.append((False, f"metrics source: {e}"))
-    try:
-        websocket = load_websocket()
-        version = getattr(websocket, "__version__", "?")
-        results.append((True, f"websocket-client {version}"))
-    except DependencyError as e:
-        results.append((False, str(e)))
+    results.append(check_source())
+    results.append(check_websocket())
     for ok, text in results:
         print(f"{'ok' if ok else 'FAIL':<4} {text}")
+    print(f"note {check_docker(config)}")
     return 0 if all(ok for ok, _ in results) else 1
+
+
+def check_url(config):
+    url = ws_url(config.api_url)
+    if url.startswith("ws:"):
+        tls = "not used"
+    elif config.tls_skip_verify:
+        tls = "NOT VERIFIED (tls_skip_verify)"
+    else:
+        tls = f"verified with {config.ca_file or 'the system CAs'}"
+    return f"WebSocket URL {url}; TLS {tls}"
+
+
+def check_source():
+    try:
+        source = pick_source()
+    except DependencyError as e:
+        return False, f"metrics source: {e}"
+    if source.name == "psutil":
+        return True, f"metrics source: psutil {psutil.__version__}"
+    return True, "metrics source: /proc (psutil not installed)"
+
+
+def check_websocket():
+    try:
+        websocket = load_websocket()
+    except DependencyError as e:
+        return False, str(e)
+    return True, f"websocket-client {getattr(websocket, '__version__', '?')}"
+
+
+def check_docker(config):
+    if not config.docker_enabled:
+        return "docker: disabled (docker_enabled)"
+    status, detail = DockerCLI(config, Children()).check()
+    return f"docker: {status} ({detail})"
 
 
 def flags_given(args):

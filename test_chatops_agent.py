@@ -1245,7 +1245,8 @@ class TestConnection:
         )
         assert result.returncode == 0, result.stdout + result.stderr
         lines = result.stdout.splitlines()
-        assert [line.split()[0] for line in lines] == ["ok"] * 6
+        assert [line.split()[0] for line in lines] == ["ok"] * 6 + ["note"]
+        assert lines[-1].startswith("note docker: ")
         assert "API key accepted: server_id " + SERVER_ID in result.stdout
         bad = run_cli(
             "--check", "--api-url", api.url, env=clean_env(CHATOPS_API_KEY="nope")
