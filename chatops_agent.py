@@ -1957,9 +1957,11 @@ SOCKET_FIX = (
 
 
 class DockerError(RequestError):
-    """A docker CLI call that failed; `status` says why for the metrics."""
+    """A docker CLI call that failed. `status`, when set, says that Docker as a
+    whole is unavailable and why (for the metrics); None means only this call
+    failed (a missing container, a bad argument)."""
 
-    def __init__(self, message, status="error"):
+    def __init__(self, message, status=None):
         super().__init__(message)
         self.status = status
 
@@ -1969,14 +1971,14 @@ def docker_environment():
     return {k: v for k, v in os.environ.items() if not k.startswith("CHATOPS_")}
 
 
-def classify_docker_error(stderr, binary):
+def classify_docker_error(stderr):
     """A DockerError from what the CLI wrote: the CLI's own words, and a fix."""
     text = " ".join(stderr.split())[:300] or "docker failed without a message"
     lower = text.lower()
     if "no such container" in lower:
-        return DockerError(text.replace("Error: ", "").replace("Error response from "
-                                                               "daemon: ", ""),
-                           "ok")  # fmt: skip
+        return DockerError(
+            text.replace("Error response from daemon: ", "").replace("Error: ", "")
+        )
     if "permission denied" in lower and "docker" in lower:
         return DockerError(f"permission denied on the docker socket: {SOCKET_FIX}",
                            "permission denied")  # fmt: skip
@@ -2049,17 +2051,15 @@ class DockerCLI:
         self.binary = config.docker_binary
         self.timeout_s = config.docker_timeout_s
         self.children = children
-        self.calls = 0
 
     def run(self, *args, timeout_s=None, max_bytes=DOCKER_MAX_OUTPUT):
         """stdout and stderr of a successful call, or a DockerError saying why not."""
         rc, out, err = self._call(args, timeout_s or self.timeout_s, max_bytes)
         if rc != 0:
-            raise classify_docker_error(err.decode("utf-8", "replace"), self.binary)
+            raise classify_docker_error(err.decode("utf-8", "replace"))
         return out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
 
     def _call(self, args, timeout_s, max_bytes):
-        self.calls += 1
         try:
             proc = self.children.spawn(
                 [self.binary, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -2076,8 +2076,11 @@ class DockerCLI:
         try:
             out, err = read_pipes(proc, time.monotonic() + timeout_s, max_bytes)
         finally:
-            proc.kill() if proc.poll() is None else None
+            if proc.poll() is None:
+                proc.kill()
             proc.wait()
+            proc.stdout.close()
+            proc.stderr.close()
             self.children.reaped(proc)
         if out is None:
             raise DockerError(f"docker {args[0]} did not answer within {timeout_s:g} s "
@@ -2090,7 +2093,7 @@ class DockerCLI:
             out, _ = self.run("version", "--format", "{{.Server.Version}}",
                               timeout_s=min(self.timeout_s, 15))  # fmt: skip
         except DockerError as e:
-            return e.status if e.status != "ok" else "error", str(e)
+            return e.status or "error", str(e)
         return "ok", out.strip()
 
 
@@ -2110,8 +2113,6 @@ def read_pipes(proc, deadline, max_bytes):
                     selector.unregister(key.fileobj)
                 elif len(chunks[key.fileobj]) < max_bytes:
                     chunks[key.fileobj] += data[: max_bytes - len(chunks[key.fileobj])]
-    proc.stdout.close()
-    proc.stderr.close()
     return bytes(chunks[proc.stdout]), bytes(chunks[proc.stderr])
 
 
@@ -2157,7 +2158,7 @@ class ContainerCache:
             try:
                 self._refresh()
             except DockerError as e:
-                self._set_status(e.status, str(e))
+                self._set_status(e.status or "error", str(e))
         return self.snapshot(wait_s=0)
 
     def mark_stale(self):
@@ -2172,7 +2173,10 @@ class ContainerCache:
             status, detail = self.cli.check()
             self._set_status(status, detail)
             if status == "ok":
+                watched_from = time.monotonic()
                 self._watch()
+                if time.monotonic() - watched_from > 60:
+                    backoff.reset()  # it had worked for a while: a restart
                 if self.stop.wait(backoff.next_delay()):
                     return
             elif self.stop.wait(self.config.docker_check_s):
@@ -2188,7 +2192,7 @@ class ContainerCache:
                 self._wake.clear()
                 self._refresh()
         except DockerError as e:
-            self._set_status(e.status, str(e))
+            self._set_status(e.status or "error", str(e))
         finally:
             self._stop_events()
 
@@ -2201,7 +2205,6 @@ class ContainerCache:
         self._fresh.set()
 
     def _start_events(self):
-        self.cli.calls += 1
         self._events = self.cli.children.spawn(
             [self.cli.binary, "events", "--format", "{{json .}}", "--filter",
              "type=container"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

@@ -725,10 +725,19 @@ class TestMetrics:
         ]
         assert abs(proc["network"]["bytes_recv"] - ps["network"]["bytes_recv"]) < 1e6
         assert abs(proc["uptime_s"] - ps["uptime_s"]) <= 2
-        ps_procs = {p.pid: p.info for p in psutil.process_iter(["name", "memory_info"])}
-        for row in agent.ProcSource().processes():
-            if row[0] in ps_procs and ps_procs[row[0]]["memory_info"]:
-                assert row[2][:15] == ps_procs[row[0]]["name"][:15]
+        # Names: kernel workers rename themselves (kworker/0:0-events becomes
+        # kworker/0:0-mm_percpu_wq) between two reads, so most must agree, and
+        # a process of ours exactly.
+        child = subprocess.Popen(["sleep", "30"])
+        try:
+            names = {p.pid: p.info["name"] for p in psutil.process_iter(["name"])}
+            rows = {row[0]: row[2] for row in agent.ProcSource().processes()}
+        finally:
+            child.kill()
+            child.wait()
+        both = set(names) & set(rows)
+        same = [pid for pid in both if rows[pid][:15] == names[pid][:15]]
+        assert len(same) >= 0.9 * len(both) and rows[child.pid] == "sleep"
 
     def test_filesystem_filter(self):
         mounts = [
@@ -1903,17 +1912,17 @@ class TestDockerParsing:
         assert [e["stream"] for e in merged] == ["stderr", "stdout", "stderr", "stdout"]
 
     @pytest.mark.parametrize("stderr, status, words", [
-        ("Error: No such container: web", "ok", "No such container: web"),
-        ("Error response from daemon: No such container: web", "ok",
+        ("Error: No such container: web", None, "No such container: web"),
+        ("Error response from daemon: No such container: web", None,
          "No such container: web"),
         ("Cannot connect to the Docker daemon at unix:///var/run/docker.sock. Is the "
          "docker daemon running?", "daemon not running", "not running"),
         ("permission denied while trying to connect to the Docker daemon socket at "
          "unix:///var/run/docker.sock", "permission denied", "root-equivalent"),
-        ("unknown flag: --bogus", "error", "unknown flag: --bogus"),
+        ("unknown flag: --bogus", None, "unknown flag: --bogus"),
     ])  # fmt: skip
     def test_cli_errors(self, stderr, status, words):
-        error = agent.classify_docker_error(stderr, "docker")
+        error = agent.classify_docker_error(stderr)
         assert error.status == status and words in str(error)
 
     @pytest.mark.parametrize("ref", ["-rf", "--help", "a b", "$(id)", "x" * 300,
