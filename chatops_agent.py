@@ -1721,7 +1721,11 @@ class CommandRunner:
         self.send = send  # Outbox.put: queues a message, never blocks
         self.children = children
         self.docker = docker  # DockerActions, for docker jobs
-        self.queue = queue.Queue(maxsize=config.command_queue_size)
+        # Admission counts jobs (running + waiting) against workers + queue size;
+        # the queue itself only hands jobs over, so a request is never refused
+        # while a worker is free but has not yet picked up the one before.
+        self.capacity = config.command_workers + config.command_queue_size
+        self.queue = queue.Queue()
         self.jobs = {}  # id -> CommandJob, queued or running
         self.lock = threading.Lock()
         self.job_done = threading.Condition(self.lock)
@@ -1754,14 +1758,13 @@ class CommandRunner:
         with self.lock:
             if job.id in self.jobs:
                 raise RequestError(f"a request with id {job.id!r} is already running")
-            try:
-                self.queue.put_nowait(job)
-            except queue.Full:
+            if len(self.jobs) >= self.capacity:
                 raise RequestError(
                     f"agent busy: {self.config.command_workers} commands running and "
                     f"{self.config.command_queue_size} waiting; try again later"
-                ) from None
+                )
             self.jobs[job.id] = job
+            self.queue.put(job)
 
     def _check_allowed(self, job):
         allow = self.config.command_allow

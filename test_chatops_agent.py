@@ -1533,6 +1533,20 @@ class TestCommandRequests:
         one = agent.load_config({"command_allow": "uptime"}, {})
         assert one.command_allow == ["uptime"]
 
+    def test_busy_only_when_workers_and_queue_are_all_taken(self):
+        """Admission counts jobs: with 1 worker and a queue of 1, two requests are
+        taken even before the worker has picked up the first (no worker runs
+        here), and only the third is refused."""
+        config = agent.load_config(
+            {"command_workers": "1", "command_queue_size": "1"}, {}
+        )
+        runner = agent.CommandRunner(config, lambda *a, **k: None, agent.Children())
+        request = {"type": "execute_command", "command": "true"}
+        runner.submit(dict(request, request_id="a"), "api")
+        runner.submit(dict(request, request_id="b"), "api")
+        with pytest.raises(agent.RequestError, match="agent busy"):
+            runner.submit(dict(request, request_id="c"), "api")
+
     @pytest.mark.parametrize("values, message", [
         ({"command_allow": "(unclosed"}, "not a valid regular expression"),
         ({"command_env": '{"BAD NAME": "x"}'}, "command_env must be a JSON object"),
