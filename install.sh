@@ -1,0 +1,512 @@
+#!/bin/sh
+# Install chatops-agent as a hardened systemd service (as root), or for the
+# current user (without root).
+#
+#   curl -fsSL BASE_URL/install.sh | sh -s -- --api-url https://chatops.example.com --api-key-file key.txt
+#   curl -fsSL BASE_URL/install.sh | CHATOPS_API_KEY=KEY sh
+#   sh install.sh --offline DIR ...           # from a bundle, no network
+#   sh install.sh --prepare-offline DIR       # make that bundle (needs network)
+#   sh install.sh --uninstall [--purge]
+#   sh install.sh --help
+#
+# The whole script is functions; the last line runs main, so a download cut
+# short runs nothing.
+set -eu
+
+# Where the agent is downloaded from when it is not beside this script.
+DEFAULT_BASE_URL="https://chatops.example.com/agent"
+
+NAME=chatops-agent
+PYTHON_MIN_MINOR=8 # Python 3.8 or newer
+
+# Exit statuses, one per kind of failure.
+E_USAGE=2
+E_UNSUPPORTED=3
+E_PYTHON=4
+E_SOURCE=5
+E_BUNDLE=6
+E_SERVICE=7
+E_CONFIG=8
+
+info() { printf 'info: %s\n' "$*" >&2; }
+warn() { printf 'warn: %s\n' "$*" >&2; }
+die() {
+    code=$1
+    shift
+    printf 'error: %s\n' "$*" >&2
+    exit "$code"
+}
+
+usage() {
+    cat <<'EOF'
+Usage: install.sh [options]
+  --api-url URL         ChatOps API URL (env CHATOPS_API_URL)
+  --api-key KEY         API key (env CHATOPS_API_KEY); visible in the process list:
+  --api-key-file FILE   prefer this (env CHATOPS_API_KEY_FILE), or the variable
+  --offline DIR         install from a bundle made by --prepare-offline (env CHATOPS_OFFLINE)
+  --prepare-offline DIR write such a bundle (on a connected machine) and exit
+  --base-url URL        where to download the agent (env CHATOPS_BASE_URL)
+  --no-start            install, but do not enable or start the service (env CHATOPS_NO_START=1)
+  --docker-access       let the service use Docker (root-equivalent!) (env CHATOPS_DOCKER_ACCESS=1)
+  --dry-run             print what would be done, change nothing
+  --uninstall           remove service, program and venv; --purge also config and user
+  --root DIR            install under DIR instead of / (for tests and images; implies --no-start)
+  --help                this text
+EOF
+}
+
+# -- options ---------------------------------------------------------------------
+
+parse_args() {
+    API_URL=${CHATOPS_API_URL:-}
+    API_KEY=${CHATOPS_API_KEY:-}
+    API_KEY_FILE=${CHATOPS_API_KEY_FILE:-}
+    OFFLINE=${CHATOPS_OFFLINE:-}
+    BASE_URL=${CHATOPS_BASE_URL:-$DEFAULT_BASE_URL}
+    NO_START=${CHATOPS_NO_START:-0}
+    DOCKER_ACCESS=${CHATOPS_DOCKER_ACCESS:-0}
+    ROOT=${CHATOPS_ROOT:-}
+    DRY_RUN=0
+    MODE=install
+    PREPARE_DIR=
+    while [ $# -gt 0 ]; do
+        case $1 in
+        --api-url) need_value "$@" && API_URL=$2 && shift ;;
+        --api-key) need_value "$@" && API_KEY=$2 && shift ;;
+        --api-key-file) need_value "$@" && API_KEY_FILE=$2 && shift ;;
+        --offline) need_value "$@" && OFFLINE=$2 && shift ;;
+        --prepare-offline) need_value "$@" && PREPARE_DIR=$2 && MODE=prepare && shift ;;
+        --base-url) need_value "$@" && BASE_URL=$2 && shift ;;
+        --root) need_value "$@" && ROOT=$2 && shift ;;
+        --no-start) NO_START=1 ;;
+        --docker-access) DOCKER_ACCESS=1 ;;
+        --dry-run) DRY_RUN=1 ;;
+        --uninstall) MODE=uninstall ;;
+        --purge) MODE=purge ;;
+        -h | --help)
+            usage
+            exit 0
+            ;;
+        *) die "$E_USAGE" "unknown option $1 (see --help)" ;;
+        esac
+        shift
+    done
+    if [ -n "$API_KEY_FILE" ]; then
+        [ -r "$API_KEY_FILE" ] || die "$E_USAGE" "cannot read the key file $API_KEY_FILE"
+        API_KEY=$(tr -d ' \t\r\n' <"$API_KEY_FILE")
+    fi
+    if [ -n "$ROOT" ]; then
+        NO_START=1
+        ROOT=$(cd "$ROOT" && pwd) || die "$E_USAGE" "--root $ROOT is not a directory"
+    fi
+}
+
+need_value() {
+    [ $# -ge 2 ] || die "$E_USAGE" "$1 needs a value"
+}
+
+# -- where things go ---------------------------------------------------------------
+
+set_paths() {
+    if [ "$(id -u)" -eq 0 ]; then
+        SYSTEM=1
+        APP_DIR=$ROOT/opt/$NAME
+        CONF_DIR=$ROOT/etc/$NAME
+        UNIT_DIR=$ROOT/etc/systemd/system
+    else
+        SYSTEM=0
+        APP_DIR=$ROOT${XDG_DATA_HOME:-$HOME/.local/share}/$NAME
+        CONF_DIR=$ROOT${XDG_CONFIG_HOME:-$HOME/.config}/$NAME
+        UNIT_DIR=
+    fi
+    CONFIG=$CONF_DIR/config.json
+    VENV=$APP_DIR/venv
+}
+
+# Run a command, or only show it under --dry-run.
+run() {
+    if [ "$DRY_RUN" = 1 ]; then
+        printf 'dry-run: %s\n' "$*" >&2
+    else
+        "$@"
+    fi
+}
+
+# -- checks, before anything changes ------------------------------------------------
+
+report_system() {
+    warn "to report this, include:"
+    [ -r /etc/os-release ] && sed 's/^/  /' /etc/os-release >&2
+    printf '  %s\n' "$(uname -a)" >&2
+    printf '  python3: %s\n' "$(python3 --version 2>&1 || echo none)" >&2
+}
+
+check_system() {
+    case $(uname -s) in
+    Linux) ;;
+    *)
+        report_system
+        die "$E_UNSUPPORTED" "this installer supports Linux only"
+        ;;
+    esac
+    ARCH=$(uname -m)
+    case $ARCH in
+    x86_64 | aarch64 | arm64 | armv7l | i686 | riscv64 | ppc64le | s390x) ;;
+    *) warn "untested architecture $ARCH: psutil may not install; the agent then reads /proc" ;;
+    esac
+    command -v python3 >/dev/null 2>&1 || {
+        report_system
+        die "$E_PYTHON" "python3 is missing: install it (Debian/Ubuntu: apt-get install python3 python3-venv)"
+    }
+    minor=$(python3 -c 'import sys; print(sys.version_info[1] if sys.version_info[0] == 3 else 0)')
+    [ "$minor" -ge "$PYTHON_MIN_MINOR" ] || {
+        report_system
+        die "$E_PYTHON" "python3 is older than 3.$PYTHON_MIN_MINOR: install a newer one"
+    }
+    HAVE_VENV=1
+    probe=$(mktemp -d)
+    python3 -m venv "$probe/v" >/dev/null 2>&1 || HAVE_VENV=0
+    rm -rf "$probe"
+    if [ "$HAVE_VENV" = 0 ]; then
+        warn "python3 cannot make a venv (Debian/Ubuntu: apt-get install python3-venv);" \
+            "the distro's python3-websocket and python3-psutil will be used instead"
+    fi
+    SYSTEMD=0
+    if [ -z "$ROOT" ] && [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+        case $(systemctl is-system-running 2>/dev/null || true) in
+        running | degraded | starting) SYSTEMD=1 ;;
+        esac
+    fi
+}
+
+check_key() {
+    if [ -z "$API_KEY" ] && ! [ -f "$CONFIG" ] && [ "$NO_START" = 0 ]; then
+        die "$E_CONFIG" "no API key: give --api-key-file FILE, CHATOPS_API_KEY, or --api-key" \
+            "(or --no-start to install without one)"
+    fi
+}
+
+# -- the agent and its dependencies ----------------------------------------------------
+
+# The directory this script is in, when it is a file (not a pipe).
+script_dir() {
+    case $0 in
+    */install.sh) (cd "${0%/*}" && pwd) ;;
+    install.sh) pwd ;;
+    *) echo "" ;;
+    esac
+}
+
+fetch_agent() {
+    dest=$1
+    here=$(script_dir)
+    if [ -n "$OFFLINE" ]; then
+        cp "$OFFLINE/chatops_agent.py" "$dest"
+    elif [ -n "$here" ] && [ -f "$here/chatops_agent.py" ]; then
+        info "using chatops_agent.py beside install.sh"
+        cp "$here/chatops_agent.py" "$dest"
+    else
+        info "downloading $BASE_URL/chatops_agent.py"
+        download "$BASE_URL/chatops_agent.py" "$dest" ||
+            die "$E_SOURCE" "cannot download $BASE_URL/chatops_agent.py"
+        if download "$BASE_URL/chatops_agent.py.sha256" "$dest.sha256" 2>/dev/null; then
+            want=$(cut -d' ' -f1 <"$dest.sha256")
+            have=$(sha256sum "$dest" | cut -d' ' -f1)
+            [ "$want" = "$have" ] || die "$E_SOURCE" "checksum mismatch for chatops_agent.py:" \
+                "expected $want, got $have; the download is damaged or altered"
+            info "checksum verified"
+        else
+            warn "no checksum published at $BASE_URL/chatops_agent.py.sha256; not verified"
+        fi
+    fi
+    head -n 1 "$dest" | grep -q python3 || die "$E_SOURCE" "what was fetched is not chatops_agent.py"
+}
+
+download() {
+    if command -v curl >/dev/null 2>&1; then
+        curl -fsSL --proto '=https,http' -o "$2" "$1"
+    elif command -v wget >/dev/null 2>&1; then
+        wget -q -O "$2" "$1"
+    else
+        die "$E_SOURCE" "neither curl nor wget is installed"
+    fi
+}
+
+check_bundle() {
+    [ -f "$OFFLINE/SHA256SUMS" ] || die "$E_BUNDLE" "$OFFLINE has no SHA256SUMS: not a bundle"
+    (cd "$OFFLINE" && sha256sum --quiet -c SHA256SUMS) >&2 ||
+        die "$E_BUNDLE" "the bundle in $OFFLINE is damaged: SHA256SUMS does not match"
+    info "bundle verified"
+}
+
+install_python_deps() {
+    if [ "$HAVE_VENV" = 0 ]; then
+        use_distro_packages
+        return
+    fi
+    [ -x "$VENV/bin/python" ] || run python3 -m venv "$VENV"
+    pip_install websocket-client || die "$E_SOURCE" "cannot install websocket-client"
+    if ! pip_install psutil; then
+        warn "psutil could not be installed; the agent will read /proc instead"
+    fi
+    PYTHON=$VENV/bin/python
+}
+
+pip_install() {
+    if [ -n "$OFFLINE" ]; then
+        run "$VENV/bin/pip" install -q --disable-pip-version-check --no-index \
+            --find-links "$OFFLINE/wheels" "$1"
+    else
+        run "$VENV/bin/pip" install -q --disable-pip-version-check "$1"
+    fi
+}
+
+use_distro_packages() {
+    PYTHON=python3
+    python3 -c 'import websocket' 2>/dev/null && return
+    if [ "$SYSTEM" = 1 ] && command -v apt-get >/dev/null 2>&1 && [ -z "$OFFLINE" ]; then
+        info "installing python3-websocket and python3-psutil with apt-get"
+        run apt-get install -y -q python3-websocket python3-psutil >&2 ||
+            die "$E_PYTHON" "cannot install python3-websocket; install python3-venv and re-run"
+    elif [ -n "$OFFLINE" ]; then
+        ls "$OFFLINE"/wheels/websocket_client-*.whl >/dev/null 2>&1 ||
+            die "$E_BUNDLE" "the bundle has no websocket_client wheel"
+        info "no venv: the agent will import websocket-client from its wheel"
+        run cp "$OFFLINE"/wheels/websocket_client-*.whl "$APP_DIR/"
+    else
+        die "$E_PYTHON" "no venv and no python3-websocket: apt-get install python3-venv, and re-run"
+    fi
+}
+
+# -- files --------------------------------------------------------------------------
+
+# install_file SRC DEST MODE: replace DEST if it differs, keeping DEST.bak; CHANGED=1 then.
+install_file() {
+    if [ -f "$2" ] && cmp -s "$1" "$2"; then
+        return
+    fi
+    CHANGED=1
+    [ -f "$2" ] && run cp -p "$2" "$2.bak"
+    run install -m "$3" "$1" "$2"
+}
+
+create_user() {
+    [ "$SYSTEM" = 1 ] || return 0
+    if [ -n "$ROOT" ]; then
+        grep -q "^$NAME:" "$ROOT/etc/passwd" 2>/dev/null && return
+        [ -f "$ROOT/etc/passwd" ] || return 0 # a bare directory tree: files stay root's
+        run useradd --root "$ROOT" --system --home-dir /nonexistent --no-create-home \
+            --shell /usr/sbin/nologin "$NAME"
+        return
+    fi
+    id "$NAME" >/dev/null 2>&1 && return
+    info "creating the system user $NAME (no login shell, no home)"
+    if command -v useradd >/dev/null 2>&1; then
+        run useradd --system --home-dir /nonexistent --no-create-home \
+            --shell /usr/sbin/nologin "$NAME"
+    else
+        run adduser -S -D -H -s /sbin/nologin "$NAME"
+    fi
+}
+
+# uid:gid of the service user, from the passwd file of the tree being installed
+# (numbers: under --root the host may not know the name).
+owner() {
+    ids=
+    if [ "$SYSTEM" = 1 ]; then
+        ids=$(awk -F: -v n="$NAME" '$1 == n { print $3 ":" $4 }' "$ROOT/etc/passwd" 2>/dev/null)
+    fi
+    echo "${ids:-$(id -u):$(id -g)}"
+}
+
+# The config: a JSON object holding the key, mode 0600, owned by the service user.
+# Values given now replace those in an existing file; the others are kept.
+write_config() {
+    run mkdir -p "$CONF_DIR"
+    [ "$SYSTEM" = 1 ] && run chmod 0750 "$CONF_DIR"
+    [ "$DRY_RUN" = 1 ] && return
+    new=$(mktemp "$CONF_DIR/.config.XXXXXX")
+    CHATOPS_NEW_URL=$API_URL CHATOPS_NEW_KEY=$API_KEY "$PYTHON" - "$CONFIG" "$new" <<'PY'
+import json, os, sys
+old, new = sys.argv[1], sys.argv[2]
+config = {}
+if os.path.exists(old):
+    with open(old) as f:
+        config = json.load(f)
+for key, env in (("api_url", "CHATOPS_NEW_URL"), ("api_key", "CHATOPS_NEW_KEY")):
+    if os.environ.get(env):
+        config[key] = os.environ[env]
+with open(new, "w") as f:
+    json.dump(config, f, indent=2)
+    f.write("\n")
+PY
+    chmod 0600 "$new"
+    [ "$SYSTEM" = 1 ] && chown "$(owner)" "$new" "$CONF_DIR"
+    if [ -f "$CONFIG" ] && cmp -s "$new" "$CONFIG"; then
+        rm -f "$new"
+    else
+        mv -f "$new" "$CONFIG"
+        CHANGED=1
+    fi
+}
+
+write_unit() {
+    [ "$SYSTEM" = 1 ] || return 0
+    tmp=$WORK/unit
+    cat >"$tmp" <<EOF
+[Unit]
+Description=ChatOps agent: metrics, commands and Docker for the ChatOps API
+Documentation=https://chatops.example.com/docs/agent
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+User=$NAME
+Group=$NAME
+ExecStart=$PYTHON_PATH /opt/$NAME/chatops_agent.py --config /etc/$NAME/config.json
+Restart=always
+RestartSec=5
+KillMode=mixed
+# Hardening. It binds remote commands too: they cannot write outside /tmp
+# (private) and the agent's own directories, cannot gain privileges (sudo and
+# setuid programs fail), and see no devices. Loosen it with a drop-in, e.g.
+#   systemctl edit chatops-agent  ->  [Service] ProtectSystem=full
+NoNewPrivileges=yes
+ProtectSystem=strict
+ProtectHome=read-only
+PrivateTmp=yes
+PrivateDevices=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+
+[Install]
+WantedBy=multi-user.target
+EOF
+    run mkdir -p "$UNIT_DIR"
+    install_file "$tmp" "$UNIT_DIR/$NAME.service" 0644
+    dropin=$UNIT_DIR/$NAME.service.d/docker.conf
+    if [ "$DOCKER_ACCESS" = 1 ]; then
+        warn "--docker-access: the agent (and every remote command) joins the docker group," \
+            "which is root-equivalent on this machine"
+        printf '[Service]\nSupplementaryGroups=docker\n' >"$WORK/docker.conf"
+        run mkdir -p "${dropin%/*}"
+        install_file "$WORK/docker.conf" "$dropin" 0644
+    fi
+}
+
+start_service() {
+    if [ "$SYSTEM" = 0 ]; then
+        info "installed for $(id -un); run it with:"
+        info "  $PYTHON_PATH $APP_DIR/chatops_agent.py --config $CONFIG"
+        return
+    fi
+    if [ "$NO_START" = 1 ] || [ "$SYSTEMD" = 0 ]; then
+        [ "$SYSTEMD" = 0 ] && [ "$NO_START" = 0 ] && warn "systemd is not running here"
+        info "to run the agent by hand:"
+        info "  runuser -u $NAME -- $PYTHON_PATH /opt/$NAME/chatops_agent.py --config /etc/$NAME/config.json"
+        return
+    fi
+    run systemctl daemon-reload
+    run systemctl enable "$NAME.service" >&2
+    if [ "$CHANGED" = 1 ] || ! systemctl is-active --quiet "$NAME.service"; then
+        run systemctl restart "$NAME.service"
+    fi
+    [ "$DRY_RUN" = 1 ] && return
+    sleep 2
+    if ! systemctl is-active --quiet "$NAME.service"; then
+        journalctl -u "$NAME.service" -n 30 --no-pager >&2 || true
+        die "$E_SERVICE" "the service did not start; its log is above"
+    fi
+    info "chatops-agent is running: systemctl status $NAME"
+}
+
+# -- modes ----------------------------------------------------------------------------
+
+do_install() {
+    check_system
+    check_key
+    [ -n "$OFFLINE" ] && check_bundle
+    CHANGED=0
+    WORK=$(mktemp -d)
+    trap 'rm -rf "$WORK"' EXIT
+    fetch_agent "$WORK/chatops_agent.py"
+    create_user
+    run mkdir -p "$APP_DIR"
+    install_file "$WORK/chatops_agent.py" "$APP_DIR/chatops_agent.py" 0755
+    install_python_deps
+    # What the unit runs, as seen from inside the installed system.
+    PYTHON_PATH=${PYTHON#"$ROOT"}
+    [ "$PYTHON" = python3 ] && PYTHON_PATH=$(command -v python3)
+    write_config
+    write_unit
+    start_service
+}
+
+do_uninstall() {
+    if [ "$SYSTEM" = 1 ] && [ -z "$ROOT" ] && command -v systemctl >/dev/null 2>&1; then
+        run systemctl disable --now "$NAME.service" 2>/dev/null || true
+    fi
+    [ -n "$UNIT_DIR" ] && run rm -rf "$UNIT_DIR/$NAME.service" "$UNIT_DIR/$NAME.service.d"
+    [ -n "$UNIT_DIR" ] && [ -z "$ROOT" ] && command -v systemctl >/dev/null 2>&1 &&
+        run systemctl daemon-reload
+    run rm -rf "$APP_DIR"
+    if [ "$MODE" = purge ]; then
+        run rm -rf "$CONF_DIR"
+        if [ "$SYSTEM" = 1 ] && grep -q "^$NAME:" "$ROOT/etc/passwd" 2>/dev/null; then
+            if [ -n "$ROOT" ]; then run userdel --root "$ROOT" "$NAME"; else run userdel "$NAME"; fi
+        fi
+        info "chatops-agent, its configuration and its user are removed"
+    else
+        info "chatops-agent is removed; its configuration stays in $CONF_DIR (--purge removes it)"
+    fi
+}
+
+# --prepare-offline DIR: the agent, this script, the wheels for the common Linux
+# platforms, and SHA256SUMS.
+do_prepare() {
+    command -v python3 >/dev/null 2>&1 || die "$E_PYTHON" "python3 is needed to prepare a bundle"
+    run mkdir -p "$PREPARE_DIR/wheels"
+    WORK=$(mktemp -d)
+    trap 'rm -rf "$WORK"' EXIT
+    fetch_agent "$WORK/chatops_agent.py"
+    run cp "$WORK/chatops_agent.py" "$PREPARE_DIR/chatops_agent.py"
+    here=$(script_dir)
+    if [ -n "$here" ] && [ -f "$here/install.sh" ]; then
+        run cp "$here/install.sh" "$PREPARE_DIR/install.sh"
+    else
+        download "$BASE_URL/install.sh" "$PREPARE_DIR/install.sh" ||
+            die "$E_SOURCE" "cannot download install.sh"
+    fi
+    # The newest websocket-client that still runs on Python 3.8 (pure Python).
+    run python3 -m pip download -q --disable-pip-version-check --no-deps \
+        --only-binary=:all: --python-version 3.8 -d "$PREPARE_DIR/wheels" websocket-client
+    # psutil: one abi3 wheel per architecture and libc, for any Python 3.
+    for platform in manylinux2014_x86_64 manylinux2014_aarch64 musllinux_1_2_x86_64 \
+        musllinux_1_2_aarch64; do
+        run python3 -m pip download -q --disable-pip-version-check --no-deps \
+            --only-binary=:all: --platform "$platform" --python-version 3.8 \
+            --implementation cp -d "$PREPARE_DIR/wheels" psutil ||
+            warn "no psutil wheel for $platform; the agent reads /proc there"
+    done
+    [ "$DRY_RUN" = 1 ] && return
+    (cd "$PREPARE_DIR" && find . -type f ! -name SHA256SUMS | LC_ALL=C sort |
+        sed 's#^\./##' | xargs sha256sum) >"$WORK/SHA256SUMS"
+    mv "$WORK/SHA256SUMS" "$PREPARE_DIR/SHA256SUMS"
+    info "bundle ready in $PREPARE_DIR: copy it over and run sh install.sh --offline DIR"
+}
+
+main() {
+    parse_args "$@"
+    set_paths
+    case $MODE in
+    install) do_install ;;
+    prepare) do_prepare ;;
+    uninstall | purge) do_uninstall ;;
+    esac
+}
+
+main "$@"
