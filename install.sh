@@ -115,6 +115,8 @@ set_paths() {
         UNIT_DIR=$ROOT/etc/systemd/system
     else
         SYSTEM=0
+        [ "$MODE" = install ] && info "not root: installing for $(id -un) only; for the" \
+            "system service run it as root, e.g. ... | sudo sh -s -- OPTIONS"
         APP_DIR=$ROOT${XDG_DATA_HOME:-$HOME/.local/share}/$NAME
         CONF_DIR=$ROOT${XDG_CONFIG_HOME:-$HOME/.config}/$NAME
         UNIT_DIR=
@@ -389,7 +391,9 @@ EOF
     run mkdir -p "$UNIT_DIR"
     install_file "$tmp" "$UNIT_DIR/$NAME.service" 0644
     dropin=$UNIT_DIR/$NAME.service.d/docker.conf
-    if [ "$DOCKER_ACCESS" = 1 ]; then
+    if [ "$DOCKER_ACCESS" = 1 ] && ! grep -q '^docker:' "$ROOT/etc/group" 2>/dev/null; then
+        warn "--docker-access: there is no 'docker' group (is Docker installed?); skipped"
+    elif [ "$DOCKER_ACCESS" = 1 ]; then
         warn "--docker-access: the agent (and every remote command) joins the docker group," \
             "which is root-equivalent on this machine"
         printf '[Service]\nSupplementaryGroups=docker\n' >"$WORK/docker.conf"

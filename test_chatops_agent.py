@@ -2266,6 +2266,9 @@ class TestInstaller:
         assert json.loads(config.read_text())["api_key"] == KEY  # kept
         assert not (root / "opt/chatops-agent/chatops_agent.py.bak").exists()
 
+        groups = root / "etc" / "group"
+        if "\ndocker:" not in "\n" + groups.read_text():  # --docker-access needs it
+            groups.write_text(groups.read_text() + "docker:x:4242:\n")
         newer = tmp_path / "newer"
         newer.mkdir()
         shutil.copy(INSTALLER, newer / "install.sh")
@@ -2333,6 +2336,8 @@ class TestInstaller:
             env=clean_env(HOME=home))  # fmt: skip
         shutil.rmtree(home)
         assert result.returncode == 8 and "no API key" in result.stderr
+        assert "not root: installing for nobody only" in result.stderr
+        assert "sudo sh" in result.stderr
 
     def test_help(self):
         result = installer("--help")
