@@ -1649,16 +1649,18 @@ def request_field(message, name, kinds, what, default=None):
     return value
 
 
+def request_id_of(message, form):
+    """The request's id, in the field its form uses, or RequestError."""
+    id_field = "request_id" if form == "api" else "command_id"
+    request_id = reply_ids(message).get(id_field)
+    if request_id is None or request_id == "":
+        raise RequestError(f"the request has no usable '{id_field}'")
+    return request_id
+
+
 def parse_command_request(message, form, config):
     """A CommandJob from a request, or RequestError saying what is wrong with it."""
-    id_field = "request_id" if form == "api" else "command_id"
-    request_id = message.get(id_field)
-    if (
-        isinstance(request_id, bool)
-        or not isinstance(request_id, (str, int))
-        or (request_id == "" or len(str(request_id)) > 200)
-    ):
-        raise RequestError(f"the request has no usable '{id_field}'")
+    request_id = request_id_of(message, form)
     command = request_field(message, "command", str, "a string")
     if command is None or not command.strip():
         raise RequestError("'command' is missing or empty")
@@ -2315,14 +2317,7 @@ class DockerJob:
 
 def parse_docker_request(message, form):
     """A DockerJob, or RequestError before any process starts."""
-    id_field = "request_id" if form == "api" else "command_id"
-    request_id = message.get(id_field)
-    if (
-        isinstance(request_id, bool)
-        or not isinstance(request_id, (str, int))
-        or (request_id == "" or len(str(request_id)) > 200)
-    ):
-        raise RequestError(f"the request has no usable '{id_field}'")
+    request_id = request_id_of(message, form)
     action = DOCKER_REQUESTS.get(message["type"]) if form == "api" else \
         request_field(message, "action", str, "a string")  # fmt: skip
     if action not in DOCKER_REPLIES:
