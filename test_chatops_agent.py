@@ -126,6 +126,7 @@ class FakeAPI:
         self.closes = []  # (code, reason) the agent closed with
         self.rejections = 0
         self.lock = threading.Lock()
+        self.new_frame = threading.Condition(self.lock)  # notified on every frame
         self.server = None
 
     # -- lifecycle -------------------------------------------------------------
@@ -243,10 +244,18 @@ class FakeAPI:
         )
         return True
 
+    def wait_for(self, predicate, timeout_s, what):
+        """Wait until predicate() (called under the lock) is true; each frame wakes."""
+        with self.new_frame:
+            if not self.new_frame.wait_for(predicate, timeout_s):
+                raise AssertionError(f"no {what} within {timeout_s} s")
+            return predicate()
+
     def _on_frame(self, conn, number, raw):
         message = json.loads(raw)
         with self.lock:
             self.frames.append((number, message))
+            self.new_frame.notify_all()
         if self.silent:
             return
         if message.get("type") == "metrics" and self.ack:
@@ -1418,16 +1427,14 @@ class Commander:
 
     def reply(self, request_id, timeout_s=15, id_field="request_id"):
         """The first message with this id that is not a stream chunk."""
-        found = wait_until(
-            lambda: [
-                m
-                for m in self.api.messages()
-                if m.get(id_field) == request_id and m["type"] != "command_output"
-            ],
-            timeout_s,
-            f"the reply to {request_id}",
-        )
-        return found[0]
+
+        def found():  # called with the API's lock held: read frames directly
+            for _, m in self.api.frames:
+                if m.get(id_field) == request_id and m["type"] != "command_output":
+                    return m
+            return None
+
+        return self.api.wait_for(found, timeout_s, f"the reply to {request_id}")
 
     def run(self, command, form="api", timeout_s=15, **fields):
         request_id = self.send(command, form, **fields)

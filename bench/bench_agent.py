@@ -1,0 +1,506 @@
+#!/usr/bin/env python3
+"""Benchmark chatops-agent against the floor and its peers, in one run.
+
+    python3 bench/bench_agent.py [--quick]
+
+Prints one table and writes bench/results.json. Everything compared is
+measured side by side in the same run; times are medians (and p95/p99) over
+many repetitions because the machine is shared. It needs what the tests need
+(requirements-test.txt); Docker rows need a running engine (the tests' image
+is built if missing); peer rows need the peers' Debian packages. Nothing here
+ever fails on a number.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
+
+import chatops_agent as agent  # noqa: E402
+import test_chatops_agent as harness  # noqa: E402  (its fake API and helpers)
+
+KEY = "bench-key-0123456789"
+DAY_S = 86400
+FLEET = 10_000  # agents, for the wire-cost line
+
+
+###############################################################################
+# Helpers #####################################################################
+###############################################################################
+
+
+def median(values):
+    return statistics.median(values) if values else None
+
+
+def percentile(values, p):
+    ordered = sorted(values)
+    return (
+        ordered[min(len(ordered) - 1, int(len(ordered) * p / 100))] if values else None
+    )
+
+
+def cpu_seconds(pid):
+    """utime + stime of a process, from /proc (clock ticks are 10 ms)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_tree_cpu(pid):
+    """CPU seconds of a process and its children that still run, plus reaped ones."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mib(pid, field="VmRSS"):
+    return harness.rss_kib(pid, field) / 1024
+
+
+def timed_cpu(function, repeat):
+    """CPU time of each of `repeat` calls, in ms (this thread only)."""
+    samples = []
+    for _ in range(repeat):
+        start = time.thread_time()
+        function()
+        samples.append((time.thread_time() - start) * 1000)
+    return samples
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+###############################################################################
+# 1. Cost of a metrics tick ###################################################
+###############################################################################
+
+
+def raw_floor():
+    with open("/proc/stat") as f:
+        f.read()
+    with open("/proc/meminfo") as f:
+        f.read()
+    os.statvfs("/")
+    with open("/proc/net/dev") as f:
+        f.read()
+
+
+def psutil_floor():
+    psutil = agent.psutil
+    psutil.cpu_times(percpu=True)
+    psutil.virtual_memory()
+    psutil.disk_usage("/")
+    psutil.net_io_counters(pernic=True)
+
+
+def tick_costs(ticks, containers):
+    """Median and p95 CPU ms of a core tick, a full tick and the two floors."""
+    source = agent.pick_source()
+    core = agent.MetricsCollector(source, top_processes=0)
+    core.prime()
+    results = {
+        "core": timed_cpu(core.collect, ticks),
+        "raw floor": timed_cpu(raw_floor, ticks),
+    }
+    if agent.psutil is not None:
+        results["psutil floor"] = timed_cpu(psutil_floor, ticks)
+    full = agent.MetricsCollector(source, top_processes=25, containers=containers)
+    full.prime()
+
+    ticks_done = []
+
+    def full_tick():
+        # The process table is re-read every 15 s, the tick is every 5 s:
+        # every third tick pays for it, as in a running agent.
+        ticks_done.append(1)
+        if len(ticks_done) % 3 == 0:
+            full._procs_at = time.monotonic() - full.process_refresh_s  # due now
+        full.collect()
+
+    results["full"] = timed_cpu(full_tick, ticks)
+    return {k: {"median_ms": median(v), "p95_ms": percentile(v, 95),
+                "mean_ms": statistics.mean(v)} for k, v in results.items()}  # fmt: skip
+
+
+###############################################################################
+# Docker fixtures #############################################################
+###############################################################################
+
+
+class Containers:
+    """Ten idle test containers (no network), removed afterwards."""
+
+    def __init__(self, count=10):
+        self.count = count
+        self.names = []
+        self.available = False
+
+    def __enter__(self):
+        try:
+            self.available = harness.docker_ready()
+        except Exception:
+            self.available = False
+        for i in range(self.count if self.available else 0):
+            name = f"chatops-bench-{os.getpid()}-{i}"
+            harness.docker("run", "-d", "--network", "none", "--name", name,
+                           harness.TEST_IMAGE, "sleep", "3600")  # fmt: skip
+            self.names.append(name)
+        return self
+
+    def __exit__(self, *exc):
+        if self.names:
+            harness.docker("rm", "-f", *self.names, check=False)
+
+
+def counting_docker(directory):
+    calls = os.path.join(directory, "docker-calls")
+    shim = os.path.join(directory, "docker")
+    with open(shim, "w") as f:
+        f.write(f'#!/bin/sh\necho "$1" >> {calls}\nexec docker "$@"\n')
+    os.chmod(shim, 0o755)
+    open(calls, "w").close()
+    return shim, calls
+
+
+###############################################################################
+# 2, 3, 6, 7. The agent connected to a local API ##############################
+###############################################################################
+
+
+AGENT_PYTHON = [sys.executable]  # --agent-python may name another interpreter
+
+
+def start_agent(api, *args, env=None):
+    cmd = [AGENT_PYTHON[0], os.path.join(REPO, "chatops_agent.py"), "--api-url", api.url,
+           *args]  # fmt: skip
+    environ = harness.clean_env(CHATOPS_API_KEY=KEY, **(env or {}))
+    return subprocess.Popen(cmd, env=environ, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+
+
+def stop(proc):
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def frame_sizes(api):
+    return [len(agent.to_json(m)) for m in api.messages("metrics")]
+
+
+def idle_run(window_s, containers, workdir):
+    """The agent at the default 5 s interval, 25 processes, the containers:
+    CPU % of one core, steady and peak RSS, bytes per frame, docker CLI calls."""
+    api = harness.FakeAPI(key=KEY).start()
+    shim, calls = counting_docker(workdir)
+    args = (
+        ["--docker-binary", shim]
+        if containers.available
+        else ["--docker-enabled", "false"]
+    )
+    started = time.monotonic()
+    proc = start_agent(api, *args)
+    try:
+        harness.wait_until(api.metrics, 10, "the first metrics frame")
+        first_frame_s = time.monotonic() - started
+        harness.wait_until(lambda: len(api.metrics()) >= 2, 15, "a second frame")
+        cpu0, t0 = process_tree_cpu(proc.pid), time.monotonic()
+        with open(calls) as f:
+            calls0 = len(f.read().split())
+        time.sleep(window_s)  # the window being measured, not a wait for an event
+        cpu1, t1 = process_tree_cpu(proc.pid), time.monotonic()
+        with open(calls) as f:
+            calls1 = len(f.read().split())
+        result = {
+            "first_frame_s": first_frame_s,
+            "cpu_percent": 100 * (cpu1 - cpu0) / (t1 - t0),
+            "rss_mib": rss_mib(proc.pid),
+            "peak_rss_mib": rss_mib(proc.pid, "VmHWM"),
+            "frame_bytes": median(frame_sizes(api)),
+            "frames": len(api.metrics()),
+            "containers_in_frame": len(api.metrics()[-1]["containers"]),
+            "processes_in_frame": len(api.metrics()[-1]["processes"]),
+            "docker_calls_per_min": (calls1 - calls0) * 60 / (t1 - t0)
+            if containers.available else None,
+        }  # fmt: skip
+    finally:
+        stop(proc)
+        api.stop()
+    return result
+
+
+def once_wall_s(runs):
+    times = []
+    for _ in range(runs):
+        start = time.monotonic()
+        subprocess.run([sys.executable, os.path.join(REPO, "chatops_agent.py"), "--once",
+                        "--docker-enabled", "false"], capture_output=True, check=True,
+                       env=harness.clean_env())  # fmt: skip
+        times.append(time.monotonic() - start)
+    return median(times)
+
+
+###############################################################################
+# 4, 5. Commands ##############################################################
+###############################################################################
+
+
+def command_round_trips(count, throughput_count):
+    api = harness.FakeAPI(key=KEY).start()
+    proc = start_agent(api, "--docker-enabled", "false")
+    try:
+        harness.wait_until(api.metrics, 10, "the agent")
+        commander = harness.Commander(api, proc)
+        trips = []
+        for i in range(count):
+            start = time.monotonic()
+            commander.run("true" if i % 2 else "echo hello")
+            trips.append((time.monotonic() - start) * 1000)
+        bare = []
+        for _ in range(count):
+            start = time.monotonic()
+            subprocess.run(["sh", "-c", "true"], check=True)
+            bare.append((time.monotonic() - start) * 1000)
+        start = time.monotonic()
+        ids = [commander.send("true") for _ in range(min(throughput_count, 60))]
+        for request_id in ids:
+            commander.reply(request_id, 60)
+        throughput = len(ids) / (time.monotonic() - start)
+        before = harness.rss_kib(proc.pid) / 1024
+        start = time.monotonic()
+        reply = commander.run("yes 0123456789abcdef | head -c 200000000", timeout_s=120)
+        large = {
+            "seconds": time.monotonic() - start,
+            "reply_bytes": len(agent.to_json(reply)),
+            "peak_rss_growth_mib": harness.rss_kib(proc.pid, "VmHWM") / 1024 - before,
+        }
+    finally:
+        stop(proc)
+        api.stop()
+    return {
+        "p50_ms": median(trips), "p99_ms": percentile(trips, 99),
+        "bare_sh_p50_ms": median(bare), "over_bare_p50_ms": median(trips) - median(bare),
+        "per_second": throughput, "large_output": large,
+    }  # fmt: skip
+
+
+###############################################################################
+# Peers #######################################################################
+###############################################################################
+
+
+def measure_peer(argv, window_s, scrape_url=None):
+    """CPU % and RSS of a peer collector, scraped every 5 s when it is an exporter."""
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        time.sleep(2)  # its start-up, kept out of the idle window
+        if proc.poll() is not None:
+            return {"error": f"exited with {proc.returncode}"}
+        cpu0, t0 = process_tree_cpu(proc.pid), time.monotonic()
+        deadline = t0 + window_s
+        while time.monotonic() < deadline:
+            if scrape_url:
+                import urllib.request
+
+                urllib.request.urlopen(scrape_url, timeout=5).read()
+            time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+        cpu1, t1 = process_tree_cpu(proc.pid), time.monotonic()
+        return {"cpu_percent": 100 * (cpu1 - cpu0) / (t1 - t0), "rss_mib": rss_mib(proc.pid),
+                "peak_rss_mib": rss_mib(proc.pid, "VmHWM")}  # fmt: skip
+    finally:
+        stop(proc)
+
+
+def peers(window_s, workdir):
+    results = {}
+    exporter = shutil.which("prometheus-node-exporter")
+    if exporter:
+        port = free_port()
+        results["prometheus-node-exporter (scraped every 5 s)"] = measure_peer(
+            [exporter, f"--web.listen-address=127.0.0.1:{port}"], window_s,
+            scrape_url=f"http://127.0.0.1:{port}/metrics")  # fmt: skip
+    else:
+        results["prometheus-node-exporter (scraped every 5 s)"] = None
+    collectd = shutil.which("collectd")
+    if collectd:
+        conf = os.path.join(workdir, "collectd.conf")
+        with open(conf, "w") as f:
+            f.write(f'Interval 5\nBaseDir "{workdir}"\nPIDFile "{workdir}/collectd.pid"\n'
+                    'LoadPlugin cpu\nLoadPlugin memory\nLoadPlugin df\nLoadPlugin interface\n'
+                    f'LoadPlugin load\nLoadPlugin csv\n<Plugin csv>\n  DataDir "{workdir}/csv"\n'
+                    "</Plugin>\n")  # fmt: skip
+        results["collectd (cpu, memory, df, interface, load at 5 s)"] = measure_peer(
+            [collectd, "-f", "-C", conf], window_s)  # fmt: skip
+    else:
+        results["collectd (cpu, memory, df, interface, load at 5 s)"] = None
+    glances = shutil.which("glances")
+    if glances:
+        results["glances (at 5 s)"] = measure_peer(
+            [glances, "-t", "5", "--stdout", "cpu.total,mem.percent,load,fs,network"],
+            window_s)  # fmt: skip
+    else:
+        results["glances (at 5 s)"] = None
+    return results
+
+
+###############################################################################
+# Report ######################################################################
+###############################################################################
+
+TARGETS = {
+    "core tick CPU": "<= 2 x the psutil floor",
+    "full tick CPU, amortised": "<= 3 ms",
+    "idle CPU at 5 s": "<= 0.05 % of one core",
+    "steady RSS": "<= 25 MB",
+    "first metrics frame after start": "<= 1 s",
+    "command round trip over bare sh -c": "<= 3 ms p50",
+    "200 MB output, peak RSS growth": "<= 10 MB",
+    "metrics frame": "<= 4 KB",
+    "docker CLI spawns at rest": "0 per minute",
+}
+
+
+def verdict(ok):
+    return "n/a" if ok is None else ("met" if ok else "MISSED")
+
+
+def rows(r):
+    ticks, idle, cmds = r["ticks"], r["idle"], r["commands"]
+    floor = ticks.get("psutil floor", {}).get("median_ms")
+    ratio = ticks["core"]["median_ms"] / floor if floor else None
+    docker_calls = idle["docker_calls_per_min"]
+    mib = 1024 * 1024
+    return [
+        ("core tick CPU", f"{ticks['core']['median_ms']:.3f} ms (p95 {ticks['core']['p95_ms']:.3f});"
+         f" raw floor {ticks['raw floor']['median_ms']:.3f}, psutil floor "
+         + (f"{floor:.3f} ms; ratio {ratio:.2f}" if floor else "n/a"), ratio is not None and ratio <= 2),
+        ("full tick CPU, amortised", f"{ticks['full']['mean_ms']:.3f} ms mean over ticks "
+         f"(median {ticks['full']['median_ms']:.3f}, p95 {ticks['full']['p95_ms']:.3f} when "
+         f"the process table is read; 25 processes, {r['containers']} containers)",
+         ticks["full"]["mean_ms"] <= 3),
+        ("idle CPU at 5 s", f"{idle['cpu_percent']:.3f} % of one core over {r['window_s']} s",
+         idle["cpu_percent"] <= 0.05),
+        ("steady RSS", f"{idle['rss_mib']:.1f} MiB (peak {idle['peak_rss_mib']:.1f} MiB)",
+         idle["rss_mib"] * mib <= 25e6),
+        ("first metrics frame after start", f"{idle['first_frame_s']:.2f} s; --once "
+         f"{r['once_s']:.2f} s", idle["first_frame_s"] <= 1),
+        ("command round trip over bare sh -c", f"p50 {cmds['p50_ms']:.2f} ms, p99 "
+         f"{cmds['p99_ms']:.2f} ms; bare sh -c {cmds['bare_sh_p50_ms']:.2f} ms; over bare "
+         f"{cmds['over_bare_p50_ms']:.2f} ms; {cmds['per_second']:.0f} commands/s",
+         cmds["over_bare_p50_ms"] <= 3),
+        ("200 MB output, peak RSS growth", f"{cmds['large_output']['peak_rss_growth_mib']:.1f} MiB;"
+         f" reply {cmds['large_output']['reply_bytes'] / mib:.2f} MiB in "
+         f"{cmds['large_output']['seconds']:.2f} s",
+         cmds["large_output"]["peak_rss_growth_mib"] * mib <= 10e6),
+        ("metrics frame", f"{idle['frame_bytes']:.0f} B median ({idle['processes_in_frame']} "
+         f"processes, {idle['containers_in_frame']} containers); "
+         f"{idle['frame_bytes'] * DAY_S / 5 / 1e6:.1f} MB per agent per day; "
+         f"{FLEET} agents: {idle['frame_bytes'] * FLEET / 5 * 8 / 1e6:.1f} Mbit/s into the API",
+         idle["frame_bytes"] <= 4096),
+        ("docker CLI spawns at rest", "n/a (no Docker engine)" if docker_calls is None else
+         f"{docker_calls:.2f} per minute", None if docker_calls is None else docker_calls == 0),
+    ]  # fmt: skip
+
+
+def print_table(results):
+    print(f"agent run by {results['agent_python']}; {results['machine']}")
+    print(f"{'figure':36} {'target':24} {'verdict':8} measured")
+    for figure, measured, ok in rows(results):
+        print(f"{figure:36} {TARGETS[figure]:24} {verdict(ok):8} {measured}")
+    print()
+    agent_idle = results["idle"]
+    print(f"{'peer':52} {'CPU % of a core':>16} {'RSS MiB':>8} {'peak MiB':>9}")
+    print(f"{'chatops-agent (this run)':52} {agent_idle['cpu_percent']:16.3f} "
+          f"{agent_idle['rss_mib']:8.1f} {agent_idle['peak_rss_mib']:9.1f}")  # fmt: skip
+    for name, figures in results["peers"].items():
+        if figures is None:
+            print(f"{name:52} not installed")
+        elif "error" in figures:
+            print(f"{name:52} {figures['error']}")
+        else:
+            print(f"{name:52} {figures['cpu_percent']:16.3f} {figures['rss_mib']:8.1f} "
+                  f"{figures['peak_rss_mib']:9.1f}")  # fmt: skip
+
+
+def machine():
+    with open("/proc/cpuinfo") as f:
+        model = next((line.split(":", 1)[1].strip() for line in f
+                      if line.startswith("model name")), platform.machine())  # fmt: skip
+    websocket = agent.load_websocket()
+    return {"cores": os.cpu_count(), "cpu": model, "python": platform.python_version(),
+            "psutil": getattr(agent.psutil, "__version__", "not installed"),
+            "websocket-client": websocket.__version__,
+            "kernel": platform.release()}  # fmt: skip
+
+
+def agent_python_version(python):
+    out = subprocess.run(
+        [
+            python,
+            "-c",
+            "import platform, sys; print(sys.executable, platform.python_version())",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    return out.stdout.strip()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short windows (CI)")
+    parser.add_argument("--agent-python", default=sys.executable,
+                        help="the interpreter that runs the agent under test (it needs "
+                             "websocket-client; e.g. the installer's venv)")  # fmt: skip
+    args = parser.parse_args()
+    AGENT_PYTHON[0] = args.agent_python
+    window = 20 if args.quick else 60
+    results = {"machine": machine(), "quick": args.quick, "window_s": window,
+               "agent_python": agent_python_version(args.agent_python)}  # fmt: skip
+    with tempfile.TemporaryDirectory() as workdir, Containers() as containers:
+        cache = None
+        if containers.available:
+            cli = agent.DockerCLI(agent.load_config({}, {}), agent.Children())
+            cache = agent.ContainerCache(
+                agent.load_config({}, {}), cli, threading.Event()
+            )
+            cache.read_once()
+        results["containers"] = len(containers.names)
+        results["ticks"] = tick_costs(200 if args.quick else 1000,
+                                      cache.snapshot if cache else None)  # fmt: skip
+        results["idle"] = idle_run(window, containers, workdir)
+        results["once_s"] = once_wall_s(3 if args.quick else 10)
+        results["commands"] = command_round_trips(50 if args.quick else 300,
+                                                  30 if args.quick else 60)  # fmt: skip
+        results["peers"] = peers(window, workdir)
+    results["rows"] = [{"figure": f, "target": TARGETS[f], "verdict": verdict(ok),
+                        "measured": m} for f, m, ok in rows(results)]  # fmt: skip
+    with open(os.path.join(HERE, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print_table(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
