@@ -3071,9 +3071,11 @@ def run_agent(config):
     signal.signal(signal.SIGINT, on_signal)
     agent = Agent(config)
     agent.start()
-    # Blocks with no wake-ups until a signal: on POSIX the handler runs during
-    # the wait (a 0.5 s polling loop here was half of the agent's idle CPU).
-    stopping.wait()
+    # On POSIX this blocks with no wake-ups until a signal, whose handler runs
+    # during the wait (a 0.5 s polling loop here was half of the agent's idle
+    # CPU); on Windows a wait is not interrupted, so it looks once a second.
+    while not stopping.wait(None if os.name == "posix" else 1.0):
+        pass
     agent.shutdown()
     LOG.info("stopped")
     return 0
