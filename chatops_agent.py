@@ -2117,6 +2117,11 @@ class DockerCLI:
                               "(is the daemon hung?)")  # fmt: skip
         return proc.returncode, out, err
 
+    def list_containers(self):
+        """Every container, running or not, in the shape of PROTOCOL.md section 3."""
+        out, _ = self.run("ps", "--all", "--no-trunc", "--format", PS_FORMAT)
+        return [container_row(json.loads(line)) for line in out.splitlines() if line]
+
     def check(self):
         """(status, detail): is there a CLI, and a daemon it may talk to?"""
         try:
@@ -2170,6 +2175,8 @@ class ContainerCache:
     def snapshot(self, wait_s=1.0):
         """(containers, status) for a metrics sample; waits briefly if an event
         made the list stale, so that the next sample shows the change."""
+        if not self.config.docker_enabled:
+            return [], {"status": "disabled"}
         if self.status == "ok" and self._stale:
             self._fresh.wait(wait_s)
         with self._lock:
@@ -2182,6 +2189,8 @@ class ContainerCache:
 
     def read_once(self):
         """Check and list once, without watching (for --once)."""
+        if not self.config.docker_enabled:
+            return self.snapshot()
         status, detail = self.cli.check()
         self._set_status(status, detail)
         if status == "ok":
@@ -2228,8 +2237,7 @@ class ContainerCache:
 
     def _refresh(self):
         self._stale = False
-        out, _ = self.cli.run("ps", "--all", "--no-trunc", "--format", PS_FORMAT)
-        rows = [container_row(json.loads(line)) for line in out.splitlines() if line]
+        rows = self.cli.list_containers()
         with self._lock:
             self.containers = rows
         self._fresh.set()
@@ -2427,8 +2435,7 @@ class DockerActions:
         return self._simple(job, "unpause", "unpaused")
 
     def do_list(self, job):
-        out, _ = self.cli.run("ps", "--all", "--no-trunc", "--format", PS_FORMAT)
-        rows = [container_row(json.loads(line)) for line in out.splitlines() if line]
+        rows = self.cli.list_containers()
         return f"{len(rows)} containers", {"containers": rows}
 
     def do_logs(self, job):
@@ -2846,16 +2853,16 @@ class Agent:
         self.config = config
         self.stop_event = threading.Event()
         self.outbox = Outbox(config.buffer_size)
+        self.children = Children()
+        self.docker_cli = DockerCLI(config, self.children)
+        self.containers = ContainerCache(config, self.docker_cli, self.stop_event)
         self.collector = MetricsCollector(
             source or pick_source(),
             config.top_processes,
             config.process_refresh_s,
             config.disk_include_network,
-            self._containers,
+            self.containers.snapshot,
         )
-        self.children = Children()
-        self.docker_cli = DockerCLI(config, self.children)
-        self.containers = ContainerCache(config, self.docker_cli, self.stop_event)
         self.docker = DockerActions(config, self.docker_cli, self.containers)
         self.commands = CommandRunner(
             config, self.outbox.put, self.children, self.docker
@@ -2864,11 +2871,6 @@ class Agent:
         self._register_handlers()
         self.link = None
         self.metrics_thread = self.receive_thread = None
-
-    def _containers(self):
-        if not self.config.docker_enabled:
-            return [], {"status": "disabled"}
-        return self.containers.snapshot()
 
     def _register_handlers(self):
         for message_type in DOCKER_REQUESTS:
@@ -3036,18 +3038,14 @@ def build_parser():
 
 
 def run_once(config):
-    def containers():
-        if not config.docker_enabled:
-            return [], {"status": "disabled"}
-        cache = ContainerCache(config, DockerCLI(config, Children()), threading.Event())
-        return cache.read_once()
+    cache = ContainerCache(config, DockerCLI(config, Children()), threading.Event())
 
     collector = MetricsCollector(
         pick_source(),
         config.top_processes,
         config.process_refresh_s,
         config.disk_include_network,
-        containers,
+        cache.read_once,
     )
     collector.prime()
     time.sleep(ONCE_CPU_WINDOW_S)  # the CPU and rate window of this one sample
