@@ -4,7 +4,11 @@ real agent processes, real files and this machine's /proc.
 Run: python3 -m pytest -q test_chatops_agent.py
 """
 
+import base64
+import collections
+import contextlib
 import hashlib
+import inspect
 import json
 import os
 import pathlib
@@ -34,7 +38,9 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Response
 from websockets.datastructures import Headers
 from websockets.sync.server import serve
-import contextlib
+
+# websockets 13 (the last for Python 3.8) has no keepalive pings to turn off.
+SERVE_PINGS = "ping_interval" in inspect.signature(serve).parameters
 
 AGENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chatops_agent.py")
 KEY = "test-key-7f3a9c1e5b2d"
@@ -47,13 +53,15 @@ SERVER_ID = "0b7c1a52-5d1e-4c55-9a43-6f0b6b1c9e21"
 
 
 def wait_until(predicate, timeout_s=10.0, what="condition"):
-    """Poll `predicate` until it is true; fail with `what` after `timeout_s`."""
+    """Poll `predicate` until it is true; fail with `what` (text, or a function
+    that says it at that moment) after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(0.02)
+    what = what() if callable(what) else what
     raise AssertionError(f"timed out after {timeout_s:.1f} s waiting for {what}")
 
 
@@ -106,8 +114,10 @@ class FakeAPI:
     """The ChatOps API's WebSocket side, as PROTOCOL.md describes it, on 127.0.0.1.
 
     Records every frame as (connection number, message). Can reject keys with
-    close 1008, stop acknowledging, go silent, drop connections, and stop and
-    start again on the same port. Answers GET /health and /api/v1/api-keys/me.
+    close 1008, stop acknowledging, go silent, stop reading, drop connections,
+    and stop and start again on the same port. Answers GET /health and
+    /api/v1/api-keys/me. Misbehaves on demand: redirects, a raw auth answer,
+    WebSocket pings, a key echoed in a 401.
     """
 
     def __init__(self, key=KEY, ack=True, ssl_context=None, port=0):
@@ -118,9 +128,14 @@ class FakeAPI:
         self.hearing.set()
         self.reject_with_error_frame = False  # the docs' variant of a rejection
         self.upgrade_status = None  # e.g. 403: refuse the WebSocket upgrade
+        self.redirect = None  # (status, location): redirect the WebSocket upgrade
+        self.http_redirect = None  # a base URL every HTTP GET is redirected to
+        self.auth_reply = None  # raw text sent instead of the usual auth_success
+        self.echo_key_in_401 = False  # a careless API that repeats a bad key
         self.ssl_context = ssl_context
         self.port = port
         self.frames = []
+        self.http_requests = []  # (path, headers) of every plain HTTP request
         self.connections = []  # live server connections
         self.connects = []  # monotonic time of each accepted TCP+WS connection
         self.closes = []  # (code, reason) the agent closed with
@@ -131,18 +146,26 @@ class FakeAPI:
 
     # -- lifecycle -------------------------------------------------------------
     def start(self):
+        options = {"ping_interval": None} if SERVE_PINGS else {}
         self.server = serve(
             self._handle,
-            "127.0.0.1",
-            self.port,
+            sock=self._listen(),
             ssl=self.ssl_context,
             process_request=self._http,
-            ping_interval=None,
             max_size=16 * 1024 * 1024,  # as uvicorn, which serves the ChatOps API
+            **options,
         )
-        self.port = self.server.socket.getsockname()[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
+
+    def _listen(self):
+        """The listening socket, on the same port again after a stop."""
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        sock.listen()
+        self.port = sock.getsockname()[1]
+        return sock
 
     def stop(self):
         self.server.shutdown()
@@ -171,13 +194,25 @@ class FakeAPI:
 
     # -- the server ------------------------------------------------------------
     def _http(self, connection, request):
-        if self.upgrade_status and request.path == agent.WS_PATH:
-            return self._json(self.upgrade_status, {"detail": "Forbidden"})
+        if request.path == agent.WS_PATH:
+            if self.redirect:
+                status, location = self.redirect
+                return self._json(status, {}, [("Location", location)])
+            if self.upgrade_status:
+                return self._json(self.upgrade_status, {"detail": "Forbidden"})
+            return None
+        with self.lock:
+            self.http_requests.append((request.path, list(request.headers.raw_items())))
+        if self.http_redirect:
+            location = self.http_redirect + request.path
+            return self._json(302, {}, [("Location", location)])
         if request.path == "/health":
             return self._json(200, {"status": "healthy"})
         if request.path == "/api/v1/api-keys/me":
-            if request.headers.get("X-API-Key") != self.key:
-                return self._json(401, {"detail": "Invalid API key"})
+            given = request.headers.get("X-API-Key")
+            if given != self.key:
+                echo = f" {given}" if self.echo_key_in_401 else ""
+                return self._json(401, {"detail": "Invalid API key" + echo})
             return self._json(
                 200,
                 {
@@ -190,19 +225,12 @@ class FakeAPI:
         return None
 
     @staticmethod
-    def _json(status, body):
+    def _json(status, body, extra_headers=()):
         data = json.dumps(body).encode()
-        return Response(
-            status,
-            "OK" if status == 200 else "Unauthorized",
-            Headers(
-                [
-                    ("Content-Type", "application/json"),
-                    ("Content-Length", str(len(data))),
-                ]
-            ),
-            data,
-        )
+        headers = [("Content-Type", "application/json"),
+                   ("Content-Length", str(len(data))), *extra_headers]  # fmt: skip
+        reason = {200: "OK", 401: "Unauthorized"}.get(status, "Other")
+        return Response(status, reason, Headers(headers), data)
 
     def _handle(self, conn):
         with self.lock:
@@ -217,9 +245,10 @@ class FakeAPI:
         except ConnectionClosed:
             pass
         finally:
-            if conn.close_code is not None:
+            received = conn.protocol.close_rcvd  # the agent's close frame, if any
+            if received is not None:
                 with self.lock:
-                    self.closes.append((conn.close_code, conn.close_reason))
+                    self.closes.append((received.code, received.reason))
 
     def _authenticate(self, conn, number):
         first = json.loads(conn.recv())
@@ -233,6 +262,9 @@ class FakeAPI:
                 conn.send(json.dumps(error))
             conn.close(1008, "Invalid or inactive API key")
             return False
+        if self.auth_reply is not None:
+            conn.send(self.auth_reply)
+            return True
         conn.send(
             json.dumps(
                 {
@@ -269,6 +301,103 @@ class FakeAPI:
         for conn in conns:
             conn.send(text)
 
+    def ws_ping(self, payload=b"hi"):
+        """A WebSocket-level ping frame (uvicorn and websockets send them)."""
+        with self.lock:
+            conns = list(self.connections)
+        for conn in conns:
+            with contextlib.suppress(ConnectionClosed, RuntimeError):
+                conn.ping(payload)
+
+
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 section 1.3
+
+
+class RawPeer:
+    """A TCP port on 127.0.0.1 that answers each connection with bytes of a
+    test's choosing: a banner, a broken redirect, garbage, or a valid upgrade
+    followed by raw frames. Each connection takes the next answer; when they
+    are used up, connections are relayed to `upstream` (a FakeAPI's port), so
+    a test can see the agent recover.
+
+    A relay can stop reading what the agent sends (`reading` cleared) while
+    what the API sends still goes through: with a small receive buffer
+    (`rcvbuf`), the agent's writer is then soon stuck, whatever the API's own
+    WebSocket library buffers."""
+
+    def __init__(self, answers=(), upstream=None, rcvbuf=None):
+        self.answers = collections.deque(answers)
+        self.upstream = upstream
+        self.requests = []  # the upgrade request of each connection, as bytes
+        self.reading = threading.Event()
+        self.reading.set()
+        self.listener = socket.socket()
+        if rcvbuf:  # set before listen(), so that accepted sockets inherit it
+            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen()
+        self.port = self.listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self):
+        self.listener.close()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        with conn:
+            conn.settimeout(10)
+            request = b""
+            with contextlib.suppress(OSError):
+                while b"\r\n\r\n" not in request:
+                    data = conn.recv(4096)
+                    if not data:
+                        return
+                    request += data
+            self.requests.append(request)
+            answer = self.answers.popleft() if self.answers else None
+            with contextlib.suppress(OSError):
+                if callable(answer):
+                    answer(conn, request)
+                elif answer is not None:
+                    conn.sendall(answer)
+                elif self.upstream:
+                    self._relay(conn, request)
+
+    def _relay(self, conn, request):
+        conn.settimeout(None)
+        with socket.create_connection(("127.0.0.1", self.upstream)) as up:
+            up.sendall(request)
+            threading.Thread(target=pump, args=(up, conn), daemon=True).start()
+            pump(conn, up, self.reading)
+
+
+def pump(source, sink, gate=None):
+    """Copy bytes until either side closes; while `gate` is clear, read nothing."""
+    with contextlib.suppress(OSError):
+        while gate is None or gate.wait():
+            data = source.recv(65536)
+            if not data:
+                break
+            sink.sendall(data)
+    with contextlib.suppress(OSError):
+        sink.shutdown(socket.SHUT_WR)
+
+
+def upgrade_answer(request):
+    """The 101 answer a WebSocket server gives to `request`."""
+    key = re.search(rb"(?i)sec-websocket-key: *(\S+)", request).group(1)
+    accept = base64.b64encode(hashlib.sha1(key + WS_GUID.encode()).digest())
+    return (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n" % accept)
+
 
 class AgentProcess:
     """chatops_agent.py in a subprocess, its log in a file we can read while it runs."""
@@ -292,7 +421,7 @@ class AgentProcess:
         wait_until(
             lambda: text in self.log(),
             timeout_s,
-            f"{text!r} in the agent's log:\n{self.log()[-2000:]}",
+            lambda: f"{text!r} in the agent's log:\n{self.log()[-2000:]}",
         )
 
     def terminate(self):
@@ -2143,16 +2272,22 @@ class TestDocker:
         assert api.metrics()[-1]["docker"]["status"] == "ok"
 
     def test_permission_denied_on_the_socket(self, api, docker_engine):
-        """The agent as user nobody, who may not use the root-owned socket."""
+        """The agent as user nobody, who may not use the root-owned socket. Its
+        Python is this one, or the system's where nobody cannot run this one
+        (an interpreter built under /root)."""
         setpriv = shutil.which("setpriv")
         require(setpriv and os.geteuid() == 0, "setpriv and root are needed")
+        as_nobody = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+        python = next((p for p in (sys.executable, "/usr/bin/python3") if p and
+                       subprocess.run([*as_nobody, p, "-c", ""]).returncode == 0),
+                      None)  # fmt: skip
+        require(python, "a Python that user nobody may run")
         shared = tempfile.mkdtemp()  # pytest's tmp_path is closed to other users
         os.chmod(shared, 0o755)
         copy = os.path.join(shared, "chatops_agent.py")
         shutil.copy(AGENT, copy)
         result = subprocess.run(
-            [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups",
-             sys.executable, copy, "--once"],
+            [*as_nobody, python, copy, "--once"],
             capture_output=True, text=True, timeout=60,
             env=clean_env(HOME="/nonexistent"))  # fmt: skip
         shutil.rmtree(shared)
