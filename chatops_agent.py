@@ -77,13 +77,16 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 class Setting:
     """One configuration setting: its JSON key, flag and variable follow from `name`."""
 
-    def __init__(self, name, default, kind, meaning, above=None, at_least=None):
+    def __init__(
+        self, name, default, kind, meaning, above=None, at_least=None, secret=False
+    ):
         self.name = name
         self.default = default
         self.kind = kind  # a key of CONVERTERS
         self.meaning = meaning
         self.above = above  # numbers must be greater than this, when set
         self.at_least = at_least  # numbers must be at least this, when set
+        self.secret = secret  # never shown, not even in an error about its type
 
     @property
     def flag(self):
@@ -97,7 +100,7 @@ class Setting:
 # fmt: off
 SETTINGS = (
     Setting("api_key", None, "str",
-            "API key that authenticates this agent (secret)"),
+            "API key that authenticates this agent (secret)", secret=True),
     Setting("api_url", "http://localhost:8000", "str",
             "ChatOps API base URL (http/https), or a ws/wss URL used as is"),
     Setting("metrics_interval_s", 5.0, "float",
@@ -260,6 +263,21 @@ def to_json(message):
         return json.dumps(message, separators=(",", ":"), allow_nan=False).encode()
 
 
+# Characters that let text from the network forge or hide a line of a log or
+# a terminal: C0 and C1 controls, DEL, line and paragraph separators, and
+# lone surrogates (which cannot even be encoded).
+UNSAFE_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def one_line(text):
+    """`text` with those characters escaped (\\n, \\x1b, ...): one line, as written."""
+    return UNSAFE_TEXT.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
+
+
+def redact(text, secret):
+    return text.replace(secret, "<redacted>") if secret and len(secret) >= 4 else text
+
+
 def gib(n_bytes):
     return round(n_bytes / 1024**3, 2)
 
@@ -295,29 +313,35 @@ class Backoff:
         self.attempt = 0
 
 
-class RedactFilter(logging.Filter):
-    """Last line of defence: whatever a log record says, the key never leaves."""
+class LogFormatter(logging.Formatter):
+    """One record, one line, and never the key.
+
+    Ids, names, commands and error texts from the API reach log lines: their
+    control characters are escaped, so no text can start a line that looks like
+    a record of its own. A traceback keeps its lines, each indented. The key is
+    cut from everything, tracebacks included.
+    """
 
     def __init__(self, secret):
-        super().__init__()
+        super().__init__("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%SZ")
+        self.converter = time.gmtime
         self.secret = secret
 
-    def filter(self, record):
-        if self.secret and len(self.secret) >= 4:
-            text = record.getMessage()
-            if self.secret in text:
-                record.msg, record.args = text.replace(self.secret, "<redacted>"), None
-        return True
+    def formatMessage(self, record):
+        record.message = one_line(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, exc_info):
+        lines = super().formatException(exc_info).splitlines()
+        return "\n".join("    " + one_line(line) for line in lines)
+
+    def format(self, record):
+        return redact(super().format(record), self.secret)
 
 
 def setup_logging(level, secret):
     handler = logging.StreamHandler(sys.stderr)
-    formatter = logging.Formatter(
-        "%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%SZ"
-    )
-    formatter.converter = time.gmtime
-    handler.setFormatter(formatter)
-    handler.addFilter(RedactFilter(secret))
+    handler.setFormatter(LogFormatter(secret))
     log = logging.getLogger("chatops-agent")
     log.handlers[:] = [handler]
     log.setLevel(level.upper())
@@ -394,9 +418,9 @@ def convert(setting, raw, origin, text):
     try:
         value = CONVERTERS[setting.kind](raw, text)
     except (TypeError, ValueError):
+        got = f"a {type(raw).__name__}" if setting.secret else json.dumps(raw)[:80]
         raise ConfigError(
-            f"{origin}: {setting.name} must be {KIND_WORDS[setting.kind]}, "
-            f"got {json.dumps(raw)[:80]}"
+            f"{origin}: {setting.name} must be {KIND_WORDS[setting.kind]}, got {got}"
         ) from None
     check_value(setting, value, origin)
     return value
@@ -3150,9 +3174,9 @@ def run_check(config):
     results.extend(check_api(config))
     results.append(check_source())
     results.append(check_websocket())
-    for ok, text in results:
-        print(f"{'ok' if ok else 'FAIL':<4} {text}")
-    print(f"note {check_docker(config)}")
+    for ok, text in results:  # the API's words among them: one line, no key
+        print(f"{'ok' if ok else 'FAIL':<4} {redact(one_line(text), config.api_key)}")
+    print(f"note {one_line(check_docker(config))}")
     return 0 if all(ok for ok, _ in results) else 1
 
 
@@ -3219,7 +3243,7 @@ def main(argv=None, environ=None):
             return run_check(config)
         return run_agent(config)
     except AgentError as e:
-        print(f"chatops-agent: error: {e}", file=sys.stderr)
+        print(f"chatops-agent: error: {one_line(str(e))}", file=sys.stderr)
         return e.exit_code
 
 

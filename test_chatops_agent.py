@@ -509,10 +509,22 @@ class TestHelpers:
                  "websocket_client-1.10.1-py3-none-any.whl"]  # fmt: skip
         assert max(names, key=agent.wheel_version) == names[1]
 
-    def test_redact_filter(self):
-        record = agent.logging.LogRecord("x", 20, "f", 1, "key is %s", (KEY,), None)
-        agent.RedactFilter(KEY).filter(record)
-        assert KEY not in record.getMessage()
+    def test_log_records_stay_one_line_and_never_show_the_key(self):
+        formatter = agent.LogFormatter(KEY)
+        text = "x\n2026-01-01T00:00:00Z CRITICAL forged\r\x1b[2J\u2028\ud800 " + KEY
+        record = agent.logging.LogRecord("x", 30, "f", 1, "got %s", (text,), None)
+        line = formatter.format(record)
+        assert "\n" not in line and KEY not in line and "\x1b" not in line
+        assert line.endswith("WARNING got x\\n2026-01-01T00:00:00Z CRITICAL forged"
+                             "\\r\\x1b[2J\\u2028\\ud800 <redacted>")
+        try:
+            raise ValueError("bad\nCRITICAL forged " + KEY)
+        except ValueError:
+            record = agent.logging.LogRecord("x", 40, "f", 1, "failed", (),
+                                             sys.exc_info())
+        lines = formatter.format(record).splitlines()
+        assert lines[0].endswith("ERROR failed") and KEY not in "".join(lines)
+        assert all(line.startswith("    ") for line in lines[1:])
 
 
 ###############################################################################
@@ -642,6 +654,16 @@ class TestConfiguration:
             agent.load_config({"config": path}, {})
         os.chmod(path, 0o600)
         assert agent.load_config({"config": path}, {}).api_key == "k"
+
+    @pytest.mark.parametrize("key", [
+        12345678901, ["secret-in-a-list"], {"k": "secret-in-an-object"}, 1.5e300])
+    def test_a_key_of_the_wrong_type_is_never_shown(self, tmp_path, key):
+        path = write_config(tmp_path, {"api_key": key})
+        result = run_cli("--config", path, "--print-config")
+        assert result.returncode == 2
+        assert "api_key must be a string" in result.stderr
+        for shown in ("12345678901", "secret-in", "1.5e+300"):
+            assert shown not in result.stderr + result.stdout
 
     def test_world_readable_file_without_key_is_fine(self, tmp_path):
         path = write_config(tmp_path, {"buffer_size": 5}, mode=0o644)
@@ -1391,6 +1413,15 @@ class TestConnection:
         for text in (proc.log(), bad.log()):
             assert KEY not in text
         assert "DEBUG -> auth" not in proc.log() and "DEBUG -> metrics" in proc.log()
+
+    def test_check_never_prints_the_key_an_api_echoes(self, api):
+        api.echo_key_in_401 = True
+        wrong = KEY + "-wrong"
+        result = run_cli("--check", "--api-url", api.url,
+                         env=clean_env(CHATOPS_API_KEY=wrong))  # fmt: skip
+        assert result.returncode == 1
+        assert "FAIL API key rejected: HTTP 401 Invalid API key" in result.stdout
+        assert wrong not in result.stdout + result.stderr
 
     def test_check_reports_each_diagnostic(self, api):
         result = run_cli(
