@@ -274,6 +274,15 @@ def one_line(text):
     return UNSAFE_TEXT.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
 
 
+def shown(value, limit=60):
+    """A value from the API as a log or error message may show it: short, one line."""
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError):
+        text = type(value).__name__
+    return one_line(text[:limit])
+
+
 def redact(text, secret):
     return text.replace(secret, "<redacted>") if secret and len(secret) >= 4 else text
 
@@ -2142,9 +2151,16 @@ class DockerCLI:
         return proc.returncode, out, err
 
     def list_containers(self):
-        """Every container, running or not, in the shape of PROTOCOL.md section 3."""
+        """Every container, running or not, in the shape of PROTOCOL.md section 3.
+        A row the CLI garbled is left out (and logged), not fatal."""
         out, _ = self.run("ps", "--all", "--no-trunc", "--format", PS_FORMAT)
-        return [container_row(json.loads(line)) for line in out.splitlines() if line]
+        rows = []
+        for line in out.splitlines():
+            try:
+                rows.append(container_row(json.loads(line)))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                LOG.debug("docker ps: skipped a row (%s): %s", e, shown(line))
+        return rows
 
     def check(self):
         """(status, detail): is there a CLI, and a daemon it may talk to?"""
@@ -2157,10 +2173,15 @@ class DockerCLI:
 
 
 def read_pipes(proc, deadline, max_bytes):
-    """(stdout, stderr) bytes, each cut at max_bytes; (None, None) at the deadline."""
-    chunks = {proc.stdout: bytearray(), proc.stderr: bytearray()}
+    """(stdout, stderr) bytes, (None, None) at the deadline.
+
+    Each keeps the *last* max_bytes of its stream, cut at a line boundary: the
+    newest lines are what matter (a log's tail, an error's last words), and a
+    cut line would be a broken JSON row.
+    """
+    kept = {proc.stdout: bytearray(), proc.stderr: bytearray()}
     with selectors.DefaultSelector() as selector:
-        for pipe in chunks:
+        for pipe in kept:
             selector.register(pipe, selectors.EVENT_READ)
         while selector.get_map():
             remaining = deadline - time.monotonic()
@@ -2170,9 +2191,21 @@ def read_pipes(proc, deadline, max_bytes):
                 data = os.read(key.fd, READ_CHUNK)
                 if not data:
                     selector.unregister(key.fileobj)
-                elif len(chunks[key.fileobj]) < max_bytes:
-                    chunks[key.fileobj] += data[: max_bytes - len(chunks[key.fileobj])]
-    return bytes(chunks[proc.stdout]), bytes(chunks[proc.stderr])
+                    continue
+                buffer = kept[key.fileobj]
+                buffer += data
+                if len(buffer) > 2 * max_bytes:  # trim now and then, not each read
+                    del buffer[:-max_bytes]
+    out, err = kept[proc.stdout], kept[proc.stderr]
+    return last_lines(out, max_bytes), last_lines(err, max_bytes)
+
+
+def last_lines(buffer, max_bytes):
+    """The whole lines within the last max_bytes of `buffer`."""
+    if len(buffer) <= max_bytes:
+        return bytes(buffer)
+    tail = buffer[-max_bytes:]
+    return bytes(tail[tail.find(b"\n") + 1 :])
 
 
 class ContainerCache:
@@ -2466,7 +2499,8 @@ class DockerActions:
         p = job.params
         args = ["logs", "--tail", str(p["tail"]), "--timestamps"]
         args += ["--since", p["since"]] if p["since"] else []
-        out, err = self.cli.run(*args, "--", job.ref)
+        # Twice the reply's size of each stream: its newest part fits whole.
+        out, err = self.cli.run(*args, "--", job.ref, max_bytes=2 * LOG_REPLY_MAX_BYTES)
         entries = merge_log_streams(out, err)[-p["tail"] :] if p["tail"] else []
         entries, truncated = bound_log_entries(entries, LOG_REPLY_MAX_BYTES)
         lines = entries if p["timestamps"] else [e["line"] for e in entries]

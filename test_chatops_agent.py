@@ -2235,6 +2235,24 @@ class TestDocker:
         assert [e["stream"] for e in tail] == ["stderr", "stdout", "stderr"]
         assert all(e["time"].endswith("Z") for e in tail)
 
+    def test_logs_keep_the_newest_lines_of_a_large_tail(self, api, run_agent,
+                                                       container):  # fmt: skip
+        """10 000 lines of 1 KB: more than the reply holds, so the newest must be
+        the ones kept, consecutive, up to the last line."""
+        name = container("p=x; for k in 1 2 3 4 5 6 7 8 9 10; do p=$p$p; done; "
+                         'seq 1 10000 | while read i; do echo "$i $p"; done; '
+                         "sleep 600")  # fmt: skip
+        wait_until(lambda: docker("logs", "--tail", "1", name).stdout.startswith(
+            "10000 "), 30, "10 000 lines of logs")  # fmt: skip
+        cmd = Commander(api, run_agent(api.url))
+        wait_until(api.metrics, 6, "the agent")
+        send(api, "get_container_logs", "big", container_id=name, tail=10000)
+        data = cmd.reply("big", 30)["data"]
+        numbers = [int(line.split()[0]) for line in data["logs"]]
+        assert numbers[-1] == 10000, numbers[-3:]
+        assert numbers == list(range(numbers[0], 10001))
+        assert data["truncated"] and len(numbers) > 900
+
     def test_docs_form(self, api, run_agent, container):
         name = container("sleep 600")
         cmd = Commander(api, run_agent(api.url))
