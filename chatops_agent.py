@@ -20,6 +20,7 @@ import contextlib
 import datetime
 import glob
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -1434,6 +1435,7 @@ MAX_TIMEOUT_S = 7 * 86400.0  # a request's timeout beyond this is absurd: refuse
 ORPHAN_SCAN_S = 60.0  # and look through /proc for any others this often
 EXIT_TIMEOUT, EXIT_CANCELLED = 124, 130
 PR_SET_CHILD_SUBREAPER = 36
+JOB_TAG = "CHATOPS_JOB"  # in each command's environment: AGENT_PID.N
 
 
 class Children:
@@ -1446,6 +1448,10 @@ class Children:
     outlived their shell, and by a scan of /proc once a minute for daemons
     that left their group. Processes the agent started itself are reaped
     only by their owners, or their exit status would be lost.
+
+    Each command carries a tag in its environment (JOB_TAG), which whatever
+    it starts inherits, so that what left the command's group (setsid) and
+    was orphaned can still be found and ended with it.
     """
 
     def __init__(self):
@@ -1453,6 +1459,12 @@ class Children:
         self._owned = set()  # pids of our own Popen children not yet waited for
         self._groups = set()  # groups that outlived their shell
         self._scan_at = math.inf  # no scan until a command has run
+        self._tag_prefix = f"{os.getpid()}."
+        self._tags = itertools.count(1)
+
+    def new_tag(self):
+        """A tag for one command's environment: JOB_TAG=tag."""
+        return self._tag_prefix + str(next(self._tags))
 
     def become_subreaper(self):
         if not sys.platform.startswith("linux"):
@@ -1508,25 +1520,85 @@ class Children:
             if time.monotonic() < self._scan_at:
                 return
             self._scan_at = time.monotonic() + ORPHAN_SCAN_S
-            for pid in zombie_children(os.getpid()):
-                if pid not in self._owned:
+            for pid, (state, ppid, _) in process_table().items():
+                if state == "Z" and ppid == os.getpid() and pid not in self._owned:
                     with contextlib.suppress(ChildProcessError):
                         os.waitpid(pid, os.WNOHANG)
 
+    def signal_job(self, shell_pid, tag, sig):
+        """Signal a command's whole tree: its process group, and every process
+        that descends from its shell or carries its tag: what left the group
+        with setsid, whether its parent is still the shell or it was orphaned."""
+        signal_group(shell_pid, sig)
+        table = process_table()
+        escaped = descendants(table, shell_pid) | tagged(table, tag_needle(tag))
+        self._signal(escaped - {shell_pid}, sig)
 
-def zombie_children(parent):
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(
-                    f"/proc/{entry}/stat", encoding="utf-8", errors="replace"
-                ) as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            if fields[0] == "Z" and int(fields[1]) == parent:
-                found.append(int(entry))
+    def signal_leftovers(self, sig):
+        """At shutdown: signal what commands left running (nohup jobs, daemons):
+        every process below the agent or with one of its tags, but for the
+        agent's own children and the groups of running commands, which their
+        owners stop."""
+        table = process_table()
+        ours = descendants(table, os.getpid()) | tagged(
+            table, tag_needle(self._tag_prefix, whole=False)
+        )
+        with self._lock:
+            owned = set(self._owned)
+        self._signal({p for p in ours - owned if table[p][2] not in owned}, sig)
+
+    def _signal(self, pids, sig):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        if pids:
+            with self._lock:
+                self._scan_at = 0.0  # reap at the next look: they may be ours now
+
+
+def process_table():
+    """{pid: (state, ppid, pgid)} of every process, from /proc ({} without it)."""
+    table = {}
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    with open(f"/proc/{entry}/stat", "rb") as f:
+                        stat = f.read()
+                    # The name is in parentheses and may hold anything: skip it.
+                    fields = stat[stat.rindex(b")") + 2 :].split()
+                    table[int(entry)] = (
+                        fields[0].decode(), int(fields[1]), int(fields[2])
+                    )
+    return table
+
+
+def descendants(table, root):
+    """The pids below `root` in the process tree of `table`."""
+    children = {}
+    for pid, (_, ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def tag_needle(tag, whole=True):
+    """What JOB_TAG=tag looks like in /proc/PID/environ (whole: not a prefix)."""
+    return f"\0{JOB_TAG}={tag}{chr(0) if whole else ''}".encode()
+
+
+def tagged(table, needle):
+    """The pids of `table` whose environment holds `needle`."""
+    found = set()
+    for pid in table:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/environ", "rb") as f:
+            if needle in b"\0" + f.read():
+                found.add(pid)
     return found
 
 
@@ -1678,6 +1750,7 @@ class CommandJob:
         self.cancel_event = threading.Event()
         self.grace_s = grace_s  # lowered when the agent stops
         self.started = False
+        self.tag = None  # JOB_TAG in its environment, once started
 
     def message(self, message_type, **fields):
         """A message about this job, carrying its id in the field its form uses."""
@@ -1892,10 +1965,16 @@ class CommandRunner:
         return result
 
     def _run(self, job):
+        job.tag = self.children.new_tag()
         proc = self.children.spawn(
-            ["/bin/sh", "-c", job.command], stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=job.cwd,
-            env=self.env, start_new_session=True)  # fmt: skip
+            ["/bin/sh", "-c", job.command],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=job.cwd,
+            env=dict(self.env, **{JOB_TAG: job.tag}),
+            start_new_session=True,
+        )
         job.started = True
         capture = OutputCapture(self.config.command_output_max_bytes)
         stream = OutputStream(job, self.send, capture.head_cap + capture.tail_cap) \
@@ -1939,20 +2018,19 @@ class CommandRunner:
                     capture.add(data)
                     if stream:
                         stream.add(data)
-        if state.reason:
-            signal_group(proc.pid, signal.SIGKILL)  # nothing it started survives
+        if state.reason:  # nothing it started survives
+            self.children.signal_job(proc.pid, job.tag, signal.SIGKILL)
         return state.reason
 
-    @staticmethod
-    def _enforce_limits(job, proc, state, now, deadline):
+    def _enforce_limits(self, job, proc, state, now, deadline):
         if state.reason is None and (now >= deadline or job.cancel_event.is_set()):
             state.reason = "timeout" if now >= deadline else "cancelled"
             state.term_at = now
-            signal_group(proc.pid, signal.SIGTERM)
+            self.children.signal_job(proc.pid, job.tag, signal.SIGTERM)
         if state.term_at is not None and not state.killed and \
                 now >= state.term_at + job.grace_s:  # fmt: skip
             state.killed = True
-            signal_group(proc.pid, signal.SIGKILL)
+            self.children.signal_job(proc.pid, job.tag, signal.SIGKILL)
 
     def _result(self, job, returncode, capture, stop_reason):
         exit_code, footer = returncode, ""
@@ -3031,8 +3109,14 @@ class Agent:
                 next_at = time.monotonic() + interval
 
     def shutdown(self):
-        """Close with 1000, stop the threads; bounded so SIGTERM exits within 5 s."""
-        self.commands.shutdown(SHUTDOWN_COMMAND_GRACE_S)  # their replies go out too
+        """Close with 1000, end what commands started, stop the threads: bounded
+        so that SIGTERM exits within 5 s.
+
+        Running commands get TERM, then KILL after SHUTDOWN_COMMAND_GRACE_S,
+        and their replies go out; what finished commands left running (nohup
+        jobs, daemons) is ended at the same time.
+        """
+        self._end_commands()
         self.containers.shutdown()
         self.stop_event.set()
         self.outbox.wake()
@@ -3041,6 +3125,13 @@ class Agent:
             self.link.abort()
             self.receive_thread.join(1.0)
         self.metrics_thread.join(1.0)  # a hung statvfs must not hold the exit
+
+    def _end_commands(self):
+        if os.name != "posix":  # commands run on POSIX only
+            return
+        self.children.signal_leftovers(signal.SIGTERM)
+        self.commands.shutdown(SHUTDOWN_COMMAND_GRACE_S)
+        self.children.signal_leftovers(signal.SIGKILL)
 
 
 ###############################################################################

@@ -1797,6 +1797,29 @@ class TestCommands:
         wait_until(lambda: pgid not in process_groups(), 5,
                    f"group {pgid} to be gone, zombies included")  # fmt: skip
 
+    def test_timeout_ends_what_left_the_group(self, commander):
+        """setsid puts a process in a session and group of its own: on timeout
+        it must end too, whether its parent is still the shell (1234.5) or it
+        was orphaned to the agent (1234.6)."""
+        cmd = commander()
+        a, b = f"1234.{os.getpid()}1", f"1234.{os.getpid()}2"
+        reply = cmd.run(f"setsid sleep {a} & (setsid sleep {b} &); sleep 100",
+                        timeout=1)
+        assert reply["data"]["timed_out"]
+        wait_until(lambda: not group_members(a) and not group_members(b), 5,
+                   "the processes that left the group to end")
+
+    def test_shutdown_ends_what_finished_commands_left_running(self, commander):
+        cmd = commander()
+        marker = f"4321.{os.getpid()}"
+        script = (f"nohup sleep {marker}1 >/dev/null 2>&1 & "
+                  f"setsid nohup sleep {marker}2 >/dev/null 2>&1 & echo started")
+        assert cmd.run(script)["data"]["output"] == "started\n"
+        wait_until(lambda: len(group_members(marker)) == 2, 5, "the two jobs")
+        cmd.proc.proc.send_signal(signal.SIGTERM)
+        assert cmd.proc.proc.wait(5) == 0
+        wait_until(lambda: not group_members(marker), 5, "the jobs to end")
+
     def test_background_job_does_not_hold_the_reply(self, commander):
         cmd = commander()
         started = time.monotonic()
