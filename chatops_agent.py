@@ -72,6 +72,8 @@ ONCE_CPU_WINDOW_S = 0.5  # CPU window of --once
 SHUTDOWN_COMMAND_GRACE_S = 1.0  # on SIGTERM, running commands get TERM, then KILL
 SHUTDOWN_FLUSH_S = 1.0  # then the time to send what waits before closing
 SHUTDOWN_CLOSE_WAIT_S = 1.5  # and to wait for the API's close frame
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")  # each stops the agent cleanly,
+# unless the agent was started with it ignored (nohup ignores SIGHUP)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -3214,8 +3216,10 @@ def run_agent(config):
         LOG.info("received %s; shutting down", signal.Signals(signum).name)
         stopping.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for name in STOP_SIGNALS:
+        signum = getattr(signal, name, None)  # Windows has no SIGHUP
+        if signum is not None and signal.getsignal(signum) != signal.SIG_IGN:
+            signal.signal(signum, on_signal)
     agent = Agent(config)
     agent.start()
     # On POSIX this blocks with no wake-ups until a signal, whose handler runs

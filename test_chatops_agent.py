@@ -1414,6 +1414,43 @@ class TestConnection:
             assert KEY not in text
         assert "DEBUG -> auth" not in proc.log() and "DEBUG -> metrics" in proc.log()
 
+    def test_sighup_stops_cleanly_like_sigterm(self, api, commander):
+        """A terminal that closes sends SIGHUP: close 1000, commands ended,
+        what waits sent, exit 0 (under systemd, Restart= starts it again)."""
+        cmd = commander()
+        marker = f"876.{os.getpid()}"
+        cmd.send(f"sleep {marker}")
+        pgid = wait_until(lambda: group_running(marker), 5, "the command to run")
+        stopped = time.monotonic()
+        cmd.proc.proc.send_signal(signal.SIGHUP)
+        assert cmd.proc.proc.wait(5) == 0
+        assert time.monotonic() - stopped < 5
+        wait_until(lambda: api.closes, 5, "the close frame")
+        assert api.closes[-1][0] == 1000
+        assert cmd.reply("req-1")["data"]["cancelled"]
+        assert pgid not in process_groups()
+        assert "received SIGHUP; shutting down" in cmd.proc.log()
+
+    def test_sighup_stays_ignored_under_nohup(self, api, tmp_path):
+        """Started with SIGHUP ignored (nohup), the agent keeps it ignored."""
+        log = tmp_path / "agent.log"
+        with open(log, "w") as stderr:
+            proc = subprocess.Popen(
+                ["nohup", sys.executable, AGENT, "--api-url", api.url,
+                 "--metrics-interval-s", "0.2"],
+                env=clean_env(CHATOPS_API_KEY=KEY), stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=stderr)  # fmt: skip
+            try:
+                wait_until(api.metrics, 6, "metrics")
+                proc.send_signal(signal.SIGHUP)
+                count = len(api.metrics())
+                wait_until(lambda: len(api.metrics()) > count + 3, 5, "more metrics")
+                assert proc.poll() is None
+            finally:
+                proc.terminate()
+                assert proc.wait(5) == 0
+        assert "received SIGHUP" not in log.read_text()
+
     def test_check_never_prints_the_key_an_api_echoes(self, api):
         api.echo_key_in_401 = True
         wrong = KEY + "-wrong"
