@@ -65,7 +65,9 @@ STABLE_AFTER_S = 30.0  # a connection up this long resets the backoff
 AUTH_RETRY_FIRST_S = 60.0  # a rejected key is retried slowly: 1, 2, 4, ... min
 AUTH_RETRY_MAX_S = 900.0
 METRICS_WINDOW = 32  # metrics frames sent but not yet acknowledged
-MAX_KEPT_REPLIES = 256  # command replies waiting for a reconnect
+MAX_KEPT_REPLIES = 256  # replies waiting for a reconnect
+MAX_WAITING_MESSAGES = 1024  # replies, pongs and chunks waiting to be sent;
+MAX_WAITING_BYTES = 32 * 1024 * 1024  # beyond either, the oldest are dropped
 CPU_PRIME_S = 0.25  # first sample's CPU window after start
 SLOW_REFRESH_S = 60.0  # the mount table and CPU frequency are re-read this often
 ONCE_CPU_WINDOW_S = 0.5  # CPU window of --once
@@ -1169,183 +1171,6 @@ class MetricsCollector:
 
 
 ###############################################################################
-# Outbox: what waits to be sent ###############################################
-###############################################################################
-
-
-class Outbox:
-    """What waits for the writer: replies and pings first, then samples oldest first.
-
-    Samples stay here until delivered. With an API that acknowledges metrics
-    (`metrics_received`, in order, no id) a sample is delivered when
-    acknowledged, and one sent but unacknowledged when the link drops is sent
-    again. Whether the API acknowledges is learnt on each connection: the
-    server handles messages in order, so if a `pong` comes back for a `ping`
-    sent after a sample and no acknowledgement came first, it never will, and
-    a sample is delivered when sent.
-    """
-
-    UNKNOWN, ACKS, NO_ACKS = "unknown", "acks", "no acks"
-
-    def __init__(self, capacity):
-        self.capacity = capacity
-        self.ack_mode = self.UNKNOWN
-        self.dropped_total = 0
-        self._cond = threading.Condition()
-        self._urgent = collections.deque()
-        self._pending = collections.deque()
-        self._in_flight = collections.deque()
-        self._dropped_unlogged = 0
-        self._drop_logged_at = None
-        self._probe = None  # number of the ping that tells whether acks come
-        self._waiting_since = None  # when in-flight samples last saw progress
-
-    # -- producers ----------------------------------------------------------
-    def add_sample(self, data):
-        with self._cond:
-            self._pending.append(data)
-            while len(self._pending) + len(self._in_flight) > self.capacity:
-                # In-flight samples are the oldest, but dropping one would make the
-                # next acknowledgement count against the wrong sample.
-                (self._pending or self._in_flight).popleft()
-                self.dropped_total += 1
-                self._dropped_unlogged += 1
-            self._cond.notify()
-        self._log_drops()
-
-    def put(self, message, keep_until=None):
-        """Queue a reply or ping; with `keep_until` (monotonic) it outlives a drop."""
-        with self._cond:
-            self._urgent.append((message, keep_until))
-            self._cond.notify()
-
-    def wake(self):
-        with self._cond:
-            self._cond.notify_all()
-
-    # -- the writer ------------------------------------------------------------
-    def take(self, timeout):
-        """The next message to send, or None after `timeout`; samples move in flight."""
-        with self._cond:
-            if not self._ready():
-                self._cond.wait(timeout)
-            if self._urgent:
-                return self._urgent.popleft()[0]
-            if self._window_open() and self._pending:
-                data = self._pending.popleft()
-                if self.ack_mode != self.NO_ACKS:
-                    if not self._in_flight:
-                        self._waiting_since = time.monotonic()
-                    self._in_flight.append(data)
-                return {"type": "metrics", "data": data}
-            return None
-
-    def _ready(self):
-        return self._urgent or (self._pending and self._window_open())
-
-    def _window_open(self):
-        return self.ack_mode == self.NO_ACKS or len(self._in_flight) < METRICS_WINDOW
-
-    def probe_needed(self):
-        """True when a ping now would tell whether this API acknowledges metrics."""
-        with self._cond:
-            return (
-                self.ack_mode == self.UNKNOWN
-                and self._in_flight
-                and self._probe is None
-            )
-
-    def ping_sent(self, number):
-        with self._cond:
-            if (
-                self.ack_mode == self.UNKNOWN
-                and self._in_flight
-                and self._probe is None
-            ):
-                self._probe = number
-
-    # -- the receiver ---------------------------------------------------------
-    def acknowledged(self):
-        with self._cond:
-            self.ack_mode = self.ACKS
-            if self._in_flight:
-                self._in_flight.popleft()
-            self._waiting_since = time.monotonic() if self._in_flight else None
-            self._cond.notify()
-
-    def unacknowledged_for(self):
-        """Seconds the oldest in-flight sample has waited without any ack coming."""
-        with self._cond:
-            since = self._waiting_since
-        return time.monotonic() - since if since is not None else 0.0
-
-    def pong_received(self, number):
-        with self._cond:
-            if (
-                self.ack_mode == self.UNKNOWN
-                and self._probe is not None
-                and number >= self._probe
-            ):
-                self.ack_mode = self.NO_ACKS
-                self._in_flight.clear()  # no acknowledgements: sent is delivered
-                self._waiting_since = None
-                LOG.info(
-                    "the API does not acknowledge metrics; a sample counts as "
-                    "delivered when sent"
-                )
-                self._cond.notify()
-
-    # -- the connection ---------------------------------------------------------
-    def unsent(self, data):
-        """A sample whose send failed goes back in front, unless it waits in flight."""
-        with self._cond:
-            if not any(d is data for d in self._in_flight):
-                self._pending.appendleft(data)
-
-    def connection_lost(self):
-        """Unacknowledged samples go back in front; replies kept only if asked.
-
-        A command's reply waits for the next connection until its `keep_until`
-        (and at most MAX_KEPT_REPLIES of them); pings, pongs and stream chunks
-        are dropped.
-
-        The next connection learns afresh whether the API acknowledges: it may
-        be another server, and a window waiting for acks that never come
-        would stop metrics altogether.
-        """
-        with self._cond:
-            now = time.monotonic()
-            kept = [m for m in self._urgent if m[1] is not None and m[1] > now]
-            if len(kept) > MAX_KEPT_REPLIES:
-                LOG.warning("dropped %d replies waiting for a reconnect (more than %d)",
-                            len(kept) - MAX_KEPT_REPLIES, MAX_KEPT_REPLIES)  # fmt: skip
-            self._urgent = collections.deque(kept[-MAX_KEPT_REPLIES:])
-            self._pending.extendleft(reversed(self._in_flight))
-            self._in_flight.clear()
-            self._probe = None
-            self._waiting_since = None
-            self.ack_mode = self.UNKNOWN
-
-    def counts(self):
-        with self._cond:
-            return len(self._pending), len(self._in_flight)
-
-    def _log_drops(self):
-        now = time.monotonic()
-        if self._dropped_unlogged and (
-            self._drop_logged_at is None or now - self._drop_logged_at >= 60
-        ):
-            LOG.warning(
-                "offline buffer full (%d samples): dropped the %d oldest "
-                "(%d in all); raise buffer_size to keep more",
-                self.capacity,
-                self._dropped_unlogged,
-                self.dropped_total,
-            )
-            self._dropped_unlogged, self._drop_logged_at = 0, now
-
-
-###############################################################################
 # Protocol: handlers by message type ##########################################
 ###############################################################################
 
@@ -1364,6 +1189,12 @@ def reply_ids(message):
         ):
             ids[field] = value
     return ids
+
+
+def is_reply(message):
+    """True for a message that answers a request (it carries the request's id);
+    a stream chunk is not the answer."""
+    return message.get("type") != "command_output" and bool(reply_ids(message))
 
 
 def error_reply(message, text):
@@ -2669,8 +2500,275 @@ def stats_numbers(row):
 
 
 ###############################################################################
+# Outbox: what waits to be sent ###############################################
+###############################################################################
+
+
+class DropCounter:
+    """Counts what had to be dropped, and says so at most once a minute."""
+
+    def __init__(self, text):
+        self.text = text  # a format with {n} (dropped since last said) and {total}
+        self.total = 0
+        self._unlogged = 0
+        self._logged_at = None
+
+    def add(self, n=1):
+        self.total += n
+        self._unlogged += n
+
+    def log(self):
+        now = time.monotonic()
+        if self._unlogged and (self._logged_at is None or now - self._logged_at >= 60):
+            LOG.warning(self.text.format(n=self._unlogged, total=self.total))
+            self._unlogged, self._logged_at = 0, now
+
+
+# A reply, pong or stream chunk, encoded, waiting for the writer. A reply has
+# `keep_until` (monotonic): it waits for a reconnect until then. A bare pong
+# (`coalesce`) is never queued twice: one answers any number of pings.
+Waiting = collections.namedtuple("Waiting", "kind payload keep_until coalesce")
+
+
+class Outbox:
+    """What waits for the writer: replies and pongs first, then samples oldest first.
+
+    Samples stay here until delivered. With an API that acknowledges metrics
+    (`metrics_received`, in order, no id) a sample is delivered when
+    acknowledged, and one sent but unacknowledged when the link drops is sent
+    again. Whether the API acknowledges is learnt on each connection: the
+    server handles messages in order, so if a `pong` comes back for a `ping`
+    sent after a sample and no acknowledgement came first, it never will, and
+    a sample is delivered when sent.
+
+    Whatever the writer takes counts as sent only once it says so (`sent()`):
+    if the connection breaks first, it goes back in front. Everything here is
+    bounded: samples by `capacity`, other messages by MAX_WAITING_MESSAGES and
+    MAX_WAITING_BYTES, so an API that sends but does not read cannot make
+    answers pile up.
+    """
+
+    UNKNOWN, ACKS, NO_ACKS = "unknown", "acks", "no acks"
+
+    def __init__(self, capacity, reply_keep_s=300.0):
+        self.capacity = capacity
+        self.reply_keep_s = reply_keep_s
+        self.ack_mode = self.UNKNOWN
+        self._cond = threading.Condition()
+        self._urgent = collections.deque()  # of Waiting
+        self._urgent_bytes = 0
+        self._pong_waiting = False
+        self._pending = collections.deque()
+        self._in_flight = collections.deque()
+        self._sending = None  # what the writer took and has not reported sent
+        self._server_id = None  # stamped on each sample as it goes out
+        self._probe = None  # number of the ping that tells whether acks come
+        self._waiting_since = None  # when in-flight samples last saw progress
+        self.sample_drops = DropCounter(
+            f"offline buffer full ({capacity} samples): dropped the {{n}} oldest "
+            "({total} in all); raise buffer_size to keep more"
+        )
+        self.message_drops = DropCounter(
+            "the API is not reading what the agent sends: dropped {n} waiting "
+            f"replies, pongs or output chunks ({{total}} in all; at most "
+            f"{MAX_WAITING_MESSAGES} or {MAX_WAITING_BYTES // 2**20} MiB wait)"
+        )
+
+    @property
+    def dropped_total(self):
+        return self.sample_drops.total
+
+    # -- producers ----------------------------------------------------------
+    def add_sample(self, data):
+        with self._cond:
+            self._pending.append(data)
+            while len(self._pending) + len(self._in_flight) > self.capacity:
+                # In-flight samples are the oldest, but dropping one would make the
+                # next acknowledgement count against the wrong sample.
+                (self._pending or self._in_flight).popleft()
+                self.sample_drops.add()
+            self._cond.notify()
+        self.sample_drops.log()
+
+    def put(self, message, keep_until=None):
+        """Queue a reply, pong or stream chunk; never blocks.
+
+        A reply to a request waits for a reconnect until `keep_until`
+        (monotonic; by default reply_keep_s from now). When too much waits,
+        the oldest messages that are not replies go first, then the oldest
+        replies: the API has given up on those first.
+        """
+        coalesce = message == {"type": "pong"}
+        if keep_until is None and is_reply(message):
+            keep_until = time.monotonic() + self.reply_keep_s
+        entry = Waiting(message["type"], to_json(message), keep_until, coalesce)
+        with self._cond:
+            if coalesce and self._pong_waiting:
+                return
+            self._pong_waiting |= coalesce
+            self._urgent.append(entry)
+            self._urgent_bytes += len(entry.payload)
+            self._make_room()
+            self._cond.notify()
+        self.message_drops.log()
+
+    def _make_room(self):
+        while (
+            len(self._urgent) > MAX_WAITING_MESSAGES
+            or self._urgent_bytes > MAX_WAITING_BYTES
+        ):
+            unkept = (w for w in self._urgent if w.keep_until is None)
+            victim = next(unkept, self._urgent[0])
+            self._urgent.remove(victim)
+            self._forget(victim)
+            self.message_drops.add()
+
+    def _forget(self, entry):
+        """Bookkeeping for an urgent entry that leaves the queue."""
+        self._urgent_bytes -= len(entry.payload)
+        if entry.coalesce:
+            self._pong_waiting = False
+
+    def wake(self):
+        with self._cond:
+            self._cond.notify_all()
+
+    # -- the writer ------------------------------------------------------------
+    def connection_started(self, server_id):
+        """Samples from now on carry this server id (None: the API gave none)."""
+        with self._cond:
+            self._server_id = server_id
+
+    def take(self, timeout):
+        """(type, payload) of the next message to send, or None after `timeout`.
+        The writer calls `sent()` once the payload is on its way."""
+        with self._cond:
+            if not self.ready():
+                self._cond.wait(timeout)
+            if self._urgent:
+                entry = self._urgent.popleft()
+                self._forget(entry)
+                self._sending = entry
+                return entry.kind, entry.payload
+            if not (self._window_open() and self._pending):
+                return None
+            data = self._sending = self._pending.popleft()
+            if self.ack_mode != self.NO_ACKS:
+                if not self._in_flight:
+                    self._waiting_since = time.monotonic()
+                self._in_flight.append(data)
+            server_id = self._server_id
+        stamp = {"server_id": server_id} if server_id is not None else {}
+        return "metrics", to_json({"type": "metrics", "data": dict(stamp, **data)})
+
+    def sent(self):
+        with self._cond:
+            self._sending = None
+
+    def ready(self):
+        """True when a message waits that may be sent now."""
+        with self._cond:
+            return bool(self._urgent or (self._pending and self._window_open()))
+
+    def _window_open(self):
+        return self.ack_mode == self.NO_ACKS or len(self._in_flight) < METRICS_WINDOW
+
+    def probe_needed(self):
+        """True when a ping now would tell whether this API acknowledges metrics."""
+        with self._cond:
+            return (
+                self.ack_mode == self.UNKNOWN
+                and self._in_flight
+                and self._probe is None
+            )
+
+    def ping_sent(self, number):
+        with self._cond:
+            if (
+                self.ack_mode == self.UNKNOWN
+                and self._in_flight
+                and self._probe is None
+            ):
+                self._probe = number
+
+    # -- the receiver ---------------------------------------------------------
+    def acknowledged(self):
+        with self._cond:
+            self.ack_mode = self.ACKS
+            if self._in_flight:
+                self._in_flight.popleft()
+            self._waiting_since = time.monotonic() if self._in_flight else None
+            self._cond.notify()
+
+    def unacknowledged_for(self):
+        """Seconds the oldest in-flight sample has waited without any ack coming."""
+        with self._cond:
+            since = self._waiting_since
+        return time.monotonic() - since if since is not None else 0.0
+
+    def pong_received(self, number):
+        with self._cond:
+            if (
+                self.ack_mode == self.UNKNOWN
+                and self._probe is not None
+                and number >= self._probe
+            ):
+                self.ack_mode = self.NO_ACKS
+                self._in_flight.clear()  # no acknowledgements: sent is delivered
+                self._waiting_since = None
+                LOG.info(
+                    "the API does not acknowledge metrics; a sample counts as "
+                    "delivered when sent"
+                )
+                self._cond.notify()
+
+    # -- the connection ---------------------------------------------------------
+    def connection_lost(self):
+        """What was being sent and unacknowledged samples go back in front;
+        replies wait for the next connection, other messages are dropped.
+
+        A reply waits until its `keep_until` (at most MAX_KEPT_REPLIES of
+        them); pings, pongs and stream chunks are dropped.
+
+        The next connection learns afresh whether the API acknowledges: it may
+        be another server, and a window waiting for acks that never come
+        would stop metrics altogether.
+        """
+        with self._cond:
+            self._put_back(self._sending)
+            self._sending = None
+            now = time.monotonic()
+            kept = [w for w in self._urgent if w.keep_until and w.keep_until > now]
+            if len(kept) > MAX_KEPT_REPLIES:
+                LOG.warning("dropped %d replies waiting for a reconnect (more than %d)",
+                            len(kept) - MAX_KEPT_REPLIES, MAX_KEPT_REPLIES)  # fmt: skip
+            self._urgent = collections.deque(kept[-MAX_KEPT_REPLIES:])
+            self._urgent_bytes = sum(len(w.payload) for w in self._urgent)
+            self._pong_waiting = False
+            self._pending.extendleft(reversed(self._in_flight))
+            self._in_flight.clear()
+            self._probe = None
+            self._waiting_since = None
+            self.ack_mode = self.UNKNOWN
+
+    def _put_back(self, taken):
+        """What the writer took but could not send goes back in front."""
+        if isinstance(taken, Waiting):
+            self._urgent.appendleft(taken)
+        elif taken is not None and not any(d is taken for d in self._in_flight):
+            self._pending.appendleft(taken)  # in flight, it goes back with those
+
+    def counts(self):
+        with self._cond:
+            return len(self._pending), len(self._in_flight)
+
+
+###############################################################################
 # Connection ##################################################################
 ###############################################################################
+
+
+PING_MESSAGE = to_json({"type": "ping"})
 
 
 def close_frame_status(data):
@@ -2691,14 +2789,14 @@ class Session:
         self.dead = threading.Event()
         self.pings_sent = self.pongs_received = 0
 
-    def send(self, message):
-        """One text message; a large one in fragments (RFC 6455 section 5.4).
+    def send(self, payload):
+        """One text message (UTF-8 bytes); a large one in fragments (RFC 6455
+        section 5.4).
 
         websocket-client masks a frame by building several copies of it; for
         a 1 MiB command reply that made 5 MB of transient memory. Fragments
         of FRAGMENT_BYTES keep it small; the server reassembles them.
         """
-        payload = to_json(message)
         if len(payload) <= FRAGMENT_BYTES:
             self.ws.send(payload, opcode=OPCODE_TEXT)
             return
@@ -2848,6 +2946,7 @@ class Link:
 
     def _serve(self, session):
         self.session = session
+        self.outbox.connection_started(session.server_id)
         writer = threading.Thread(
             target=self._write_loop, args=(session,), name="writer", daemon=True
         )
@@ -2903,13 +3002,11 @@ class Link:
                 if now >= next_ping or self.outbox.probe_needed():
                     session.pings_sent += 1
                     self.outbox.ping_sent(session.pings_sent)
-                    session.send({"type": "ping"})
+                    session.send(PING_MESSAGE)
                     next_ping = now + heartbeat
                     continue
                 wake_at = min(next_ping, session.last_rx + 2 * heartbeat)
-                message = self.outbox.take(timeout=max(0.01, wake_at - now))
-                if message is not None:
-                    self._send(session, message)
+                self._send_next(session, timeout=max(0.01, wake_at - now))
             if self.stop.is_set():
                 self._flush(session)
                 session.ws.send_close(1000, b"agent shutting down")
@@ -2938,23 +3035,16 @@ class Link:
     def _flush(self, session):
         """Send what still waits (replies, the last samples), for a short while."""
         deadline = time.monotonic() + SHUTDOWN_FLUSH_S
-        while time.monotonic() < deadline:
-            message = self.outbox.take(timeout=0)
-            if message is None:
-                return
-            self._send(session, message)
+        while time.monotonic() < deadline and self.outbox.ready():
+            self._send_next(session, timeout=0)
 
-    def _send(self, session, message):
-        LOG.debug("-> %s", message["type"])
-        if message["type"] != "metrics":
-            session.send(message)
-            return
-        data = dict(server_id=session.server_id, **message["data"])
-        try:
-            session.send({"type": "metrics", "data": data})
-        except BaseException:
-            self.outbox.unsent(message["data"])
-            raise
+    def _send_next(self, session, timeout):
+        item = self.outbox.take(timeout)
+        if item is not None:
+            kind, payload = item
+            LOG.debug("-> %s", kind)
+            session.send(payload)
+            self.outbox.sent()
 
     def abort(self):
         session = self.session
@@ -2990,7 +3080,7 @@ class Agent:
     def __init__(self, config, source=None):
         self.config = config
         self.stop_event = threading.Event()
-        self.outbox = Outbox(config.buffer_size)
+        self.outbox = Outbox(config.buffer_size, config.reply_keep_s)
         self.children = Children()
         self.docker_cli = DockerCLI(config, self.children)
         self.containers = ContainerCache(config, self.docker_cli, self.stop_event)
@@ -3029,6 +3119,7 @@ class Agent:
     # -- handlers ---------------------------------------------------------------
     def on_auth_success(self, message, session):
         session.server_id = message.get("server_id", session.server_id)
+        self.outbox.connection_started(session.server_id)
 
     def on_pong(self, message, session):
         session.pongs_received += 1

@@ -983,97 +983,6 @@ class TestMetrics:
 
 
 ###############################################################################
-# Outbox ######################################################################
-###############################################################################
-
-
-class TestOutbox:
-    def test_samples_oldest_first_and_acknowledged_in_order(self):
-        box = agent.Outbox(10)
-        for i in range(3):
-            box.add_sample({"n": i})
-        assert [box.take(0)["data"]["n"] for _ in range(3)] == [0, 1, 2]
-        assert box.counts() == (0, 3)
-        box.acknowledged()
-        box.connection_lost()
-        assert box.counts() == (2, 0)
-        assert [box.take(0)["data"]["n"] for _ in range(2)] == [1, 2]
-
-    def test_replies_go_before_samples(self):
-        box = agent.Outbox(10)
-        box.add_sample({"n": 0})
-        box.put({"type": "pong"})
-        assert box.take(0) == {"type": "pong"}
-
-    def test_overflow_drops_oldest_and_logs_count(self, caplog):
-        box = agent.Outbox(5)
-        with caplog.at_level("WARNING", logger="chatops-agent"):
-            for i in range(8):
-                box.add_sample({"n": i})
-        assert box.dropped_total == 3
-        assert [box.take(0)["data"]["n"] for _ in range(5)] == [3, 4, 5, 6, 7]
-        assert "dropped the 1 oldest" in caplog.text
-
-    def test_a_failed_send_puts_the_sample_back(self):
-        box = agent.Outbox(10)
-        box.add_sample({"n": 0})
-        box.add_sample({"n": 1})
-        box.ack_mode = box.NO_ACKS
-        message = box.take(0)
-        box.unsent(message["data"])
-        assert [box.take(0)["data"]["n"] for _ in range(2)] == [0, 1]
-
-    def test_each_connection_learns_the_ack_mode_afresh(self):
-        box = agent.Outbox(10)
-        box.add_sample({"n": 0})
-        box.take(0)
-        box.acknowledged()
-        assert box.ack_mode == box.ACKS
-        box.connection_lost()
-        assert box.ack_mode == box.UNKNOWN
-
-    def test_api_that_never_acks_counts_sent_as_delivered(self):
-        box = agent.Outbox(10)
-        box.add_sample({"n": 0})
-        box.take(0)
-        assert box.probe_needed()
-        box.ping_sent(1)
-        box.add_sample({"n": 1})
-        box.take(0)
-        box.pong_received(1)
-        assert box.ack_mode == box.NO_ACKS and box.counts() == (0, 0)
-        box.connection_lost()
-        assert box.counts() == (0, 0)
-
-    def test_ack_before_pong_means_acks(self):
-        box = agent.Outbox(10)
-        box.add_sample({"n": 0})
-        box.take(0)
-        box.ping_sent(1)
-        box.acknowledged()
-        box.pong_received(1)
-        assert box.ack_mode == box.ACKS and not box.probe_needed()
-
-    def test_waiting_for_acks_is_timed(self):
-        box = agent.Outbox(10)
-        assert box.unacknowledged_for() == 0.0
-        box.add_sample({"n": 0})
-        box.take(0)
-        wait_until(lambda: box.unacknowledged_for() > 0.05, 2, "time to pass")
-        box.acknowledged()
-        assert box.unacknowledged_for() == 0.0
-
-    def test_window_limits_unacknowledged(self):
-        box = agent.Outbox(1000)
-        for i in range(agent.METRICS_WINDOW + 5):
-            box.add_sample({"n": i})
-        sent = [box.take(0) for _ in range(agent.METRICS_WINDOW + 5)]
-        assert sum(m is not None for m in sent) == agent.METRICS_WINDOW
-        box.acknowledged()
-        assert box.take(0)["data"]["n"] == agent.METRICS_WINDOW
-
-
-###############################################################################
 # Protocol ####################################################################
 ###############################################################################
 
@@ -2415,6 +2324,275 @@ class TestDocker:
         api.send_all(json.dumps({"type": "start_container", "request_id": "x1",
                                  "container_id": "web"}))  # fmt: skip
         assert "disabled" in cmd.reply("x1")["message"]
+
+
+###############################################################################
+# Outbox ######################################################################
+###############################################################################
+
+
+def taken(box):
+    """The next message the writer would send, decoded (and reported sent)."""
+    item = box.take(0)
+    if item is None:
+        return None
+    box.sent()
+    return json.loads(item[1])
+
+
+class TestOutbox:
+    def test_samples_oldest_first_and_acknowledged_in_order(self):
+        box = agent.Outbox(10)
+        for i in range(3):
+            box.add_sample({"n": i})
+        assert [taken(box)["data"]["n"] for _ in range(3)] == [0, 1, 2]
+        assert box.counts() == (0, 3)
+        box.acknowledged()
+        box.connection_lost()
+        assert box.counts() == (2, 0)
+        assert [taken(box)["data"]["n"] for _ in range(2)] == [1, 2]
+
+    def test_samples_carry_the_server_id_of_their_connection(self):
+        box = agent.Outbox(10)
+        box.add_sample({"n": 0})
+        box.add_sample({"n": 1})
+        box.connection_started("s-1")
+        assert taken(box)["data"] == {"server_id": "s-1", "n": 0}
+        box.connection_started(None)  # an API that gave none (or an unusable one)
+        assert taken(box)["data"] == {"n": 1}
+
+    def test_replies_go_before_samples(self):
+        box = agent.Outbox(10)
+        box.add_sample({"n": 0})
+        box.put({"type": "pong"})
+        assert taken(box) == {"type": "pong"}
+
+    def test_overflow_drops_oldest_and_logs_count(self, caplog):
+        box = agent.Outbox(5)
+        with caplog.at_level("WARNING", logger="chatops-agent"):
+            for i in range(8):
+                box.add_sample({"n": i})
+        assert box.dropped_total == 3
+        assert [taken(box)["data"]["n"] for _ in range(5)] == [3, 4, 5, 6, 7]
+        assert "dropped the 1 oldest" in caplog.text
+
+    def test_what_a_failed_send_took_goes_back_in_front(self):
+        """The writer took it, the send failed, the connection is lost: a reply
+        or a sample is sent again on the next connection, first."""
+        box = agent.Outbox(10)
+        box.put({"type": "command_result", "request_id": "r1", "data": {}})
+        box.put({"type": "command_result", "request_id": "r2", "data": {}})
+        box.add_sample({"n": 0})
+        assert box.take(0)[0] == "command_result"  # no sent(): the send failed
+        box.connection_lost()
+        assert [taken(box)["request_id"] for _ in range(2)] == ["r1", "r2"]
+        box.pong_received(0)
+        box.ack_mode = box.NO_ACKS  # sent is delivered: only the failed send counts
+        box.take(0)
+        box.connection_lost()
+        assert taken(box)["data"]["n"] == 0
+
+    def test_a_reply_waits_for_a_reconnect_a_pong_does_not(self):
+        box = agent.Outbox(10, reply_keep_s=300)
+        box.put({"type": "pong"})
+        box.put({"type": "error", "request_id": "r1", "message": "bad"})
+        box.put({"type": "command_output", "request_id": "r2", "data": {}})
+        box.put({"type": "command_result", "request_id": "r3", "data": {}},
+                keep_until=time.monotonic() - 1)  # the API gave up on it long ago
+        box.connection_lost()
+        assert taken(box)["type"] == "error"
+        assert taken(box) is None
+
+    def test_bare_pongs_are_coalesced(self):
+        box = agent.Outbox(10)
+        for _ in range(1000):
+            box.put({"type": "pong"})
+        box.put({"type": "pong", "request_id": "p1"})  # a reply: kept apart
+        assert taken(box) == {"type": "pong"}
+        assert taken(box) == {"type": "pong", "request_id": "p1"}
+        assert taken(box) is None
+        box.put({"type": "pong"})
+        assert taken(box) == {"type": "pong"}
+
+    def test_waiting_messages_are_bounded_oldest_non_replies_first(self, caplog):
+        box = agent.Outbox(10)
+        limit = agent.MAX_WAITING_MESSAGES
+        with caplog.at_level("WARNING", logger="chatops-agent"):
+            box.put({"type": "command_result", "request_id": "keep", "data": {}})
+            for n in range(2 * limit):
+                chunk = {"type": "command_output", "request_id": "s", "data": {"n": n}}
+                box.put(chunk)
+        waiting = [taken(box) for _ in range(limit + 1)]
+        assert waiting[-1] is None and waiting[0]["request_id"] == "keep"
+        assert waiting[1]["data"]["n"] == limit + 1  # the oldest chunks went first
+        assert box.message_drops.total == limit + 1
+        assert "the API is not reading" in caplog.text
+        big = "x" * (agent.MAX_WAITING_BYTES // 4)
+        for n in range(6):
+            box.put({"type": "command_result", "request_id": f"b{n}", "output": big})
+        kept = [m["request_id"] for m in iter(lambda: taken(box), None)]
+        assert kept == ["b3", "b4", "b5"]  # the oldest replies go when nothing else
+
+    def test_each_connection_learns_the_ack_mode_afresh(self):
+        box = agent.Outbox(10)
+        box.add_sample({"n": 0})
+        taken(box)
+        box.acknowledged()
+        assert box.ack_mode == box.ACKS
+        box.connection_lost()
+        assert box.ack_mode == box.UNKNOWN
+
+    def test_api_that_never_acks_counts_sent_as_delivered(self):
+        box = agent.Outbox(10)
+        box.add_sample({"n": 0})
+        taken(box)
+        assert box.probe_needed()
+        box.ping_sent(1)
+        box.add_sample({"n": 1})
+        taken(box)
+        box.pong_received(1)
+        assert box.ack_mode == box.NO_ACKS and box.counts() == (0, 0)
+        box.connection_lost()
+        assert box.counts() == (0, 0)
+
+    def test_ack_before_pong_means_acks(self):
+        box = agent.Outbox(10)
+        box.add_sample({"n": 0})
+        taken(box)
+        box.ping_sent(1)
+        box.acknowledged()
+        box.pong_received(1)
+        assert box.ack_mode == box.ACKS and not box.probe_needed()
+
+    def test_waiting_for_acks_is_timed(self):
+        box = agent.Outbox(10)
+        assert box.unacknowledged_for() == 0.0
+        box.add_sample({"n": 0})
+        taken(box)
+        wait_until(lambda: box.unacknowledged_for() > 0.05, 2, "time to pass")
+        box.acknowledged()
+        assert box.unacknowledged_for() == 0.0
+
+    def test_window_limits_unacknowledged(self):
+        box = agent.Outbox(1000)
+        for i in range(agent.METRICS_WINDOW + 5):
+            box.add_sample({"n": i})
+        sent = [taken(box) for _ in range(agent.METRICS_WINDOW + 5)]
+        assert sum(m is not None for m in sent) == agent.METRICS_WINDOW
+        box.acknowledged()
+        assert taken(box)["data"]["n"] == agent.METRICS_WINDOW
+
+
+###############################################################################
+# Hostile peers ###############################################################
+###############################################################################
+#
+# What a misbehaving API, network or host can do, and what must hold whatever
+# it does: the process never wedges (if it can no longer work it exits
+# non-zero), every request gets exactly one reply, memory stays bounded, the
+# key never leaks, and every log line stays one line.
+
+
+def one_reply_each(api, request_ids):
+    """{request id: [its reply]} (stream chunks aside) of the ids that have one;
+    fails if any has more than one."""
+    found = replies_to(api, [{i} for i in request_ids])
+    return {next(iter(ids)): replies for ids, replies in found.items()}
+
+
+def replies_to(api, requests):
+    """{ids: replies} for each request that has a reply, a request known by the
+    set of its ids (request_id and command_id): a reply carries one or both.
+    Fails if any request has more than one reply."""
+    found = {}
+    with api.lock:
+        messages = [m for _, m in api.frames if m.get("type") != "command_output"]
+    for ids in requests:
+        replies = [m for m in messages
+                   if {m.get("request_id"), m.get("command_id")} & ids]  # fmt: skip
+        assert len(replies) <= 1, f"more than one reply to {ids}: {replies}"
+        if replies:
+            found[frozenset(ids)] = replies
+    return found
+
+
+STALL_COMMAND = "head -c 1048576 /dev/zero | tr '\\0' '\\1'"  # 6 MiB as JSON
+
+
+def unsent_bytes(port):
+    """Bytes the kernel holds unsent on connections to 127.0.0.1:`port` (Linux)."""
+    total = 0
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if int(fields[2].split(":")[1], 16) == port and fields[3] == "01":
+                total += int(fields[4].split(":")[0], 16)
+    return total
+
+
+def stall(relay, cmd):
+    """Make the relay to the API stop reading, and the agent's writer stick in
+    the middle of 12 MiB of replies: their ids."""
+    relay.reading.clear()
+    big = [cmd.send(STALL_COMMAND), cmd.send(STALL_COMMAND)]
+    for request_id in big:
+        cmd.proc.wait_log(f"command {request_id} ended")
+    levels = []
+
+    def stuck():  # a full send queue that no longer moves
+        levels.append(unsent_bytes(relay.port))
+        return len(levels) > 5 and levels[-1] > 2**20 and len(set(levels[-5:])) == 1
+
+    wait_until(stuck, 10, "the agent's writer to be stuck")
+    return big
+
+
+@pytest.fixture
+def stalled(api, run_agent):
+    """An agent whose API has stopped reading: its writer is stuck in the middle
+    of 12 MiB of replies, while the API can still send it frames. The agent
+    reaches the API through a relay, which is what stops reading."""
+    relay = RawPeer(upstream=api.port, rcvbuf=65536)
+
+    def start(*args):
+        proc = run_agent(relay.url, "--command-grace-s", "1",
+                         "--reconnect-max-delay-s", "0.5", *args)  # fmt: skip
+        wait_until(api.metrics, 6, "the agent to connect")
+        cmd = Commander(api, proc)
+        return cmd, relay, stall(relay, cmd)
+
+    yield start
+    relay.reading.set()
+    relay.close()
+
+
+class TestStalledPeer:
+    def test_a_reply_whose_send_fails_waits_for_the_reconnect(self, stalled):
+        cmd, relay, big = stalled("--heartbeat-interval-s", "2")
+        cmd.proc.wait_log("sending failed", 15)  # a send timed out mid-reply
+        relay.reading.set()
+        for request_id in big:
+            assert cmd.reply(request_id, 30)["data"]["output_bytes"] == 1048576
+        replies = one_reply_each(cmd.api, set(big))
+        numbers = [n for n, m in cmd.api.frames for r in replies.values() if m is r[0]]
+        assert max(numbers) >= 1  # at least one came on the new connection
+
+    @pytest.mark.parametrize("kind", ["ping-messages"])
+    def test_a_flood_of_pings_keeps_memory_bounded(self, stalled, tmp_path, kind):
+        """Pings the agent cannot answer while the API does not read: their
+        answers are coalesced, not queued (it was 269 MiB after 968 000 ping
+        messages)."""
+        cmd, _, _ = stalled("--heartbeat-interval-s", "60")
+        before = rss_kib(cmd.proc.proc.pid)
+        conn = cmd.api.connections[0]
+        ping = json.dumps({"type": "ping"})
+        for _ in range(200000):
+            conn.send(ping)
+        marker = tmp_path / "after-the-flood"
+        cmd.send(f"touch {marker}")
+        wait_until(marker.exists, 30, f"the agent to read the flood of {kind}")
+        growth_mib = (rss_kib(cmd.proc.proc.pid) - before) / 1024
+        assert growth_mib < 16, f"RSS grew by {growth_mib:.1f} MiB"
 
 
 ###############################################################################
