@@ -59,7 +59,8 @@ WS_PATH = "/api/v1/agents/ws"
 OPCODE_TEXT = 0x1  # RFC 6455: a text frame (its payload is UTF-8)
 FRAGMENT_BYTES = 65536  # larger messages go out in fragments of this size
 AUTH_TIMEOUT_S = 10.0  # how long the API may take to answer "auth"
-CONNECT_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 10.0  # one read or write while connecting
+CONNECT_DEADLINE_S = 15.0  # the whole TCP, TLS and upgrade, however slow the peer
 BACKOFF_FIRST_S = 1.0  # reconnect delays grow 1, 2, 4, ... s, full jitter
 STABLE_AFTER_S = 30.0  # a connection up this long resets the backoff
 AUTH_RETRY_FIRST_S = 60.0  # a rejected key is retried slowly: 1, 2, 4, ... min
@@ -74,6 +75,8 @@ ONCE_CPU_WINDOW_S = 0.5  # CPU window of --once
 SHUTDOWN_COMMAND_GRACE_S = 1.0  # on SIGTERM, running commands get TERM, then KILL
 SHUTDOWN_FLUSH_S = 1.0  # then the time to send what waits before closing
 SHUTDOWN_CLOSE_WAIT_S = 1.5  # and to wait for the API's close frame
+SHUTDOWN_DEADLINE_S = 8.0  # a shutdown still running then ends the process at once
+EXIT_THREAD_DIED = 70  # EX_SOFTWARE: a thread died; the service manager restarts us
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")  # each stops the agent cleanly,
 # unless the agent was started with it ignored (nohup ignores SIGHUP)
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -2177,24 +2180,34 @@ class ContainerCache:
         """The docker thread: check, watch events, refresh; again when they fail."""
         backoff = Backoff(1.0, 60.0)
         while not self.stop.is_set():
-            status, detail = self.cli.check()
-            self._set_status(status, detail)
-            if status == "ok":
-                watched_from = time.monotonic()
-                self._watch()
-                if time.monotonic() - watched_from > 60:
-                    backoff.reset()  # it had worked for a while: a restart
-                if self.stop.wait(backoff.next_delay()):
-                    return
-            elif self.stop.wait(self.config.docker_check_s):
+            try:
+                delay = self._check_and_watch(backoff)
+            except Exception as e:  # an answer of the CLI nobody foresaw
+                LOG.exception("docker: watching containers failed")
+                self._set_status("error", f"{type(e).__name__}: {e}")
+                delay = self.config.docker_check_s
+            if self.stop.wait(delay):
                 return
 
+    def _check_and_watch(self, backoff):
+        """Watch while Docker works; the delay before looking again."""
+        status, detail = self.cli.check()
+        self._set_status(status, detail)
+        if status != "ok":
+            return self.config.docker_check_s
+        watched_from = time.monotonic()
+        self._watch()
+        if time.monotonic() - watched_from > 60:
+            backoff.reset()  # it had worked for a while: a restart
+        return backoff.next_delay()
+
     def _watch(self):
-        """Follow events and refresh the list until the events process ends."""
-        self._start_events()
+        """Follow events and refresh the list until the events process ends
+        (or is ended by shutdown(), from another thread)."""
+        events = self._start_events()
         try:
             self.mark_stale()
-            while not self.stop.is_set() and self._events.poll() is None:
+            while not self.stop.is_set() and events.poll() is None:
                 self._wake.wait(self.config.docker_refresh_s)
                 self._wake.clear()
                 self._refresh()
@@ -2211,17 +2224,19 @@ class ContainerCache:
         self._fresh.set()
 
     def _start_events(self):
-        self._events = self.cli.children.spawn(
+        proc = self._events = self.cli.children.spawn(
             [self.cli.binary, "events", "--format", "{{json .}}", "--filter",
              "type=container"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL, env=docker_environment(),
             start_new_session=True)  # fmt: skip
-        threading.Thread(target=self._read_events, args=(self._events,),
+        threading.Thread(target=self._read_events, args=(proc,),
                          name="docker-events", daemon=True).start()  # fmt: skip
+        return proc
 
     def _read_events(self, proc):
-        for _line in proc.stdout:  # each event: something changed
-            self.mark_stale()
+        with contextlib.suppress(OSError, ValueError):  # closed under us at the end
+            for _line in proc.stdout:  # each event: something changed
+                self.mark_stale()
         self._wake.set()  # the process ended: the daemon went away or restarted
 
     def _stop_events(self):
@@ -2769,6 +2784,7 @@ class Outbox:
 
 
 PING_MESSAGE = to_json({"type": "ping"})
+CLOSE_REASONS = {1000: b"agent shutting down", 1011: b"agent restarting after an error"}
 
 
 def close_frame_status(data):
@@ -2776,6 +2792,43 @@ def close_frame_status(data):
     if len(data) < 2:
         return None, ""
     return int.from_bytes(data[:2], "big"), data[2:].decode("utf-8", "replace")
+
+
+def abort_socket(ws):
+    """Shut a WebSocket's socket down from any thread: wakes a receive, fails a
+    send, breaks off a connect."""
+    sock = getattr(ws, "sock", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+def upgrade_answer(ws, error):
+    """(status, headers) of the API's answer to the upgrade, as far as known."""
+    response = getattr(ws, "handshake_response", None)
+    status = getattr(error, "status_code", None) or getattr(response, "status", None)
+    headers = getattr(error, "resp_headers", None) or getattr(response, "headers", None)
+    return status, headers or {}
+
+
+class Deadline:
+    """Calls `expire(*args)` from a timer thread if a block takes too long."""
+
+    def __init__(self, seconds, expire, *args):
+        self.expired = False
+        self._timer = threading.Timer(seconds, self._expire, (expire, args))
+        self._timer.daemon = True
+
+    def _expire(self, expire, args):
+        self.expired = True
+        expire(*args)
+
+    def __enter__(self):
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self._timer.cancel()
 
 
 class Session:
@@ -2809,10 +2862,7 @@ class Session:
 
     def kill(self):
         self.dead.set()
-        try:
-            self.ws.abort()  # wakes a receive blocked in another thread
-        except Exception as e:  # best effort: the socket may be gone already
-            LOG.debug("abort: %s", e)
+        abort_socket(self.ws)
 
 
 class Link:
@@ -2832,30 +2882,39 @@ class Link:
         self.stop = stop
         self.url = ws_url(config.api_url)
         self.session = None
+        self.close_code = 1000  # 1011 when the agent exits because a thread died
         self.backoff = Backoff(BACKOFF_FIRST_S, config.reconnect_max_delay_s)
         self.auth_backoff = Backoff(
             AUTH_RETRY_FIRST_S, AUTH_RETRY_MAX_S, floor_fraction=0.5
         )
         self.websocket = load_websocket()
+        self._connecting = None  # the WebSocket being connected, for abort()
 
     def run(self):
+        """Connect, serve, reconnect, until the agent stops. Nothing that
+        happens to one connection may end this loop."""
         while not self.stop.is_set():
-            delay = self._attempt()
+            try:
+                delay = self._attempt()
+            except Exception:  # a case nobody foresaw: report it, and try again
+                delay = self.backoff.next_delay()
+                LOG.exception(
+                    "the connection failed unexpectedly; retrying in %.1f s", delay
+                )
             if delay is not None:
                 self.stop.wait(delay)
+
 
     def _attempt(self):
         """One connection from start to end; the delay before the next, if any."""
         try:
             session = self._connect()
         except AuthError as e:
-            delay = self.auth_backoff.next_delay()
-            LOG.error("%s; check the key; retrying in %.0f s", e, delay)
-            return delay
+            text = "%s; check the key; retrying in %.0f s"
+            return self._retry_after(e, self.auth_backoff, logging.ERROR, text)
         except LinkError as e:
-            delay = self.backoff.next_delay()
-            LOG.warning("%s; retrying in %.1f s", e, delay)
-            return delay
+            text = "%s; retrying in %.1f s"
+            return self._retry_after(e, self.backoff, logging.WARNING, text)
         self.auth_backoff.reset()
         self._serve(session)
         if self.stop.is_set():
@@ -2866,48 +2925,74 @@ class Link:
         LOG.info("reconnecting in %.1f s", delay)
         return delay
 
+    def _retry_after(self, error, backoff, level, text):
+        """The delay before the next attempt, logged; None once the agent stops
+        (a connect broken off by shutdown is nothing to report)."""
+        if self.stop.is_set():
+            return None
+        delay = backoff.next_delay()
+        LOG.log(level, text, error, delay)
+        return delay
+
     def _connect(self):
         if self.config.tls_skip_verify and self.url.startswith("wss:"):
             LOG.warning(
                 "TLS certificate verification is OFF (tls_skip_verify): anyone "
                 "on the path can read the API key and the commands"
             )
-        ws = self._open_socket()
+        ws = self.websocket.WebSocket(
+            sslopt=ws_sslopt(self.config),
+            skip_utf8_validation=True,
+            enable_multithread=True,
+        )
+        self._connecting = ws  # until authenticated, abort() breaks it off
         try:
+            self._open(ws)
             server_id = self._authenticate(ws)
         except BaseException:
             ws.shutdown()
             raise
+        finally:
+            self._connecting = None
         ws.settimeout(max(1.0, self.config.heartbeat_interval_s))
         LOG.info("connected to %s as server %s", self.url, server_id)
         return Session(ws, server_id, self.websocket.ABNF)
 
-    def _open_socket(self):
-        wsc = self.websocket
+    def _open(self, ws):
+        """Connect and upgrade `ws`, or LinkError / AuthError saying why not.
+        The whole attempt has a deadline, however slowly the peer answers."""
+        deadline = Deadline(CONNECT_DEADLINE_S, abort_socket, ws)
         try:
-            return wsc.create_connection(
-                self.url,
-                timeout=CONNECT_TIMEOUT_S,
-                sslopt=ws_sslopt(self.config),
-                skip_utf8_validation=True,
-                enable_multithread=True,
+            with deadline:
+                ws.connect(self.url, timeout=CONNECT_TIMEOUT_S)
+        except Exception as e:  # a garbled answer raises anything: ValueError, ...
+            raise self._connect_error(ws, e, deadline.expired) from None
+
+    def _connect_error(self, ws, error, expired):
+        """The LinkError (or AuthError) that says what went wrong, and what to do."""
+        wsc = self.websocket
+        status, headers = upgrade_answer(ws, error)
+        text = one_line(str(error))[:300] or type(error).__name__
+        if expired:
+            return LinkError(
+                f"the API at {self.url} did not complete the WebSocket upgrade "
+                f"within {CONNECT_DEADLINE_S:.0f} s"
             )
-        except wsc.WebSocketBadStatusException as e:
-            status = getattr(e, "status_code", None)
-            if status in (401, 403):
-                raise AuthError(f"HTTP {status} on the WebSocket upgrade") from None
-            raise LinkError(
-                f"the API refused the WebSocket at {self.url}: {e}"
-            ) from None
-        except ssl.SSLCertVerificationError as e:
-            raise LinkError(
-                f"the API's TLS certificate is not trusted ({e.verify_message}); "
+        if status in (401, 403):
+            return AuthError(f"HTTP {status} on the WebSocket upgrade")
+        if isinstance(error, wsc.WebSocketBadStatusException):
+            return LinkError(f"the API refused the WebSocket at {self.url}: {text}")
+        if isinstance(error, ssl.SSLCertVerificationError):
+            return LinkError(
+                f"the API's TLS certificate is not trusted ({error.verify_message}); "
                 "for a private CA pass --ca-file"
-            ) from None
-        except (OSError, wsc.WebSocketException) as e:
-            raise LinkError(
-                f"cannot reach the API at {self.url}: {e or type(e).__name__}"
-            ) from None
+            )
+        if isinstance(error, (OSError, wsc.WebSocketException)):
+            return LinkError(f"cannot reach the API at {self.url}: {text}")
+        return LinkError(
+            f"the answer at {self.url} to the WebSocket upgrade is not valid HTTP "
+            f"({type(error).__name__}: {text}); is api_url the ChatOps API?"
+        )
 
     def _authenticate(self, ws):
         """Send `auth`; wait for `auth_success`. The key goes in this one frame only."""
@@ -3009,7 +3094,7 @@ class Link:
                 self._send_next(session, timeout=max(0.01, wake_at - now))
             if self.stop.is_set():
                 self._flush(session)
-                session.ws.send_close(1000, b"agent shutting down")
+                session.ws.send_close(self.close_code, CLOSE_REASONS[self.close_code])
                 return  # the receive loop waits for the API's close frame
         except (OSError, self.websocket.WebSocketException) as e:
             if not session.dead.is_set():
@@ -3046,10 +3131,17 @@ class Link:
             session.send(payload)
             self.outbox.sent()
 
+    def stop_connecting(self):
+        """Break off a connection not yet authenticated: at shutdown nothing
+        waits to be sent on it."""
+        abort_socket(self._connecting)
+
     def abort(self):
+        """Break off what the receive thread waits for: a session, or a connect."""
         session = self.session
         if session is not None:
             session.kill()
+        self.stop_connecting()
 
 
 ###############################################################################
@@ -3079,7 +3171,9 @@ class Agent:
 
     def __init__(self, config, source=None):
         self.config = config
-        self.stop_event = threading.Event()
+        self.stop_event = threading.Event()  # set: the threads wind down
+        self.stop_requested = threading.Event()  # by a signal or a dead thread
+        self.exit_code = 0
         self.outbox = Outbox(config.buffer_size, config.reply_keep_s)
         self.children = Children()
         self.docker_cli = DockerCLI(config, self.children)
@@ -3188,7 +3282,10 @@ class Agent:
         self.receive_thread.start()
 
     def _metrics_loop(self):
-        self.collector.prime()
+        try:
+            self.collector.prime()
+        except Exception:  # the first sample's rates will be missing, no more
+            LOG.exception("metrics: reading the first baselines failed")
         interval = self.config.metrics_interval_s
         next_at = time.monotonic() + CPU_PRIME_S
         while not self.stop_event.wait(max(0.0, next_at - time.monotonic())):
@@ -3201,23 +3298,60 @@ class Agent:
             if next_at < time.monotonic():  # overran: skip ticks rather than burst
                 next_at = time.monotonic() + interval
 
+    # -- stopping -------------------------------------------------------------------
+    def on_signal(self, signum, _frame):
+        LOG.info("received %s; shutting down", signal.Signals(signum).name)
+        self.stop_requested.set()
+
+    def on_thread_death(self, args):
+        """threading.excepthook: a thread that dies takes the agent down, with
+        EXIT_THREAD_DIED, so that its service manager starts it afresh, rather
+        than living on without that thread."""
+        if issubclass(args.exc_type, SystemExit):
+            return
+        name = args.thread.name if args.thread else "a"
+        exc_info = (args.exc_type, args.exc_value, args.exc_traceback)
+        LOG.critical(
+            "the %s thread died (%s: %s); the agent exits with status %d so that "
+            "its service manager restarts it",
+            name,
+            args.exc_type.__name__,
+            args.exc_value,
+            EXIT_THREAD_DIED,
+            exc_info=exc_info,
+        )
+        self.exit_code = EXIT_THREAD_DIED
+        self.stop_requested.set()
+
+    def wait(self):
+        """Block until a signal or a dead thread asks the agent to stop."""
+        # On POSIX this blocks with no wake-ups until then, as a signal's
+        # handler runs during the wait (a 0.5 s polling loop here was half of
+        # the agent's idle CPU); on Windows a wait is not interrupted, so it
+        # looks once a second.
+        while not self.stop_requested.wait(None if os.name == "posix" else 1.0):
+            pass
+
     def shutdown(self):
-        """Close with 1000, end what commands started, stop the threads: bounded
-        so that SIGTERM exits within 5 s.
+        """Close, end what commands started, stop the threads: within 5 s.
 
         Running commands get TERM, then KILL after SHUTDOWN_COMMAND_GRACE_S,
         and their replies go out; what finished commands left running (nohup
-        jobs, daemons) is ended at the same time.
+        jobs, daemons) is ended at the same time. Should anything hang anyway,
+        a watchdog ends the process after SHUTDOWN_DEADLINE_S.
         """
-        self._end_commands()
-        self.containers.shutdown()
-        self.stop_event.set()
-        self.outbox.wake()
-        self.receive_thread.join(SHUTDOWN_FLUSH_S + SHUTDOWN_CLOSE_WAIT_S)
-        if self.receive_thread.is_alive():
-            self.link.abort()
-            self.receive_thread.join(1.0)
-        self.metrics_thread.join(1.0)  # a hung statvfs must not hold the exit
+        with Deadline(SHUTDOWN_DEADLINE_S, self._shutdown_overran):
+            self.link.close_code = 1011 if self.exit_code else 1000
+            self._end_commands()
+            self.containers.shutdown()
+            self.stop_event.set()
+            self.link.stop_connecting()
+            self.outbox.wake()
+            self.receive_thread.join(SHUTDOWN_FLUSH_S + SHUTDOWN_CLOSE_WAIT_S)
+            if self.receive_thread.is_alive():
+                self.link.abort()
+                self.receive_thread.join(1.0)
+            self.metrics_thread.join(1.0)  # a hung statvfs must not hold the exit
 
     def _end_commands(self):
         if os.name != "posix":  # commands run on POSIX only
@@ -3225,6 +3359,13 @@ class Agent:
         self.children.signal_leftovers(signal.SIGTERM)
         self.commands.shutdown(SHUTDOWN_COMMAND_GRACE_S)
         self.children.signal_leftovers(signal.SIGKILL)
+
+    @staticmethod
+    def _shutdown_overran():
+        LOG.critical(
+            "shutdown took more than %.0f s; exiting at once", SHUTDOWN_DEADLINE_S
+        )
+        os._exit(EXIT_THREAD_DIED)
 
 
 ###############################################################################
@@ -3301,26 +3442,17 @@ def run_agent(config):
             "no API key: set CHATOPS_API_KEY, or api_key in the config file "
             "(mode 600), or pass --api-key"
         )
-    stopping = threading.Event()
-
-    def on_signal(signum, _frame):
-        LOG.info("received %s; shutting down", signal.Signals(signum).name)
-        stopping.set()
-
+    agent = Agent(config)
     for name in STOP_SIGNALS:
         signum = getattr(signal, name, None)  # Windows has no SIGHUP
         if signum is not None and signal.getsignal(signum) != signal.SIG_IGN:
-            signal.signal(signum, on_signal)
-    agent = Agent(config)
+            signal.signal(signum, agent.on_signal)
+    threading.excepthook = agent.on_thread_death
     agent.start()
-    # On POSIX this blocks with no wake-ups until a signal, whose handler runs
-    # during the wait (a 0.5 s polling loop here was half of the agent's idle
-    # CPU); on Windows a wait is not interrupted, so it looks once a second.
-    while not stopping.wait(None if os.name == "posix" else 1.0):
-        pass
+    agent.wait()
     agent.shutdown()
     LOG.info("stopped")
-    return 0
+    return agent.exit_code
 
 
 ###############################################################################

@@ -1369,6 +1369,30 @@ class TestConnection:
         assert "FAIL API key rejected: HTTP 401 Invalid API key" in result.stdout
         assert wrong not in result.stdout + result.stderr
 
+    @pytest.mark.parametrize("answer", [
+        b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r\n",
+        b"HTTP/1.1 302 Found\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 101 \xff\xfe\xfa\r\n\r\n",
+        b"HTTP/1.1 10",
+        b"HTTP/1.1\r\n\r\n",
+        bytes(range(256)),
+    ], ids=["ssh-banner", "302-no-location", "not-utf8", "truncated", "no-status",
+            "garbage"])  # fmt: skip
+    def test_a_garbled_upgrade_answer_never_ends_the_connection_loop(
+        self, api, run_agent, answer
+    ):
+        """websocket-client 1.2.3 and 1.8.0 raise ValueError, KeyError or
+        UnicodeDecodeError on these: the agent must try again, and get through
+        once the port answers properly."""
+        peer = RawPeer([answer, answer], upstream=api.port)
+        try:
+            proc = run_agent(peer.url, "--reconnect-max-delay-s", "0.5")
+            wait_until(api.metrics, 15, "metrics once the port answers properly")
+            assert len(peer.requests) >= 3 and proc.proc.poll() is None
+            assert proc.log().count("retrying in") >= 2
+        finally:
+            peer.close()
+
     def test_check_reports_each_diagnostic(self, api):
         result = run_cli(
             "--check", "--api-url", api.url, env=clean_env(CHATOPS_API_KEY=KEY)
@@ -2593,6 +2617,63 @@ class TestStalledPeer:
         wait_until(marker.exists, 30, f"the agent to read the flood of {kind}")
         growth_mib = (rss_kib(cmd.proc.proc.pid) - before) / 1024
         assert growth_mib < 16, f"RSS grew by {growth_mib:.1f} MiB"
+
+
+def connect_once(url, **settings):
+    """One connection attempt of the agent's Link, in this process."""
+    flags = {"api_url": url, "api_key": KEY, **settings}
+    config = agent.load_config({k: str(v) for k, v in flags.items()}, {})
+    link = agent.Link(config, agent.Outbox(10), agent.Dispatcher(lambda m: None),
+                      {}, threading.Event())  # fmt: skip
+    session = link._connect()
+    session.kill()
+    session.ws.shutdown()
+    return session
+
+
+class TestHostileUpgrade:
+    def test_an_answer_that_never_ends_meets_a_deadline(self, monkeypatch):
+        """A peer that drips its answer a byte at a time never times out a
+        read; the whole attempt still ends within its deadline (shortened
+        here from CONNECT_DEADLINE_S)."""
+        monkeypatch.setattr(agent, "CONNECT_DEADLINE_S", 2.0)
+
+        def drip(conn, request):
+            for byte in b"HTTP/1.1 101 Switching Protocols\r\n" + b"X-Slow: y\r\n" * 99:
+                conn.sendall(bytes([byte]))
+                time.sleep(0.05)
+
+        peer = RawPeer([drip])
+        started = time.monotonic()
+        with pytest.raises(agent.LinkError, match="within"):
+            connect_once(peer.url)
+        assert time.monotonic() - started < 4
+        peer.close()
+
+
+class TestSignals:
+    def test_a_thread_that_dies_takes_the_agent_down(self, api, tmp_path):
+        """A bug that ends a thread must not leave a process that lives on
+        without it: the agent exits non-zero so that its supervisor restarts it.
+        The bug is planted by this test: the metrics thread raises once the
+        agent is connected."""
+        script = (f"import sys, time; sys.path.insert(0, {os.path.dirname(AGENT)!r})\n"
+                  "import chatops_agent as a\n"
+                  "def bug(self):\n"
+                  "    while self.link.session is None: time.sleep(0.01)\n"
+                  "    raise RuntimeError('a planted bug')\n"
+                  "a.Agent._metrics_loop = bug\n"
+                  "sys.exit(a.main())\n")
+        log = tmp_path / "agent.log"
+        with open(log, "w") as stderr:
+            proc = subprocess.run([sys.executable, "-c", script, "--api-url", api.url],
+                                  env=clean_env(CHATOPS_API_KEY=KEY), stderr=stderr,
+                                  stdin=subprocess.DEVNULL, timeout=30)  # fmt: skip
+        assert proc.returncode == agent.EXIT_THREAD_DIED
+        text = log.read_text()
+        assert "the metrics thread died" in text and "a planted bug" in text
+        wait_until(lambda: api.closes, 5, "the close frame")
+        assert api.closes[-1][0] == 1011
 
 
 ###############################################################################
