@@ -56,11 +56,11 @@ except ImportError:  # not on Windows
 ###############################################################################
 
 WS_PATH = "/api/v1/agents/ws"
-OPCODE_TEXT = 0x1  # RFC 6455: a text frame (its payload is UTF-8)
 FRAGMENT_BYTES = 65536  # larger messages go out in fragments of this size
 AUTH_TIMEOUT_S = 10.0  # how long the API may take to answer "auth"
 CONNECT_TIMEOUT_S = 10.0  # one read or write while connecting
 CONNECT_DEADLINE_S = 15.0  # the whole TCP, TLS and upgrade, however slow the peer
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # larger messages from the API are refused
 BACKOFF_FIRST_S = 1.0  # reconnect delays grow 1, 2, 4, ... s, full jitter
 STABLE_AFTER_S = 30.0  # a connection up this long resets the backoff
 AUTH_RETRY_FIRST_S = 60.0  # a rejected key is retried slowly: 1, 2, 4, ... min
@@ -75,6 +75,7 @@ ONCE_CPU_WINDOW_S = 0.5  # CPU window of --once
 SHUTDOWN_COMMAND_GRACE_S = 1.0  # on SIGTERM, running commands get TERM, then KILL
 SHUTDOWN_FLUSH_S = 1.0  # then the time to send what waits before closing
 SHUTDOWN_CLOSE_WAIT_S = 1.5  # and to wait for the API's close frame
+CLOSE_REPLY_WAIT_S = 1.0  # how long the writer may take to answer the API's close
 SHUTDOWN_DEADLINE_S = 8.0  # a shutdown still running then ends the process at once
 EXIT_THREAD_DIED = 70  # EX_SOFTWARE: a thread died; the service manager restarts us
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")  # each stops the agent cleanly,
@@ -2783,6 +2784,8 @@ class Outbox:
 ###############################################################################
 
 
+# RFC 6455 opcodes.
+OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 PING_MESSAGE = to_json({"type": "ping"})
 CLOSE_REASONS = {1000: b"agent shutting down", 1011: b"agent restarting after an error"}
 
@@ -2792,6 +2795,10 @@ def close_frame_status(data):
     if len(data) < 2:
         return None, ""
     return int.from_bytes(data[:2], "big"), data[2:].decode("utf-8", "replace")
+
+
+def describe_close(code, reason):
+    return f"close {code}: {one_line(reason[:200])}" if reason else f"close {code}"
 
 
 def abort_socket(ws):
@@ -2831,16 +2838,130 @@ class Deadline:
         self._timer.cancel()
 
 
-class Session:
-    """One authenticated WebSocket connection and its liveness."""
+class FrameReader:
+    """Reads the API's WebSocket frames (RFC 6455 section 5) from the socket.
 
-    def __init__(self, ws, server_id, abnf):
+    websocket-client's own receive answers a ping or a close from inside the
+    receive call, under the send lock: a writer stuck on a peer that stopped
+    reading then froze the receive loop too. It also buffers a frame of any
+    announced length. Here receiving only receives: a ping is handed to the
+    writer, and a message larger than MAX_MESSAGE_BYTES ends the connection
+    before it is read.
+    """
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buffer = bytearray()
+        self.parts = None  # (opcode, bytearray) while a fragmented message arrives
+
+    def next_message(self):
+        """(opcode, payload) of the next data message or control frame, or None
+        when the socket's timeout passed first. LinkError when the connection
+        ended or the API broke the protocol; OSError from the socket."""
+        while True:
+            frame = self._frame()
+            if frame is None:
+                if not self._fill():
+                    return None
+                continue
+            message = self._assemble(*frame)
+            if message is not None:
+                return message
+
+    def _fill(self):
+        try:
+            data = self.sock.recv(READ_CHUNK)
+        except socket.timeout:
+            return False
+        if not data:
+            raise LinkError("the API closed the TCP connection")
+        self.buffer += data
+        return True
+
+    def _frame(self):
+        """(fin, opcode, payload) of the next whole frame in the buffer, or None."""
+        buf = self.buffer
+        if len(buf) < 2:
+            return None
+        first, second = buf[0], buf[1]
+        if first & 0x70:
+            raise LinkError("protocol error: a frame with reserved bits set")
+        if second & 0x80:
+            raise LinkError("protocol error: a masked frame from the server")
+        length, start = second & 0x7F, 2
+        if length >= 126:
+            start = 4 if length == 126 else 10
+            if len(buf) < start:
+                return None
+            length = int.from_bytes(buf[2:start], "big")
+        self._check_size(length)
+        end = start + length
+        if len(buf) < end:
+            return None
+        with memoryview(buf) as view:
+            payload = bytes(view[start:end])
+        del buf[:end]  # cheap: a bytearray drops its front without copying
+        return bool(first & 0x80), first & 0x0F, payload
+
+    def _assemble(self, fin, opcode, payload):
+        """A whole message or control frame, or None while fragments arrive."""
+        if opcode >= 0x8:
+            control = opcode in (OP_CLOSE, OP_PING, OP_PONG)
+            if not (control and fin and len(payload) <= 125):
+                raise LinkError(f"protocol error: a bad control frame ({opcode:#x})")
+            return opcode, payload
+        if opcode not in (OP_CONT, OP_TEXT, OP_BINARY):
+            raise LinkError(f"protocol error: unknown opcode {opcode:#x}")
+        if (opcode == OP_CONT) != (self.parts is not None):
+            raise LinkError("protocol error: fragments out of order")
+        if fin and opcode != OP_CONT:
+            return opcode, payload  # the common case: one frame, no copy
+        if opcode != OP_CONT:
+            self.parts = (opcode, bytearray())
+        kind, data = self.parts
+        self._check_size(len(data) + len(payload))
+        data += payload
+        if not fin:
+            return None
+        self.parts = None
+        return kind, bytes(data)
+
+    @staticmethod
+    def _check_size(length):
+        if length > MAX_MESSAGE_BYTES:
+            raise LinkError(
+                f"the API sent a message of {length} bytes, larger than "
+                f"{MAX_MESSAGE_BYTES}; closing the connection"
+            )
+
+
+class Session:
+    """One authenticated WebSocket connection: its socket and reader, what the
+    receive loop hands to the writer, and its liveness."""
+
+    def __init__(self, ws, reader, server_id, abnf):
         self.ws = ws
+        self.reader = reader
         self.abnf = abnf  # websocket-client's frame class
         self.server_id = server_id
         self.opened_at = self.last_rx = time.monotonic()
         self.dead = threading.Event()
+        self.peer_closed = threading.Event()  # the API sent a close frame
         self.pings_sent = self.pongs_received = 0
+        self._lock = threading.Lock()
+        self._pong = None  # the payload of the latest WebSocket ping, unanswered
+
+    def ping_received(self, payload):
+        """Called by the receive loop, which never sends (it would wait behind a
+        stuck writer): the writer answers the latest ping once, as RFC 6455
+        section 5.5.3 allows."""
+        with self._lock:
+            self._pong = payload
+
+    def take_pong(self):
+        with self._lock:
+            payload, self._pong = self._pong, None
+        return payload
 
     def send(self, payload):
         """One text message (UTF-8 bytes); a large one in fragments (RFC 6455
@@ -2851,11 +2972,11 @@ class Session:
         of FRAGMENT_BYTES keep it small; the server reassembles them.
         """
         if len(payload) <= FRAGMENT_BYTES:
-            self.ws.send(payload, opcode=OPCODE_TEXT)
+            self.ws.send(payload, opcode=OP_TEXT)
             return
         view = memoryview(payload)
         for start in range(0, len(payload), FRAGMENT_BYTES):
-            opcode = OPCODE_TEXT if start == 0 else self.abnf.OPCODE_CONT
+            opcode = OP_TEXT if start == 0 else self.abnf.OPCODE_CONT
             fin = start + FRAGMENT_BYTES >= len(payload)
             part = bytes(view[start : start + FRAGMENT_BYTES])
             self.ws.send_frame(self.abnf.create_frame(part, opcode, fin))
@@ -2948,15 +3069,17 @@ class Link:
         self._connecting = ws  # until authenticated, abort() breaks it off
         try:
             self._open(ws)
-            server_id = self._authenticate(ws)
+            reader = FrameReader(ws.sock)
+            server_id = self._authenticate(ws, reader)
         except BaseException:
             ws.shutdown()
             raise
         finally:
             self._connecting = None
         ws.settimeout(max(1.0, self.config.heartbeat_interval_s))
-        LOG.info("connected to %s as server %s", self.url, server_id)
-        return Session(ws, server_id, self.websocket.ABNF)
+        as_server = f" as server {server_id}" if server_id is not None else ""
+        LOG.info("connected to %s%s", self.url, as_server)
+        return Session(ws, reader, server_id, self.websocket.ABNF)
 
     def _open(self, ws):
         """Connect and upgrade `ws`, or LinkError / AuthError saying why not.
@@ -2994,40 +3117,50 @@ class Link:
             f"({type(error).__name__}: {text}); is api_url the ChatOps API?"
         )
 
-    def _authenticate(self, ws):
+    def _authenticate(self, ws, reader):
         """Send `auth`; wait for `auth_success`. The key goes in this one frame only."""
         wsc = self.websocket
         try:
             auth = {"type": "auth", "api_key": self.config.api_key}
-            ws.send(to_json(dict(auth, agent=self.agent_info)), opcode=OPCODE_TEXT)
+            ws.send(to_json(dict(auth, agent=self.agent_info)), opcode=OP_TEXT)
             deadline = time.monotonic() + AUTH_TIMEOUT_S
             while time.monotonic() < deadline:
                 ws.settimeout(max(0.1, deadline - time.monotonic()))
-                opcode, frame = ws.recv_data_frame(True)
-                if opcode == wsc.ABNF.OPCODE_CLOSE:
-                    code, reason = close_frame_status(frame.data)
-                    if code == 1008:
-                        raise AuthError(reason or "no reason given", code)
-                    raise LinkError(
-                        "the API closed the connection during authentication "
-                        f"(close {code} {reason})"
-                    )
-                if opcode not in (wsc.ABNF.OPCODE_TEXT, wsc.ABNF.OPCODE_BINARY):
-                    continue
-                message, _ = parse_frame(frame.data)
-                kind = message.get("type") if message else None
-                if kind == "auth_success":
-                    return message.get("server_id")
-                if kind == "error":
-                    raise AuthError(
-                        str(message.get("message", "no reason given"))[:300]
-                    )
-                LOG.debug("ignored %r before auth_success", kind)
+                frame = reader.next_message()
+                if frame is not None:
+                    done, server_id = self._auth_answer(ws, *frame)
+                    if done:
+                        return server_id
         except (OSError, wsc.WebSocketException) as e:
             raise LinkError(
                 "connection lost during authentication: %s" % (e or type(e).__name__)
             ) from None
         raise LinkError(f"the API did not answer 'auth' within {AUTH_TIMEOUT_S:.0f} s")
+
+    def _auth_answer(self, ws, opcode, payload):
+        """(True, server_id) once authenticated, (False, None) for a frame that
+        is no answer; AuthError or LinkError for a refusal."""
+        if opcode == OP_CLOSE:
+            code, reason = close_frame_status(payload)
+            if code == 1008:
+                raise AuthError(one_line(reason) or "no reason given", code)
+            raise LinkError(
+                "the API closed the connection during authentication "
+                f"({describe_close(code, reason)})"
+            )
+        if opcode == OP_PING:
+            ws.pong(payload)  # there is no writer yet: this thread may answer
+        if opcode not in (OP_TEXT, OP_BINARY):
+            return False, None
+        message, _ = parse_frame(payload)
+        kind = message.get("type") if message else None
+        if kind == "auth_success":
+            return True, message.get("server_id")
+        if kind == "error":
+            reason = str(message.get("message", "no reason given"))
+            raise AuthError(one_line(reason)[:300])
+        LOG.debug("ignored %s before auth_success", shown(kind))
+        return False, None
 
     def _serve(self, session):
         self.session = session
@@ -3039,6 +3172,9 @@ class Link:
         try:
             self._receive_loop(session)
         finally:
+            if session.peer_closed.is_set():  # the writer answers the API's close
+                self.outbox.wake()
+                writer.join(CLOSE_REPLY_WAIT_S)
             session.kill()
             self.outbox.wake()
             writer.join()
@@ -3052,54 +3188,91 @@ class Link:
                 )
 
     def _receive_loop(self, session):
-        wsc = self.websocket
         while not session.dead.is_set():
             try:
-                opcode, frame = session.ws.recv_data_frame(True)
-            except wsc.WebSocketTimeoutException:
-                continue  # the writer's watchdog decides when silence is death
-            except (OSError, wsc.WebSocketException) as e:
+                frame = session.reader.next_message()
+            except (OSError, LinkError) as e:
                 if not session.dead.is_set():
                     LOG.warning("connection lost: %s", e or type(e).__name__)
                 return
-            session.last_rx = time.monotonic()
-            if opcode == wsc.ABNF.OPCODE_CLOSE:
-                code, reason = close_frame_status(frame.data)
-                if not self.stop.is_set():
-                    LOG.warning(
-                        "the API closed the connection (close %s %s)", code, reason
-                    )
-                return
-            if opcode in (wsc.ABNF.OPCODE_TEXT, wsc.ABNF.OPCODE_BINARY):
-                LOG.debug("<- frame of %d bytes", len(frame.data))
-                self.dispatcher.dispatch(frame.data, session)
+            if frame is not None:
+                session.last_rx = time.monotonic()
+                if not self._received(session, *frame):
+                    return
+
+    def _received(self, session, opcode, payload):
+        """Handles one frame; False once the API has closed the connection."""
+        if opcode == OP_CLOSE:
+            session.peer_closed.set()
+            if not self.stop.is_set():
+                status = describe_close(*close_frame_status(payload))
+                LOG.warning("the API closed the connection (%s)", status)
+            return False
+        if opcode == OP_PING:
+            session.ping_received(payload)
+            self.outbox.wake()
+        elif opcode in (OP_TEXT, OP_BINARY):
+            LOG.debug("<- frame of %d bytes", len(payload))
+            self.dispatcher.dispatch(payload, session)
+        return True
 
     def _write_loop(self, session):
+        """Everything sent on one connection, the heartbeat and the liveness
+        check; ends with the connection."""
         heartbeat = self.config.heartbeat_interval_s
         next_ping = time.monotonic() + heartbeat
         try:
-            while not session.dead.is_set() and not self.stop.is_set():
+            while not self._ending(session):
                 now = time.monotonic()
                 problem = self._liveness_problem(session, now)
                 if problem:
                     LOG.warning("%s; reconnecting", problem)
                     break
-                if now >= next_ping or self.outbox.probe_needed():
-                    session.pings_sent += 1
-                    self.outbox.ping_sent(session.pings_sent)
-                    session.send(PING_MESSAGE)
+                pong = session.take_pong()
+                if pong is not None:
+                    session.ws.pong(pong)
+                elif now >= next_ping or self.outbox.probe_needed():
+                    self._ping(session)
                     next_ping = now + heartbeat
-                    continue
-                wake_at = min(next_ping, session.last_rx + 2 * heartbeat)
-                self._send_next(session, timeout=max(0.01, wake_at - now))
-            if self.stop.is_set():
-                self._flush(session)
-                session.ws.send_close(self.close_code, CLOSE_REASONS[self.close_code])
-                return  # the receive loop waits for the API's close frame
+                else:
+                    wake_at = min(next_ping, session.last_rx + 2 * heartbeat)
+                    self._send_next(session, timeout=max(0.01, wake_at - now))
+            self._close(session)
         except (OSError, self.websocket.WebSocketException) as e:
             if not session.dead.is_set():
                 LOG.warning("sending failed: %s", e or type(e).__name__)
+            session.kill()
+
+    def _ending(self, session):
+        return (
+            session.dead.is_set()
+            or session.peer_closed.is_set()
+            or self.stop.is_set()
+        )
+
+    def _close(self, session):
+        """How the writer ends: answering the API's close, or at shutdown sending
+        what waits and a close of its own."""
+        if session.peer_closed.is_set():
+            session.ws.send_close(1000, b"")  # RFC 6455: a close is answered
+        elif self.stop.is_set() and not session.dead.is_set():
+            self._flush(session)
+            session.ws.send_close(self.close_code, CLOSE_REASONS[self.close_code])
+            return  # the receive loop waits for the API's close frame
         session.kill()
+
+    def _ping(self, session):
+        session.pings_sent += 1
+        self.outbox.ping_sent(session.pings_sent)
+        session.send(PING_MESSAGE)
+
+    def _send_next(self, session, timeout):
+        item = self.outbox.take(timeout)
+        if item is not None:
+            kind, payload = item
+            LOG.debug("-> %s", kind)
+            session.send(payload)
+            self.outbox.sent()
 
     def _liveness_problem(self, session, now):
         """Why the connection should be given up, or None while it works."""
@@ -3122,14 +3295,6 @@ class Link:
         deadline = time.monotonic() + SHUTDOWN_FLUSH_S
         while time.monotonic() < deadline and self.outbox.ready():
             self._send_next(session, timeout=0)
-
-    def _send_next(self, session, timeout):
-        item = self.outbox.take(timeout)
-        if item is not None:
-            kind, payload = item
-            LOG.debug("-> %s", kind)
-            session.send(payload)
-            self.outbox.sent()
 
     def stop_connecting(self):
         """Break off a connection not yet authenticated: at shutdown nothing

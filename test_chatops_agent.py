@@ -399,6 +399,37 @@ def upgrade_answer(request):
             b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n" % accept)
 
 
+def ws_frame(payload, opcode=0x1, fin=True, rsv=0, length=None, mask=False):
+    """A server-to-client frame, valid or not: `length` may lie, bits may be wrong."""
+    if isinstance(payload, str):
+        payload = payload.encode()
+    size = len(payload) if length is None else length
+    head = bytes([(0x80 if fin else 0) | rsv << 4 | opcode])
+    flag = 0x80 if mask else 0
+    if size < 126:
+        head += bytes([flag | size])
+    elif size < 65536:
+        head += bytes([flag | 126]) + size.to_bytes(2, "big")
+    else:
+        head += bytes([flag | 127]) + size.to_bytes(8, "big")
+    return head + (b"\0\0\0\0" if mask else b"") + payload
+
+
+def upgrade_then(*chunks, hold_s=0):
+    """An answer for RawPeer: a valid upgrade, then `chunks` of raw bytes."""
+
+    def answer(conn, request):
+        conn.sendall(upgrade_answer(request))
+        for chunk in chunks:
+            conn.sendall(chunk)
+        deadline = time.monotonic() + hold_s
+        with contextlib.suppress(OSError):
+            while time.monotonic() < deadline and conn.recv(65536):
+                pass
+
+    return answer
+
+
 class AgentProcess:
     """chatops_agent.py in a subprocess, its log in a file we can read while it runs."""
 
@@ -2591,6 +2622,18 @@ def stalled(api, run_agent):
 
 
 class TestStalledPeer:
+    def test_a_websocket_ping_does_not_freeze_the_receive_loop(self, stalled,
+                                                               tmp_path):  # fmt: skip
+        cmd, relay, big = stalled("--heartbeat-interval-s", "10")
+        marker = tmp_path / "started"
+        cmd.api.ws_ping()
+        touch = cmd.send(f"touch {marker}")
+        wait_until(marker.exists, 3, "the command sent after the ping to start")
+        assert "sending failed" not in cmd.proc.log()  # the stalled connection still
+        relay.reading.set()
+        assert cmd.reply(touch, 30)["data"]["exit_code"] == 0
+        one_reply_each(cmd.api, {touch, *big})
+
     def test_a_reply_whose_send_fails_waits_for_the_reconnect(self, stalled):
         cmd, relay, big = stalled("--heartbeat-interval-s", "2")
         cmd.proc.wait_log("sending failed", 15)  # a send timed out mid-reply
@@ -2601,17 +2644,21 @@ class TestStalledPeer:
         numbers = [n for n, m in cmd.api.frames for r in replies.values() if m is r[0]]
         assert max(numbers) >= 1  # at least one came on the new connection
 
-    @pytest.mark.parametrize("kind", ["ping-messages"])
+    @pytest.mark.parametrize("kind", ["ping-messages", "websocket-pings"])
     def test_a_flood_of_pings_keeps_memory_bounded(self, stalled, tmp_path, kind):
         """Pings the agent cannot answer while the API does not read: their
         answers are coalesced, not queued (it was 269 MiB after 968 000 ping
-        messages)."""
+        messages). A WebSocket ping is answered by the writer, the latest once."""
         cmd, _, _ = stalled("--heartbeat-interval-s", "60")
         before = rss_kib(cmd.proc.proc.pid)
         conn = cmd.api.connections[0]
-        ping = json.dumps({"type": "ping"})
-        for _ in range(200000):
-            conn.send(ping)
+        if kind == "ping-messages":
+            ping = json.dumps({"type": "ping"})
+            for _ in range(200000):
+                conn.send(ping)
+        else:
+            for n in range(50000):
+                conn.ping(n.to_bytes(4, "big"))
         marker = tmp_path / "after-the-flood"
         cmd.send(f"touch {marker}")
         wait_until(marker.exists, 30, f"the agent to read the flood of {kind}")
@@ -2649,6 +2696,58 @@ class TestHostileUpgrade:
             connect_once(peer.url)
         assert time.monotonic() - started < 4
         peer.close()
+
+
+class TestHostileFrames:
+    def test_frame_reader_survives_any_bytes(self):
+        """Any byte stream gives messages, or a protocol error, or the end of the
+        connection: nothing else, and no frame is buffered beyond the limit."""
+        hypothesis = need_module("hypothesis")
+        st = hypothesis.strategies
+        frames = st.lists(st.one_of(
+            st.binary(max_size=30),
+            st.builds(ws_frame, st.binary(max_size=200), st.integers(0, 15),
+                      st.booleans(), st.integers(0, 7), st.none(), st.booleans()),
+            st.builds(lambda n: ws_frame(b"", 0x1, length=n),
+                      st.integers(0, 2**63 - 1)),
+        ), max_size=12)  # fmt: skip
+
+        @hypothesis.settings(max_examples=400, deadline=None)
+        @hypothesis.given(frames)
+        def read_all(chunks):
+            ours, theirs = socket.socketpair()
+            with ours, theirs:
+                theirs.sendall(b"".join(chunks))
+                theirs.shutdown(socket.SHUT_WR)
+                reader = agent.FrameReader(ours)
+                with contextlib.suppress(agent.LinkError):
+                    for _ in range(100):
+                        message = reader.next_message()
+                        if message is None:
+                            break
+                        opcode, payload = message
+                        assert len(payload) <= agent.MAX_MESSAGE_BYTES
+                assert len(reader.buffer) <= agent.MAX_MESSAGE_BYTES + agent.READ_CHUNK
+
+        read_all()
+
+    def test_fragments_and_pings_between_them_are_reassembled(self, api, run_agent):
+        """auth_success in 1-byte fragments with pings between them, then a frame
+        that announces 2**62 bytes: the agent authenticates, then drops that
+        connection and comes back through the relay."""
+        text = json.dumps({"type": "auth_success", "server_id": SERVER_ID}).encode()
+        parts = [ws_frame(text[:1], 0x1, fin=False)]
+        for i in range(1, len(text)):
+            parts.append(ws_frame(b"p", 0x9))
+            parts.append(ws_frame(text[i:i + 1], 0x0, fin=i == len(text) - 1))
+        parts.append(ws_frame(b"", 0x1, length=2**62))
+        peer = RawPeer([upgrade_then(*parts, hold_s=5)], upstream=api.port)
+        try:
+            proc = run_agent(peer.url, "--reconnect-max-delay-s", "0.5")
+            wait_until(api.metrics, 15, "metrics through the relay")
+            assert "connected to" in proc.log() and "larger than" in proc.log()
+        finally:
+            peer.close()
 
 
 class TestSignals:
