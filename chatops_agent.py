@@ -110,7 +110,7 @@ class Setting:
 SETTINGS = (
     Setting("api_key", None, "str",
             "API key that authenticates this agent (secret)", secret=True),
-    Setting("api_url", "http://localhost:8000", "str",
+    Setting("api_url", "http://localhost:8000", "url",
             "ChatOps API base URL (http/https), or a ws/wss URL used as is"),
     Setting("metrics_interval_s", 5.0, "float",
             "seconds between metrics samples", above=0),
@@ -200,7 +200,8 @@ BOOL_WORDS = {
     **dict.fromkeys(("1", "true", "yes", "on"), True),
     **dict.fromkeys(("0", "false", "no", "off"), False),
 }
-KIND_WORDS = {"str": "a string", "level": "a string", "bool": "true or false",
+KIND_WORDS = {"str": "a string", "level": "a string", "url": "a URL (a string)",
+              "bool": "true or false",
               "int": "a whole number", "float": "a number",
               "regexes": "a JSON list of regular expressions (or, as text, one)",
               "env": 'a JSON object of variables, {"NAME": "value"}'}  # fmt: skip
@@ -308,9 +309,11 @@ def is_loopback(host):
     if host.lower() == "localhost" or host.lower().endswith(".localhost"):
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return address.is_loopback or bool(mapped and mapped.is_loopback)
 
 
 class Backoff:
@@ -494,7 +497,11 @@ def as_level(raw, text):
     return as_str(raw, text).strip().lower()
 
 
-CONVERTERS = {"str": as_str, "level": as_level, "bool": as_bool,
+def as_url(raw, text):
+    return as_str(raw, text).strip()  # a trailing newline from a file or variable
+
+
+CONVERTERS = {"str": as_str, "level": as_level, "url": as_url, "bool": as_bool,
               "int": as_number(int), "float": as_number(float),
               "regexes": as_regexes, "env": as_env}  # fmt: skip
 
@@ -607,10 +614,9 @@ def load_config(flags, environ):
 
 
 def validate(config):
-    ws_url(config.api_url)  # raises ConfigError on a bad URL
-    host = urllib.parse.urlsplit(config.api_url).hostname
-    plaintext = urllib.parse.urlsplit(config.api_url).scheme in ("http", "ws")
-    if plaintext and not is_loopback(host) and not config.allow_plaintext:
+    parts = split_api_url(config.api_url)
+    plaintext = parts.scheme in ("http", "ws")
+    if plaintext and not is_loopback(parts.hostname) and not config.allow_plaintext:
         raise ConfigError(
             f"refusing plaintext URL {config.api_url}: the API key would cross the "
             "network in clear. Use https:// (or wss://), or if this network is "
@@ -628,28 +634,53 @@ def validate(config):
         )
 
 
-def ws_url(api_url):
-    """The WebSocket URL for an API URL, as PROTOCOL.md section 1 says."""
-    parts = urllib.parse.urlsplit(api_url.strip())
-    scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme)
-    if not scheme or not parts.hostname:
+# What different URL parsers may read differently: whitespace and controls
+# (some strip them, some do not), and backslashes (some read them as '/').
+URL_AMBIGUOUS = re.compile(r"[\s\x00-\x1f\x7f\\]")
+SCHEMES = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}
+
+
+def split_api_url(api_url):
+    """The parts of api_url, or ConfigError. The plaintext check, websocket-client
+    and --check's HTTP each parse the URL; only text that all read alike passes."""
+    example = "give http(s)://HOST[:PORT] or ws(s)://HOST[:PORT]/PATH"
+    if URL_AMBIGUOUS.search(api_url) or not api_url.isascii():
         raise ConfigError(
-            f"api_url {api_url!r} is not a URL the agent can use: give "
-            "http(s)://HOST[:PORT] or ws(s)://HOST[:PORT]/PATH"
+            f"api_url {one_line(api_url)!r} holds whitespace, a control character, a "
+            f"backslash or a non-ASCII character; {example} (an international host "
+            "name in its xn-- form)"
         )
     try:
+        parts = urllib.parse.urlsplit(api_url)
         parts.port  # noqa: B018 -- raises ValueError on a bad port
-    except ValueError:
-        raise ConfigError(f"api_url {api_url!r} has an invalid port") from None
+    except ValueError as e:
+        raise ConfigError(f"api_url {api_url!r} is not a usable URL ({e})") from None
+    if parts.scheme not in SCHEMES or not parts.hostname:
+        raise ConfigError(
+            f"api_url {api_url!r} is not a URL the agent can use: {example}"
+        )
+    if "@" in parts.netloc:
+        raise ConfigError(
+            f"api_url {api_url!r} holds credentials (user@host); the agent sends "
+            "only its key, given with api_key: remove them"
+        )
+    return parts
+
+
+def ws_url(api_url):
+    """The WebSocket URL for an API URL, as PROTOCOL.md section 1 says."""
+    parts = split_api_url(api_url)
     path = parts.path
     if parts.scheme in ("http", "https") or path in ("", "/"):
         path = path.rstrip("/") + WS_PATH
-    return urllib.parse.urlunsplit((scheme, parts.netloc, path, parts.query, ""))
+    return urllib.parse.urlunsplit(
+        (SCHEMES[parts.scheme], parts.netloc, path, parts.query, "")
+    )
 
 
 def http_base(api_url):
     """The HTTP base for /health and /api/v1/api-keys/me, from either kind of URL."""
-    parts = urllib.parse.urlsplit(api_url.strip())
+    parts = split_api_url(api_url)
     scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
     path = parts.path.rstrip("/")
     if parts.scheme in ("ws", "wss"):
@@ -2838,6 +2869,21 @@ class Deadline:
         self._timer.cancel()
 
 
+def check_plaintext_peer(peer, allow_plaintext):
+    """Refuse to go on in clear with a peer that is not loopback.
+
+    The configuration allows ws:// only to a loopback host; what counts is the
+    address actually connected to, whatever the host's name resolved to.
+    """
+    address = str(peer[0]).split("%")[0]  # an IPv6 address may carry a zone
+    if not allow_plaintext and not is_loopback(address):
+        raise LinkError(
+            f"refusing to send the API key in clear to {address}, which is not "
+            "loopback (the URL's host resolved there): use https://, or pass "
+            "--allow-plaintext if this network is trusted"
+        )
+
+
 class FrameReader:
     """Reads the API's WebSocket frames (RFC 6455 section 5) from the socket.
 
@@ -3083,11 +3129,17 @@ class Link:
 
     def _open(self, ws):
         """Connect and upgrade `ws`, or LinkError / AuthError saying why not.
-        The whole attempt has a deadline, however slowly the peer answers."""
+
+        No redirect is followed: the key must go only where api_url says (a
+        redirect may lead from wss:// to ws://, or to another host). The whole
+        attempt has a deadline, however slowly the peer answers.
+        """
         deadline = Deadline(CONNECT_DEADLINE_S, abort_socket, ws)
         try:
             with deadline:
-                ws.connect(self.url, timeout=CONNECT_TIMEOUT_S)
+                ws.connect(self.url, timeout=CONNECT_TIMEOUT_S, redirect_limit=0)
+            if ws.getstatus() != 101:  # 1.2.3 and 1.8.0 return a redirect as is
+                raise self.websocket.WebSocketException("the upgrade was refused")
         except Exception as e:  # a garbled answer raises anything: ValueError, ...
             raise self._connect_error(ws, e, deadline.expired) from None
 
@@ -3103,6 +3155,14 @@ class Link:
             )
         if status in (401, 403):
             return AuthError(f"HTTP {status} on the WebSocket upgrade")
+        if isinstance(status, int) and 300 <= status < 400:
+            location = one_line(str(headers.get("location", ""))[:200])
+            return LinkError(
+                f"the API answered the WebSocket upgrade with a redirect (HTTP "
+                f"{status} to {location!r}); the agent follows no redirects, so "
+                "that the key goes only where api_url says: set api_url to the "
+                "address the API really serves"
+            )
         if isinstance(error, wsc.WebSocketBadStatusException):
             return LinkError(f"the API refused the WebSocket at {self.url}: {text}")
         if isinstance(error, ssl.SSLCertVerificationError):
@@ -3118,9 +3178,12 @@ class Link:
         )
 
     def _authenticate(self, ws, reader):
-        """Send `auth`; wait for `auth_success`. The key goes in this one frame only."""
+        """Send `auth`; wait for `auth_success`. The key goes in this one frame
+        only, and in clear only to a loopback address."""
         wsc = self.websocket
         try:
+            if self.url.startswith("ws:"):
+                check_plaintext_peer(ws.sock.getpeername(), self.config.allow_plaintext)
             auth = {"type": "auth", "api_key": self.config.api_key}
             ws.send(to_json(dict(auth, agent=self.agent_info)), opcode=OP_TEXT)
             deadline = time.monotonic() + AUTH_TIMEOUT_S
@@ -3626,61 +3689,86 @@ def run_agent(config):
 
 
 def http_get(url, config, headers=None):
-    """(status, parsed JSON or text) of a GET; raises OSError when unreachable."""
+    """(status, parsed JSON or text, redirect location) of a GET; OSError when
+    unreachable. A redirect is not followed: urllib would carry X-API-Key
+    along, from https to http or to another host."""
     # Imported here: only --check needs HTTP, and urllib.request brings the
     # email and http packages, 2-3 MB of memory the running agent never uses.
     import urllib.error
     import urllib.request
 
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):
+            return None  # urllib then raises HTTPError with the 3xx
+
+    opener = urllib.request.build_opener(
+        NoRedirect, urllib.request.HTTPSHandler(context=tls_context(config))
+    )
     request = urllib.request.Request(
         url, headers=dict(headers or {}, **{"User-Agent": "chatops-agent"})
     )
-    context = tls_context(config) if url.startswith("https:") else None
+    location = None
     try:
-        with urllib.request.urlopen(request, timeout=10, context=context) as response:
+        with opener.open(request, timeout=10) as response:
             status, body = response.status, response.read(65536)
     except urllib.error.HTTPError as e:
-        status, body = e.code, e.read(65536)
+        status, body, location = e.code, e.read(65536), e.headers.get("Location")
     try:
-        return status, json.loads(body.decode("utf-8", "replace"))
-    except ValueError:
-        return status, body.decode("utf-8", "replace")[:200]
+        return status, json.loads(body.decode("utf-8", "replace")), location
+    except (ValueError, RecursionError):
+        return status, body.decode("utf-8", "replace")[:200], location
 
 
 def check_api(config):
     """Yields (ok, text) for the checks that talk to the API."""
     base = http_base(config.api_url)
     try:
-        status, body = http_get(base + "/health", config)
-        yield (
-            status == 200,
-            f"API reachable: GET {base}/health -> {status} {body}",
-        )
+        status, body, location = http_get(base + "/health", config)
     except (OSError, ssl.SSLError) as e:
-        reason = getattr(e, "reason", e)
-        hint = ""
-        if isinstance(reason, ssl.SSLCertVerificationError):
-            hint = "; for a private CA pass --ca-file"
-        yield False, f"API not reachable at {base}/health: {reason}{hint}"
+        yield False, f"API not reachable at {base}/health: {unreachable(e)}"
         return
+    if location is not None:
+        yield False, not_followed(f"GET {base}/health", status, location)
+        return
+    yield status == 200, f"API reachable: GET {base}/health -> {status} {body}"
     if not config.api_key:
         yield (
             False,
             "no API key configured: set CHATOPS_API_KEY or api_key in the config file",
         )
         return
-    status, body = http_get(
-        base + "/api/v1/api-keys/me", config, {"X-API-Key": config.api_key}
-    )
-    if status == 200 and isinstance(body, dict):
+    me = base + "/api/v1/api-keys/me"
+    try:
+        status, body, location = http_get(me, config, {"X-API-Key": config.api_key})
+    except (OSError, ssl.SSLError) as e:
+        yield False, f"API key not checked: GET {me} failed: {unreachable(e)}"
+        return
+    if location is not None:
+        yield False, not_followed(f"GET {me}", status, location)
+    elif status == 200 and isinstance(body, dict):
         key = f"key {body.get('name')!r}, active {body.get('is_active')}"
         yield True, f"API key accepted: server_id {body.get('server_id')}, {key}"
     else:
-        detail = body.get("detail") if isinstance(body, dict) else body
+        detail = str(body.get("detail") if isinstance(body, dict) else body)[:200]
         yield (
             False,
             f"API key rejected: HTTP {status} {detail}; check it in the ChatOps UI",
         )
+
+
+def unreachable(error):
+    reason = getattr(error, "reason", error)
+    if isinstance(reason, ssl.SSLCertVerificationError):
+        return f"{reason}; for a private CA pass --ca-file"
+    return str(reason)
+
+
+def not_followed(request, status, location):
+    return (
+        f"{request} -> HTTP {status}, a redirect to {location[:200]}: not followed "
+        "(the key goes only where api_url says); set api_url to the address the "
+        "API really serves"
+    )
 
 
 def run_check(config):

@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import venv
 import zipfile
 
@@ -813,6 +814,58 @@ class TestURLs:
         with pytest.raises(agent.ConfigError):
             agent.ws_url(bad)
 
+    @pytest.mark.parametrize("text", [
+        "http://127.0.0.1\\@evil.example", "http://127.0.0.1 .evil.example",
+        "http://user:secret@127.0.0.1", "http://127.0.0.1\x00.evil.example",
+        "https://chatops.example.com\t/x", "http://127.0.0.1\u3002evil.example",
+    ])  # fmt: skip
+    def test_urls_parsers_could_read_apart_are_refused(self, text):
+        """Inner whitespace, control characters, backslashes, non-ASCII and
+        credentials: parsers may read these differently, so they are refused."""
+        with pytest.raises(agent.ConfigError, match="api_url"):
+            agent.load_config({"api_url": text}, {})
+
+    def test_surrounding_whitespace_is_trimmed_once_for_all(self):
+        config = agent.load_config({"api_url": " \thttps://chatops.example.com\n"}, {})
+        assert config.api_url == "https://chatops.example.com"
+        with pytest.raises(agent.ConfigError, match="refusing plaintext"):
+            agent.load_config({"api_url": " http://evil.example"}, {})
+
+    def test_the_check_and_the_connection_read_every_url_alike(self):
+        """Whatever the text, an api_url accepted without allow_plaintext leads
+        websocket-client (which parses the URL again) and --check's HTTP to the
+        host the check saw, and that host is loopback when the URL is plaintext."""
+        hypothesis = need_module("hypothesis")
+        st = hypothesis.strategies
+        agent.load_websocket()
+        from websocket._url import parse_url
+
+        pieces = st.sampled_from([
+            "http", "https", "ws", "wss", "HTTP", "://", ":", "/", "//", "@", "\\",
+            "#", "?", " ", "\t", "\n", "\x00", "%40", "%2f", "[", "]", "127.0.0.1",
+            "localhost", "LOCALHOST", "evil.example", "::1", "10.0.0.1", "8000",
+            "0x7f.1", "127.1", ".", "localhost.", "a.localhost", "user:pw", "\u3002",
+            "\uff0e", "\u2100", "xn--",
+        ])  # fmt: skip
+
+        @hypothesis.settings(max_examples=3000, deadline=None)
+        @hypothesis.given(st.lists(pieces, max_size=12).map("".join))
+        def agree(text):
+            try:
+                config = agent.load_config({"api_url": text}, {})
+            except agent.ConfigError:
+                return
+            url = agent.ws_url(config.api_url)
+            host, _, _, secure = parse_url(url)
+            checked = urllib.parse.urlsplit(url).hostname
+            assert host.lower() == checked, (text, url)
+            assert urllib.parse.urlsplit(agent.http_base(config.api_url)).hostname \
+                == checked  # fmt: skip
+            if not secure:
+                assert agent.is_loopback(host), (text, url)
+
+        agree()
+
 
 ###############################################################################
 # Metrics #####################################################################
@@ -1489,6 +1542,35 @@ class TestTLS:
         assert "FAIL API not reachable" in untrusted.stdout
         assert "CERTIFICATE_VERIFY_FAILED" in untrusted.stdout
         assert "for a private CA pass --ca-file" in untrusted.stdout
+
+    @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+    def test_a_redirect_is_never_followed(self, tls_api, run_agent, status):
+        """An https API whose upgrade redirects to ws://: the key must not follow."""
+        api, ca_file = tls_api
+        elsewhere = FakeAPI().start()
+        try:
+            api.redirect = (status, f"ws://127.0.0.1:{elsewhere.port}{agent.WS_PATH}")
+            proc = run_agent(api.url, "--ca-file", ca_file)
+            proc.wait_log(f"with a redirect (HTTP {status} to 'ws://127.0.0.1:")
+            assert "follows no redirect" in proc.log()
+            assert not elsewhere.connects and not elsewhere.messages()
+        finally:
+            elsewhere.stop()
+
+    def test_check_follows_no_redirect(self, tls_api):
+        """--check's HTTP requests must not carry X-API-Key to an http:// redirect."""
+        api, ca_file = tls_api
+        elsewhere = FakeAPI().start()
+        try:
+            api.http_redirect = elsewhere.url
+            result = run_cli("--check", "--api-url", api.url, "--ca-file", ca_file,
+                             env=clean_env(CHATOPS_API_KEY=KEY))  # fmt: skip
+            assert result.returncode == 1
+            assert "redirect to http://127.0.0.1:" in result.stdout
+            assert "not followed" in result.stdout
+            assert not elsewhere.http_requests
+        finally:
+            elsewhere.stop()
 
     def test_skip_verify_connects_and_warns(self, tls_api, run_agent):
         api, _ = tls_api
@@ -2696,6 +2778,16 @@ class TestHostileUpgrade:
             connect_once(peer.url)
         assert time.monotonic() - started < 4
         peer.close()
+
+    def test_a_plaintext_peer_that_is_not_loopback_gets_no_key(self):
+        """A ws:// URL is allowed only to loopback; what counts is the address
+        actually connected to. A name cannot be made to resolve elsewhere here,
+        so the peer address is given to the check directly."""
+        with pytest.raises(agent.LinkError, match="10.1.2.3.*not loopback"):
+            agent.check_plaintext_peer(("10.1.2.3", 8000), allow_plaintext=False)
+        agent.check_plaintext_peer(("127.0.0.1", 8000), allow_plaintext=False)
+        agent.check_plaintext_peer(("::1", 8000, 0, 0), allow_plaintext=False)
+        agent.check_plaintext_peer(("10.1.2.3", 8000), allow_plaintext=True)
 
 
 class TestHostileFrames:
