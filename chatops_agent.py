@@ -67,6 +67,7 @@ AUTH_RETRY_FIRST_S = 60.0  # a rejected key is retried slowly: 1, 2, 4, ... min
 AUTH_RETRY_MAX_S = 900.0
 METRICS_WINDOW = 32  # metrics frames sent but not yet acknowledged
 MAX_KEPT_REPLIES = 256  # replies waiting for a reconnect
+MAX_ID_CHARS = 200  # a request id or server id longer than this is not used
 MAX_WAITING_MESSAGES = 1024  # replies, pongs and chunks waiting to be sent;
 MAX_WAITING_BYTES = 32 * 1024 * 1024  # beyond either, the oldest are dropped
 CPU_PRIME_S = 0.25  # first sample's CPU window after start
@@ -259,18 +260,43 @@ def utc_now():
 
 
 def to_json(message):
-    """The UTF-8 bytes of a text frame: compact, never NaN.
+    """The UTF-8 bytes of a text frame: compact, never NaN, never an exception.
 
     Plain UTF-8 keeps non-ASCII output at 1-3 bytes a character (escapes
-    would cost 6); a string that cannot be encoded (a lone surrogate echoed
-    from a request) falls back to ASCII escapes rather than failing the send.
+    would cost 6). A string that cannot be encoded (a lone surrogate echoed
+    from a request) falls back to ASCII escapes; a number JSON cannot hold
+    (NaN, infinity) becomes null rather than failing the send.
     """
-    text = json.dumps(message, separators=(",", ":"), allow_nan=False,
-                      ensure_ascii=False)  # fmt: skip
+    try:
+        text = json.dumps(message, separators=(",", ":"), allow_nan=False,
+                          ensure_ascii=False)  # fmt: skip
+    except ValueError:
+        return to_json(finite(message))
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:
         return json.dumps(message, separators=(",", ":"), allow_nan=False).encode()
+
+
+def finite(value):
+    """`value` with every NaN or infinity replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def usable_id(value):
+    """`value` if it can name a request or server in a reply (a string or a whole
+    number, of sane size), else None. NaN, floats and objects cannot."""
+    if isinstance(value, str) and 0 < len(value) <= MAX_ID_CHARS:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if len(str(value)) <= MAX_ID_CHARS else None
+    return None
 
 
 # Characters that let text from the network forge or hide a line of a log or
@@ -1213,15 +1239,11 @@ ID_FIELDS = ("request_id", "command_id")
 
 
 def reply_ids(message):
-    """The ids of a request to copy into its reply (strings or numbers of sane size)."""
+    """The ids of a request to copy into its reply (see `usable_id`)."""
     ids = {}
     for field in ID_FIELDS:
-        value = message.get(field) if isinstance(message, dict) else None
-        if (
-            isinstance(value, (str, int))
-            and not isinstance(value, bool)
-            and len(str(value)) <= 200
-        ):
+        value = usable_id(message.get(field)) if isinstance(message, dict) else None
+        if value is not None:
             ids[field] = value
     return ids
 
@@ -2814,7 +2836,6 @@ class Outbox:
 # Connection ##################################################################
 ###############################################################################
 
-
 # RFC 6455 opcodes.
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 PING_MESSAGE = to_json({"type": "ping"})
@@ -2841,12 +2862,42 @@ def abort_socket(ws):
             sock.shutdown(socket.SHUT_RDWR)
 
 
+def check_plaintext_peer(peer, allow_plaintext):
+    """Refuse to go on in clear with a peer that is not loopback.
+
+    The configuration allows ws:// only to a loopback host; what counts is the
+    address actually connected to, whatever the host's name resolved to.
+    """
+    address = str(peer[0]).split("%")[0]  # an IPv6 address may carry a zone
+    if not allow_plaintext and not is_loopback(address):
+        raise LinkError(
+            f"refusing to send the API key in clear to {address}, which is not "
+            "loopback (the URL's host resolved there): use https://, or pass "
+            "--allow-plaintext if this network is trusted"
+        )
+
+
 def upgrade_answer(ws, error):
     """(status, headers) of the API's answer to the upgrade, as far as known."""
     response = getattr(ws, "handshake_response", None)
     status = getattr(error, "status_code", None) or getattr(response, "status", None)
     headers = getattr(error, "resp_headers", None) or getattr(response, "headers", None)
     return status, headers or {}
+
+
+def auth_server_id(message):
+    """auth_success's server_id if it can go back in metrics; an unusable one
+    (NaN, an object, ...) is logged and left out of them."""
+    if "server_id" not in message:
+        return None
+    server_id = usable_id(message["server_id"])
+    if server_id is None:
+        LOG.warning(
+            "auth_success carried an unusable server_id (%s); metrics are sent "
+            "without one",
+            shown(message["server_id"]),
+        )
+    return server_id
 
 
 class Deadline:
@@ -2867,21 +2918,6 @@ class Deadline:
 
     def __exit__(self, *exc_info):
         self._timer.cancel()
-
-
-def check_plaintext_peer(peer, allow_plaintext):
-    """Refuse to go on in clear with a peer that is not loopback.
-
-    The configuration allows ws:// only to a loopback host; what counts is the
-    address actually connected to, whatever the host's name resolved to.
-    """
-    address = str(peer[0]).split("%")[0]  # an IPv6 address may carry a zone
-    if not allow_plaintext and not is_loopback(address):
-        raise LinkError(
-            f"refusing to send the API key in clear to {address}, which is not "
-            "loopback (the URL's host resolved there): use https://, or pass "
-            "--allow-plaintext if this network is trusted"
-        )
 
 
 class FrameReader:
@@ -3038,7 +3074,7 @@ class Link:
     The receive loop runs in the thread that calls `run()`; each connection
     gets one writer thread that alone sends, so a peer that stops reading
     blocks only the writer (for at most one socket timeout), never the
-    metrics loop or a handler.
+    metrics loop, the receive loop or a handler.
     """
 
     def __init__(self, config, outbox, dispatcher, agent_info, stop):
@@ -3070,7 +3106,6 @@ class Link:
                 )
             if delay is not None:
                 self.stop.wait(delay)
-
 
     def _attempt(self):
         """One connection from start to end; the delay before the next, if any."""
@@ -3218,7 +3253,7 @@ class Link:
         message, _ = parse_frame(payload)
         kind = message.get("type") if message else None
         if kind == "auth_success":
-            return True, message.get("server_id")
+            return True, auth_server_id(message)
         if kind == "error":
             reason = str(message.get("message", "no reason given"))
             raise AuthError(one_line(reason)[:300])
@@ -3440,8 +3475,11 @@ class Agent:
 
     # -- handlers ---------------------------------------------------------------
     def on_auth_success(self, message, session):
-        session.server_id = message.get("server_id", session.server_id)
-        self.outbox.connection_started(session.server_id)
+        if "server_id" in message:
+            server_id = auth_server_id(message)
+            if server_id is not None:
+                session.server_id = server_id
+                self.outbox.connection_started(server_id)
 
     def on_pong(self, message, session):
         session.pongs_received += 1

@@ -1407,6 +1407,27 @@ class TestConnection:
             assert KEY not in text
         assert "DEBUG -> auth" not in proc.log() and "DEBUG -> metrics" in proc.log()
 
+    @pytest.mark.parametrize("server_id", [
+        "NaN", "Infinity", "-Infinity", "1e999", "[]", "{}", "null", "true", "1.5",
+        '"%s"' % ("x" * 300)])  # fmt: skip
+    def test_an_unusable_server_id_never_silences_the_agent(
+        self, api, run_agent, server_id
+    ):
+        api.auth_reply = f'{{"type":"auth_success","server_id":{server_id}}}'
+        cmd = Commander(api, run_agent(api.url))
+        wait_until(lambda: len(api.metrics()) >= 2, 6, "metrics")
+        assert all("server_id" not in m for m in api.metrics())
+        assert cmd.run("echo alive")["data"]["output"] == "alive\n"
+        assert "unusable server_id" in cmd.proc.log()
+
+    def test_a_later_auth_success_with_nan_changes_nothing(self, api, run_agent):
+        run_agent(api.url)
+        wait_until(api.metrics, 6, "metrics")
+        api.send_all('{"type":"auth_success","server_id":NaN}')
+        count = len(api.metrics())
+        wait_until(lambda: len(api.metrics()) > count + 2, 5, "metrics to go on")
+        assert api.metrics()[-1]["server_id"] == SERVER_ID
+
     def test_sighup_stops_cleanly_like_sigterm(self, api, commander):
         """A terminal that closes sends SIGHUP: close 1000, commands ended,
         what waits sent, exit 0 (under systemd, Restart= starts it again)."""
