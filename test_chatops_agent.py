@@ -1407,6 +1407,30 @@ class TestConnection:
             assert KEY not in text
         assert "DEBUG -> auth" not in proc.log() and "DEBUG -> metrics" in proc.log()
 
+    @pytest.mark.parametrize("answer", [
+        b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r\n",
+        b"HTTP/1.1 302 Found\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 101 \xff\xfe\xfa\r\n\r\n",
+        b"HTTP/1.1 10",
+        b"HTTP/1.1\r\n\r\n",
+        bytes(range(256)),
+    ], ids=["ssh-banner", "302-no-location", "not-utf8", "truncated", "no-status",
+            "garbage"])  # fmt: skip
+    def test_a_garbled_upgrade_answer_never_ends_the_connection_loop(
+        self, api, run_agent, answer
+    ):
+        """websocket-client 1.2.3 and 1.8.0 raise ValueError, KeyError or
+        UnicodeDecodeError on these: the agent must try again, and get through
+        once the port answers properly."""
+        peer = RawPeer([answer, answer], upstream=api.port)
+        try:
+            proc = run_agent(peer.url, "--reconnect-max-delay-s", "0.5")
+            wait_until(api.metrics, 15, "metrics once the port answers properly")
+            assert len(peer.requests) >= 3 and proc.proc.poll() is None
+            assert proc.log().count("retrying in") >= 2
+        finally:
+            peer.close()
+
     @pytest.mark.parametrize("server_id", [
         "NaN", "Infinity", "-Infinity", "1e999", "[]", "{}", "null", "true", "1.5",
         '"%s"' % ("x" * 300)])  # fmt: skip
@@ -1473,30 +1497,6 @@ class TestConnection:
         assert result.returncode == 1
         assert "FAIL API key rejected: HTTP 401 Invalid API key" in result.stdout
         assert wrong not in result.stdout + result.stderr
-
-    @pytest.mark.parametrize("answer", [
-        b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r\n",
-        b"HTTP/1.1 302 Found\r\nContent-Length: 0\r\n\r\n",
-        b"HTTP/1.1 101 \xff\xfe\xfa\r\n\r\n",
-        b"HTTP/1.1 10",
-        b"HTTP/1.1\r\n\r\n",
-        bytes(range(256)),
-    ], ids=["ssh-banner", "302-no-location", "not-utf8", "truncated", "no-status",
-            "garbage"])  # fmt: skip
-    def test_a_garbled_upgrade_answer_never_ends_the_connection_loop(
-        self, api, run_agent, answer
-    ):
-        """websocket-client 1.2.3 and 1.8.0 raise ValueError, KeyError or
-        UnicodeDecodeError on these: the agent must try again, and get through
-        once the port answers properly."""
-        peer = RawPeer([answer, answer], upstream=api.port)
-        try:
-            proc = run_agent(peer.url, "--reconnect-max-delay-s", "0.5")
-            wait_until(api.metrics, 15, "metrics once the port answers properly")
-            assert len(peer.requests) >= 3 and proc.proc.poll() is None
-            assert proc.log().count("retrying in") >= 2
-        finally:
-            peer.close()
 
     def test_check_reports_each_diagnostic(self, api):
         result = run_cli(
@@ -2642,13 +2642,25 @@ class TestOutbox:
 
 
 ###############################################################################
-# Hostile peers ###############################################################
+# Hostile peers: the campaign #################################################
 ###############################################################################
 #
 # What a misbehaving API, network or host can do, and what must hold whatever
 # it does: the process never wedges (if it can no longer work it exits
 # non-zero), every request gets exactly one reply, memory stays bounded, the
-# key never leaks, and every log line stays one line.
+# key never leaks, and every log line stays one line. CI runs these against
+# the oldest websocket-client (1.2.3), the newest, and the one the offline
+# bundle ships (1.8.0, on Python 3.8).
+
+LOG_RECORD = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ (DEBUG|INFO|WARNING|ERROR|"
+                        r"CRITICAL) \S")  # fmt: skip
+
+
+def assert_log_is_clean(log):
+    """Every line a record of its own (nothing forged or split) and no key."""
+    assert KEY not in log
+    for line in log.splitlines():
+        assert LOG_RECORD.match(line), f"not a log record: {line[:300]!r}"
 
 
 def one_reply_each(api, request_ids):
@@ -2672,6 +2684,285 @@ def replies_to(api, requests):
         if replies:
             found[frozenset(ids)] = replies
     return found
+
+
+def fresh_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def connect_once(url, **settings):
+    """One connection attempt of the agent's Link, in this process."""
+    flags = {"api_url": url, "api_key": KEY, **settings}
+    config = agent.load_config({k: str(v) for k, v in flags.items()}, {})
+    link = agent.Link(config, agent.Outbox(10), agent.Dispatcher(lambda m: None),
+                      {}, threading.Event())  # fmt: skip
+    session = link._connect()
+    session.kill()
+    session.ws.shutdown()
+    return session
+
+
+class TestHostileUpgrade:
+    def test_any_answer_to_the_upgrade_is_a_link_error(self):
+        """Whatever bytes answer the upgrade, or follow a valid one, one attempt
+        ends in LinkError or AuthError (never another exception, which ended the
+        connection thread for good), and no redirect is followed."""
+        hypothesis = need_module("hypothesis")
+        st = hypothesis.strategies
+        elsewhere = socket.create_server(("127.0.0.1", 0))
+        elsewhere.settimeout(0)
+        target = f"ws://127.0.0.1:{elsewhere.getsockname()[1]}{agent.WS_PATH}"
+        statuses = st.sampled_from([101, 200, 301, 302, 303, 307, 308, 401, 403,
+                                    500, 0, -1, 99999999999])  # fmt: skip
+        headers = st.lists(st.sampled_from([
+            b"Location: " + target.encode(), b"Location:", b"Location: \xff\xfe",
+            b"Upgrade: websocket", b"Connection: Upgrade", b"Content-Length: 5",
+            b"Sec-WebSocket-Accept: bogus", b"no colon here", b"\x00\x01\x02: x",
+        ]), max_size=5)  # fmt: skip
+        http = st.builds(
+            lambda status, reason, lines, tail: b"HTTP/1.1 %d %s\r\n%s\r\n\r\n%s" % (
+                status, reason, b"\r\n".join(lines), tail),
+            statuses, st.binary(max_size=20), headers, st.binary(max_size=50))
+        after_upgrade = st.lists(st.one_of(
+            st.binary(max_size=40),
+            st.builds(ws_frame, st.binary(max_size=40), st.integers(0, 15),
+                      st.booleans(), st.integers(0, 7)),
+            st.just(ws_frame(b"", 0x1, length=2**62)),
+            st.just(ws_frame('{"type":"auth_success","server_id":NaN}')),
+        ), max_size=4).map(lambda chunks: upgrade_then(*chunks))  # fmt: skip
+
+        @hypothesis.settings(max_examples=150, deadline=None)
+        @hypothesis.given(st.one_of(st.binary(max_size=300), http, after_upgrade))
+        def attempt(answer):
+            peer = RawPeer([answer])
+            try:
+                connect_once(peer.url)
+            except (agent.LinkError, agent.AuthError):
+                pass
+            finally:
+                peer.close()
+            with pytest.raises(BlockingIOError):
+                elsewhere.accept()  # no redirect was followed
+
+        try:
+            attempt()
+        finally:
+            elsewhere.close()
+
+    def test_an_answer_that_never_ends_meets_a_deadline(self, monkeypatch):
+        """A peer that drips its answer a byte at a time never times out a
+        read; the whole attempt still ends within its deadline (shortened
+        here from CONNECT_DEADLINE_S)."""
+        monkeypatch.setattr(agent, "CONNECT_DEADLINE_S", 2.0)
+
+        def drip(conn, request):
+            for byte in b"HTTP/1.1 101 Switching Protocols\r\n" + b"X-Slow: y\r\n" * 99:
+                conn.sendall(bytes([byte]))
+                time.sleep(0.05)
+
+        peer = RawPeer([drip])
+        started = time.monotonic()
+        with pytest.raises(agent.LinkError, match="within"):
+            connect_once(peer.url)
+        assert time.monotonic() - started < 4
+        peer.close()
+
+    def test_a_plaintext_peer_that_is_not_loopback_gets_no_key(self):
+        """A ws:// URL is allowed only to loopback; what counts is the address
+        actually connected to. A name cannot be made to resolve elsewhere here,
+        so the peer address is given to the check directly."""
+        with pytest.raises(agent.LinkError, match="10.1.2.3.*not loopback"):
+            agent.check_plaintext_peer(("10.1.2.3", 8000), allow_plaintext=False)
+        agent.check_plaintext_peer(("127.0.0.1", 8000), allow_plaintext=False)
+        agent.check_plaintext_peer(("::1", 8000, 0, 0), allow_plaintext=False)
+        agent.check_plaintext_peer(("10.1.2.3", 8000), allow_plaintext=True)
+
+
+class TestHostileFrames:
+    def test_frame_reader_survives_any_bytes(self):
+        """Any byte stream gives messages, or a protocol error, or the end of the
+        connection: nothing else, and no frame is buffered beyond the limit."""
+        hypothesis = need_module("hypothesis")
+        st = hypothesis.strategies
+        frames = st.lists(st.one_of(
+            st.binary(max_size=30),
+            st.builds(ws_frame, st.binary(max_size=200), st.integers(0, 15),
+                      st.booleans(), st.integers(0, 7), st.none(), st.booleans()),
+            st.builds(lambda n: ws_frame(b"", 0x1, length=n),
+                      st.integers(0, 2**63 - 1)),
+        ), max_size=12)  # fmt: skip
+
+        @hypothesis.settings(max_examples=400, deadline=None)
+        @hypothesis.given(frames)
+        def read_all(chunks):
+            ours, theirs = socket.socketpair()
+            with ours, theirs:
+                theirs.sendall(b"".join(chunks))
+                theirs.shutdown(socket.SHUT_WR)
+                reader = agent.FrameReader(ours)
+                with contextlib.suppress(agent.LinkError):
+                    for _ in range(100):
+                        message = reader.next_message()
+                        if message is None:
+                            break
+                        opcode, payload = message
+                        assert len(payload) <= agent.MAX_MESSAGE_BYTES
+                assert len(reader.buffer) <= agent.MAX_MESSAGE_BYTES + agent.READ_CHUNK
+
+        read_all()
+
+    def test_fragments_and_pings_between_them_are_reassembled(self, api, run_agent):
+        """auth_success in 1-byte fragments with pings between them, then a frame
+        that announces 2**62 bytes: the agent authenticates, then drops that
+        connection and comes back through the relay."""
+        text = json.dumps({"type": "auth_success", "server_id": SERVER_ID}).encode()
+        parts = [ws_frame(text[:1], 0x1, fin=False)]
+        for i in range(1, len(text)):
+            parts.append(ws_frame(b"p", 0x9))
+            parts.append(ws_frame(text[i:i + 1], 0x0, fin=i == len(text) - 1))
+        parts.append(ws_frame(b"", 0x1, length=2**62))
+        peer = RawPeer([upgrade_then(*parts, hold_s=5)], upstream=api.port)
+        try:
+            proc = run_agent(peer.url, "--reconnect-max-delay-s", "0.5")
+            wait_until(api.metrics, 15, "metrics through the relay")
+            assert "connected to" in proc.log() and "larger than" in proc.log()
+        finally:
+            peer.close()
+
+    def test_every_field_of_every_message(self, api, run_agent, tmp_path):
+        """Frames of every type the API sends, with NaN, infinities, huge
+        numbers, deep nesting, invalid Unicode, control characters and wrong
+        types in their fields (auth_success and its server_id included): the
+        connection stays up, every request gets exactly one reply, memory stays
+        flat, no log line is forged and the key never shows. Commands are held
+        to an allow-list and Docker is a fake CLI, so that random input runs
+        nothing real."""
+        hypothesis = need_module("hypothesis")
+        st = hypothesis.strategies
+        fake_docker = tmp_path / "docker"
+        fake_docker.write_text(
+            '#!/bin/sh\ncase "$1" in version) echo 99.0;; ps) ;; events) exec sleep '
+            '3600;; *) echo "Error: No such container: x" >&2; exit 1;; esac\n')
+        fake_docker.chmod(0o755)
+        proc = run_agent(api.url, "--command-allow", '["echo [a-z]{1,8}"]',
+                         "--docker-binary", str(fake_docker))  # fmt: skip
+        cmd = Commander(api, proc)
+        wait_until(api.metrics, 6, "the agent")
+        cmd.run("echo warm")
+        rss_before = rss_kib(proc.proc.pid)
+        counter = iter(range(10**9))
+        frames = st.builds(hostile_frame, st.data(), st.just(counter))
+
+        # No shrinking: each step would wait out a missing reply; the failure
+        # names the frames that went unanswered.
+        @hypothesis.settings(max_examples=60, deadline=None, phases=[
+            hypothesis.Phase.explicit, hypothesis.Phase.reuse,
+            hypothesis.Phase.generate])  # fmt: skip
+        @hypothesis.given(st.lists(frames, min_size=10, max_size=30))
+        def exchange(batch):
+            expected, silent = {}, []
+            for text, as_binary, ids, replies in batch:
+                api.send_all(text.encode() if as_binary else text)
+                if ids and replies:
+                    expected[frozenset(ids)] = text
+                elif ids:
+                    silent.append(ids)
+
+            def unanswered():
+                answered = replies_to(api, list(expected))
+                return [t[:300] for ids, t in expected.items() if ids not in answered]
+
+            wait_until(lambda: not unanswered(), 15,
+                       lambda: f"a reply to each of {unanswered()}")
+            assert not replies_to(api, silent)
+
+        exchange()
+        assert proc.proc.poll() is None and len(api.connects) == 1
+        final = cmd.run("echo final")
+        assert final["data"]["output"] == "final\n"
+        growth_mib = (rss_kib(proc.proc.pid) - rss_before) / 1024
+        assert growth_mib < 20, f"RSS grew by {growth_mib:.1f} MiB"
+        assert_log_is_clean(proc.log())
+        assert "internal error" not in json.dumps(api.messages())
+        assert all(KEY not in json.dumps(m) for m in api.messages()[1:])
+
+
+# Values that broke or could break a handler, as JSON text.
+HOSTILE_VALUES = [
+    "NaN", "Infinity", "-Infinity", "1e999", "-1e999", "-0.0", "1e-999",
+    "1" * 4301,  # json.loads refuses integers this long
+    "[" * 3000 + "]" * 3000,  # deeper than the JSON decoder goes
+    "[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]", '"\\ud800"', '"a\\udfffb"',
+    '"\\u0000"', '"\\u001b[31mred"', '"x\\n2026-01-01T00:00:00Z CRITICAL forged"',
+    '"x\\r\\u2028y\\u0085z"', "null", "true", "false", "{}", "[]", "0", "-1",
+    str(2**64), str(-(2**63)), '"' + "x" * 70000 + '"', '"-rf"', '"$(id)"',
+    '"../../etc"', '""', '" "', '"echo ok"', '"web"', '"stop"', '"logs"', '"list"',
+    '"inspect"', '"/tmp"', "1", "3", "0.5",
+]  # fmt: skip
+API_MESSAGES = {
+    "auth_success": ["server_id", "message"], "metrics_received": ["status"],
+    "pong": [], "ping": [], "error": ["message"],
+    "execute_command": ["command", "timeout", "cwd", "stream", "requested_by"],
+    "command": ["command", "timeout", "cwd", "stream", "requested_by"],
+    "cancel_command": ["target_id"], "start_container": ["container_id"],
+    "stop_container": ["container_id", "timeout"],
+    "restart_container": ["container_id", "timeout"],
+    "pause_container": ["container_id"], "unpause_container": ["container_id"],
+    "get_container_logs": ["container_id", "tail", "since", "timestamps"],
+    "inspect_container": ["container_id"], "get_container_stats": ["container_id"],
+    "list_containers": [],
+    "docker_command": ["action", "container_id", "container", "timeout", "tail"],
+}  # fmt: skip
+NOT_REQUESTS = {"auth_success", "metrics_received", "pong", "error"}
+# Values that get a request past its first checks, so that later ones are hit.
+PLAUSIBLE = {
+    "command": ['"echo ok"', '"echo abc"'], "timeout": ["1", "0.5"],
+    "cwd": ['"/tmp"'], "stream": ["true", "false"], "requested_by": ['"alice"'],
+    "target_id": ['"id-1"'], "container_id": ['"web"'], "container": ['"web"'],
+    "tail": ["3"], "since": ['"10m"'], "timestamps": ["true"],
+    "action": ['"stop"', '"logs"', '"list"', '"inspect"', '"start"', '"stats"'],
+    "server_id": ['"s-1"'], "message": ['"hello"'], "status": ['"ok"'],
+}  # fmt: skip
+
+
+def hostile_frame(data, counter):
+    """(text, as_binary, usable ids, whether a reply is due) of one frame:
+    mostly a known type with most of its fields, each plausible or hostile."""
+    st = __import__("hypothesis").strategies
+    value = st.one_of(st.sampled_from(HOSTILE_VALUES), st.integers().map(str),
+                      st.floats().map(json.dumps),
+                      st.text(max_size=30).map(json.dumps))
+    known = [json.dumps(k) for k in API_MESSAGES]
+    kind = data.draw(st.sampled_from(known * 2 + [None] * 3)) or data.draw(value)
+    fields = {"type": kind}
+    for name in API_MESSAGES.get(json.loads(kind) if kind[:1] == '"' else None, []):
+        plausible = st.sampled_from(PLAUSIBLE.get(name, ['"x"']))
+        choice = data.draw(st.sampled_from(["plausible", "plausible", "hostile", None]))
+        if choice:
+            fields[name] = data.draw(plausible if choice == "plausible" else value)
+    ids = set()
+    form = "command_id" if kind in ('"command"', '"docker_command"') else "request_id"
+    other = "request_id" if form == "command_id" else "command_id"
+    id_fields = data.draw(st.sampled_from(
+        [[form]] * 5 + [[other], [form, other], []]))
+    for name in id_fields:
+        if data.draw(st.sampled_from([True, True, True, False]), "usable " + name):
+            unique = f"id-{next(counter)}" + data.draw(st.sampled_from(
+                ["", "\n2026-01-01T00:00:00Z CRITICAL forged", "\ud800", "\u2028"]))
+            fields[name], ids = json.dumps(unique), ids | {unique}
+        else:
+            fields[name] = data.draw(st.sampled_from(
+                ["NaN", "1.5", "[]", "{}", "null", "true", '"' + "y" * 300 + '"']))
+    text = "{" + ",".join(f'"{k}":{v}' for k, v in fields.items()) + "}"
+    try:
+        message = json.loads(text)
+    except (ValueError, RecursionError):  # the agent cannot read the ids either
+        return text, data.draw(st.booleans()), set(), False
+    replies = not (isinstance(message.get("type"), str)
+                   and message["type"] in NOT_REQUESTS)  # fmt: skip
+    return text, data.draw(st.booleans(), "binary"), ids, replies
 
 
 STALL_COMMAND = "head -c 1048576 /dev/zero | tr '\\0' '\\1'"  # 6 MiB as JSON
@@ -2769,101 +3060,60 @@ class TestStalledPeer:
         assert growth_mib < 16, f"RSS grew by {growth_mib:.1f} MiB"
 
 
-def connect_once(url, **settings):
-    """One connection attempt of the agent's Link, in this process."""
-    flags = {"api_url": url, "api_key": KEY, **settings}
-    config = agent.load_config({k: str(v) for k, v in flags.items()}, {})
-    link = agent.Link(config, agent.Outbox(10), agent.Dispatcher(lambda m: None),
-                      {}, threading.Event())  # fmt: skip
-    session = link._connect()
-    session.kill()
-    session.ws.shutdown()
-    return session
+RUNNING = f"765.{os.getpid()}"  # what the command-running state runs: sleep RUNNING
 
 
-class TestHostileUpgrade:
-    def test_an_answer_that_never_ends_meets_a_deadline(self, monkeypatch):
-        """A peer that drips its answer a byte at a time never times out a
-        read; the whole attempt still ends within its deadline (shortened
-        here from CONNECT_DEADLINE_S)."""
-        monkeypatch.setattr(agent, "CONNECT_DEADLINE_S", 2.0)
-
-        def drip(conn, request):
-            for byte in b"HTTP/1.1 101 Switching Protocols\r\n" + b"X-Slow: y\r\n" * 99:
-                conn.sendall(bytes([byte]))
-                time.sleep(0.05)
-
-        peer = RawPeer([drip])
-        started = time.monotonic()
-        with pytest.raises(agent.LinkError, match="within"):
-            connect_once(peer.url)
-        assert time.monotonic() - started < 4
-        peer.close()
-
-    def test_a_plaintext_peer_that_is_not_loopback_gets_no_key(self):
-        """A ws:// URL is allowed only to loopback; what counts is the address
-        actually connected to. A name cannot be made to resolve elsewhere here,
-        so the peer address is given to the check directly."""
-        with pytest.raises(agent.LinkError, match="10.1.2.3.*not loopback"):
-            agent.check_plaintext_peer(("10.1.2.3", 8000), allow_plaintext=False)
-        agent.check_plaintext_peer(("127.0.0.1", 8000), allow_plaintext=False)
-        agent.check_plaintext_peer(("::1", 8000, 0, 0), allow_plaintext=False)
-        agent.check_plaintext_peer(("10.1.2.3", 8000), allow_plaintext=True)
+def hold(conn, request):
+    """An answer for RawPeer that says nothing and keeps the connection."""
+    with contextlib.suppress(OSError):
+        conn.settimeout(30)
+        while conn.recv(65536):
+            pass
 
 
-class TestHostileFrames:
-    def test_frame_reader_survives_any_bytes(self):
-        """Any byte stream gives messages, or a protocol error, or the end of the
-        connection: nothing else, and no frame is buffered beyond the limit."""
-        hypothesis = need_module("hypothesis")
-        st = hypothesis.strategies
-        frames = st.lists(st.one_of(
-            st.binary(max_size=30),
-            st.builds(ws_frame, st.binary(max_size=200), st.integers(0, 15),
-                      st.booleans(), st.integers(0, 7), st.none(), st.booleans()),
-            st.builds(lambda n: ws_frame(b"", 0x1, length=n),
-                      st.integers(0, 2**63 - 1)),
-        ), max_size=12)  # fmt: skip
-
-        @hypothesis.settings(max_examples=400, deadline=None)
-        @hypothesis.given(frames)
-        def read_all(chunks):
-            ours, theirs = socket.socketpair()
-            with ours, theirs:
-                theirs.sendall(b"".join(chunks))
-                theirs.shutdown(socket.SHUT_WR)
-                reader = agent.FrameReader(ours)
-                with contextlib.suppress(agent.LinkError):
-                    for _ in range(100):
-                        message = reader.next_message()
-                        if message is None:
-                            break
-                        opcode, payload = message
-                        assert len(payload) <= agent.MAX_MESSAGE_BYTES
-                assert len(reader.buffer) <= agent.MAX_MESSAGE_BYTES + agent.READ_CHUNK
-
-        read_all()
-
-    def test_fragments_and_pings_between_them_are_reassembled(self, api, run_agent):
-        """auth_success in 1-byte fragments with pings between them, then a frame
-        that announces 2**62 bytes: the agent authenticates, then drops that
-        connection and comes back through the relay."""
-        text = json.dumps({"type": "auth_success", "server_id": SERVER_ID}).encode()
-        parts = [ws_frame(text[:1], 0x1, fin=False)]
-        for i in range(1, len(text)):
-            parts.append(ws_frame(b"p", 0x9))
-            parts.append(ws_frame(text[i:i + 1], 0x0, fin=i == len(text) - 1))
-        parts.append(ws_frame(b"", 0x1, length=2**62))
-        peer = RawPeer([upgrade_then(*parts, hold_s=5)], upstream=api.port)
-        try:
-            proc = run_agent(peer.url, "--reconnect-max-delay-s", "0.5")
-            wait_until(api.metrics, 15, "metrics through the relay")
-            assert "connected to" in proc.log() and "larger than" in proc.log()
-        finally:
-            peer.close()
+@pytest.fixture(params=["unreachable", "upgrade-pending", "auth-pending",
+                        "connected", "command-running", "stalled"])  # fmt: skip
+def agent_in_state(request, api, run_agent):
+    """An agent process in one of the states a signal may find it in."""
+    state = request.param
+    args = ["--command-grace-s", "1", "--heartbeat-interval-s", "30"]
+    if state == "unreachable":
+        proc = run_agent(f"http://127.0.0.1:{fresh_port()}", *args)
+        proc.wait_log("cannot reach the API")
+        return proc
+    if state in ("upgrade-pending", "auth-pending"):
+        answer = hold if state == "upgrade-pending" else upgrade_then(hold_s=30)
+        peer = RawPeer([answer] * 5)
+        request.addfinalizer(peer.close)
+        proc = run_agent(peer.url, *args)
+        wait_until(lambda: peer.requests, 5, "the upgrade request")
+        return proc
+    relay = RawPeer(upstream=api.port, rcvbuf=65536)
+    request.addfinalizer(relay.close)
+    request.addfinalizer(relay.reading.set)
+    proc = run_agent(relay.url, *args)
+    wait_until(api.metrics, 6, "the agent to connect")
+    if state == "command-running":
+        Commander(api, proc).send(f"sleep {RUNNING} & sleep {RUNNING}")
+        wait_until(lambda: group_members(RUNNING), 5, "the command to run")
+    if state == "stalled":
+        stall(relay, Commander(api, proc))
+    return proc
 
 
 class TestSignals:
+    @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
+                             ids=["TERM", "INT", "HUP"])  # fmt: skip
+    def test_a_signal_in_any_state_stops_cleanly(self, agent_in_state, signum):
+        proc = agent_in_state
+        stopped = time.monotonic()
+        proc.proc.send_signal(signum)
+        assert proc.proc.wait(5) == 0
+        assert time.monotonic() - stopped < 5
+        assert f"received {signal.Signals(signum).name}" in proc.log()
+        wait_until(lambda: not group_members(RUNNING), 5, "no command left")
+        assert_log_is_clean(proc.log())
+
     def test_a_thread_that_dies_takes_the_agent_down(self, api, tmp_path):
         """A bug that ends a thread must not leave a process that lives on
         without it: the agent exits non-zero so that its supervisor restarts it.
