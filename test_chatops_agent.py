@@ -1976,7 +1976,9 @@ class TestCommands:
 
     def test_full_queue_answers_busy_at_once(self, commander):
         cmd = commander("--command-workers", "1", "--command-queue-size", "1")
-        running, queued = cmd.send("sleep 60"), cmd.send("sleep 60")
+        marker = f"60.{os.getpid()}"
+        running, queued = cmd.send(f"sleep {marker}"), cmd.send(f"sleep {marker}")
+        wait_until(lambda: group_running(marker), 5, "the first command to run")
         refused = cmd.run("echo never", timeout_s=2)
         assert refused["type"] == "error" and "agent busy" in refused["message"]
         assert cmd.cancel(queued)["data"]["state"] == "queued"
