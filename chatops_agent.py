@@ -107,7 +107,6 @@ class Setting:
         return "CHATOPS_" + self.name.upper()
 
 
-# fmt: off
 SETTINGS = (
     Setting("api_key", None, "str",
             "API key that authenticates this agent (secret)", secret=True),
@@ -175,14 +174,12 @@ SETTINGS = (
     Setting("docker_check_s", 30.0, "float",
             "while Docker is unavailable, how often to look again", above=0),
 )
-# fmt: on
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 CONFIG_ENV = "CHATOPS_CONFIG"
 
 # Filesystems that are not disks: kernel views, images and layers. Network
 # filesystems are left out unless asked for, because statvfs on a dead server
 # blocks uninterruptibly and would stall the metrics loop.
-# fmt: off
 PSEUDO_FS = frozenset({
     "autofs", "binfmt_misc", "bpf", "cgroup", "cgroup2", "configfs", "debugfs",
     "devpts", "devtmpfs", "efivarfs", "fusectl", "hugetlbfs", "mqueue", "nsfs",
@@ -194,7 +191,6 @@ NETWORK_FS = frozenset({
     "fuse.sshfs", "sshfs", "9p", "afs", "lustre", "gpfs", "fuse.s3fs", "fuse.rclone",
     "ncpfs", "davfs", "fuse.davfs2",
 })
-# fmt: on
 
 # How flags and variables spell true and false, and how errors name each kind.
 BOOL_WORDS = {
@@ -205,7 +201,7 @@ KIND_WORDS = {"str": "a string", "level": "a string", "url": "a URL (a string)",
               "bool": "true or false",
               "int": "a whole number", "float": "a number",
               "regexes": "a JSON list of regular expressions (or, as text, one)",
-              "env": 'a JSON object of variables, {"NAME": "value"}'}  # fmt: skip
+              "env": 'a JSON object of variables, {"NAME": "value"}'}
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
@@ -269,7 +265,7 @@ def to_json(message):
     """
     try:
         text = json.dumps(message, separators=(",", ":"), allow_nan=False,
-                          ensure_ascii=False)  # fmt: skip
+                          ensure_ascii=False)
     except ValueError:
         return to_json(finite(message))
     try:
@@ -529,7 +525,7 @@ def as_url(raw, text):
 
 CONVERTERS = {"str": as_str, "level": as_level, "url": as_url, "bool": as_bool,
               "int": as_number(int), "float": as_number(float),
-              "regexes": as_regexes, "env": as_env}  # fmt: skip
+              "regexes": as_regexes, "env": as_env}
 
 
 def check_value(setting, value, origin):
@@ -894,13 +890,11 @@ class ProcSource:
 
 
 # psutil's process states as the one letter of ps and /proc/PID/stat.
-# fmt: off
 PSUTIL_STATUS = {
     "running": "R", "sleeping": "S", "disk-sleep": "D", "stopped": "T",
     "tracing-stop": "t", "zombie": "Z", "dead": "X", "idle": "I", "wake-kill": "K",
     "waking": "W", "parked": "P", "locked": "L", "waiting": "W",
 }
-# fmt: on
 
 
 class PsutilSource:
@@ -1031,7 +1025,7 @@ class MetricsCollector:
     def __init__(
         self, source, top_processes=25, process_refresh_s=15.0,
         include_network_fs=False, containers=None,
-    ):  # fmt: skip
+    ):
         self.source = source
         # () -> (containers, docker status); the Docker section provides it
         self.containers = containers or (lambda: ([], {"status": "disabled"}))
@@ -1105,7 +1099,7 @@ class MetricsCollector:
             "cores": len(now),
             "frequency_mhz": self._every(
                 "frequency", SLOW_REFRESH_S, self.source.frequency_mhz
-            ),  # fmt: skip
+            ),
             "per_core": per_core,
         }
 
@@ -1699,7 +1693,7 @@ def parse_command_request(message, form, config):
     by = request_field(message, "requested_by", str, "a string")
     timeout_s = min(timeout or config.command_timeout_s, config.command_timeout_s)
     return CommandJob(form, request_id, command, timeout_s, config.command_grace_s,
-                      cwd, stream, by and by[:100])  # fmt: skip
+                      cwd, stream, by and by[:100])
 
 
 def request_cwd(message, config):
@@ -1724,17 +1718,17 @@ def command_environment(config):
     env = {"PATH": COMMAND_PATH, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
            "HOME": user.pw_dir if user else "/", "TERM": "dumb",
            "USER": user.pw_name if user else str(os.geteuid()),
-           "LOGNAME": user.pw_name if user else str(os.geteuid())}  # fmt: skip
+           "LOGNAME": user.pw_name if user else str(os.geteuid())}
     env.update(config.command_env)
     return env
 
 
 def result_fields(output, exit_code, truncated=False, output_bytes=0,
-                  timed_out=False, cancelled=False):  # fmt: skip
+                  timed_out=False, cancelled=False):
     """The fields of a command's reply (duration_ms is added by the runner)."""
     return {"output": output, "exit_code": exit_code, "duration_ms": 0,
             "truncated": truncated, "output_bytes": output_bytes,
-            "timed_out": timed_out, "cancelled": cancelled}  # fmt: skip
+            "timed_out": timed_out, "cancelled": cancelled}
 
 
 class CommandRunner:
@@ -1815,7 +1809,7 @@ class CommandRunner:
         text = f"command {target!r} {'cancelled' if job else 'is not running'}"
         kind = "cancel_result" if form == "api" else "cancel_response"
         reply = {"target_id": target, "cancelled": job is not None, "state": state,
-                 "message": text}  # fmt: skip
+                 "message": text}
         self.send(shaped(form, kind, reply_ids(message), reply))
 
     # -- workers ----------------------------------------------------------------
@@ -1851,7 +1845,7 @@ class CommandRunner:
         LOG.info("command %s ended: exit %s in %d ms, %d bytes of output%s", job.id,
                  result["exit_code"], result["duration_ms"], result["output_bytes"],
                  " (timed out)" if result["timed_out"] else
-                 " (cancelled)" if result["cancelled"] else "")  # fmt: skip
+                 " (cancelled)" if result["cancelled"] else "")
         return result
 
     def _run(self, job):
@@ -1868,7 +1862,7 @@ class CommandRunner:
         job.started = True
         capture = OutputCapture(self.config.command_output_max_bytes)
         stream = OutputStream(job, self.send, capture.head_cap + capture.tail_cap) \
-            if job.stream else None  # fmt: skip
+            if job.stream else None
         try:
             stop_reason = self._pump(job, proc, capture, stream)
         finally:
@@ -1918,7 +1912,7 @@ class CommandRunner:
             state.term_at = now
             self.children.signal_job(proc.pid, job.tag, signal.SIGTERM)
         if state.term_at is not None and not state.killed and \
-                now >= state.term_at + job.grace_s:  # fmt: skip
+                now >= state.term_at + job.grace_s:
             state.killed = True
             self.children.signal_job(proc.pid, job.tag, signal.SIGKILL)
 
@@ -1933,13 +1927,13 @@ class CommandRunner:
         elif returncode < 0:
             exit_code = 128 - returncode
             name = signal.Signals(-returncode).name if -returncode in \
-                signal.valid_signals() else "?"  # fmt: skip
+                signal.valid_signals() else "?"
             footer = f"\n[killed by signal {-returncode} ({name})]\n"
         output, truncated = capture.text(footer)
         return result_fields(output, exit_code, truncated=truncated,
                              output_bytes=capture.total,
                              timed_out=stop_reason == "timeout",
-                             cancelled=stop_reason == "cancelled")  # fmt: skip
+                             cancelled=stop_reason == "cancelled")
 
     def shutdown(self, grace_s):
         """Stop every running command's group (TERM, then KILL after `grace_s`)."""
@@ -1974,13 +1968,13 @@ MAX_STOP_TIMEOUT_S = 3600
 # every container's size, which takes seconds to minutes on a big host.
 PS_FORMAT = ('{"id":{{json .ID}},"names":{{json .Names}},"image":{{json .Image}},'
              '"status":{{json .Status}},"state":{{json .State}},'
-             '"created":{{json .CreatedAt}},"ports":{{json .Ports}}}')  # fmt: skip
+             '"created":{{json .CreatedAt}},"ports":{{json .Ports}}}')
 PORT_SPEC = re.compile(
     r"(?:(?P<ip>[0-9A-Fa-f.:\[\]]*):(?P<public>\d+(?:-\d+)?)->)?"
     r"(?P<private>\d+(?:-\d+)?)/(?P<type>\w+)"
 )
 UNIT_BYTES = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
-              "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}  # fmt: skip
+              "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
 SOCKET_FIX = (
     "add the agent's user to the 'docker' group (usermod -aG docker USER) and "
     "restart the agent; note that access to the docker socket is root-equivalent"
@@ -2012,10 +2006,10 @@ def classify_docker_error(stderr):
         )
     if "permission denied" in lower and "docker" in lower:
         return DockerError(f"permission denied on the docker socket: {SOCKET_FIX}",
-                           "permission denied")  # fmt: skip
+                           "permission denied")
     if "cannot connect to the docker daemon" in lower or "daemon running" in lower:
         return DockerError(f"the Docker daemon is not running: {text}",
-                           "daemon not running")  # fmt: skip
+                           "daemon not running")
     return DockerError(text)
 
 
@@ -2072,7 +2066,7 @@ def container_row(row):
     return {"id": row["id"][:12], "name": row["names"].split(",")[0].lstrip("/"),
             "image": row["image"], "status": row["status"], "state": row["state"],
             "created": rfc3339(row["created"]),
-            "ports": parse_ports(row["ports"] or "")}  # fmt: skip
+            "ports": parse_ports(row["ports"] or "")}
 
 
 class DockerCLI:
@@ -2095,7 +2089,7 @@ class DockerCLI:
             proc = self.children.spawn(
                 [self.binary, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE, env=docker_environment(),
-                start_new_session=True)  # fmt: skip
+                start_new_session=True)
         except FileNotFoundError:
             raise DockerError(
                 f"the docker CLI ({self.binary}) was not found: install Docker "
@@ -2115,7 +2109,7 @@ class DockerCLI:
             self.children.reaped(proc)
         if out is None:
             raise DockerError(f"docker {args[0]} did not answer within {timeout_s:g} s "
-                              "(is the daemon hung?)")  # fmt: skip
+                              "(is the daemon hung?)")
         return proc.returncode, out, err
 
     def list_containers(self):
@@ -2134,7 +2128,7 @@ class DockerCLI:
         """(status, detail): is there a CLI, and a daemon it may talk to?"""
         try:
             out, _ = self.run("version", "--format", "{{.Server.Version}}",
-                              timeout_s=min(self.timeout_s, 15))  # fmt: skip
+                              timeout_s=min(self.timeout_s, 15))
         except DockerError as e:
             return e.status or "error", str(e)
         return "ok", out.strip()
@@ -2282,9 +2276,9 @@ class ContainerCache:
             [self.cli.binary, "events", "--format", "{{json .}}", "--filter",
              "type=container"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL, env=docker_environment(),
-            start_new_session=True)  # fmt: skip
+            start_new_session=True)
         threading.Thread(target=self._read_events, args=(proc,),
-                         name="docker-events", daemon=True).start()  # fmt: skip
+                         name="docker-events", daemon=True).start()
         return proc
 
     def _read_events(self, proc):
@@ -2326,7 +2320,7 @@ DOCKER_REQUESTS = {
     "unpause_container": "unpause", "get_container_logs": "logs",
     "inspect_container": "inspect", "get_container_stats": "stats",
     "list_containers": "list",
-}  # fmt: skip
+}
 DOCKER_REPLIES = {
     "start": ("container_started", "started"), "stop": ("container_stopped", "stopped"),
     "restart": ("container_restarted", "restarted"),
@@ -2334,7 +2328,7 @@ DOCKER_REPLIES = {
     "unpause": ("container_unpaused", "unpaused"),
     "logs": ("container_logs", None), "inspect": ("container_info", None),
     "stats": ("container_stats", None), "list": ("container_list", None),
-}  # fmt: skip
+}
 
 
 class DockerJob:
@@ -2381,7 +2375,7 @@ class DockerJob:
     def failure(self, text):
         if self.form == "docs":
             return {"type": "docker_response", "command_id": self.id, "success": False,
-                    "message": text}  # fmt: skip
+                    "message": text}
         return {"type": "error", "request_id": self.id, "message": text}
 
 
@@ -2389,7 +2383,7 @@ def parse_docker_request(message, form):
     """A DockerJob, or RequestError before any process starts."""
     request_id = request_id_of(message, form)
     action = DOCKER_REQUESTS.get(message["type"]) if form == "api" else \
-        request_field(message, "action", str, "a string")  # fmt: skip
+        request_field(message, "action", str, "a string")
     if action not in DOCKER_REPLIES:
         known = ", ".join(DOCKER_REPLIES)
         raise RequestError(
@@ -2427,7 +2421,7 @@ def docker_params(message, action):
             raise RequestError("'since' must be like 10m, 2h, a Unix time or RFC 3339")
         params["since"] = since
         params["timestamps"] = request_field(message, "timestamps", bool,
-                                             "true or false", False)  # fmt: skip
+                                             "true or false", False)
     return params
 
 
@@ -2450,7 +2444,7 @@ class DockerActions:
 
     def _simple(self, job, verb, done, *options, extra_s=0):
         self.cli.run(verb, *options, "--", job.ref,
-                     timeout_s=self.config.docker_timeout_s + extra_s)  # fmt: skip
+                     timeout_s=self.config.docker_timeout_s + extra_s)
         self.cache.mark_stale()
         return f"Container {done}", {}
 
@@ -2495,7 +2489,7 @@ class DockerActions:
 
     def do_stats(self, job):
         out, _ = self.cli.run("stats", "--no-stream", "--no-trunc", "--format",
-                              "{{json .}}", "--", job.ref)  # fmt: skip
+                              "{{json .}}", "--", job.ref)
         return "Container stats", {
             "stats": stats_numbers(json.loads(out.splitlines()[0]))
         }
@@ -2550,7 +2544,7 @@ def inspect_summary(info):
         "mounts": [{"type": m.get("Type"), "source": m.get("Source"),
                     "destination": m.get("Destination"), "read_only": not m.get("RW")}
                    for m in info.get("Mounts") or []],
-    }  # fmt: skip
+    }
 
 
 def stats_numbers(row):
@@ -2565,7 +2559,7 @@ def stats_numbers(row):
         "network_rx_bytes": net[0], "network_tx_bytes": net[1],
         "block_read_bytes": block[0], "block_write_bytes": block[1],
         "pids": int(row["PIDs"]) if str(row.get("PIDs", "")).isdigit() else None,
-    }  # fmt: skip
+    }
 
 
 ###############################################################################
@@ -2810,7 +2804,7 @@ class Outbox:
             kept = [w for w in self._urgent if w.keep_until and w.keep_until > now]
             if len(kept) > MAX_KEPT_REPLIES:
                 LOG.warning("dropped %d replies waiting for a reconnect (more than %d)",
-                            len(kept) - MAX_KEPT_REPLIES, MAX_KEPT_REPLIES)  # fmt: skip
+                            len(kept) - MAX_KEPT_REPLIES, MAX_KEPT_REPLIES)
             self._urgent = collections.deque(kept[-MAX_KEPT_REPLIES:])
             self._urgent_bytes = sum(len(w.payload) for w in self._urgent)
             self._pong_waiting = False
@@ -3515,7 +3509,7 @@ class Agent:
         except RequestError as e:
             LOG.warning("refused docker_command: %s", e)
             self.outbox.put(dict({"type": "docker_response"}, **reply_ids(message),
-                                 success=False, message=str(e)))  # fmt: skip
+                                 success=False, message=str(e)))
 
     # -- threads ------------------------------------------------------------------
     def start(self):
@@ -3660,7 +3654,7 @@ def build_parser():
             default = str(s.default).lower()
             parser.add_argument(*names, dest=s.name, nargs="?", const="true",
                                 metavar="true|false",
-                                help=f"{s.meaning} (default: {default})")  # fmt: skip
+                                help=f"{s.meaning} (default: {default})")
         else:
             parser.add_argument(
                 *names,

@@ -229,7 +229,7 @@ class FakeAPI:
     def _json(status, body, extra_headers=()):
         data = json.dumps(body).encode()
         headers = [("Content-Type", "application/json"),
-                   ("Content-Length", str(len(data))), *extra_headers]  # fmt: skip
+                   ("Content-Length", str(len(data))), *extra_headers]
         reason = {200: "OK", 401: "Unauthorized"}.get(status, "Other")
         return Response(status, reason, Headers(headers), data)
 
@@ -538,7 +538,7 @@ class TestHelpers:
 
     def test_newest_wheel_first(self):
         names = ["websocket_client-1.9.0-py3-none-any.whl",
-                 "websocket_client-1.10.1-py3-none-any.whl"]  # fmt: skip
+                 "websocket_client-1.10.1-py3-none-any.whl"]
         assert max(names, key=agent.wheel_version) == names[1]
 
     def test_log_records_stay_one_line_and_never_show_the_key(self):
@@ -818,7 +818,7 @@ class TestURLs:
         "http://127.0.0.1\\@evil.example", "http://127.0.0.1 .evil.example",
         "http://user:secret@127.0.0.1", "http://127.0.0.1\x00.evil.example",
         "https://chatops.example.com\t/x", "http://127.0.0.1\u3002evil.example",
-    ])  # fmt: skip
+    ])
     def test_urls_parsers_could_read_apart_are_refused(self, text):
         """Inner whitespace, control characters, backslashes, non-ASCII and
         credentials: parsers may read these differently, so they are refused."""
@@ -846,7 +846,7 @@ class TestURLs:
             "localhost", "LOCALHOST", "evil.example", "::1", "10.0.0.1", "8000",
             "0x7f.1", "127.1", ".", "localhost.", "a.localhost", "user:pw", "\u3002",
             "\uff0e", "\u2100", "xn--",
-        ])  # fmt: skip
+        ])
 
         @hypothesis.settings(max_examples=3000, deadline=None)
         @hypothesis.given(st.lists(pieces, max_size=12).map("".join))
@@ -860,7 +860,7 @@ class TestURLs:
             checked = urllib.parse.urlsplit(url).hostname
             assert host.lower() == checked, (text, url)
             assert urllib.parse.urlsplit(agent.http_base(config.api_url)).hostname \
-                == checked  # fmt: skip
+                == checked
             if not secure:
                 assert agent.is_loopback(host), (text, url)
 
@@ -1332,7 +1332,7 @@ class TestConnection:
             "--metrics-interval-s", "0.2",
             "--heartbeat-interval-s", "1",
             "--reconnect-max-delay-s", "1",
-        )  # fmt: skip
+        )
         wait_until(lambda: len(api.metrics()) >= 3, 6, "metrics")
         api.ack = False  # still answers pings
         proc.wait_log("the API has acknowledged no metrics for", 5)
@@ -1415,7 +1415,7 @@ class TestConnection:
         b"HTTP/1.1\r\n\r\n",
         bytes(range(256)),
     ], ids=["ssh-banner", "302-no-location", "not-utf8", "truncated", "no-status",
-            "garbage"])  # fmt: skip
+            "garbage"])
     def test_a_garbled_upgrade_answer_never_ends_the_connection_loop(
         self, api, run_agent, answer
     ):
@@ -1433,7 +1433,7 @@ class TestConnection:
 
     @pytest.mark.parametrize("server_id", [
         "NaN", "Infinity", "-Infinity", "1e999", "[]", "{}", "null", "true", "1.5",
-        '"%s"' % ("x" * 300)])  # fmt: skip
+        '"%s"' % ("x" * 300)])
     def test_an_unusable_server_id_never_silences_the_agent(
         self, api, run_agent, server_id
     ):
@@ -1477,7 +1477,7 @@ class TestConnection:
                 ["nohup", sys.executable, AGENT, "--api-url", api.url,
                  "--metrics-interval-s", "0.2"],
                 env=clean_env(CHATOPS_API_KEY=KEY), stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=stderr)  # fmt: skip
+                stdout=subprocess.DEVNULL, stderr=stderr)
             try:
                 wait_until(api.metrics, 6, "metrics")
                 proc.send_signal(signal.SIGHUP)
@@ -1493,7 +1493,7 @@ class TestConnection:
         api.echo_key_in_401 = True
         wrong = KEY + "-wrong"
         result = run_cli("--check", "--api-url", api.url,
-                         env=clean_env(CHATOPS_API_KEY=wrong))  # fmt: skip
+                         env=clean_env(CHATOPS_API_KEY=wrong))
         assert result.returncode == 1
         assert "FAIL API key rejected: HTTP 401 Invalid API key" in result.stdout
         assert wrong not in result.stdout + result.stderr
@@ -1585,7 +1585,7 @@ class TestTLS:
         try:
             api.http_redirect = elsewhere.url
             result = run_cli("--check", "--api-url", api.url, "--ca-file", ca_file,
-                             env=clean_env(CHATOPS_API_KEY=KEY))  # fmt: skip
+                             env=clean_env(CHATOPS_API_KEY=KEY))
             assert result.returncode == 1
             assert "redirect to http://127.0.0.1:" in result.stdout
             assert "not followed" in result.stdout
@@ -1710,7 +1710,7 @@ class Commander:
         request_id = f"cancel-{self.count}"
         self.api.send_all(json.dumps({"type": "cancel_command",
                                       "request_id": request_id,
-                                      "target_id": target_id}))  # fmt: skip
+                                      "target_id": target_id}))
         return self.reply(request_id)
 
 
@@ -1773,7 +1773,7 @@ class TestCommandRequests:
         ({"command": "ls", "cwd": "tmp"}, "not an absolute path to a directory"),
         ({"command": "ls", "cwd": "/no/such/dir"}, "not an absolute path"),
         ({"command": "ls", "cwd": 7}, "'cwd' must be a string"),
-    ])  # fmt: skip
+    ])
     def test_bad_requests(self, fields, message):
         request = {"type": "execute_command", "request_id": "r1", **fields}
         with pytest.raises(agent.RequestError, match=message.replace("(", r"\(")):
@@ -1804,7 +1804,7 @@ class TestCommandRequests:
         config = agent.load_config({}, {
             "CHATOPS_COMMAND_ALLOW": '["uptime", "df( -h)?"]',
             "CHATOPS_COMMAND_ENV": '{"HTTP_PROXY": "http://proxy:3128"}',
-        })  # fmt: skip
+        })
         assert config.command_allow == ["uptime", "df( -h)?"]
         assert config.command_env == {"HTTP_PROXY": "http://proxy:3128"}
         one = agent.load_config({"command_allow": "uptime"}, {})
@@ -1831,7 +1831,7 @@ class TestCommandRequests:
         ({"command_workers": "0"}, "command_workers must be at least 1"),
         ({"command_output_max_bytes": "10"}, "must be at least 1024"),
         ({"command_cwd": "/no/such/dir"}, "is not a directory"),
-    ])  # fmt: skip
+    ])
     def test_bad_command_settings(self, values, message):
         with pytest.raises(agent.ConfigError, match=message):
             agent.load_config(values, {})
@@ -1899,7 +1899,7 @@ class TestCommands:
         assert reply["data"]["exit_code"] == 124 and reply["data"]["timed_out"]
         assert "timed out after 1 s" in reply["data"]["output"]
         wait_until(lambda: pgid not in process_groups(), 5,
-                   f"group {pgid} to be gone, zombies included")  # fmt: skip
+                   f"group {pgid} to be gone, zombies included")
 
     def test_timeout_ends_what_left_the_group(self, commander):
         """setsid puts a process in a session and group of its own: on timeout
@@ -1945,7 +1945,7 @@ class TestCommands:
         assert parent == cmd.proc.proc.pid
         pid = orphan[0][0]  # a zombie has no command line: follow its pid
         wait_until(lambda: not os.path.exists(f"/proc/{pid}"), 10,
-                   "the orphan to end and be reaped by the agent")  # fmt: skip
+                   "the orphan to end and be reaped by the agent")
 
     def test_200_mb_of_output_is_bounded(self, commander):
         cmd = commander()
@@ -2024,12 +2024,12 @@ class TestCommands:
         plain = cmd.send("echo quiet")
         cmd.reply(plain)
         assert not [m for m in cmd.api.messages() if m["type"] == "command_output"
-                    and m["request_id"] == plain]  # fmt: skip
+                    and m["request_id"] == plain]
 
     def test_disabled_commands_never_start(self, commander, tmp_path):
         marker = tmp_path / "ran"
         cmd = commander("--command-cwd", str(tmp_path),
-                        CHATOPS_COMMANDS_ENABLED="false")  # fmt: skip
+                        CHATOPS_COMMANDS_ENABLED="false")
         reply = cmd.run(f"touch {marker}")
         assert reply == {
             "type": "error",
@@ -2046,7 +2046,7 @@ class TestCommands:
         assert cmd.run("uptime")["data"]["exit_code"] == 0
         assert cmd.run("echo hello")["data"]["output"] == "hello\n"
         for refused in (f"echo hello; touch {marker}", f"touch {marker}",
-                        f"uptime && touch {marker}"):  # fmt: skip
+                        f"uptime && touch {marker}"):
             reply = cmd.run(refused)
             assert reply["type"] == "error" and "command_allow" in reply["message"]
         assert not marker.exists()
@@ -2057,7 +2057,7 @@ class TestCommands:
         for fields in ({"command": 5}, {"command": ""},
                        {"command": f"touch {marker}", "timeout": -3},
                        {"command": f"touch {marker}", "stream": "please"},
-                       {"command": f"touch {marker}", "cwd": "relative"}):  # fmt: skip
+                       {"command": f"touch {marker}", "cwd": "relative"}):
             request_id = cmd.send(**fields)
             reply = cmd.reply(request_id)
             assert reply["type"] == "error" and reply["request_id"] == request_id
@@ -2094,7 +2094,7 @@ class TestCommands:
             lambda: {pg for pg, members in process_groups().items()
                      if any("777.25" in c for _, _, c in members)}
             if len(group_members("777.25")) >= 6 else None,
-            5, "three commands to run")  # fmt: skip
+            5, "three commands to run")
         stopped = time.monotonic()
         cmd.proc.proc.send_signal(signal.SIGTERM)
         assert cmd.proc.proc.wait(5) == 0
@@ -2106,7 +2106,7 @@ class TestCommands:
 
 def group_members(marker):
     return [p for members in process_groups().values() for p in members
-            if marker in p[2]]  # fmt: skip
+            if marker in p[2]]
 
 
 ###############################################################################
@@ -2127,7 +2127,7 @@ def docker_ready():
     except (subprocess.SubprocessError, OSError):
         return False
     images = subprocess.run(["docker", "images", "-q", TEST_IMAGE],
-                            capture_output=True, text=True, timeout=20)  # fmt: skip
+                            capture_output=True, text=True, timeout=20)
     return bool(images.stdout.strip()) or build_test_image()
 
 
@@ -2145,7 +2145,7 @@ def build_test_image():
             os.symlink("busybox", link)
     tar = subprocess.Popen(["tar", "-C", root, "-c", "."], stdout=subprocess.PIPE)
     subprocess.run(["docker", "import", "-", TEST_IMAGE], stdin=tar.stdout,
-                   capture_output=True, timeout=60, check=True)  # fmt: skip
+                   capture_output=True, timeout=60, check=True)
     tar.wait()
     shutil.rmtree(root)
     return True
@@ -2161,7 +2161,7 @@ def docker_engine():
 
 def docker(*args, check=True):
     return subprocess.run(["docker", *args], capture_output=True, text=True,
-                          timeout=60, check=check)  # fmt: skip
+                          timeout=60, check=check)
 
 
 def docker_state(name):
@@ -2236,13 +2236,13 @@ class TestDockerParsing:
         ("permission denied while trying to connect to the Docker daemon socket at "
          "unix:///var/run/docker.sock", "permission denied", "root-equivalent"),
         ("unknown flag: --bogus", None, "unknown flag: --bogus"),
-    ])  # fmt: skip
+    ])
     def test_cli_errors(self, stderr, status, words):
         error = agent.classify_docker_error(stderr)
         assert error.status == status and words in str(error)
 
     @pytest.mark.parametrize("ref", ["-rf", "--help", "a b", "$(id)", "x" * 300,
-                                     "", None, 5, "web;reboot", "../x"])  # fmt: skip
+                                     "", None, 5, "web;reboot", "../x"])
     def test_invalid_references_refused(self, ref):
         request = {"type": "stop_container", "request_id": "r", "container_id": ref}
         with pytest.raises(agent.RequestError, match="invalid container reference"):
@@ -2253,7 +2253,7 @@ class TestDockerParsing:
         ({"type": "stop_container", "timeout": "5"}, "'timeout' must be whole"),
         ({"type": "get_container_logs", "tail": -5}, "must not be negative"),
         ({"type": "get_container_logs", "since": "$(id)"}, "'since' must be like"),
-    ])  # fmt: skip
+    ])
     def test_bad_parameters(self, fields, message):
         request = {"request_id": "r", "container_id": "web", **fields}
         with pytest.raises(agent.RequestError, match=message):
@@ -2261,7 +2261,7 @@ class TestDockerParsing:
 
     def test_tail_is_bounded(self):
         request = {"type": "get_container_logs", "request_id": "r",
-                   "container_id": "web", "tail": 10**9}  # fmt: skip
+                   "container_id": "web", "tail": 10**9}
         assert agent.parse_docker_request(request, "api").params["tail"] == 10000
 
 
@@ -2277,7 +2277,7 @@ def send(api, kind, request_id, id_field="request_id", **fields):
 
 class TestDocker:
     def test_list_in_metrics_follows_hand_made_changes(self, api, run_agent, container,
-                                                       counting_docker):  # fmt: skip
+                                                       counting_docker):
         shim, calls = counting_docker
         proc = run_agent(api.url, "--docker-binary", shim)
         name = container("sleep 600")
@@ -2310,7 +2310,7 @@ class TestDocker:
             cmd.count += 1
             request_id = f"d-{cmd.count}"
             api.send_all(json.dumps({"type": kind, "request_id": request_id,
-                                     "container_id": name, **fields}))  # fmt: skip
+                                     "container_id": name, **fields}))
             started = time.monotonic()
             reply = cmd.reply(request_id, 15)
             assert time.monotonic() - started < 10, "the API waits only 10 s"
@@ -2347,32 +2347,32 @@ class TestDocker:
         # The daemon stamps each line as it reads the stream's pipe: lines written
         # microseconds apart on two pipes can come out either way, so space them.
         script = ("for i in 1 2 3 4 5 6; do echo out$i; sleep 0.05; echo err$i >&2; "
-                  "sleep 0.05; done; sleep 600")  # fmt: skip
+                  "sleep 0.05; done; sleep 600")
         name = container(script)
         wait_until(lambda: "err6" in docker("logs", name).stderr, 10, "the logs")
         cmd = Commander(api, run_agent(api.url))
         wait_until(api.metrics, 6, "the agent")
         api.send_all(json.dumps({"type": "get_container_logs", "request_id": "l1",
-                                 "container_id": name}))  # fmt: skip
+                                 "container_id": name}))
         logs = cmd.reply("l1")["data"]["logs"]
         assert logs == [f"{s}{i}" for i in range(1, 7) for s in ("out", "err")]
         api.send_all(json.dumps({"type": "get_container_logs", "request_id": "l2",
                                  "container_id": name, "tail": 3,
-                                 "timestamps": True}))  # fmt: skip
+                                 "timestamps": True}))
         tail = cmd.reply("l2")["data"]["logs"]
         assert [e["line"] for e in tail] == ["err5", "out6", "err6"]
         assert [e["stream"] for e in tail] == ["stderr", "stdout", "stderr"]
         assert all(e["time"].endswith("Z") for e in tail)
 
     def test_logs_keep_the_newest_lines_of_a_large_tail(self, api, run_agent,
-                                                       container):  # fmt: skip
+                                                       container):
         """10 000 lines of 1 KB: more than the reply holds, so the newest must be
         the ones kept, consecutive, up to the last line."""
         name = container("p=x; for k in 1 2 3 4 5 6 7 8 9 10; do p=$p$p; done; "
                          'seq 1 10000 | while read i; do echo "$i $p"; done; '
-                         "sleep 600")  # fmt: skip
+                         "sleep 600")
         wait_until(lambda: docker("logs", "--tail", "1", name).stdout.startswith(
-            "10000 "), 30, "10 000 lines of logs")  # fmt: skip
+            "10000 "), 30, "10 000 lines of logs")
         cmd = Commander(api, run_agent(api.url))
         wait_until(api.metrics, 6, "the agent")
         send(api, "get_container_logs", "big", container_id=name, tail=10000)
@@ -2387,10 +2387,10 @@ class TestDocker:
         cmd = Commander(api, run_agent(api.url))
         wait_until(api.metrics, 6, "the agent")
         actions = [("stop", {"timeout": 0}), ("start", {}), ("inspect", {}),
-                   ("list", {}), ("logs", {})]  # fmt: skip
+                   ("list", {}), ("logs", {})]
         for n, (action, extra) in enumerate(actions):
             send(api, "docker_command", f"c{n}", "command_id", action=action,
-                 container_id=name, **extra)  # fmt: skip
+                 container_id=name, **extra)
             reply = cmd.reply(f"c{n}", id_field="command_id")
             assert reply["type"] == "docker_response", reply
             assert reply["success"], reply
@@ -2398,7 +2398,7 @@ class TestDocker:
         containers = cmd.reply("c3", id_field="command_id")["containers"]
         assert any(c["name"] == name for c in containers)
         api.send_all(json.dumps({"type": "docker_command", "command_id": "bad",
-                                 "action": "stop", "container_id": "-rf"}))  # fmt: skip
+                                 "action": "stop", "container_id": "-rf"}))
         bad = cmd.reply("bad", id_field="command_id")
         assert bad["type"] == "docker_response" and not bad["success"]
 
@@ -2410,10 +2410,10 @@ class TestDocker:
         before = calls.read_text()
         for n, ref in enumerate(["-rf", "--help", "a b", "$(id)", "x" * 300]):
             api.send_all(json.dumps({"type": "start_container", "request_id": f"i{n}",
-                                     "container_id": ref}))  # fmt: skip
+                                     "container_id": ref}))
             reply = cmd.reply(f"i{n}")
             assert reply["type"] == "error" and "invalid container reference" in \
-                reply["message"]  # fmt: skip
+                reply["message"]
         assert calls.read_text() == before
 
     def test_missing_cli(self, api, run_agent):
@@ -2421,29 +2421,29 @@ class TestDocker:
             api, run_agent(api.url, "--docker-binary", "/nonexistent/docker")
         )
         wait_until(lambda: api.metrics() and api.metrics()[-1]["docker"]["status"]
-                   == "not installed", 10, "the status")  # fmt: skip
+                   == "not installed", 10, "the status")
         assert api.metrics()[-1]["containers"] == []
         api.send_all(json.dumps({"type": "start_container", "request_id": "m1",
-                                 "container_id": "web"}))  # fmt: skip
+                                 "container_id": "web"}))
         reply = cmd.reply("m1")
         assert (
             reply["type"] == "error" and "apt-get install docker.io" in reply["message"]
         )
 
     def test_daemon_down_then_back(self, api, run_agent, docker_engine, tmp_path,
-                                   container):  # fmt: skip
+                                   container):
         """DOCKER_HOST names a socket with no daemon behind it; then the real
         socket appears there, as when the daemon comes back."""
         socket_path = tmp_path / "docker.sock"
         name = container("sleep 600")
         proc = run_agent(api.url, "--docker-check-s", "0.5",
-                         DOCKER_HOST=f"unix://{socket_path}")  # fmt: skip
+                         DOCKER_HOST=f"unix://{socket_path}")
         wait_until(lambda: api.metrics() and api.metrics()[-1]["docker"]["status"]
-                   == "daemon not running", 10, "the daemon-down status")  # fmt: skip
+                   == "daemon not running", 10, "the daemon-down status")
         assert api.metrics()[-1]["containers"] == []
         cmd = Commander(api, proc)
         api.send_all(json.dumps({"type": "start_container", "request_id": "s1",
-                                 "container_id": name}))  # fmt: skip
+                                 "container_id": name}))
         assert "daemon is not running" in cmd.reply("s1")["message"]
         os.symlink("/var/run/docker.sock", socket_path)
         wait_until(lambda: listed(api, name), 10, "the containers once it is back")
@@ -2458,7 +2458,7 @@ class TestDocker:
         as_nobody = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
         python = next((p for p in (sys.executable, "/usr/bin/python3") if p and
                        subprocess.run([*as_nobody, p, "-c", ""]).returncode == 0),
-                      None)  # fmt: skip
+                      None)
         require(python, "a Python that user nobody may run")
         shared = tempfile.mkdtemp()  # pytest's tmp_path is closed to other users
         os.chmod(shared, 0o755)
@@ -2467,7 +2467,7 @@ class TestDocker:
         result = subprocess.run(
             [*as_nobody, python, copy, "--once"],
             capture_output=True, text=True, timeout=60,
-            env=clean_env(HOME="/nonexistent"))  # fmt: skip
+            env=clean_env(HOME="/nonexistent"))
         shutil.rmtree(shared)
         assert result.returncode == 0, result.stderr
         status = json.loads(result.stdout)["data"]["docker"]
@@ -2482,7 +2482,7 @@ class TestDocker:
         wait_until(api.metrics, 6, "the agent")
         assert api.metrics()[-1]["docker"] == {"status": "disabled"}
         api.send_all(json.dumps({"type": "start_container", "request_id": "x1",
-                                 "container_id": "web"}))  # fmt: skip
+                                 "container_id": "web"}))
         assert "disabled" in cmd.reply("x1")["message"]
 
 
@@ -2655,7 +2655,7 @@ class TestOutbox:
 # bundle ships (1.8.0, on Python 3.8).
 
 LOG_RECORD = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ (DEBUG|INFO|WARNING|ERROR|"
-                        r"CRITICAL) \S")  # fmt: skip
+                        r"CRITICAL) \S")
 
 
 def assert_log_is_clean(log):
@@ -2681,7 +2681,7 @@ def replies_to(api, requests):
         messages = [m for _, m in api.frames if m.get("type") != "command_output"]
     for ids in requests:
         replies = [m for m in messages
-                   if {m.get("request_id"), m.get("command_id")} & ids]  # fmt: skip
+                   if {m.get("request_id"), m.get("command_id")} & ids]
         assert len(replies) <= 1, f"more than one reply to {ids}: {replies}"
         if replies:
             found[frozenset(ids)] = replies
@@ -2699,7 +2699,7 @@ def connect_once(url, **settings):
     flags = {"api_url": url, "api_key": KEY, **settings}
     config = agent.load_config({k: str(v) for k, v in flags.items()}, {})
     link = agent.Link(config, agent.Outbox(10), agent.Dispatcher(lambda m: None),
-                      {}, threading.Event())  # fmt: skip
+                      {}, threading.Event())
     session = link._connect()
     session.kill()
     session.ws.shutdown()
@@ -2717,12 +2717,12 @@ class TestHostileUpgrade:
         elsewhere.settimeout(0)
         target = f"ws://127.0.0.1:{elsewhere.getsockname()[1]}{agent.WS_PATH}"
         statuses = st.sampled_from([101, 200, 301, 302, 303, 307, 308, 401, 403,
-                                    500, 0, -1, 99999999999])  # fmt: skip
+                                    500, 0, -1, 99999999999])
         headers = st.lists(st.sampled_from([
             b"Location: " + target.encode(), b"Location:", b"Location: \xff\xfe",
             b"Upgrade: websocket", b"Connection: Upgrade", b"Content-Length: 5",
             b"Sec-WebSocket-Accept: bogus", b"no colon here", b"\x00\x01\x02: x",
-        ]), max_size=5)  # fmt: skip
+        ]), max_size=5)
         http = st.builds(
             lambda status, reason, lines, tail: b"HTTP/1.1 %d %s\r\n%s\r\n\r\n%s" % (
                 status, reason, b"\r\n".join(lines), tail),
@@ -2733,7 +2733,7 @@ class TestHostileUpgrade:
                       st.booleans(), st.integers(0, 7)),
             st.just(ws_frame(b"", 0x1, length=2**62)),
             st.just(ws_frame('{"type":"auth_success","server_id":NaN}')),
-        ), max_size=4).map(lambda chunks: upgrade_then(*chunks))  # fmt: skip
+        ), max_size=4).map(lambda chunks: upgrade_then(*chunks))
 
         @hypothesis.settings(max_examples=150, deadline=None)
         @hypothesis.given(st.one_of(st.binary(max_size=300), http, after_upgrade))
@@ -2794,7 +2794,7 @@ class TestHostileFrames:
                       st.booleans(), st.integers(0, 7), st.none(), st.booleans()),
             st.builds(lambda n: ws_frame(b"", 0x1, length=n),
                       st.integers(0, 2**63 - 1)),
-        ), max_size=12)  # fmt: skip
+        ), max_size=12)
 
         @hypothesis.settings(max_examples=400, deadline=None)
         @hypothesis.given(frames)
@@ -2849,7 +2849,7 @@ class TestHostileFrames:
             '3600;; *) echo "Error: No such container: x" >&2; exit 1;; esac\n')
         fake_docker.chmod(0o755)
         proc = run_agent(api.url, "--command-allow", '["echo [a-z]{1,8}"]',
-                         "--docker-binary", str(fake_docker))  # fmt: skip
+                         "--docker-binary", str(fake_docker))
         cmd = Commander(api, proc)
         wait_until(api.metrics, 6, "the agent")
         cmd.run("echo warm")
@@ -2861,7 +2861,7 @@ class TestHostileFrames:
         # names the frames that went unanswered.
         @hypothesis.settings(max_examples=60, deadline=None, phases=[
             hypothesis.Phase.explicit, hypothesis.Phase.reuse,
-            hypothesis.Phase.generate])  # fmt: skip
+            hypothesis.Phase.generate])
         @hypothesis.given(st.lists(frames, min_size=10, max_size=30))
         def exchange(batch):
             expected, silent = {}, []
@@ -2902,7 +2902,7 @@ HOSTILE_VALUES = [
     str(2**64), str(-(2**63)), '"' + "x" * 70000 + '"', '"-rf"', '"$(id)"',
     '"../../etc"', '""', '" "', '"echo ok"', '"web"', '"stop"', '"logs"', '"list"',
     '"inspect"', '"/tmp"', "1", "3", "0.5",
-]  # fmt: skip
+]
 API_MESSAGES = {
     "auth_success": ["server_id", "message"], "metrics_received": ["status"],
     "pong": [], "ping": [], "error": ["message"],
@@ -2916,7 +2916,7 @@ API_MESSAGES = {
     "inspect_container": ["container_id"], "get_container_stats": ["container_id"],
     "list_containers": [],
     "docker_command": ["action", "container_id", "container", "timeout", "tail"],
-}  # fmt: skip
+}
 NOT_REQUESTS = {"auth_success", "metrics_received", "pong", "error"}
 # Values that get a request past its first checks, so that later ones are hit.
 PLAUSIBLE = {
@@ -2926,7 +2926,7 @@ PLAUSIBLE = {
     "tail": ["3"], "since": ['"10m"'], "timestamps": ["true"],
     "action": ['"stop"', '"logs"', '"list"', '"inspect"', '"start"', '"stats"'],
     "server_id": ['"s-1"'], "message": ['"hello"'], "status": ['"ok"'],
-}  # fmt: skip
+}
 
 
 def hostile_frame(data, counter):
@@ -2963,7 +2963,7 @@ def hostile_frame(data, counter):
     except (ValueError, RecursionError):  # the agent cannot read the ids either
         return text, data.draw(st.booleans()), set(), False
     replies = not (isinstance(message.get("type"), str)
-                   and message["type"] in NOT_REQUESTS)  # fmt: skip
+                   and message["type"] in NOT_REQUESTS)
     return text, data.draw(st.booleans(), "binary"), ids, replies
 
 
@@ -3007,7 +3007,7 @@ def stalled(api, run_agent):
 
     def start(*args):
         proc = run_agent(relay.url, "--command-grace-s", "1",
-                         "--reconnect-max-delay-s", "0.5", *args)  # fmt: skip
+                         "--reconnect-max-delay-s", "0.5", *args)
         wait_until(api.metrics, 6, "the agent to connect")
         cmd = Commander(api, proc)
         return cmd, relay, stall(relay, cmd)
@@ -3019,7 +3019,7 @@ def stalled(api, run_agent):
 
 class TestStalledPeer:
     def test_a_websocket_ping_does_not_freeze_the_receive_loop(self, stalled,
-                                                               tmp_path):  # fmt: skip
+                                                               tmp_path):
         cmd, relay, big = stalled("--heartbeat-interval-s", "10")
         marker = tmp_path / "started"
         cmd.api.ws_ping()
@@ -3074,7 +3074,7 @@ def hold(conn, request):
 
 
 @pytest.fixture(params=["unreachable", "upgrade-pending", "auth-pending",
-                        "connected", "command-running", "stalled"])  # fmt: skip
+                        "connected", "command-running", "stalled"])
 def agent_in_state(request, api, run_agent):
     """An agent process in one of the states a signal may find it in."""
     state = request.param
@@ -3105,7 +3105,7 @@ def agent_in_state(request, api, run_agent):
 
 class TestSignals:
     @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
-                             ids=["TERM", "INT", "HUP"])  # fmt: skip
+                             ids=["TERM", "INT", "HUP"])
     def test_a_signal_in_any_state_stops_cleanly(self, agent_in_state, signum):
         proc = agent_in_state
         stopped = time.monotonic()
@@ -3132,7 +3132,7 @@ class TestSignals:
         with open(log, "w") as stderr:
             proc = subprocess.run([sys.executable, "-c", script, "--api-url", api.url],
                                   env=clean_env(CHATOPS_API_KEY=KEY), stderr=stderr,
-                                  stdin=subprocess.DEVNULL, timeout=30)  # fmt: skip
+                                  stdin=subprocess.DEVNULL, timeout=30)
         assert proc.returncode == agent.EXIT_THREAD_DIED
         text = log.read_text()
         assert "the metrics thread died" in text and "a planted bug" in text
@@ -3154,20 +3154,20 @@ PROMISED_UNIT_LINES = (
     "ProtectKernelModules=yes", "RestrictSUIDSGID=yes", "LockPersonality=yes",
     "ExecStart=/opt/chatops-agent/venv/bin/python /opt/chatops-agent/chatops_agent.py "
     "--config /etc/chatops-agent/config.json",
-)  # fmt: skip
+)
 
 
 def need_bundle():
     """The offline bundle .ci/run makes with install.sh --prepare-offline."""
     bundle = os.environ.get("CHATOPS_TEST_BUNDLE", "")
     require(os.path.isfile(os.path.join(bundle, "SHA256SUMS")),
-            "no offline bundle (CHATOPS_TEST_BUNDLE; .ci/run makes one)")  # fmt: skip
+            "no offline bundle (CHATOPS_TEST_BUNDLE; .ci/run makes one)")
     return bundle
 
 
 def installer(*args, env=None, stdin=None, script=INSTALLER):
     return subprocess.run(["sh", script, *args], capture_output=True, text=True,
-                          timeout=300, input=stdin, env=env or clean_env())  # fmt: skip
+                          timeout=300, input=stdin, env=env or clean_env())
 
 
 def mode_owner(path):
@@ -3201,7 +3201,7 @@ class TestInstaller:
         shellcheck = shutil.which("shellcheck")
         require(shellcheck, "shellcheck is not installed (apt-get install shellcheck)")
         result = subprocess.run([shellcheck, "-s", "sh", INSTALLER],
-                                capture_output=True, text=True)  # fmt: skip
+                                capture_output=True, text=True)
         assert result.returncode == 0, result.stdout
         with open(INSTALLER) as f:
             lines = [line for line in f.read().splitlines() if line.strip()]
@@ -3213,7 +3213,7 @@ class TestInstaller:
         key_file.write_text(KEY + "\n")
         first = installer("--offline", bundle, "--root", str(root),
                           "--api-url", "https://chatops.example.com",
-                          "--api-key-file", str(key_file))  # fmt: skip
+                          "--api-key-file", str(key_file))
         assert first.returncode == 0, first.stderr
         uid, gid, home, shell = service_ids(root)
         assert (home, shell) == ("/nonexistent", "/usr/sbin/nologin")
@@ -3226,13 +3226,13 @@ class TestInstaller:
         assert mode_owner(config.parent) == ("0o750", uid, gid)
         assert mode_owner(unit) == ("0o644", 0, 0)
         assert json.loads(config.read_text()) == {
-            "api_url": "https://chatops.example.com", "api_key": KEY}  # fmt: skip
+            "api_url": "https://chatops.example.com", "api_key": KEY}
         text = unit.read_text()
         assert all(line in text.splitlines() for line in PROMISED_UNIT_LINES)
         assert KEY not in text and KEY not in first.stderr
         venv_python = root / "opt/chatops-agent/venv/bin/python"
         check = subprocess.run([str(venv_python), "-c", "import websocket, psutil"],
-                               capture_output=True, text=True)  # fmt: skip
+                               capture_output=True, text=True)
         assert check.returncode == 0, check.stderr
 
         again = installer("--offline", bundle, "--root", str(root))
@@ -3250,13 +3250,13 @@ class TestInstaller:
         wheels = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": os.path.join(bundle, "wheels")}
         upgrade = installer("--root", str(root), "--api-url", "https://new.example.com",
                             "--docker-access", env=clean_env(**wheels),
-                            script=str(newer / "install.sh"))  # fmt: skip
+                            script=str(newer / "install.sh"))
         assert upgrade.returncode == 0, upgrade.stderr
         assert program.read_text().endswith("# newer\n")
         backup = root / "opt/chatops-agent/chatops_agent.py.bak"
         assert backup.read_bytes() == AGENT_BYTES
         assert json.loads(config.read_text()) == {
-            "api_url": "https://new.example.com", "api_key": KEY}  # fmt: skip
+            "api_url": "https://new.example.com", "api_key": KEY}
         dropin = root / "etc/systemd/system/chatops-agent.service.d/docker.conf"
         assert "SupplementaryGroups=docker" in dropin.read_text()
         assert "root-equivalent" in upgrade.stderr
@@ -3273,7 +3273,7 @@ class TestInstaller:
         bundle, root = need_bundle(), system_root
         before = sorted(p.name for p in root.rglob("*"))
         result = installer("--offline", bundle, "--root", str(root), "--dry-run",
-                           "--api-key", "k")  # fmt: skip
+                           "--api-key", "k")
         assert result.returncode == 0, result.stderr
         assert "dry-run: " in result.stderr
         assert sorted(p.name for p in root.rglob("*")) == before
@@ -3284,7 +3284,7 @@ class TestInstaller:
         before = sorted(p.name for p in system_root.rglob("*"))
         for cut in range(200, len(script), 700):
             subprocess.run(["sh"], input=script[:cut], capture_output=True, env=env,
-                           timeout=60)  # fmt: skip
+                           timeout=60)
             assert sorted(p.name for p in system_root.rglob("*")) == before, cut
 
     def test_damaged_bundle_refused_before_anything(self, system_root, tmp_path):
@@ -3307,7 +3307,7 @@ class TestInstaller:
         result = subprocess.run(
             [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", "sh", script],
             capture_output=True, text=True, timeout=60,
-            env=clean_env(HOME=home))  # fmt: skip
+            env=clean_env(HOME=home))
         shutil.rmtree(home)
         assert result.returncode == 8 and "no API key" in result.stderr
         assert "not root: installing for nobody only" in result.stderr
@@ -3358,7 +3358,7 @@ class TestFreshDebian:
                         "-e", f"CHATOPS_API_KEY={KEY}", image, "sh", "-c",
                         "sh /bundle/install.sh --offline /bundle --api-url "
                         "https://chatops.example.com && " + self.CHECKS,
-                        check=False)  # fmt: skip
+                        check=False)
         assert result.returncode == 0, result.stdout + result.stderr
         self.check_installed(result.stdout)
         assert "bundle verified" in result.stderr
@@ -3377,7 +3377,7 @@ class TestFreshDebian:
         (site / "chatops_agent.py.sha256").write_text(digest + "  chatops_agent.py\n")
         server = subprocess.Popen([sys.executable, "-u", "-m", "http.server", "--bind",
                                    "127.0.0.1", "0", "--directory", str(site)],
-                                  stdout=subprocess.PIPE, text=True)  # fmt: skip
+                                  stdout=subprocess.PIPE, text=True)
         try:
             banner = server.stdout.readline()  # "Serving HTTP on 127.0.0.1 port N ..."
             port = re.search(r"port (\d+)", banner).group(1)
@@ -3388,7 +3388,7 @@ class TestFreshDebian:
                             image, "sh", "-c",
                             f"curl -fsSL {url}/install.sh | sh -s -- --base-url {url} "
                             f"--api-url https://chatops.example.com --api-key {KEY} && "
-                            + self.CHECKS, check=False)  # fmt: skip
+                            + self.CHECKS, check=False)
         finally:
             server.kill()
             server.wait()
