@@ -2697,8 +2697,9 @@ class Outbox:
             self._cond.notify_all()
 
     # -- the writer ------------------------------------------------------------
-    def connection_started(self, server_id):
-        """Samples from now on carry this server id (None: the API gave none)."""
+    def use_server_id(self, server_id):
+        """Samples sent from now on carry this server id (None: the API gave
+        none), set at each connection and by a later auth_success."""
         with self._cond:
             self._server_id = server_id
 
@@ -3256,7 +3257,7 @@ class Link:
 
     def _serve(self, session):
         self.session = session
-        self.outbox.connection_started(session.server_id)
+        self.outbox.use_server_id(session.server_id)
         writer = threading.Thread(
             target=self._write_loop, args=(session,), name="writer", daemon=True
         )
@@ -3472,8 +3473,7 @@ class Agent:
         if "server_id" in message:
             server_id = auth_server_id(message)
             if server_id is not None:
-                session.server_id = server_id
-                self.outbox.connection_started(server_id)
+                self.outbox.use_server_id(server_id)
 
     def on_pong(self, message, session):
         session.pongs_received += 1

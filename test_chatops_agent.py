@@ -2516,9 +2516,9 @@ class TestOutbox:
         box = agent.Outbox(10)
         box.add_sample({"n": 0})
         box.add_sample({"n": 1})
-        box.connection_started("s-1")
+        box.use_server_id("s-1")
         assert taken(box)["data"] == {"server_id": "s-1", "n": 0}
-        box.connection_started(None)  # an API that gave none (or an unusable one)
+        box.use_server_id(None)  # an API that gave none (or an unusable one)
         assert taken(box)["data"] == {"n": 1}
 
     def test_replies_go_before_samples(self):
