@@ -81,6 +81,7 @@ SHUTDOWN_DEADLINE_S = 8.0  # a shutdown still running then ends the process at o
 EXIT_THREAD_DIED = 70  # EX_SOFTWARE: a thread died; the service manager restarts us
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")  # each stops the agent cleanly,
 # unless the agent was started with it ignored (nohup ignores SIGHUP)
+THREAD_DIED = 0  # on the stop socket, where the other bytes are signal numbers
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -3424,13 +3425,20 @@ def agent_info(source_name, config):
     }
 
 
+def noted_by_wakeup_fd(_signum, _frame):
+    """The Python-level handler of a stop signal: nothing (Agent.handle_signals)."""
+
+
 class Agent:
     """Owns the threads: metrics loop, receive loop (with its writer)."""
 
     def __init__(self, config, source=None):
         self.config = config
         self.stop_event = threading.Event()  # set: the threads wind down
-        self.stop_requested = threading.Event()  # by a signal or a dead thread
+        # What asks the agent to stop (a signal's number, or THREAD_DIED) arrives
+        # as a byte on this socket pair; see handle_signals().
+        self._stop_in, self._stop_out = socket.socketpair()
+        self._stop_out.setblocking(False)
         self.exit_code = 0
         self.outbox = Outbox(config.buffer_size, config.reply_keep_s)
         self.children = Children()
@@ -3559,9 +3567,23 @@ class Agent:
                 next_at = time.monotonic() + interval
 
     # -- stopping -------------------------------------------------------------------
-    def on_signal(self, signum, _frame):
-        LOG.info("received %s; shutting down", signal.Signals(signum).name)
-        self.stop_requested.set()
+    def handle_signals(self):
+        """Route the stop signals to wait(), without running anything in a handler.
+
+        A Python signal handler runs in the main thread between two bytecodes,
+        where that thread may hold a lock (an Event's, a logging stream's): a
+        handler that logs or sets an Event can deadlock or garble the log. So
+        the handler does nothing; Python's own C-level handler writes the
+        signal's number to the wake-up socket, and wait() reads it. That also
+        wakes the main thread when the kernel delivered the signal to another
+        thread. A signal the agent was started with ignored stays ignored
+        (nohup ignores SIGHUP).
+        """
+        signal.set_wakeup_fd(self._stop_out.fileno())
+        for name in STOP_SIGNALS:
+            signum = getattr(signal, name, None)  # Windows has no SIGHUP
+            if signum is not None and signal.getsignal(signum) != signal.SIG_IGN:
+                signal.signal(signum, noted_by_wakeup_fd)
 
     def on_thread_death(self, args):
         """threading.excepthook: a thread that dies takes the agent down, with
@@ -3581,16 +3603,20 @@ class Agent:
             exc_info=exc_info,
         )
         self.exit_code = EXIT_THREAD_DIED
-        self.stop_requested.set()
+        with contextlib.suppress(OSError):  # full: a stop is asked for already
+            self._stop_out.send(bytes([THREAD_DIED]))
 
     def wait(self):
-        """Block until a signal or a dead thread asks the agent to stop."""
-        # On POSIX this blocks with no wake-ups until then, as a signal's
-        # handler runs during the wait (a 0.5 s polling loop here was half of
-        # the agent's idle CPU); on Windows a wait is not interrupted, so it
-        # looks once a second.
-        while not self.stop_requested.wait(None if os.name == "posix" else 1.0):
-            pass
+        """Block, with no wake-ups, until a stop signal or a dead thread asks
+        the agent to stop. Later stop signals are ignored: the shutdown ends
+        within SHUTDOWN_DEADLINE_S anyway, and a second Ctrl-C must not kill
+        the process halfway through it."""
+        number = self._stop_in.recv(1)[0]
+        if number != THREAD_DIED:
+            LOG.info("received %s; shutting down", signal.Signals(number).name)
+        for name in STOP_SIGNALS:
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), signal.SIG_IGN)
 
     def shutdown(self):
         """Close, end what commands started, stop the threads: within 5 s.
@@ -3703,10 +3729,7 @@ def run_agent(config):
             "(mode 600), or pass --api-key"
         )
     agent = Agent(config)
-    for name in STOP_SIGNALS:
-        signum = getattr(signal, name, None)  # Windows has no SIGHUP
-        if signum is not None and signal.getsignal(signum) != signal.SIG_IGN:
-            signal.signal(signum, agent.on_signal)
+    agent.handle_signals()
     threading.excepthook = agent.on_thread_death
     agent.start()
     agent.wait()

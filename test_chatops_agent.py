@@ -456,6 +456,14 @@ class AgentProcess:
             lambda: f"{text!r} in the agent's log:\n{self.log()[-2000:]}",
         )
 
+    def exit_status(self, timeout_s=5.0):
+        """How it exited; fails, showing the log's end, if it still runs then."""
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the agent still runs after {timeout_s:g} s; its log ends:\n"
+                        f"{self.log()[-3000:]}")
+
     def terminate(self):
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -1378,7 +1386,7 @@ class TestConnection:
         wait_until(api.metrics, 6, "metrics")
         stopped_at = time.monotonic()
         proc.proc.send_signal(signal.SIGTERM)
-        assert proc.proc.wait(5) == 0
+        assert proc.exit_status() == 0
         assert time.monotonic() - stopped_at < 5
         wait_until(lambda: api.closes, 5, "the close frame")
         assert api.closes[-1][0] == 1000
@@ -1390,7 +1398,7 @@ class TestConnection:
         proc = run_agent(f"http://127.0.0.1:{port}")
         proc.wait_log("cannot reach the API")
         proc.proc.send_signal(signal.SIGINT)
-        assert proc.proc.wait(5) == 0
+        assert proc.exit_status() == 0
 
     def test_key_never_in_logs(self, api, run_agent, tmp_path):
         proc = run_agent(api.url, "--log-level", "debug", "--heartbeat-interval-s", "1")
@@ -1461,7 +1469,7 @@ class TestConnection:
         pgid = wait_until(lambda: group_running(marker), 5, "the command to run")
         stopped = time.monotonic()
         cmd.proc.proc.send_signal(signal.SIGHUP)
-        assert cmd.proc.proc.wait(5) == 0
+        assert cmd.proc.exit_status() == 0
         assert time.monotonic() - stopped < 5
         wait_until(lambda: api.closes, 5, "the close frame")
         assert api.closes[-1][0] == 1000
@@ -1921,7 +1929,7 @@ class TestCommands:
         assert cmd.run(script)["data"]["output"] == "started\n"
         wait_until(lambda: len(group_members(marker)) == 2, 5, "the two jobs")
         cmd.proc.proc.send_signal(signal.SIGTERM)
-        assert cmd.proc.proc.wait(5) == 0
+        assert cmd.proc.exit_status() == 0
         wait_until(lambda: not group_members(marker), 5, "the jobs to end")
 
     def test_background_job_does_not_hold_the_reply(self, commander):
@@ -2097,7 +2105,7 @@ class TestCommands:
             5, "three commands to run")
         stopped = time.monotonic()
         cmd.proc.proc.send_signal(signal.SIGTERM)
-        assert cmd.proc.proc.wait(5) == 0
+        assert cmd.proc.exit_status() == 0
         assert time.monotonic() - stopped < 5
         wait_until(
             lambda: not pgids & set(process_groups()), 5, "the groups to be gone"
@@ -3110,11 +3118,29 @@ class TestSignals:
         proc = agent_in_state
         stopped = time.monotonic()
         proc.proc.send_signal(signum)
-        assert proc.proc.wait(5) == 0
+        assert proc.exit_status() == 0
         assert time.monotonic() - stopped < 5
         assert f"received {signal.Signals(signum).name}" in proc.log()
         wait_until(lambda: not group_members(RUNNING), 5, "no command left")
         assert_log_is_clean(proc.log())
+
+    def test_signals_in_a_burst_stop_it_once_and_cleanly(self, run_agent):
+        """Ctrl-C pressed again and again, from start-up to exit: the signals
+        land wherever the main thread is (starting threads, entering its wait,
+        logging, shutting down). A handler that logged or set an Event there
+        could deadlock or garble the log (once in ~70 single signals sent just
+        as the agent started waiting), and one landing after the shutdown
+        killed the process by the signal instead of letting it exit 0."""
+        for _ in range(3):
+            proc = run_agent(f"http://127.0.0.1:{fresh_port()}")
+            proc.wait_log("metrics from")  # logged once the handlers are in place
+            while proc.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.proc.send_signal(signal.SIGINT)
+                time.sleep(0.002)  # a burst, not a wait: the loop ends on exit
+            assert proc.exit_status() == 0
+            assert proc.log().count("received SIGINT") == 1
+            assert_log_is_clean(proc.log())
 
     def test_a_thread_that_dies_takes_the_agent_down(self, api, tmp_path):
         """A bug that ends a thread must not leave a process that lives on
