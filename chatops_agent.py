@@ -151,6 +151,9 @@ SETTINGS = (
     Setting("command_queue_size", 64, "int",
             "commands that may wait for a worker; beyond, the agent answers busy",
             at_least=0),
+    Setting("request_deadline_s", 10.0, "float",
+            "a request still waiting for a worker this long is answered as expired "
+            "and never started (the API waits 10 s); 0: never", at_least=0),
     Setting("command_output_max_bytes", 1048576, "int",
             "output kept per command: the first and last halves, the middle cut",
             at_least=1024),
@@ -169,6 +172,15 @@ SETTINGS = (
             "the docker CLI: a name looked up in PATH, or a path"),
     Setting("docker_timeout_s", 30.0, "float",
             "longest wait for one docker CLI call (a hung daemon)", above=0),
+    Setting("docker_workers", 2, "int",
+            "Docker requests carried out at once, apart from commands", at_least=1),
+    Setting("docker_queue_size", 16, "int",
+            "Docker requests that may wait for a worker; beyond, the agent "
+            "answers busy", at_least=0),
+    Setting("docker_stop_timeout_s", 5, "int",
+            "stop/restart without a timeout: seconds before Docker kills the "
+            "container, short enough for the reply to beat the API's 10 s wait",
+            at_least=0),
     Setting("docker_refresh_s", 300.0, "float",
             "safety re-read of the container list; events trigger the others",
             above=0),
@@ -1253,6 +1265,42 @@ def error_reply(message, text):
     return dict({"type": "error"}, **reply_ids(message), message=text)
 
 
+class Dialect:
+    """One of the two forms a request comes in (PROTOCOL.md sections 5 and 6),
+    chosen once, by the request's type, when it is parsed; the reply is made
+    in the same form. Nothing after parsing asks which form it was."""
+
+    def __init__(self, id_field, nested, command_reply, cancel_reply, docker_reply):
+        self.id_field = id_field  # where the request's id is, and the reply's goes
+        self.nested = nested  # a reply's fields go under "data"
+        self.command_reply = command_reply
+        self.cancel_reply = cancel_reply
+        self.docker_reply = docker_reply  # None: a reply type per action
+
+    def reply(self, message_type, request_id, fields):
+        ids = {self.id_field: request_id}
+        if self.nested:
+            return dict({"type": message_type}, **ids, data=fields)
+        return dict({"type": message_type}, **ids, **fields)
+
+    def error(self, request_id, text):
+        """A request not carried out; the API shows `message` to its user."""
+        return {"type": "error", self.id_field: request_id, "message": text}
+
+    def request_id(self, message):
+        """The request's id, or RequestError: without one it cannot be answered."""
+        request_id = reply_ids(message).get(self.id_field)
+        if request_id is None or request_id == "":
+            raise RequestError(f"the request has no usable '{self.id_field}'")
+        return request_id
+
+
+API = Dialect("request_id", nested=True, command_reply="command_result",
+              cancel_reply="cancel_result", docker_reply=None)
+DOCS = Dialect("command_id", nested=False, command_reply="command_response",
+               cancel_reply="cancel_response", docker_reply="docker_response")
+
+
 def parse_frame(payload):
     """(message, None) for a JSON object with a string `type`, else (None, why)."""
     if isinstance(payload, bytes):
@@ -1586,21 +1634,17 @@ class OutputStream:
             self.send(self.job.message("command_output", seq=self.seq, output=text))
 
 
-def shaped(form, message_type, ids, fields):
-    """A reply in the request's form: the API's puts `fields` in `data`, the
-    docs' at the top level."""
-    if form == "api":
-        return dict({"type": message_type}, **ids, data=fields)
-    return dict({"type": message_type}, **ids, **fields)
-
-
 class PumpState:
     """Where reading a command's output stands."""
 
-    def __init__(self):
+    def __init__(self, proc, tag):
+        self.proc = proc
+        self.tag = tag  # JOB_TAG in its environment: finds what left its group
         self.eof = False
         self.exited_at = None  # when the shell was seen to exit
         self.reason = None  # "timeout" or "cancelled" once the group was stopped
+        self.cancelled_by = None
+        self.grace_s = None  # between SIGTERM and SIGKILL, once stopped
         self.term_at = None
         self.killed = False
         self.pause_s = 0.0005
@@ -1619,42 +1663,65 @@ class PumpState:
         self.pause_s = min(POLL_S, self.pause_s * 2)
 
 
-class CommandJob:
-    """One command request, from the moment it is accepted to its reply."""
+class Job:
+    """An accepted request, from its queue to its reply (see Requests).
 
-    def __init__(self, form, request_id, command, timeout_s, grace_s, cwd, stream, by):
-        self.form = form  # "api": execute_command; "docs": command
+    A job carries what it needs to run and to answer in its request's dialect;
+    where it stands (queued, running) is kept by Requests, under one lock.
+    """
+
+    lane = None  # the name of the lane that runs it
+
+    def __init__(self, dialect, request_id):
+        self.dialect = dialect
         self.id = request_id
+        self.received_at = time.monotonic()
+
+    def error(self, text):
+        """The reply of a request that was not carried out, saying why."""
+        return self.dialect.error(self.id, text)
+
+    def cancelled_unstarted(self, by):
+        return self.error(f"cancelled by {by} before it started; nothing was done")
+
+
+class CommandJob(Job):
+    """One shell command request."""
+
+    lane = "command"
+
+    def __init__(self, dialect, request_id, command, timeout_s, grace_s, cwd,
+                 stream, by):
+        super().__init__(dialect, request_id)
         self.command = command
         self.timeout_s = timeout_s
+        self.grace_s = grace_s
         self.cwd = cwd
         self.stream = stream
         self.requested_by = by
-        self.received_at = time.monotonic()
-        self.cancelled_by = None  # the id of the cancel request, once one came
-        self.cancel_event = threading.Event()
-        self.grace_s = grace_s  # lowered when the agent stops
-        self.started = False
-        self.tag = None  # JOB_TAG in its environment, once started
-
-    def message(self, message_type, **fields):
-        """A message about this job, carrying its id in the field its form uses."""
-        id_field = "request_id" if self.form == "api" else "command_id"
-        return shaped(self.form, message_type, {id_field: self.id}, fields)
-
-    def reply(self, result):
-        kind = "command_result" if self.form == "api" else "command_response"
-        return self.message(kind, **result)
-
-    def run(self, runner):
-        return self.reply(runner.execute(self))
-
-    def failure(self, text):
-        return self.reply(result_fields(text + "\n", -1))
+        # Cancels reach the worker running it through this queue: (by whom,
+        # the grace before SIGKILL).
+        self.stops = queue.SimpleQueue()
 
     def describe(self):
         by = f" by {self.requested_by}" if self.requested_by else ""
         return f"command {self.id}{by}: {self.command[:200]!r}"
+
+    def message(self, message_type, **fields):
+        return self.dialect.reply(message_type, self.id, fields)
+
+    def result(self, fields):
+        return self.message(self.dialect.command_reply, **fields)
+
+    def cancelled_unstarted(self, by):
+        text = f"[cancelled by {by} before it started]\n"
+        return self.result(result_fields(text, EXIT_CANCELLED, cancelled=True))
+
+    def cancel_running(self, by, grace_s=None):
+        """(cancelled, text): the worker stops its group as a timeout would,
+        with at most `grace_s` (or command_grace_s) before SIGKILL."""
+        self.stops.put((by, self.grace_s if grace_s is None else grace_s))
+        return True, f"command {self.id!r} cancelled"
 
 
 def request_field(message, name, kinds, what, default=None):
@@ -1667,18 +1734,9 @@ def request_field(message, name, kinds, what, default=None):
     return value
 
 
-def request_id_of(message, form):
-    """The request's id, in the field its form uses, or RequestError."""
-    id_field = "request_id" if form == "api" else "command_id"
-    request_id = reply_ids(message).get(id_field)
-    if request_id is None or request_id == "":
-        raise RequestError(f"the request has no usable '{id_field}'")
-    return request_id
-
-
-def parse_command_request(message, form, config):
+def parse_command_request(message, dialect, config):
     """A CommandJob from a request, or RequestError saying what is wrong with it."""
-    request_id = request_id_of(message, form)
+    request_id = dialect.request_id(message)
     command = request_field(message, "command", str, "a string")
     if command is None or not command.strip():
         raise RequestError("'command' is missing or empty")
@@ -1693,7 +1751,7 @@ def parse_command_request(message, form, config):
     cwd = request_cwd(message, config)
     by = request_field(message, "requested_by", str, "a string")
     timeout_s = min(timeout or config.command_timeout_s, config.command_timeout_s)
-    return CommandJob(form, request_id, command, timeout_s, config.command_grace_s,
+    return CommandJob(dialect, request_id, command, timeout_s, config.command_grace_s,
                       cwd, stream, by and by[:100])
 
 
@@ -1733,60 +1791,26 @@ def result_fields(output, exit_code, truncated=False, output_bytes=0,
 
 
 class CommandRunner:
-    """Runs commands and docker requests in a pool of workers, never in the
-    receive loop. A job has `id`, `run(runner) -> reply` and `failure(text)`."""
+    """Runs one command in a worker of the command lane: its process group, its
+    output, its timeout and cancel, its reply."""
 
-    def __init__(self, config, send, children, docker=None):
+    def __init__(self, config, send, children):
         self.config = config
-        self.send = send  # Outbox.put: queues a message, never blocks
+        self.send = send  # Outbox.put, for streamed output
         self.children = children
-        self.docker = docker  # DockerActions, for docker jobs
-        # Admission counts jobs (running + waiting) against workers + queue size;
-        # the queue itself only hands jobs over, so a request is never refused
-        # while a worker is free but has not yet picked up the one before.
-        self.capacity = config.command_workers + config.command_queue_size
-        self.queue = queue.Queue()
-        self.jobs = {}  # id -> CommandJob, queued or running
-        self.lock = threading.Lock()
-        self.job_done = threading.Condition(self.lock)
         self.env = None
-        self.stopping = threading.Event()
-        self.workers = []
 
     def start(self):
         self.env = command_environment(self.config)
         self.children.become_subreaper()
-        for n in range(self.config.command_workers):
-            worker = threading.Thread(
-                target=self._work, name=f"command-{n}", daemon=True
-            )
-            worker.start()
-            self.workers.append(worker)
 
-    # -- requests (called by the receive loop: fast, never blocking) ----------
-    def submit(self, message, form):
+    def accept(self, message, dialect):
+        """A CommandJob this agent may run, or RequestError (nothing started)."""
         if not self.config.commands_enabled:
             raise RequestError("command execution is disabled on this agent")
         if os.name != "posix":
             raise RequestError("remote commands need /bin/sh; not supported on Windows")
-        job = parse_command_request(message, form, self.config)
-        self._check_allowed(job)
-        self.enqueue(job)
-
-    def enqueue(self, job):
-        """Queue a job (a command or a docker request) for the workers."""
-        with self.lock:
-            if job.id in self.jobs:
-                raise RequestError(f"a request with id {job.id!r} is already running")
-            if len(self.jobs) >= self.capacity:
-                raise RequestError(
-                    f"agent busy: {self.config.command_workers} commands running and "
-                    f"{self.config.command_queue_size} waiting; try again later"
-                )
-            self.jobs[job.id] = job
-            self.queue.put(job)
-
-    def _check_allowed(self, job):
+        job = parse_command_request(message, dialect, self.config)
         allow = self.config.command_allow
         if allow and not any(re.fullmatch(p, job.command) for p in allow):
             LOG.warning("refused %s: not in command_allow", job.describe())
@@ -1794,48 +1818,10 @@ class CommandRunner:
                 "command refused: it matches none of this agent's allowed "
                 "commands (command_allow)"
             )
-
-    def cancel(self, message):
-        """Answers a cancel_command request: stops the target as a timeout would."""
-        form = "api" if "request_id" in message else "docs"
-        target = message.get("target_id")
-        if isinstance(target, bool) or not isinstance(target, (str, int)):
-            raise RequestError("'target_id' must name the command to cancel")
-        with self.lock:
-            job = self.jobs.get(target)
-            if job is not None:
-                job.cancelled_by = message.get("request_id", message.get("command_id"))
-                job.cancel_event.set()
-        state = ("running" if job.started else "queued") if job else "not running"
-        text = f"command {target!r} {'cancelled' if job else 'is not running'}"
-        kind = "cancel_result" if form == "api" else "cancel_response"
-        reply = {"target_id": target, "cancelled": job is not None, "state": state,
-                 "message": text}
-        self.send(shaped(form, kind, reply_ids(message), reply))
-
-    # -- workers ----------------------------------------------------------------
-    def _work(self):
-        # Idle workers block without waking; orphans are reaped after each job
-        # and on every metrics tick (Agent._metrics_loop).
-        while not self.stopping.is_set():
-            job = self.queue.get()
-            try:
-                reply = job.run(self)
-            except Exception as e:  # a bug here must still answer the request
-                LOG.exception("%s failed", job.describe())
-                reply = job.failure(f"the agent failed to carry out the request: {e}")
-            keep_until = job.received_at + self.config.reply_keep_s
-            self.send(reply, keep_until=keep_until)
-            with self.lock:
-                self.jobs.pop(job.id, None)
-                self.job_done.notify_all()
-            self.children.reap()
+        return job
 
     def execute(self, job):
-        if job.cancel_event.is_set():
-            LOG.info("%s cancelled before it started", job.describe())
-            text = f"[cancelled by request {job.cancelled_by!r} before it started]\n"
-            return result_fields(text, EXIT_CANCELLED, cancelled=True)
+        """Run the job's command; its reply. Orphans are reaped afterwards."""
         LOG.info("%s started", job.describe())
         started = time.monotonic()
         try:
@@ -1847,51 +1833,51 @@ class CommandRunner:
                  result["exit_code"], result["duration_ms"], result["output_bytes"],
                  " (timed out)" if result["timed_out"] else
                  " (cancelled)" if result["cancelled"] else "")
-        return result
+        self.children.reap()
+        return job.result(result)
 
     def _run(self, job):
-        job.tag = self.children.new_tag()
+        tag = self.children.new_tag()
         proc = self.children.spawn(
             ["/bin/sh", "-c", job.command],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             cwd=job.cwd,
-            env=dict(self.env, **{JOB_TAG: job.tag}),
+            env=dict(self.env, **{JOB_TAG: tag}),
             start_new_session=True,
         )
-        job.started = True
         capture = OutputCapture(self.config.command_output_max_bytes)
         stream = OutputStream(job, self.send, capture.head_cap + capture.tail_cap) \
             if job.stream else None
+        state = PumpState(proc, tag)
         try:
-            stop_reason = self._pump(job, proc, capture, stream)
+            self._pump(job, state, capture, stream)
         finally:
             proc.stdout.close()
             proc.wait()
             self.children.reaped(proc)
-        if stop_reason:  # what the command started may now be our children
+        if state.reason:  # what the command started may now be our children
             self.children.reap_group(proc.pid, timeout_s=1.0)
         if stream:
             stream.flush(final=True)
-        return self._result(job, proc.returncode, capture, stop_reason)
+        return self._result(job, proc.returncode, capture, state)
 
-    def _pump(self, job, proc, capture, stream):
+    def _pump(self, job, state, capture, stream):
         """Read output until EOF and the shell's exit; on timeout or cancel stop
-        the whole group. Returns None, "timeout" or "cancelled".
+        the whole group, and say why in `state.reason`.
 
         The group is signalled only while the shell is unreaped, so that its
         id cannot belong to anyone else yet.
         """
-        fd = proc.stdout.fileno()
+        fd = state.proc.stdout.fileno()
         deadline = time.monotonic() + job.timeout_s
-        state = PumpState()
         with selectors.DefaultSelector() as selector:
             selector.register(fd, selectors.EVENT_READ)
             while not state.finished(time.monotonic()):
                 now = time.monotonic()
-                self._enforce_limits(job, proc, state, now, deadline)
-                if state.exited_at is None and leader_exited(proc):
+                self._enforce_limits(job, state, now, deadline)
+                if state.exited_at is None and leader_exited(state.proc):
                     state.exited_at = now
                 if stream:
                     stream.tick(now)
@@ -1904,27 +1890,32 @@ class CommandRunner:
                     if stream:
                         stream.add(data)
         if state.reason:  # nothing it started survives
-            self.children.signal_job(proc.pid, job.tag, signal.SIGKILL)
-        return state.reason
+            self.children.signal_job(state.proc.pid, state.tag, signal.SIGKILL)
 
-    def _enforce_limits(self, job, proc, state, now, deadline):
-        if state.reason is None and (now >= deadline or job.cancel_event.is_set()):
-            state.reason = "timeout" if now >= deadline else "cancelled"
-            state.term_at = now
-            self.children.signal_job(proc.pid, job.tag, signal.SIGTERM)
-        if state.term_at is not None and not state.killed and \
-                now >= state.term_at + job.grace_s:
+    def _enforce_limits(self, job, state, now, deadline):
+        """SIGTERM to the group on timeout or cancel, SIGKILL after the grace."""
+        stop = None
+        with contextlib.suppress(queue.Empty):
+            stop = job.stops.get_nowait()  # (by whom, grace_s)
+        if state.reason is None and (stop or now >= deadline):
+            state.reason = "cancelled" if stop else "timeout"
+            state.cancelled_by = stop and stop[0]
+            state.term_at, state.grace_s = now, job.grace_s
+            self.children.signal_job(state.proc.pid, state.tag, signal.SIGTERM)
+        if state.reason and stop:  # a later stop (the agent's) may shorten it
+            state.grace_s = min(state.grace_s, stop[1])
+        if state.reason and not state.killed and now >= state.term_at + state.grace_s:
             state.killed = True
-            self.children.signal_job(proc.pid, job.tag, signal.SIGKILL)
+            self.children.signal_job(state.proc.pid, state.tag, signal.SIGKILL)
 
-    def _result(self, job, returncode, capture, stop_reason):
+    def _result(self, job, returncode, capture, state):
         exit_code, footer = returncode, ""
-        if stop_reason == "timeout":
+        if state.reason == "timeout":
             exit_code = EXIT_TIMEOUT
             footer = f"\n[timed out after {job.timeout_s:g} s]\n"
-        elif stop_reason == "cancelled":
+        elif state.reason == "cancelled":
             exit_code = EXIT_CANCELLED
-            footer = f"\n[cancelled by request {job.cancelled_by!r}]\n"
+            footer = f"\n[cancelled by {state.cancelled_by}]\n"
         elif returncode < 0:
             exit_code = 128 - returncode
             name = signal.Signals(-returncode).name if -returncode in \
@@ -1933,21 +1924,198 @@ class CommandRunner:
         output, truncated = capture.text(footer)
         return result_fields(output, exit_code, truncated=truncated,
                              output_bytes=capture.total,
-                             timed_out=stop_reason == "timeout",
-                             cancelled=stop_reason == "cancelled")
+                             timed_out=state.reason == "timeout",
+                             cancelled=state.reason == "cancelled")
 
-    def shutdown(self, grace_s):
-        """Stop every running command's group (TERM, then KILL after `grace_s`)."""
-        self.stopping.set()
+
+class Lane:
+    """Bounded workers and a bounded queue for one kind of request, so that
+    shell commands and Docker requests never wait behind each other."""
+
+    def __init__(self, name, workers, queue_size, execute):
+        self.name = name  # "command" or "docker", as in its settings' names
+        self.workers = workers
+        self.queue_size = queue_size
+        self.execute = execute  # job -> its reply; runs in a worker
+        self.waiting = collections.deque()  # oldest first
+        self.running = {}  # id -> job
+        self.work = None  # Condition on the Requests lock: a job is waiting
+
+    def full(self):
+        return len(self.waiting) + len(self.running) >= self.workers + self.queue_size
+
+    def busy(self):
+        return (f"agent busy: {self.workers} {self.name} requests running and "
+                f"{self.queue_size} waiting, as many as it takes ({self.name}_workers, "
+                f"{self.name}_queue_size); try again later")
+
+
+class Requests:
+    """Every accepted request, waiting or running in its lane, until its reply.
+
+    The ChatOps API waits `request_deadline_s` (10 s) for a reply and drops
+    later ones: a request still waiting then is never started, but answered
+    at once as expired, so that a user told it failed never sees it run
+    later. All job state is read and written under one lock; cancels reach a
+    running command through its `stops` queue.
+    """
+
+    def __init__(self, config, send, lanes):
+        self.config = config
+        self.send = send  # Outbox.put: queues a message, never blocks
+        self.lanes = {lane.name: lane for lane in lanes}
+        self.lock = threading.Lock()
+        self.finished = threading.Condition(self.lock)  # a running job ended
+        self.expiry = threading.Condition(self.lock)  # a job was queued
+        self.stopping = False
+        for lane in lanes:
+            lane.work = threading.Condition(self.lock)
+
+    def start(self):
+        for lane in self.lanes.values():
+            for n in range(lane.workers):
+                threading.Thread(target=self._work, args=(lane,),
+                                 name=f"{lane.name}-{n}", daemon=True).start()
+        if self.config.request_deadline_s:
+            threading.Thread(target=self._expire, name="request-deadlines",
+                             daemon=True).start()
+
+    # -- from the receive loop: fast, never blocking --------------------------
+    def submit(self, job):
+        lane = self.lanes[job.lane]
         with self.lock:
-            jobs = list(self.jobs.values())
-        for job in jobs:
-            job.grace_s = min(job.grace_s, grace_s)
-            job.cancelled_by = "agent shutdown"
-            job.cancel_event.set()
+            if self._find(job.id)[1] is not None:
+                raise RequestError(f"a request with id {job.id!r} is already running")
+            if self.stopping:
+                raise RequestError("the agent is shutting down; try again once it "
+                                   "is back")
+            if lane.full():
+                raise RequestError(lane.busy())
+            lane.waiting.append(job)
+            lane.work.notify()
+            self.expiry.notify()
+
+    def cancel(self, target, by):
+        """(cancelled, state, text) of a cancel_command aimed at `target`."""
+        with self.lock:
+            lane, job = self._find(target)
+            queued = job is not None and job in lane.waiting
+            if queued:
+                lane.waiting.remove(job)
+        if job is None:
+            return False, "not running", f"command {target!r} is not running"
+        if queued:
+            LOG.info("%s cancelled by %s before it started", job.describe(), by)
+            self._answer(job, job.cancelled_unstarted(by))
+            return True, "queued", f"command {target!r} cancelled"
+        cancelled, text = job.cancel_running(by)
+        return cancelled, "running", text
+
+    def _find(self, request_id):
+        """(lane, job) of a waiting or running job with this id, or (None, None)."""
+        for lane in self.lanes.values():
+            job = lane.running.get(request_id) or next(
+                (j for j in lane.waiting if j.id == request_id), None)
+            if job is not None:
+                return lane, job
+        return None, None
+
+    # -- workers ------------------------------------------------------------------
+    def _work(self, lane):
+        # Idle workers block without waking.
+        while True:
+            job, expired = self._next(lane)
+            if expired:
+                self._answer_expired(job)
+                continue
+            try:
+                reply = lane.execute(job)
+            except Exception as e:  # a bug here must still answer the request
+                LOG.exception("%s failed", job.describe())
+                reply = job.error(f"the agent failed to carry out the request: {e}")
+            with self.lock:
+                del lane.running[job.id]
+                self.finished.notify_all()
+            self._answer(job, reply)
+
+    def _next(self, lane):
+        """(the oldest waiting job, whether it expired); it is running unless so."""
+        with self.lock:
+            while not lane.waiting:
+                lane.work.wait()
+            job = lane.waiting.popleft()
+            expired = self._waited_too_long(job, time.monotonic())
+            if not expired:
+                lane.running[job.id] = job
+            return job, expired
+
+    def _waited_too_long(self, job, now):
+        deadline_s = self.config.request_deadline_s
+        return bool(deadline_s) and now - job.received_at >= deadline_s
+
+    def _expire(self):
+        """Answer each job that waits past the deadline when it does, even
+        while every worker is busy."""
+        while True:
+            with self.lock:
+                expired = self._take_expired()
+                while not expired:
+                    self.expiry.wait(self._next_expiry_in())
+                    expired = self._take_expired()
+            for job in expired:
+                self._answer_expired(job)
+
+    def _take_expired(self):
+        now, expired = time.monotonic(), []
+        for lane in self.lanes.values():
+            while lane.waiting and self._waited_too_long(lane.waiting[0], now):
+                expired.append(lane.waiting.popleft())
+        return expired
+
+    def _next_expiry_in(self):
+        """Seconds until the oldest waiting job expires; None if none waits."""
+        oldest = [lane.waiting[0].received_at for lane in self.lanes.values()
+                  if lane.waiting]
+        if not oldest:
+            return None
+        return max(0.0, min(oldest) + self.config.request_deadline_s - time.monotonic())
+
+    def _answer_expired(self, job):
+        waited = time.monotonic() - job.received_at
+        LOG.warning("%s expired unstarted after %.1f s in the queue", job.describe(),
+                    waited)
+        self._answer(job, job.error(
+            f"expired unstarted: it waited {waited:.1f} s for a free worker, longer "
+            f"than the API waits for a reply (request_deadline_s = "
+            f"{self.config.request_deadline_s:g} s); send it again if still wanted"))
+
+    def _answer(self, job, reply):
+        now = time.monotonic()
+        deadline_s = self.config.request_deadline_s
+        if deadline_s and now - job.received_at > deadline_s:
+            LOG.info("%s answered %.1f s after it came, later than the API waits "
+                     "(%g s): the API may drop the reply", job.describe(),
+                     now - job.received_at, deadline_s)
+        self.send(reply, keep_until=job.received_at + self.config.reply_keep_s)
+
+    # -- stopping -----------------------------------------------------------------
+    def shutdown(self, grace_s):
+        """Answer what waits, stop running commands (TERM, then KILL after
+        `grace_s`) and wait that long for the running jobs to end."""
+        with self.lock:
+            self.stopping = True
+            waiting = [job for lane in self.lanes.values() for job in lane.waiting]
+            running = [job for lane in self.lanes.values()
+                       for job in lane.running.values()]
+            for lane in self.lanes.values():
+                lane.waiting.clear()
+        for job in waiting:
+            self._answer(job, job.cancelled_unstarted("the agent's shutdown"))
+        for job in running:
+            job.cancel_running("the agent's shutdown", grace_s)
         with self.lock:  # idle workers need no waiting for: they are daemons
-            self.job_done.wait_for(
-                lambda: not any(job.started for job in self.jobs.values()),
+            self.finished.wait_for(
+                lambda: not any(lane.running for lane in self.lanes.values()),
                 grace_s + POLL_S * 3,
             )
 
@@ -2332,66 +2500,54 @@ DOCKER_REPLIES = {
 }
 
 
-class DockerJob:
-    """One docker request; runs in the worker pool like a command."""
+class DockerJob(Job):
+    """One Docker request. Once the engine carries it out it cannot be undone
+    halfway, so a running one cannot be cancelled."""
 
-    def __init__(self, form, request_id, action, ref, params):
-        self.form = form  # "api": start_container...; "docs": docker_command
-        self.id = request_id
+    lane = "docker"
+
+    def __init__(self, dialect, request_id, action, ref, params):
+        super().__init__(dialect, request_id)
         self.action = action
         self.ref = ref  # validated container name or id, or None for "list"
         self.params = params
-        self.received_at = time.monotonic()
-        self.cancel_event = threading.Event()
-        self.cancelled_by = None
-        self.grace_s = 0.0
-        self.started = False
 
     def describe(self):
         return f"docker {self.action} {self.ref or ''} (request {self.id})"
 
-    def run(self, runner):
-        self.started = True
-        try:
-            text, fields = runner.docker.perform(self)
-        except DockerError as e:
-            LOG.info("%s failed: %s", self.describe(), e)
-            return self.failure(str(e))
-        LOG.info("%s: %s", self.describe(), text)
-        return self.success(text, fields)
-
     def success(self, text, fields):
         ref = {"container_id": self.ref} if self.ref else {}
-        if self.form == "docs":
-            head = {"type": "docker_response", "command_id": self.id, "success": True}
-            return dict(head, message=text, **ref, **fields)
-        kind, word = DOCKER_REPLIES[self.action]
-        status = {"status": word} if word else {}
-        return {
-            "type": kind,
-            "request_id": self.id,
-            "data": dict(ref, **status, **fields),
-        }
+        if self.dialect.docker_reply is None:  # the API's: a type per action
+            kind, word = DOCKER_REPLIES[self.action]
+            status = {"status": word} if word else {}
+            return self.dialect.reply(kind, self.id, dict(ref, **status, **fields))
+        return self.dialect.reply(self.dialect.docker_reply, self.id,
+                                  dict(success=True, message=text, **ref, **fields))
 
-    def failure(self, text):
-        if self.form == "docs":
-            return {"type": "docker_response", "command_id": self.id, "success": False,
-                    "message": text}
-        return {"type": "error", "request_id": self.id, "message": text}
+    def error(self, text):
+        if self.dialect.docker_reply is None:
+            return super().error(text)
+        return self.dialect.reply(self.dialect.docker_reply, self.id,
+                                  {"success": False, "message": text})
+
+    def cancel_running(self, by, grace_s=None):
+        return False, (f"docker {self.action} cannot be cancelled once started: "
+                       "the engine is carrying it out; its own reply follows")
 
 
-def parse_docker_request(message, form):
-    """A DockerJob, or RequestError before any process starts."""
-    request_id = request_id_of(message, form)
-    action = DOCKER_REQUESTS.get(message["type"]) if form == "api" else \
-        request_field(message, "action", str, "a string")
+def parse_docker_request(message, dialect):
+    """A DockerJob, or RequestError before any process starts. The API names
+    the action in the request's type, the docs' docker_command in a field."""
+    request_id = dialect.request_id(message)
+    action = DOCKER_REQUESTS.get(message["type"]) or request_field(
+        message, "action", str, "a string")
     if action not in DOCKER_REPLIES:
         known = ", ".join(DOCKER_REPLIES)
         raise RequestError(
             f"unknown docker action {str(action)[:40]!r}; known: {known}"
         )
     ref = None if action == "list" else container_ref(message)
-    return DockerJob(form, request_id, action, ref, docker_params(message, action))
+    return DockerJob(dialect, request_id, action, ref, docker_params(message, action))
 
 
 def container_ref(message):
@@ -2407,9 +2563,9 @@ def container_ref(message):
 
 def docker_params(message, action):
     params = {}
-    if action in ("stop", "restart"):
-        timeout = request_field(message, "timeout", int, "whole seconds", 10)
-        if not 0 <= timeout <= MAX_STOP_TIMEOUT_S:
+    if action in ("stop", "restart"):  # without a timeout: docker_stop_timeout_s
+        timeout = request_field(message, "timeout", int, "whole seconds")
+        if timeout is not None and not 0 <= timeout <= MAX_STOP_TIMEOUT_S:
             raise RequestError(f"'timeout' must be 0 to {MAX_STOP_TIMEOUT_S} seconds")
         params["timeout"] = timeout
     if action == "logs":
@@ -2440,8 +2596,15 @@ class DockerActions:
                 "Docker support is disabled on this agent (docker_enabled)"
             )
 
-    def perform(self, job):
-        return getattr(self, "do_" + job.action)(job)
+    def carry_out(self, job):
+        """Run the job in a worker of the docker lane; its reply."""
+        try:
+            text, fields = getattr(self, "do_" + job.action)(job)
+        except DockerError as e:
+            LOG.info("%s failed: %s", job.describe(), e)
+            return job.error(str(e))
+        LOG.info("%s: %s", job.describe(), text)
+        return job.success(text, fields)
 
     def _simple(self, job, verb, done, *options, extra_s=0):
         self.cli.run(verb, *options, "--", job.ref,
@@ -2453,12 +2616,18 @@ class DockerActions:
         return self._simple(job, "start", "started")
 
     def do_stop(self, job):
-        t = job.params["timeout"]
+        t = self._stop_timeout(job)
         return self._simple(job, "stop", "stopped", "--time", str(t), extra_s=t)
 
     def do_restart(self, job):
-        t = job.params["timeout"]
+        t = self._stop_timeout(job)
         return self._simple(job, "restart", "restarted", "--time", str(t), extra_s=t)
+
+    def _stop_timeout(self, job):
+        """The request's own, or one short enough for the reply to arrive
+        within the API's wait (Docker's own default, 10 s, is that wait)."""
+        timeout = job.params["timeout"]
+        return self.config.docker_stop_timeout_s if timeout is None else timeout
 
     def do_pause(self, job):
         return self._simple(job, "pause", "paused")
@@ -3452,9 +3621,13 @@ class Agent:
             self.containers.snapshot,
         )
         self.docker = DockerActions(config, self.docker_cli, self.containers)
-        self.commands = CommandRunner(
-            config, self.outbox.put, self.children, self.docker
-        )
+        self.commands = CommandRunner(config, self.outbox.put, self.children)
+        self.requests = Requests(config, self.outbox.put, (
+            Lane("command", config.command_workers, config.command_queue_size,
+                 self.commands.execute),
+            Lane("docker", config.docker_workers, config.docker_queue_size,
+                 self.docker.carry_out),
+        ))
         self.dispatcher = Dispatcher(self.outbox.put)
         self._register_handlers()
         self.link = None
@@ -3497,23 +3670,31 @@ class Agent:
         LOG.warning("the API reported an error: %s", str(message.get("message"))[:300])
 
     def on_execute_command(self, message, session):
-        self.commands.submit(message, "api")
+        self.requests.submit(self.commands.accept(message, API))
 
     def on_command(self, message, session):
-        self.commands.submit(message, "docs")
+        self.requests.submit(self.commands.accept(message, DOCS))
 
     def on_cancel_command(self, message, session):
-        self.commands.cancel(message)
+        dialect = API if "request_id" in message else DOCS
+        request_id = dialect.request_id(message)
+        target = message.get("target_id")
+        if isinstance(target, bool) or not isinstance(target, (str, int)):
+            raise RequestError("'target_id' must name the command to cancel")
+        cancelled, state, text = self.requests.cancel(target, f"request {request_id!r}")
+        self.outbox.put(dialect.reply(dialect.cancel_reply, request_id, {
+            "target_id": target, "cancelled": cancelled, "state": state,
+            "message": text}))
 
     def on_docker_request(self, message, session):
         self.docker.check_enabled()
-        self.commands.enqueue(parse_docker_request(message, "api"))
+        self.requests.submit(parse_docker_request(message, API))
 
     def on_docker_command(self, message, session):
-        """The docs' form answers every failure as docker_response, success false."""
+        """The docs' form answers every refusal as docker_response, success false."""
         try:
             self.docker.check_enabled()
-            self.commands.enqueue(parse_docker_request(message, "docs"))
+            self.requests.submit(parse_docker_request(message, DOCS))
         except RequestError as e:
             LOG.warning("refused docker_command: %s", e)
             self.outbox.put(dict({"type": "docker_response"}, **reply_ids(message),
@@ -3542,6 +3723,7 @@ class Agent:
             target=self.link.run, name="receive", daemon=True
         )
         self.commands.start()
+        self.requests.start()
         if self.config.docker_enabled:
             threading.Thread(
                 target=self.containers.run, name="docker", daemon=True
@@ -3643,7 +3825,7 @@ class Agent:
         if os.name != "posix":  # commands run on POSIX only
             return
         self.children.signal_leftovers(signal.SIGTERM)
-        self.commands.shutdown(SHUTDOWN_COMMAND_GRACE_S)
+        self.requests.shutdown(SHUTDOWN_COMMAND_GRACE_S)
         self.children.signal_leftovers(signal.SIGKILL)
 
     @staticmethod

@@ -1785,28 +1785,28 @@ class TestCommandRequests:
     def test_bad_requests(self, fields, message):
         request = {"type": "execute_command", "request_id": "r1", **fields}
         with pytest.raises(agent.RequestError, match=message.replace("(", r"\(")):
-            agent.parse_command_request(request, "api", self.config())
+            agent.parse_command_request(request, agent.API, self.config())
 
     @pytest.mark.parametrize("request_id", [None, "", True, ["x"], "x" * 201])
     def test_unusable_ids(self, request_id):
         request = {"type": "command", "command_id": request_id, "command": "ls"}
         with pytest.raises(agent.RequestError, match="no usable 'command_id'"):
-            agent.parse_command_request(request, "docs", self.config())
+            agent.parse_command_request(request, agent.DOCS, self.config())
 
     def test_timeout_may_lower_never_raise(self):
         config = self.config(command_timeout_s=60)
         lower = {"request_id": "r", "command": "ls", "timeout": 5}
         higher = {"request_id": "r", "command": "ls", "timeout": 600}
-        assert agent.parse_command_request(lower, "api", config).timeout_s == 5
-        assert agent.parse_command_request(higher, "api", config).timeout_s == 60
+        assert agent.parse_command_request(lower, agent.API, config).timeout_s == 5
+        assert agent.parse_command_request(higher, agent.API, config).timeout_s == 60
         plain = {"request_id": "r", "command": "ls"}
-        assert agent.parse_command_request(plain, "api", config).timeout_s == 60
+        assert agent.parse_command_request(plain, agent.API, config).timeout_s == 60
 
     def test_cwd_refused_when_not_allowed(self):
         config = agent.load_config({"command_allow_cwd": False}, {})
         request = {"request_id": "r", "command": "ls", "cwd": "/tmp"}
         with pytest.raises(agent.RequestError, match="does not let requests choose"):
-            agent.parse_command_request(request, "api", config)
+            agent.parse_command_request(request, agent.API, config)
 
     def test_command_settings_from_text(self):
         config = agent.load_config({}, {
@@ -1825,12 +1825,19 @@ class TestCommandRequests:
         config = agent.load_config(
             {"command_workers": "1", "command_queue_size": "1"}, {}
         )
-        runner = agent.CommandRunner(config, lambda *a, **k: None, agent.Children())
-        request = {"type": "execute_command", "command": "true"}
-        runner.submit(dict(request, request_id="a"), "api")
-        runner.submit(dict(request, request_id="b"), "api")
-        with pytest.raises(agent.RequestError, match="agent busy"):
-            runner.submit(dict(request, request_id="c"), "api")
+        lane = agent.Lane("command", 1, 1, execute=None)
+        requests = agent.Requests(config, lambda *a, **k: None, [lane])
+
+        def job(request_id):
+            request = {"type": "execute_command", "command": "true",
+                       "request_id": request_id}
+            return agent.parse_command_request(request, agent.API, config)
+
+        requests.submit(job("a"))
+        requests.submit(job("b"))
+        busy = "agent busy: 1 command requests running and 1 waiting"
+        with pytest.raises(agent.RequestError, match=busy):
+            requests.submit(job("c"))
 
     @pytest.mark.parametrize("values, message", [
         ({"command_allow": "(unclosed"}, "not a valid regular expression"),
@@ -2254,7 +2261,7 @@ class TestDockerParsing:
     def test_invalid_references_refused(self, ref):
         request = {"type": "stop_container", "request_id": "r", "container_id": ref}
         with pytest.raises(agent.RequestError, match="invalid container reference"):
-            agent.parse_docker_request(request, "api")
+            agent.parse_docker_request(request, agent.API)
 
     @pytest.mark.parametrize("fields, message", [
         ({"type": "stop_container", "timeout": -1}, "'timeout' must be 0 to"),
@@ -2265,12 +2272,12 @@ class TestDockerParsing:
     def test_bad_parameters(self, fields, message):
         request = {"request_id": "r", "container_id": "web", **fields}
         with pytest.raises(agent.RequestError, match=message):
-            agent.parse_docker_request(request, "api")
+            agent.parse_docker_request(request, agent.API)
 
     def test_tail_is_bounded(self):
         request = {"type": "get_container_logs", "request_id": "r",
                    "container_id": "web", "tail": 10**9}
-        assert agent.parse_docker_request(request, "api").params["tail"] == 10000
+        assert agent.parse_docker_request(request, agent.API).params["tail"] == 10000
 
 
 def listed(api, name):
@@ -2492,6 +2499,116 @@ class TestDocker:
         api.send_all(json.dumps({"type": "start_container", "request_id": "x1",
                                  "container_id": "web"}))
         assert "disabled" in cmd.reply("x1")["message"]
+
+
+def docker_cli_running(verb, name):
+    """True while the agent's `docker VERB ... -- NAME` runs."""
+    return any(f"docker {verb} " in cmdline and cmdline.rstrip().endswith(f"-- {name}")
+               for members in process_groups().values() for _, _, cmdline in members)
+
+
+# A container that stops at once on SIGTERM (a PID 1 without a handler ignores it).
+STOPS_ON_TERM = "trap 'exit 0' TERM; while :; do sleep 0.1; done"
+
+
+class TestRequests:
+    """Lanes, deadlines and cancel, as a user of the ChatOps web UI meets them:
+    the API waits 10 s for a reply and drops a later one."""
+
+    def ask(self, cmd, kind, request_id, **fields):
+        """Send a Docker request in the API's form; its reply and how long it took."""
+        sent = time.monotonic()
+        send(cmd.api, kind, request_id, **fields)
+        reply = cmd.reply(request_id, 20)
+        return reply, time.monotonic() - sent
+
+    def test_docker_never_waits_behind_commands_and_stale_requests_never_run(
+            self, api, run_agent, container, tmp_path):
+        name = container(STOPS_ON_TERM)
+        cmd = Commander(api, run_agent(api.url, "--request-deadline-s", "1",
+                                       "--command-grace-s", "1"))
+        wait_until(api.metrics, 6, "the agent")
+        marker = f"20.{os.getpid()}"
+        sleepers = [cmd.send(f"sleep {marker}") for _ in range(4)]
+        wait_until(lambda: len(group_members(marker)) >= 4, 5, "four commands to run")
+        ran = tmp_path / "ran"
+        fifth = cmd.send(f"touch {ran}")
+        for kind in ("get_container_logs", "inspect_container", "stop_container"):
+            reply, took_s = self.ask(cmd, kind, kind, container_id=name)
+            assert reply["type"] != "error", reply
+            assert took_s < 2, f"{kind} answered after {took_s:.1f} s"
+        assert docker_state(name) == "exited"
+        expired = cmd.reply(fifth, 5)  # while all four still run
+        assert expired["type"] == "error" and "expired unstarted" in expired["message"]
+        assert "request_deadline_s = 1 s" in expired["message"]
+        assert len(group_members(marker)) >= 4
+        for request_id in sleepers:
+            cmd.cancel(request_id)
+        assert cmd.run("echo after")["data"]["output"] == "after\n"  # a worker is free
+        assert not ran.exists()
+        log = cmd.proc.log()
+        assert f"command {fifth}: 'touch {ran}' expired unstarted after" in log
+        assert f"command {fifth}: 'touch {ran}' started" not in log
+
+    def test_a_late_reply_is_still_sent_and_logged_as_late(self, commander):
+        cmd = commander("--request-deadline-s", "0.5")
+        reply = cmd.run("sleep 1; echo done")
+        assert reply["data"]["output"] == "done\n"
+        assert "later than the API waits (0.5 s)" in cmd.proc.log()
+
+    def test_stop_without_timeout_answers_within_the_apis_wait(self, api, run_agent,
+                                                              container):
+        name = container("sleep 600")  # ignores SIGTERM: Docker must kill it
+        cmd = Commander(api, run_agent(api.url))
+        wait_until(api.metrics, 6, "the agent")
+        for kind in ("restart_container", "stop_container"):
+            reply, took_s = self.ask(cmd, kind, kind, container_id=name)
+            assert reply["type"] in ("container_restarted", "container_stopped"), reply
+            assert took_s < 10, f"{kind} answered after {took_s:.1f} s"
+        assert docker_state(name) == "exited"
+
+    def test_cancel_of_a_docker_request_says_what_it_did(self, api, run_agent,
+                                                         container):
+        slow, other = container("sleep 600"), container("sleep 600")
+        cmd = Commander(api, run_agent(api.url, "--docker-workers", "1"))
+        wait_until(api.metrics, 6, "the agent")
+        send(api, "stop_container", "slow", container_id=slow, timeout=3)
+        wait_until(lambda: docker_cli_running("stop", slow), 5, "docker stop to run")
+        send(api, "stop_container", "queued", container_id=other, timeout=0)
+        queued = cmd.cancel("queued")["data"]
+        assert queued["cancelled"] and queued["state"] == "queued"
+        refused = cmd.reply("queued")
+        assert refused["type"] == "error" and "before it started" in refused["message"]
+        running = cmd.cancel("slow")["data"]
+        assert not running["cancelled"] and running["state"] == "running"
+        assert "cannot be cancelled once started" in running["message"]
+        assert cmd.reply("slow", 20)["type"] == "container_stopped"
+        assert docker_state(slow) == "exited"
+        reply, _ = self.ask(cmd, "inspect_container", "after", container_id=other)
+        assert reply["data"]["info"]["state"] == "running"  # the lane passed it by
+        assert docker_state(other) == "running"
+
+    def test_cancel_in_the_docs_form(self, api, run_agent, container):
+        name = container("sleep 600")
+        cmd = Commander(api, run_agent(api.url, "--docker-workers", "1"))
+        wait_until(api.metrics, 6, "the agent")
+        send(api, "docker_command", "slow", "command_id", action="stop",
+             container_id=name, timeout=3)
+        wait_until(lambda: docker_cli_running("stop", name), 5, "docker stop to run")
+        send(api, "docker_command", "queued", "command_id", action="start",
+             container_id=name)
+        api.send_all(json.dumps({"type": "cancel_command", "command_id": "c1",
+                                 "target_id": "queued"}))
+        answer = cmd.reply("c1", id_field="command_id")
+        assert answer["type"] == "cancel_response"
+        assert answer["cancelled"] and answer["state"] == "queued"
+        refused = cmd.reply("queued", id_field="command_id")
+        assert refused["type"] == "docker_response" and not refused["success"]
+        assert cmd.reply("slow", 20, id_field="command_id")["success"]
+        send(api, "docker_command", "after", "command_id", action="inspect",
+             container_id=name)
+        assert cmd.reply("after", id_field="command_id")["success"]
+        assert docker_state(name) == "exited"  # the start never ran
 
 
 ###############################################################################
