@@ -136,7 +136,7 @@ def tick_costs(ticks, containers):
 
     results["full"] = timed_cpu(full_tick, ticks)
     return {k: {"median_ms": median(v), "p95_ms": percentile(v, 95),
-                "mean_ms": statistics.mean(v)} for k, v in results.items()}  # fmt: skip
+                "mean_ms": statistics.mean(v)} for k, v in results.items()}
 
 
 ###############################################################################
@@ -160,7 +160,7 @@ class Containers:
         for i in range(self.count if self.available else 0):
             name = f"chatops-bench-{os.getpid()}-{i}"
             harness.docker("run", "-d", "--network", "none", "--name", name,
-                           harness.TEST_IMAGE, "sleep", "3600")  # fmt: skip
+                           harness.TEST_IMAGE, "sleep", "3600")
             self.names.append(name)
         return self
 
@@ -189,10 +189,10 @@ AGENT_PYTHON = [sys.executable]  # --agent-python may name another interpreter
 
 def start_agent(api, *args, env=None):
     cmd = [AGENT_PYTHON[0], os.path.join(REPO, "chatops_agent.py"), "--api-url", api.url,
-           *args]  # fmt: skip
+           *args]
     environ = harness.clean_env(CHATOPS_API_KEY=KEY, **(env or {}))
     return subprocess.Popen(cmd, env=environ, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def stop(proc):
@@ -242,7 +242,7 @@ def idle_run(window_s, containers, workdir):
             "processes_in_frame": len(api.metrics()[-1]["processes"]),
             "docker_calls_per_min": (calls1 - calls0) * 60 / (t1 - t0)
             if containers.available else None,
-        }  # fmt: skip
+        }
     finally:
         stop(proc)
         api.stop()
@@ -255,7 +255,7 @@ def once_wall_s(runs):
         start = time.monotonic()
         subprocess.run([sys.executable, os.path.join(REPO, "chatops_agent.py"), "--once",
                         "--docker-enabled", "false"], capture_output=True, check=True,
-                       env=harness.clean_env())  # fmt: skip
+                       env=harness.clean_env())
         times.append(time.monotonic() - start)
     return median(times)
 
@@ -301,7 +301,50 @@ def command_round_trips(count, throughput_count):
         "p50_ms": median(trips), "p99_ms": percentile(trips, 99),
         "bare_sh_p50_ms": median(bare), "over_bare_p50_ms": median(trips) - median(bare),
         "per_second": throughput, "large_output": large,
-    }  # fmt: skip
+    }
+
+
+def docker_round_trips(containers, count):
+    """Docker requests through the WebSocket, ms: inspect, list, a stop (timeout
+    0) plus start of one container, and inspect while every command worker is
+    taken by a long command (the lanes: it must not wait for them)."""
+    if not containers.available:
+        return None
+    api = harness.FakeAPI(key=KEY).start()
+    proc = start_agent(api, "--command-grace-s", "0")
+    commander = harness.Commander(api, proc)
+    name = containers.names[0]
+
+    def ask(kind, **fields):
+        commander.count += 1
+        request_id = f"d-{commander.count}"
+        start = time.monotonic()
+        harness.send(api, kind, request_id, container_id=name, **fields)
+        commander.reply(request_id, 60)
+        return (time.monotonic() - start) * 1000
+
+    try:
+        harness.wait_until(api.metrics, 10, "the agent")
+        inspect = [ask("inspect_container") for _ in range(count)]
+        listing = [ask("list_containers") for _ in range(count)]
+        cycle = [ask("stop_container", timeout=0) + ask("start_container")
+                 for _ in range(max(3, count // 5))]
+        marker = f"12.{os.getpid()}"
+        sleepers = [commander.send(f"sleep {marker}") for _ in range(4)]
+        harness.wait_until(lambda: len(harness.group_members(marker)) >= 4, 10,
+                           "four commands to run")
+        behind = [ask("inspect_container") for _ in range(max(3, count // 5))]
+        for request_id in sleepers:
+            commander.cancel(request_id)
+    finally:
+        stop(proc)
+        api.stop()
+    return {
+        "inspect_p50_ms": median(inspect), "list_p50_ms": median(listing),
+        "stop_start_p50_ms": median(cycle),
+        "inspect_behind_commands_p50_ms": median(behind),
+        "inspect_behind_commands_max_ms": max(behind),
+    }
 
 
 ###############################################################################
@@ -312,7 +355,7 @@ def command_round_trips(count, throughput_count):
 def measure_peer(argv, window_s, scrape_url=None):
     """CPU % and RSS of a peer collector, scraped every 5 s when it is an exporter."""
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+                            stderr=subprocess.DEVNULL)
     try:
         time.sleep(2)  # its start-up, kept out of the idle window
         if proc.poll() is not None:
@@ -327,7 +370,7 @@ def measure_peer(argv, window_s, scrape_url=None):
             time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
         cpu1, t1 = process_tree_cpu(proc.pid), time.monotonic()
         return {"cpu_percent": 100 * (cpu1 - cpu0) / (t1 - t0), "rss_mib": rss_mib(proc.pid),
-                "peak_rss_mib": rss_mib(proc.pid, "VmHWM")}  # fmt: skip
+                "peak_rss_mib": rss_mib(proc.pid, "VmHWM")}
     finally:
         stop(proc)
 
@@ -339,7 +382,7 @@ def peers(window_s, workdir):
         port = free_port()
         results["prometheus-node-exporter (scraped every 5 s)"] = measure_peer(
             [exporter, f"--web.listen-address=127.0.0.1:{port}"], window_s,
-            scrape_url=f"http://127.0.0.1:{port}/metrics")  # fmt: skip
+            scrape_url=f"http://127.0.0.1:{port}/metrics")
     else:
         results["prometheus-node-exporter (scraped every 5 s)"] = None
     collectd = shutil.which("collectd")
@@ -349,16 +392,16 @@ def peers(window_s, workdir):
             f.write(f'Interval 5\nBaseDir "{workdir}"\nPIDFile "{workdir}/collectd.pid"\n'
                     'LoadPlugin cpu\nLoadPlugin memory\nLoadPlugin df\nLoadPlugin interface\n'
                     f'LoadPlugin load\nLoadPlugin csv\n<Plugin csv>\n  DataDir "{workdir}/csv"\n'
-                    "</Plugin>\n")  # fmt: skip
+                    "</Plugin>\n")
         results["collectd (cpu, memory, df, interface, load at 5 s)"] = measure_peer(
-            [collectd, "-f", "-C", conf], window_s)  # fmt: skip
+            [collectd, "-f", "-C", conf], window_s)
     else:
         results["collectd (cpu, memory, df, interface, load at 5 s)"] = None
     glances = shutil.which("glances")
     if glances:
         results["glances (at 5 s)"] = measure_peer(
             [glances, "-t", "5", "--stdout", "cpu.total,mem.percent,load,fs,network"],
-            window_s)  # fmt: skip
+            window_s)
     else:
         results["glances (at 5 s)"] = None
     return results
@@ -378,6 +421,7 @@ TARGETS = {
     "200 MB output, peak RSS growth": "<= 10 MB",
     "metrics frame": "<= 4 KB",
     "docker CLI spawns at rest": "0 per minute",
+    "docker request round trip": "inspect < 2 s behind commands",
 }
 
 
@@ -420,7 +464,19 @@ def rows(r):
          idle["frame_bytes"] <= 4096),
         ("docker CLI spawns at rest", "n/a (no Docker engine)" if docker_calls is None else
          f"{docker_calls:.2f} per minute", None if docker_calls is None else docker_calls == 0),
-    ]  # fmt: skip
+        docker_row(r.get("docker")),
+    ]
+
+
+def docker_row(d):
+    figure = "docker request round trip"
+    if d is None:
+        return figure, "n/a (no Docker engine)", None
+    return (figure, f"inspect p50 {d['inspect_p50_ms']:.0f} ms, list {d['list_p50_ms']:.0f} "
+            f"ms, stop+start {d['stop_start_p50_ms']:.0f} ms; inspect while 4 commands "
+            f"run: p50 {d['inspect_behind_commands_p50_ms']:.0f} ms, max "
+            f"{d['inspect_behind_commands_max_ms']:.0f} ms",
+            d["inspect_behind_commands_max_ms"] < 2000)
 
 
 def print_table(results):
@@ -432,7 +488,7 @@ def print_table(results):
     agent_idle = results["idle"]
     print(f"{'peer':52} {'CPU % of a core':>16} {'RSS MiB':>8} {'peak MiB':>9}")
     print(f"{'chatops-agent (this run)':52} {agent_idle['cpu_percent']:16.3f} "
-          f"{agent_idle['rss_mib']:8.1f} {agent_idle['peak_rss_mib']:9.1f}")  # fmt: skip
+          f"{agent_idle['rss_mib']:8.1f} {agent_idle['peak_rss_mib']:9.1f}")
     for name, figures in results["peers"].items():
         if figures is None:
             print(f"{name:52} not installed")
@@ -440,18 +496,18 @@ def print_table(results):
             print(f"{name:52} {figures['error']}")
         else:
             print(f"{name:52} {figures['cpu_percent']:16.3f} {figures['rss_mib']:8.1f} "
-                  f"{figures['peak_rss_mib']:9.1f}")  # fmt: skip
+                  f"{figures['peak_rss_mib']:9.1f}")
 
 
 def machine():
     with open("/proc/cpuinfo") as f:
         model = next((line.split(":", 1)[1].strip() for line in f
-                      if line.startswith("model name")), platform.machine())  # fmt: skip
+                      if line.startswith("model name")), platform.machine())
     websocket = agent.load_websocket()
     return {"cores": os.cpu_count(), "cpu": model, "python": platform.python_version(),
             "psutil": getattr(agent.psutil, "__version__", "not installed"),
             "websocket-client": websocket.__version__,
-            "kernel": platform.release()}  # fmt: skip
+            "kernel": platform.release()}
 
 
 def agent_python_version(python):
@@ -472,12 +528,12 @@ def main():
     parser.add_argument("--quick", action="store_true", help="short windows (CI)")
     parser.add_argument("--agent-python", default=sys.executable,
                         help="the interpreter that runs the agent under test (it needs "
-                             "websocket-client; e.g. the installer's venv)")  # fmt: skip
+                             "websocket-client; e.g. the installer's venv)")
     args = parser.parse_args()
     AGENT_PYTHON[0] = args.agent_python
     window = 20 if args.quick else 60
     results = {"machine": machine(), "quick": args.quick, "window_s": window,
-               "agent_python": agent_python_version(args.agent_python)}  # fmt: skip
+               "agent_python": agent_python_version(args.agent_python)}
     with tempfile.TemporaryDirectory() as workdir, Containers() as containers:
         cache = None
         if containers.available:
@@ -488,14 +544,15 @@ def main():
             cache.read_once()
         results["containers"] = len(containers.names)
         results["ticks"] = tick_costs(200 if args.quick else 1000,
-                                      cache.snapshot if cache else None)  # fmt: skip
+                                      cache.snapshot if cache else None)
         results["idle"] = idle_run(window, containers, workdir)
         results["once_s"] = once_wall_s(3 if args.quick else 10)
         results["commands"] = command_round_trips(50 if args.quick else 300,
-                                                  30 if args.quick else 60)  # fmt: skip
+                                                  30 if args.quick else 60)
+        results["docker"] = docker_round_trips(containers, 10 if args.quick else 30)
         results["peers"] = peers(window, workdir)
     results["rows"] = [{"figure": f, "target": TARGETS[f], "verdict": verdict(ok),
-                        "measured": m} for f, m, ok in rows(results)]  # fmt: skip
+                        "measured": m} for f, m, ok in rows(results)]
     with open(os.path.join(HERE, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     print_table(results)
