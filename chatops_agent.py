@@ -1301,6 +1301,28 @@ DOCS = Dialect("command_id", nested=False, command_reply="command_response",
                cancel_reply="cancel_response", docker_reply="docker_response")
 
 
+class Job:
+    """An accepted request, from its queue to its reply (see Requests).
+
+    A job carries what it needs to run and to answer in its request's dialect;
+    where it stands (queued, running) is kept by Requests, under one lock.
+    """
+
+    lane = None  # the name of the lane that runs it
+
+    def __init__(self, dialect, request_id):
+        self.dialect = dialect
+        self.id = request_id
+        self.received_at = time.monotonic()
+
+    def error(self, text):
+        """The reply of a request that was not carried out, saying why."""
+        return self.dialect.error(self.id, text)
+
+    def cancelled_unstarted(self, by):
+        return self.error(f"cancelled by {by} before it started; nothing was done")
+
+
 def parse_frame(payload):
     """(message, None) for a JSON object with a string `type`, else (None, why)."""
     if isinstance(payload, bytes):
@@ -1663,28 +1685,6 @@ class PumpState:
         self.pause_s = min(POLL_S, self.pause_s * 2)
 
 
-class Job:
-    """An accepted request, from its queue to its reply (see Requests).
-
-    A job carries what it needs to run and to answer in its request's dialect;
-    where it stands (queued, running) is kept by Requests, under one lock.
-    """
-
-    lane = None  # the name of the lane that runs it
-
-    def __init__(self, dialect, request_id):
-        self.dialect = dialect
-        self.id = request_id
-        self.received_at = time.monotonic()
-
-    def error(self, text):
-        """The reply of a request that was not carried out, saying why."""
-        return self.dialect.error(self.id, text)
-
-    def cancelled_unstarted(self, by):
-        return self.error(f"cancelled by {by} before it started; nothing was done")
-
-
 class CommandJob(Job):
     """One shell command request."""
 
@@ -1926,198 +1926,6 @@ class CommandRunner:
                              output_bytes=capture.total,
                              timed_out=state.reason == "timeout",
                              cancelled=state.reason == "cancelled")
-
-
-class Lane:
-    """Bounded workers and a bounded queue for one kind of request, so that
-    shell commands and Docker requests never wait behind each other."""
-
-    def __init__(self, name, workers, queue_size, execute):
-        self.name = name  # "command" or "docker", as in its settings' names
-        self.workers = workers
-        self.queue_size = queue_size
-        self.execute = execute  # job -> its reply; runs in a worker
-        self.waiting = collections.deque()  # oldest first
-        self.running = {}  # id -> job
-        self.work = None  # Condition on the Requests lock: a job is waiting
-
-    def full(self):
-        return len(self.waiting) + len(self.running) >= self.workers + self.queue_size
-
-    def busy(self):
-        return (f"agent busy: {self.workers} {self.name} requests running and "
-                f"{self.queue_size} waiting, as many as it takes ({self.name}_workers, "
-                f"{self.name}_queue_size); try again later")
-
-
-class Requests:
-    """Every accepted request, waiting or running in its lane, until its reply.
-
-    The ChatOps API waits `request_deadline_s` (10 s) for a reply and drops
-    later ones: a request still waiting then is never started, but answered
-    at once as expired, so that a user told it failed never sees it run
-    later. All job state is read and written under one lock; cancels reach a
-    running command through its `stops` queue.
-    """
-
-    def __init__(self, config, send, lanes):
-        self.config = config
-        self.send = send  # Outbox.put: queues a message, never blocks
-        self.lanes = {lane.name: lane for lane in lanes}
-        self.lock = threading.Lock()
-        self.finished = threading.Condition(self.lock)  # a running job ended
-        self.expiry = threading.Condition(self.lock)  # a job was queued
-        self.stopping = False
-        for lane in lanes:
-            lane.work = threading.Condition(self.lock)
-
-    def start(self):
-        for lane in self.lanes.values():
-            for n in range(lane.workers):
-                threading.Thread(target=self._work, args=(lane,),
-                                 name=f"{lane.name}-{n}", daemon=True).start()
-        if self.config.request_deadline_s:
-            threading.Thread(target=self._expire, name="request-deadlines",
-                             daemon=True).start()
-
-    # -- from the receive loop: fast, never blocking --------------------------
-    def submit(self, job):
-        lane = self.lanes[job.lane]
-        with self.lock:
-            if self._find(job.id)[1] is not None:
-                raise RequestError(f"a request with id {job.id!r} is already running")
-            if self.stopping:
-                raise RequestError("the agent is shutting down; try again once it "
-                                   "is back")
-            if lane.full():
-                raise RequestError(lane.busy())
-            lane.waiting.append(job)
-            lane.work.notify()
-            self.expiry.notify()
-
-    def cancel(self, target, by):
-        """(cancelled, state, text) of a cancel_command aimed at `target`."""
-        with self.lock:
-            lane, job = self._find(target)
-            queued = job is not None and job in lane.waiting
-            if queued:
-                lane.waiting.remove(job)
-        if job is None:
-            return False, "not running", f"command {target!r} is not running"
-        if queued:
-            LOG.info("%s cancelled by %s before it started", job.describe(), by)
-            self._answer(job, job.cancelled_unstarted(by))
-            return True, "queued", f"command {target!r} cancelled"
-        cancelled, text = job.cancel_running(by)
-        return cancelled, "running", text
-
-    def _find(self, request_id):
-        """(lane, job) of a waiting or running job with this id, or (None, None)."""
-        for lane in self.lanes.values():
-            job = lane.running.get(request_id) or next(
-                (j for j in lane.waiting if j.id == request_id), None)
-            if job is not None:
-                return lane, job
-        return None, None
-
-    # -- workers ------------------------------------------------------------------
-    def _work(self, lane):
-        # Idle workers block without waking.
-        while True:
-            job, expired = self._next(lane)
-            if expired:
-                self._answer_expired(job)
-                continue
-            try:
-                reply = lane.execute(job)
-            except Exception as e:  # a bug here must still answer the request
-                LOG.exception("%s failed", job.describe())
-                reply = job.error(f"the agent failed to carry out the request: {e}")
-            with self.lock:
-                del lane.running[job.id]
-                self.finished.notify_all()
-            self._answer(job, reply)
-
-    def _next(self, lane):
-        """(the oldest waiting job, whether it expired); it is running unless so."""
-        with self.lock:
-            while not lane.waiting:
-                lane.work.wait()
-            job = lane.waiting.popleft()
-            expired = self._waited_too_long(job, time.monotonic())
-            if not expired:
-                lane.running[job.id] = job
-            return job, expired
-
-    def _waited_too_long(self, job, now):
-        deadline_s = self.config.request_deadline_s
-        return bool(deadline_s) and now - job.received_at >= deadline_s
-
-    def _expire(self):
-        """Answer each job that waits past the deadline when it does, even
-        while every worker is busy."""
-        while True:
-            with self.lock:
-                expired = self._take_expired()
-                while not expired:
-                    self.expiry.wait(self._next_expiry_in())
-                    expired = self._take_expired()
-            for job in expired:
-                self._answer_expired(job)
-
-    def _take_expired(self):
-        now, expired = time.monotonic(), []
-        for lane in self.lanes.values():
-            while lane.waiting and self._waited_too_long(lane.waiting[0], now):
-                expired.append(lane.waiting.popleft())
-        return expired
-
-    def _next_expiry_in(self):
-        """Seconds until the oldest waiting job expires; None if none waits."""
-        oldest = [lane.waiting[0].received_at for lane in self.lanes.values()
-                  if lane.waiting]
-        if not oldest:
-            return None
-        return max(0.0, min(oldest) + self.config.request_deadline_s - time.monotonic())
-
-    def _answer_expired(self, job):
-        waited = time.monotonic() - job.received_at
-        LOG.warning("%s expired unstarted after %.1f s in the queue", job.describe(),
-                    waited)
-        self._answer(job, job.error(
-            f"expired unstarted: it waited {waited:.1f} s for a free worker, longer "
-            f"than the API waits for a reply (request_deadline_s = "
-            f"{self.config.request_deadline_s:g} s); send it again if still wanted"))
-
-    def _answer(self, job, reply):
-        now = time.monotonic()
-        deadline_s = self.config.request_deadline_s
-        if deadline_s and now - job.received_at > deadline_s:
-            LOG.info("%s answered %.1f s after it came, later than the API waits "
-                     "(%g s): the API may drop the reply", job.describe(),
-                     now - job.received_at, deadline_s)
-        self.send(reply, keep_until=job.received_at + self.config.reply_keep_s)
-
-    # -- stopping -----------------------------------------------------------------
-    def shutdown(self, grace_s):
-        """Answer what waits, stop running commands (TERM, then KILL after
-        `grace_s`) and wait that long for the running jobs to end."""
-        with self.lock:
-            self.stopping = True
-            waiting = [job for lane in self.lanes.values() for job in lane.waiting]
-            running = [job for lane in self.lanes.values()
-                       for job in lane.running.values()]
-            for lane in self.lanes.values():
-                lane.waiting.clear()
-        for job in waiting:
-            self._answer(job, job.cancelled_unstarted("the agent's shutdown"))
-        for job in running:
-            job.cancel_running("the agent's shutdown", grace_s)
-        with self.lock:  # idle workers need no waiting for: they are daemons
-            self.finished.wait_for(
-                lambda: not any(lane.running for lane in self.lanes.values()),
-                grace_s + POLL_S * 3,
-            )
 
 
 ###############################################################################
@@ -2730,6 +2538,203 @@ def stats_numbers(row):
         "block_read_bytes": block[0], "block_write_bytes": block[1],
         "pids": int(row["PIDs"]) if str(row.get("PIDs", "")).isdigit() else None,
     }
+
+
+###############################################################################
+# Requests: lanes, deadlines, cancel ##########################################
+###############################################################################
+
+
+class Lane:
+    """Bounded workers and a bounded queue for one kind of request, so that
+    shell commands and Docker requests never wait behind each other."""
+
+    def __init__(self, name, workers, queue_size, execute):
+        self.name = name  # "command" or "docker", as in its settings' names
+        self.workers = workers
+        self.queue_size = queue_size
+        self.execute = execute  # job -> its reply; runs in a worker
+        self.waiting = collections.deque()  # oldest first
+        self.running = {}  # id -> job
+        self.work = None  # Condition on the Requests lock: a job is waiting
+
+    def full(self):
+        return len(self.waiting) + len(self.running) >= self.workers + self.queue_size
+
+    def busy(self):
+        return (f"agent busy: {self.workers} {self.name} requests running and "
+                f"{self.queue_size} waiting, as many as it takes ({self.name}_workers, "
+                f"{self.name}_queue_size); try again later")
+
+
+class Requests:
+    """Every accepted request, waiting or running in its lane, until its reply.
+
+    The ChatOps API waits `request_deadline_s` (10 s) for a reply and drops
+    later ones: a request still waiting then is never started, but answered
+    at once as expired, so that a user told it failed never sees it run
+    later. All job state is read and written under one lock; cancels reach a
+    running command through its `stops` queue.
+    """
+
+    def __init__(self, config, send, lanes):
+        self.config = config
+        self.send = send  # Outbox.put: queues a message, never blocks
+        self.lanes = {lane.name: lane for lane in lanes}
+        self.lock = threading.Lock()
+        self.finished = threading.Condition(self.lock)  # a running job ended
+        self.expiry = threading.Condition(self.lock)  # a job was queued
+        self.stopping = False
+        for lane in lanes:
+            lane.work = threading.Condition(self.lock)
+
+    def start(self):
+        for lane in self.lanes.values():
+            for n in range(lane.workers):
+                threading.Thread(target=self._work, args=(lane,),
+                                 name=f"{lane.name}-{n}", daemon=True).start()
+        if self.config.request_deadline_s:
+            threading.Thread(target=self._expire, name="request-deadlines",
+                             daemon=True).start()
+
+    # -- from the receive loop: fast, never blocking --------------------------
+    def submit(self, job):
+        lane = self.lanes[job.lane]
+        with self.lock:
+            if self._find(job.id)[1] is not None:
+                raise RequestError(f"a request with id {job.id!r} is already running")
+            if self.stopping:
+                raise RequestError("the agent is shutting down; try again once it "
+                                   "is back")
+            if lane.full():
+                raise RequestError(lane.busy())
+            lane.waiting.append(job)
+            lane.work.notify()
+            self.expiry.notify()
+
+    def cancel(self, target, by):
+        """(cancelled, state, text) of a cancel_command aimed at `target`."""
+        with self.lock:
+            lane, job = self._find(target)
+            queued = job is not None and job in lane.waiting
+            if queued:
+                lane.waiting.remove(job)
+        if job is None:
+            return False, "not running", f"command {target!r} is not running"
+        if queued:
+            LOG.info("%s cancelled by %s before it started", job.describe(), by)
+            self._answer(job, job.cancelled_unstarted(by))
+            return True, "queued", f"command {target!r} cancelled"
+        cancelled, text = job.cancel_running(by)
+        return cancelled, "running", text
+
+    def _find(self, request_id):
+        """(lane, job) of a waiting or running job with this id, or (None, None)."""
+        for lane in self.lanes.values():
+            job = lane.running.get(request_id) or next(
+                (j for j in lane.waiting if j.id == request_id), None)
+            if job is not None:
+                return lane, job
+        return None, None
+
+    # -- workers ------------------------------------------------------------------
+    def _work(self, lane):
+        # Idle workers block without waking.
+        while True:
+            job, expired = self._next(lane)
+            if expired:
+                self._answer_expired(job)
+                continue
+            try:
+                reply = lane.execute(job)
+            except Exception as e:  # a bug here must still answer the request
+                LOG.exception("%s failed", job.describe())
+                reply = job.error(f"the agent failed to carry out the request: {e}")
+            with self.lock:
+                del lane.running[job.id]
+                self.finished.notify_all()
+            self._answer(job, reply)
+
+    def _next(self, lane):
+        """(the oldest waiting job, whether it expired); it is running unless so."""
+        with self.lock:
+            while not lane.waiting:
+                lane.work.wait()
+            job = lane.waiting.popleft()
+            expired = self._waited_too_long(job, time.monotonic())
+            if not expired:
+                lane.running[job.id] = job
+            return job, expired
+
+    def _waited_too_long(self, job, now):
+        deadline_s = self.config.request_deadline_s
+        return bool(deadline_s) and now - job.received_at >= deadline_s
+
+    def _expire(self):
+        """Answer each job that waits past the deadline when it does, even
+        while every worker is busy."""
+        while True:
+            with self.lock:
+                expired = self._take_expired()
+                while not expired:
+                    self.expiry.wait(self._next_expiry_in())
+                    expired = self._take_expired()
+            for job in expired:
+                self._answer_expired(job)
+
+    def _take_expired(self):
+        now, expired = time.monotonic(), []
+        for lane in self.lanes.values():
+            while lane.waiting and self._waited_too_long(lane.waiting[0], now):
+                expired.append(lane.waiting.popleft())
+        return expired
+
+    def _next_expiry_in(self):
+        """Seconds until the oldest waiting job expires; None if none waits."""
+        oldest = [lane.waiting[0].received_at for lane in self.lanes.values()
+                  if lane.waiting]
+        if not oldest:
+            return None
+        return max(0.0, min(oldest) + self.config.request_deadline_s - time.monotonic())
+
+    def _answer_expired(self, job):
+        waited = time.monotonic() - job.received_at
+        LOG.warning("%s expired unstarted after %.1f s in the queue", job.describe(),
+                    waited)
+        self._answer(job, job.error(
+            f"expired unstarted: it waited {waited:.1f} s for a free worker, longer "
+            f"than the API waits for a reply (request_deadline_s = "
+            f"{self.config.request_deadline_s:g} s); send it again if still wanted"))
+
+    def _answer(self, job, reply):
+        now = time.monotonic()
+        deadline_s = self.config.request_deadline_s
+        if deadline_s and now - job.received_at > deadline_s:
+            LOG.info("%s answered %.1f s after it came, later than the API waits "
+                     "(%g s): the API may drop the reply", job.describe(),
+                     now - job.received_at, deadline_s)
+        self.send(reply, keep_until=job.received_at + self.config.reply_keep_s)
+
+    # -- stopping -----------------------------------------------------------------
+    def shutdown(self, grace_s):
+        """Answer what waits, stop running commands (TERM, then KILL after
+        `grace_s`) and wait that long for the running jobs to end."""
+        with self.lock:
+            self.stopping = True
+            waiting = [job for lane in self.lanes.values() for job in lane.waiting]
+            running = [job for lane in self.lanes.values()
+                       for job in lane.running.values()]
+            for lane in self.lanes.values():
+                lane.waiting.clear()
+        for job in waiting:
+            self._answer(job, job.cancelled_unstarted("the agent's shutdown"))
+        for job in running:
+            job.cancel_running("the agent's shutdown", grace_s)
+        with self.lock:  # idle workers need no waiting for: they are daemons
+            self.finished.wait_for(
+                lambda: not any(lane.running for lane in self.lanes.values()),
+                grace_s + POLL_S * 3,
+            )
 
 
 ###############################################################################
