@@ -61,13 +61,15 @@ AUTH_TIMEOUT_S = 10.0  # how long the API may take to answer "auth"
 CONNECT_TIMEOUT_S = 10.0  # one read or write while connecting
 CONNECT_DEADLINE_S = 15.0  # the whole TCP, TLS and upgrade, however slow the peer
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # larger messages from the API are refused
-BACKOFF_FIRST_S = 1.0  # reconnect delays grow 1, 2, 4, ... s, full jitter
+FIRST_RETRY_CEILING = 0.25  # first reconnect delay: uniform in [0, 0.25] x the cap
+STEADY_RETRY_FLOOR = 0.8  # later reconnect delays: uniform in [0.8, 1] x the cap
 STABLE_AFTER_S = 30.0  # a connection up this long resets the backoff
 AUTH_RETRY_FIRST_S = 60.0  # a rejected key is retried slowly: 1, 2, 4, ... min
 AUTH_RETRY_MAX_S = 900.0
 METRICS_WINDOW = 32  # metrics frames sent but not yet acknowledged
 MAX_KEPT_REPLIES = 256  # replies waiting for a reconnect
 MAX_ID_CHARS = 200  # a request id or server id longer than this is not used
+NUL_STAND_IN = "\u2400"  # U+2400 SYMBOL FOR NULL, sent in place of a NUL byte
 MAX_WAITING_MESSAGES = 1024  # replies, pongs and chunks waiting to be sent;
 MAX_WAITING_BYTES = 32 * 1024 * 1024  # beyond either, the oldest are dropped
 CPU_PRIME_S = 0.25  # first sample's CPU window after start
@@ -118,13 +120,16 @@ SETTINGS = (
     Setting("heartbeat_interval_s", 30.0, "float",
             "seconds between pings; silence for two of them means the link is dead",
             above=0),
-    Setting("reconnect_max_delay_s", 60.0, "float",
-            "cap of the reconnect backoff", above=0),
+    Setting("reconnect_max_delay_s", 16.0, "float",
+            "longest wait between connection attempts; the API is found this "
+            "soon after it is back, and 16 s means at most 6 attempts a minute",
+            above=0),
     Setting("buffer_size", 720, "int",
             "samples kept while the API is unreachable (720 = 1 hour at 5 s)",
             at_least=1),
-    Setting("top_processes", 25, "int",
-            "processes listed in each sample, top by CPU", at_least=0),
+    Setting("top_processes", 0, "int",
+            "processes listed in each sample, top by CPU; 0: every process",
+            at_least=0),
     Setting("process_refresh_s", 15.0, "float",
             "seconds between reads of the process table (reused in between)", above=0),
     Setting("disk_include_network", False, "bool",
@@ -367,6 +372,31 @@ class Backoff:
 
     def reset(self):
         self.attempt = 0
+
+
+class ReconnectDelays:
+    """Waits between connection attempts (README, Connection: Reconnect).
+
+    The first after a connection that worked is uniform in [0, cap / 4]: a
+    blip is over in seconds, and a fleet that lost its API at once comes back
+    spread over 4 s; each later one is uniform in [0.8 cap, cap]. So an API
+    that is back is found within `cap` (16 s), half the time within 0.45 cap
+    (7 s), while 7 attempts span at least 5 x 0.8 cap = 64 s: at most 6 a
+    minute.
+    """
+
+    def __init__(self, cap_s):
+        self.cap_s = cap_s
+        self.first = True
+
+    def next_delay(self):
+        low, high = (0.0, FIRST_RETRY_CEILING) if self.first else (
+            STEADY_RETRY_FLOOR, 1.0)
+        self.first = False
+        return random.uniform(low * self.cap_s, high * self.cap_s)
+
+    def reset(self):
+        self.first = True
 
 
 class LogFormatter(logging.Formatter):
@@ -3019,8 +3049,23 @@ def close_frame_status(data):
     return int.from_bytes(data[:2], "big"), data[2:].decode("utf-8", "replace")
 
 
+# What a close code means (RFC 6455 section 7.4.1, IANA registry), for the log.
+CLOSE_MEANINGS = {
+    1000: "normal closure", 1001: "going away", 1002: "protocol error",
+    1003: "unsupported data", 1005: "no status", 1006: "abnormal closure",
+    1007: "invalid payload", 1008: "policy violation", 1009: "message too big",
+    1010: "extension required", 1011: "server error", 1012: "server restarting",
+    1013: "try again later", 1014: "bad gateway", 1015: "TLS handshake failed",
+}
+
+
 def describe_close(code, reason):
-    return f"close {code}: {one_line(reason[:200])}" if reason else f"close {code}"
+    """'close 1012, server restarting: REASON' (the reason when there is one)."""
+    meaning = CLOSE_MEANINGS.get(code)
+    text = f"close {code}, {meaning}" if meaning else f"close {code}"
+    if code is None:
+        text = "a close frame without a code"
+    return f"{text}: {one_line(reason[:200])}" if reason else text
 
 
 def abort_socket(ws):
@@ -3256,7 +3301,7 @@ class Link:
         self.url = ws_url(config.api_url)
         self.session = None
         self.close_code = 1000  # 1011 when the agent exits because a thread died
-        self.backoff = Backoff(BACKOFF_FIRST_S, config.reconnect_max_delay_s)
+        self.backoff = ReconnectDelays(config.reconnect_max_delay_s)
         self.auth_backoff = Backoff(
             AUTH_RETRY_FIRST_S, AUTH_RETRY_MAX_S, floor_fraction=0.5
         )

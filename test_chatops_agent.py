@@ -5,18 +5,23 @@ Run: python3 -m pytest -q test_chatops_agent.py
 """
 
 import base64
+import bisect
 import collections
 import contextlib
+import datetime
 import hashlib
 import inspect
+import itertools
 import json
 import os
 import pathlib
+import random
 import re
 import shutil
 import signal
 import socket
 import stat
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -171,6 +176,14 @@ class FakeAPI:
     def stop(self):
         self.server.shutdown()
         self.drop()
+
+    def close_all(self, code, reason=""):
+        """Close every connection with a close frame, as a server that restarts."""
+        with self.lock:
+            conns = list(self.connections)
+        for conn in conns:
+            with contextlib.suppress(Exception):
+                conn.close(code, reason)
 
     def drop(self):
         """Break every connection without a close handshake, like a crashed server."""
@@ -429,6 +442,34 @@ def upgrade_then(*chunks, hold_s=0):
                 pass
 
     return answer
+
+
+class PortWithoutAPI:
+    """The API's port while the API is down: it takes each connection and
+    closes it at once, noting when, so that attempts can be counted."""
+
+    def __init__(self, port):
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", port))
+        self.listener.listen()
+        self.attempts = []
+        threading.Thread(target=self._refuse, daemon=True).start()
+
+    def _refuse(self):
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.listener.accept()
+                self.attempts.append(time.monotonic())
+                conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept
+        self.listener.close()
 
 
 class AgentProcess:
@@ -1214,6 +1255,44 @@ class TestConnection:
             "metrics on a second connection",
         )
 
+    def test_reconnect_delays_keep_both_bounds(self):
+        """The schedule itself, at the default cap of 16 s: an API back at any
+        moment of a long outage is found within 16 s, half the time within
+        10 s, and no minute holds more than 6 attempts."""
+        delays = agent.ReconnectDelays(16.0)
+        attempts = list(itertools.accumulate(delays.next_delay() for _ in range(5000)))
+        assert all(b - a >= 60 for a, b in zip(attempts, attempts[6:]))
+        backs = [random.uniform(attempts[1], attempts[-2]) for _ in range(20000)]
+        found = [attempts[bisect.bisect(attempts, t)] - t for t in backs]
+        assert max(found) <= 16 and statistics.median(found) <= 10
+        delays.reset()  # a connection that worked: the next blip is retried soon
+        assert delays.next_delay() <= 4 and delays.next_delay() >= 12.8
+
+    def test_reconnect_bounds_over_repeated_outages(self, api, run_agent):
+        """A real API that goes away and comes back on the same port, 20 times.
+        The cap is 0.5 s here, standing for the default 16 s: the bounds scale
+        with it (found within 20/16 cap, median 10/16 cap, at most 6 attempts
+        in 60/16 cap), plus time for the connection itself on a loaded machine."""
+        cap = 0.5
+        proc = run_agent(api.url, "--reconnect-max-delay-s", str(cap))
+        wait_until(api.metrics, 6, "metrics")
+        found, rng = [], random.Random(11)
+        for outage_s in [rng.uniform(0.1, 1.5) for _ in range(19)] + [8 * cap]:
+            connected = len(api.connects)
+            api.stop()
+            with PortWithoutAPI(api.port) as port:
+                time.sleep(outage_s)  # the outage itself, not a wait for an event
+            api.start()
+            back = time.monotonic()
+            wait_until(lambda n=connected: len(api.connects) > n, 10, "a reconnect")
+            found.append(api.connects[connected] - back)
+        assert max(found) <= 20 / 16 * cap + 0.3, found
+        assert statistics.median(found) <= 10 / 16 * cap + 0.15, found
+        tries = port.attempts  # of the last, long outage
+        assert len(tries) >= 7
+        assert all(b - a >= 60 / 16 * cap for a, b in zip(tries, tries[6:])), tries
+        assert proc.proc.poll() is None
+
     def test_ten_second_outage_loses_no_sample(self, api, run_agent):
         proc = run_agent(
             api.url, "--metrics-interval-s", "1", "--reconnect-max-delay-s", "2"
@@ -1382,6 +1461,16 @@ class TestConnection:
         )
         stamps = sorted({parse_ts(m["timestamp"]) for m in api.metrics()})
         assert max(b - a for a, b in zip(stamps, stamps[1:])) < 0.5
+
+    def test_a_close_is_logged_with_its_meaning(self, api, run_agent):
+        proc = run_agent(api.url, "--reconnect-max-delay-s", "1")
+        wait_until(api.metrics, 6, "metrics")
+        api.close_all(1012)
+        proc.wait_log("the API closed the connection (close 1012, server restarting)\n")
+        wait_until(lambda: len(api.connects) >= 2, 5, "a reconnect")
+        assert agent.describe_close(1000, "bye") == "close 1000, normal closure: bye"
+        assert agent.describe_close(4001, "") == "close 4001"
+        assert agent.describe_close(None, "") == "a close frame without a code"
 
     def test_sigterm_closes_1000_and_exits_0_within_5s(self, api, run_agent):
         proc = run_agent(api.url)
