@@ -274,32 +274,43 @@ def utc_now():
 
 
 def to_json(message):
-    """The UTF-8 bytes of a text frame: compact, never NaN, never an exception.
+    """The UTF-8 bytes of a text frame: compact, storable, never an exception.
 
     Plain UTF-8 keeps non-ASCII output at 1-3 bytes a character (escapes
-    would cost 6). A string that cannot be encoded (a lone surrogate echoed
-    from a request) falls back to ASCII escapes; a number JSON cannot hold
-    (NaN, infinity) becomes null rather than failing the send.
+    would cost 6). A number JSON cannot hold (NaN, infinity) becomes null
+    rather than failing the send, and a NUL becomes NUL_STAND_IN: the API
+    stores replies in PostgreSQL text, which cannot hold NUL (PROTOCOL.md 7).
+    Both are rare, so they cost a second pass only when present.
     """
-    try:
-        text = json.dumps(message, separators=(",", ":"), allow_nan=False,
-                          ensure_ascii=False)
-    except ValueError:
-        return to_json(finite(message))
+    text = json_text(message)
+    if text is None or "\\u0000" in text:
+        text = json_text(storable(message))
     try:
         return text.encode("utf-8")
-    except UnicodeEncodeError:
-        return json.dumps(message, separators=(",", ":"), allow_nan=False).encode()
+    except UnicodeEncodeError:  # a lone surrogate echoed from a request
+        return json.dumps(storable(message), separators=(",", ":")).encode()
 
 
-def finite(value):
-    """`value` with every NaN or infinity replaced by None."""
+def json_text(message):
+    """Compact JSON text, or None when it holds a number JSON cannot."""
+    try:
+        return json.dumps(message, separators=(",", ":"), allow_nan=False,
+                          ensure_ascii=False)
+    except ValueError:
+        return None
+
+
+def storable(value):
+    """`value` with every NaN or infinity replaced by None, every NUL in a
+    string by NUL_STAND_IN."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        return value.replace("\0", NUL_STAND_IN)
     if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
+        return {storable(k): storable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [finite(v) for v in value]
+        return [storable(v) for v in value]
     return value
 
 
@@ -1412,6 +1423,7 @@ class Dispatcher:
 
 COMMAND_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 READ_CHUNK = 65536
+LINE_CUT_SEARCH = 4096  # a cut of long output moves this far to end a line
 POLL_S = 0.1  # how often a running command looks at its deadline and cancel flag
 DRAIN_S = 0.5  # after the shell exits, how long background jobs may hold the pipe
 STREAM_FLUSH_S = 0.2  # streamed output is sent at least this often, in chunks
@@ -1614,6 +1626,7 @@ class OutputCapture:
         self.tail = collections.deque()
         self.tail_size = 0
         self.total = 0
+        self.dropped_end = b""  # the last byte dropped before the tail
 
     def add(self, data):
         self.total += len(data)
@@ -1625,25 +1638,40 @@ class OutputCapture:
             self.tail.append(data)
             self.tail_size += len(data)
             while self.tail_size - len(self.tail[0]) >= self.tail_cap:
-                self.tail_size -= len(self.tail.popleft())
+                dropped = self.tail.popleft()
+                self.tail_size -= len(dropped)
+                self.dropped_end = dropped[-1:]
 
     def text(self, footer=""):
-        """(output + footer, truncated): decoded with replacement, a marker where cut.
-
-        Built with as few full-size copies as possible: it can be 1 MiB.
-        """
-        excess = self.tail_size - self.tail_cap
-        if excess > 0:  # the oldest tail chunk starts before the kept tail
-            self.tail[0] = self.tail[0][excess:]
-            self.tail_size -= excess
-        omitted = self.total - len(self.head) - self.tail_size
-        if not omitted:
-            self.head += b"".join(self.tail)
-            return self.head.decode("utf-8", "replace") + footer, False
+        """(output + footer, truncated): decoded with replacement, a marker where
+        cut. A cut moves to a line boundary within LINE_CUT_SEARCH bytes, so
+        that both parts hold whole lines; the marker counts what it omits."""
+        tail = b"".join(self.tail)
+        start = max(0, len(tail) - self.tail_cap)  # where the kept tail starts
+        if self.total == len(self.head) + len(tail) - start:
+            return (bytes(self.head) + tail).decode("utf-8", "replace") + footer, False
+        head = self.head[: line_end(self.head)]
+        before = tail[start - 1 : start] if start else self.dropped_end
+        tail = tail[line_start(tail, start, before) :]
+        omitted = self.total - len(head) - len(tail)
         marker = f"\n[... {omitted} bytes of output omitted ...]\n"
-        head = self.head.decode("utf-8", "replace")
-        tail = b"".join(self.tail).decode("utf-8", "replace")
-        return "".join((head, marker, tail, footer)), True
+        return "".join((head.decode("utf-8", "replace"), marker,
+                        tail.decode("utf-8", "replace"), footer)), True
+
+
+def line_end(head):
+    """Where to end a kept head: after its last newline near the end, if any."""
+    newline = head.rfind(b"\n", max(0, len(head) - LINE_CUT_SEARCH))
+    return newline + 1 if newline >= 0 else len(head)
+
+
+def line_start(tail, start, before):
+    """Where to start a kept tail: at `start` if `before` (the byte before it)
+    ends a line, else after the next newline near it, if any."""
+    if before == b"\n":
+        return start
+    newline = tail.find(b"\n", start, start + LINE_CUT_SEARCH)
+    return newline + 1 if newline >= 0 else start
 
 
 class OutputStream:

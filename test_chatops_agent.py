@@ -1849,6 +1849,45 @@ class TestOutputCapture:
         capture.add(b"ok \xff\xfe\n")
         assert capture.text()[0] == "ok \ufffd\ufffd\n"
 
+    def test_cuts_fall_on_line_boundaries_and_count_exactly(self):
+        """Any output, in any chunks: each kept part is the output's own start
+        or end; a cut moves at most LINE_CUT_SEARCH bytes to end a line when a
+        newline lies that close, and the marker counts what is left out."""
+        hypothesis = need_module("hypothesis")
+        st = hypothesis.strategies
+        search = agent.LINE_CUT_SEARCH
+        marker = re.compile(r"\n\[\.\.\. (\d+) bytes of output omitted \.\.\.\]\n")
+
+        @hypothesis.settings(max_examples=400, deadline=None)
+        @hypothesis.given(st.lists(st.text("ab\n", max_size=6000), max_size=30),
+                          st.integers(1024, 20000))
+        def cut(chunks, cap):
+            capture = agent.OutputCapture(cap)
+            for chunk in chunks:
+                capture.add(chunk.encode())
+            data = "".join(chunks)
+            output, truncated = capture.text()
+            if not truncated:
+                assert output == data
+                return
+            head, omitted, tail = marker.split(output)
+            assert data.startswith(head) and data.endswith(tail)
+            assert int(omitted) == len(data) - len(head) - len(tail) > 0
+            half = cap // 2
+            assert half - search <= len(head) <= half
+            assert head.endswith("\n") or "\n" not in data[half - search : half]
+            nominal, start = len(data) - (cap - half), len(data) - len(tail)
+            assert nominal <= start <= nominal + search
+            assert data[start - 1] == "\n" or \
+                "\n" not in data[nominal - 1 : nominal - 1 + search]
+
+        cut()
+
+    def test_a_nul_is_sent_as_a_stand_in(self):
+        frame = json.loads(agent.to_json({"output": "a\0b", "n": float("nan")}))
+        assert frame == {"output": "a\u2400b", "n": None}
+        assert agent.to_json({"text": "\\u0000"}) == b'{"text":"\\\\u0000"}'
+
 
 class TestCommandRequests:
     """Request validation, in-process: nothing here starts a process."""
@@ -2061,11 +2100,34 @@ class TestCommands:
         data = reply["data"]
         assert data["exit_code"] == 0 and data["truncated"]
         assert data["output_bytes"] == 200_000_000
-        marker = f"\n[... {200_000_000 - 1048576} bytes of output omitted ...]\n"
-        assert marker in data["output"]
-        assert len(data["output"]) == 1048576 + len(marker)
+        # Lines of 17 bytes; each kept half (512 KiB) is cut to whole lines.
+        line, half, total = len("0123456789abcdef\n"), 524288, 200_000_000
+        head = half // line * line
+        tail = total - -(-(total - half) // line) * line
+        marker = f"\n[... {total - head - tail} bytes of output omitted ...]\n"
+        output = data["output"]
+        assert output[head : head + len(marker)] == marker
+        assert output[:head] == "0123456789abcdef\n" * (head // line)
+        assert output[head + len(marker) :].startswith("0123456789abcdef\n")
+        assert len(output) == head + len(marker) + tail
         growth_mib = (rss_kib(cmd.proc.proc.pid, "VmHWM") - before) / 1024
         assert growth_mib < 10, f"peak RSS grew by {growth_mib:.1f} MiB"
+
+    def test_a_cut_keeps_whole_lines(self, commander):
+        cmd = commander("--command-output-max-bytes", "10000")
+        data = cmd.run("seq 1 100000")["data"]
+        cut = r"\n(\[\.\.\. \d+ bytes of output omitted \.\.\.\])\n"
+        head, marker, tail = re.split(cut, data["output"])
+        first, last = head.split("\n"), tail.split("\n")
+        assert first[-1] == "" and last[-1] == ""  # both parts end with a newline
+        assert first[:-1] == [str(n) for n in range(1, len(first))]
+        assert last[:-1] == [str(n) for n in range(100001 - len(last) + 1, 100001)]
+        omitted = int(marker.split()[1])
+        assert len(head) + omitted + len(tail) == data["output_bytes"]
+
+    def test_a_nul_arrives_as_a_stand_in_and_is_counted(self, commander):
+        data = commander().run("printf 'a\\000b\\n'")["data"]
+        assert data["output"] == "a\u2400b\n" and data["output_bytes"] == 4
 
     def test_long_commands_do_not_block_the_receive_loop(self, commander):
         cmd = commander()
