@@ -2008,6 +2008,9 @@ PORT_SPEC = re.compile(
     r"(?:(?P<ip>[0-9A-Fa-f.:\[\]]*):(?P<public>\d+(?:-\d+)?)->)?"
     r"(?P<private>\d+(?:-\d+)?)/(?P<type>\w+)"
 )
+DOCKER_INSTANT = re.compile(  # docker inspect's times: RFC 3339, nanoseconds
+    r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)"
+)
 UNIT_BYTES = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
               "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
 SOCKET_FIX = (
@@ -2032,13 +2035,14 @@ def docker_environment():
 
 
 def classify_docker_error(stderr):
-    """A DockerError from what the CLI wrote: the CLI's own words, and a fix."""
-    text = " ".join(stderr.split())[:300] or "docker failed without a message"
-    lower = text.lower()
-    if "no such container" in lower:
-        return DockerError(
-            text.replace("Error response from daemon: ", "").replace("Error: ", "")
-        )
+    """A DockerError from what the CLI wrote: one sentence in the CLI's own
+    words (its first line: `docker start` adds a second that repeats it),
+    and a fix where there is one."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    text = (lines[0] if lines else "docker failed without a message")[:300]
+    for prefix in ("Error response from daemon: ", "Error: "):
+        text = text[len(prefix):] if text.startswith(prefix) else text
+    lower = " ".join(lines).lower()
     if "permission denied" in lower and "docker" in lower:
         return DockerError(f"permission denied on the docker socket: {SOCKET_FIX}",
                            "permission denied")
@@ -2094,6 +2098,65 @@ def rfc3339(docker_time):
     except ValueError:
         return docker_time
     return parsed.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def docker_instant(text):
+    """Unix time of a `docker inspect` time ('2026-11-27T09:00:00.123456789Z');
+    None for Docker's zero time (never started, never finished) or garbage."""
+    match = DOCKER_INSTANT.match(text or "")
+    if not match or match.group(1).startswith("0001"):
+        return None
+    zone = "+00:00" if match.group(3) == "Z" else match.group(3)
+    try:
+        moment = datetime.datetime.fromisoformat(match.group(1) + zone)
+    except ValueError:
+        return None
+    return moment.timestamp() + float(match.group(2) or 0)
+
+
+def human_duration(seconds):
+    """A duration as `docker ps` words it (HumanDuration of docker/go-units)."""
+    if seconds < 1:
+        return "Less than a second"
+    if seconds < 60:
+        return "1 second" if int(seconds) == 1 else f"{int(seconds)} seconds"
+    minutes = int(seconds // 60)
+    if minutes < 60:
+        return "About a minute" if minutes == 1 else f"{minutes} minutes"
+    hours = int(seconds / 3600 + 0.5)
+    for limit, unit, size in ((48, "hours", 1), (24 * 14, "days", 24),
+                              (24 * 60, "weeks", 24 * 7),
+                              (24 * 730, "months", 24 * 30)):
+        if hours < limit:
+            return "About an hour" if hours == 1 else f"{hours // size} {unit}"
+    return f"{int(seconds // 3600) // 24 // 365} years"
+
+
+def status_text(state, now):
+    """What `docker ps` prints as STATUS at Unix time `now`, from the State of
+    `docker inspect` (as the daemon words it, container/state.go)."""
+    started = docker_instant(state.get("StartedAt"))
+    finished = docker_instant(state.get("FinishedAt"))
+    code = state.get("ExitCode", 0)
+    if state.get("Running"):
+        up = human_duration(now - (started or now))
+        health = (state.get("Health") or {}).get("Status")
+        if state.get("Paused"):
+            return f"Up {up} (Paused)"
+        if state.get("Restarting"):
+            return f"Restarting ({code}) {human_duration(now - (finished or now))} ago"
+        if health:
+            return f"Up {up} ({'health: starting' if health == 'starting' else health})"
+        return f"Up {up}"
+    if state.get("Status") == "removing":
+        return "Removal In Progress"
+    if state.get("Dead"):
+        return "Dead"
+    if started is None:
+        return "Created"
+    if finished is None:
+        return ""
+    return f"Exited ({code}) {human_duration(now - finished)} ago"
 
 
 def container_row(row):
@@ -2159,6 +2222,22 @@ class DockerCLI:
                 LOG.debug("docker ps: skipped a row (%s): %s", e, shown(line))
         return rows
 
+    def container_states(self, ids):
+        """{12-character id: State of docker inspect}: what the status text of
+        each sample is derived from. A container removed meanwhile is left
+        out (the CLI then fails, but still prints the others)."""
+        if not ids:
+            return {}
+        _, out, _ = self._call(["container", "inspect", "--format",
+                                "{{.Id}} {{json .State}}", "--", *ids],
+                               self.timeout_s, DOCKER_MAX_OUTPUT)
+        states = {}
+        for line in out.decode("utf-8", "replace").splitlines():
+            container_id, _, state = line.partition(" ")
+            with contextlib.suppress(ValueError):
+                states[container_id[:12]] = json.loads(state)
+        return states
+
     def check(self):
         """(status, detail): is there a CLI, and a daemon it may talk to?"""
         try:
@@ -2220,6 +2299,7 @@ class ContainerCache:
         self.stop = stop
         self.status, self.detail = "starting", ""
         self.containers = []
+        self._states = {}  # id -> docker inspect's State, for the status text
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stale = True
@@ -2239,7 +2319,15 @@ class ContainerCache:
                 status["detail" if self.status != "ok" else "server_version"] = (
                     self.detail
                 )
-            return list(self.containers), status
+            return self._current(self.containers, self._states), status
+
+    @staticmethod
+    def _current(rows, states):
+        """The rows with the status text as `docker ps` would print it now
+        ("Up 37 seconds"): the list itself is re-read only on events."""
+        now = time.time()
+        return [dict(row, status=status_text(states[row["id"]], now))
+                if row["id"] in states else row for row in rows]
 
     def read_once(self):
         """Check and list once, without watching (for --once)."""
@@ -2302,8 +2390,9 @@ class ContainerCache:
     def _refresh(self):
         self._stale = False
         rows = self.cli.list_containers()
+        states = self.cli.container_states([row["id"] for row in rows])
         with self._lock:
-            self.containers = rows
+            self.containers, self._states = rows, states
         self._fresh.set()
 
     def _start_events(self):

@@ -2404,10 +2404,46 @@ class TestDockerParsing:
         ("permission denied while trying to connect to the Docker daemon socket at "
          "unix:///var/run/docker.sock", "permission denied", "root-equivalent"),
         ("unknown flag: --bogus", None, "unknown flag: --bogus"),
+        ("Error response from daemon: No such container: x\n"
+         "Error: failed to start containers: x", None, "No such container: x"),
     ])
     def test_cli_errors(self, stderr, status, words):
         error = agent.classify_docker_error(stderr)
         assert error.status == status and words in str(error)
+        assert status or str(error) == words  # one clean sentence, the CLI's own
+
+    @pytest.mark.parametrize("seconds, words", [
+        (0.5, "Less than a second"), (1, "1 second"), (37.9, "37 seconds"),
+        (60, "About a minute"), (119, "About a minute"), (120, "2 minutes"),
+        (3599, "59 minutes"), (5399, "About an hour"), (5400, "2 hours"),
+        (47 * 3600, "47 hours"), (48 * 3600, "2 days"), (14 * 86400, "2 weeks"),
+        (60 * 86400, "2 months"), (730 * 86400, "2 years"),
+    ])
+    def test_durations_as_docker_words_them(self, seconds, words):
+        assert agent.human_duration(seconds) == words
+
+    @pytest.mark.parametrize("state, text", [
+        ({"Running": True, "StartedAt": "2026-11-27T09:00:00.5Z"}, "Up 37 seconds"),
+        ({"Running": True, "Paused": True, "StartedAt": "2026-11-27T08:59:00Z"},
+         "Up About a minute (Paused)"),
+        ({"Running": True, "StartedAt": "2026-11-27T09:00:30+00:00",
+          "Health": {"Status": "starting"}}, "Up 7 seconds (health: starting)"),
+        ({"Running": True, "StartedAt": "2026-11-27T08:00:00Z",
+          "Health": {"Status": "healthy"}}, "Up About an hour (healthy)"),
+        ({"Running": True, "Restarting": True, "ExitCode": 1,
+          "FinishedAt": "2026-11-27T09:00:35.123456789Z"},
+         "Restarting (1) 2 seconds ago"),
+        ({"Status": "exited", "ExitCode": 137, "StartedAt": "2026-11-27T08:00:00Z",
+          "FinishedAt": "2026-11-27T09:00:00Z"}, "Exited (137) 37 seconds ago"),
+        ({"StartedAt": "0001-01-01T00:00:00Z", "FinishedAt": "0001-01-01T00:00:00Z"},
+         "Created"),
+        ({"Dead": True, "StartedAt": "2026-11-27T08:00:00Z"}, "Dead"),
+        ({"Status": "removing"}, "Removal In Progress"),
+    ])
+    def test_status_text_from_the_state(self, state, text):
+        now = datetime.datetime(2026, 11, 27, 9, 0, 37, 600000,
+                                tzinfo=datetime.timezone.utc).timestamp()
+        assert agent.status_text(state, now) == text
 
     @pytest.mark.parametrize("ref", ["-rf", "--help", "a b", "$(id)", "x" * 300,
                                      "", None, 5, "web;reboot", "../x"])
@@ -2469,6 +2505,23 @@ class TestDocker:
         assert calls.read_text().split().count("events") == 1
         assert "docker" in proc.log()
 
+    def test_status_text_is_current_in_every_sample(self, api, run_agent, container,
+                                                    counting_docker):
+        """Between two re-reads of the list (events only), every sample still
+        says how long each container has been up, as docker ps would then."""
+        shim, calls = counting_docker
+        run_agent(api.url, "--docker-binary", shim)
+        name = container("sleep 600")
+        wait_until(lambda: listed(api, name), 10, "the container in metrics")
+        reads = calls.read_text().split().count("ps")
+
+        def seconds_up():
+            match = re.fullmatch(r"Up (\d+) seconds", listed(api, name)["status"])
+            return match and int(match.group(1)) >= 3
+
+        wait_until(seconds_up, 15, "a sample 3 s after the start saying so")
+        assert calls.read_text().split().count("ps") == reads  # no re-read needed
+
     def test_actions_through_the_api(self, api, run_agent, container):
         name = container("sleep 600")
         cmd = Commander(api, run_agent(api.url))
@@ -2507,9 +2560,10 @@ class TestDocker:
         assert stats["pids"] >= 1 and stats["cpu_percent"] >= 0
         listed = ask("list_containers")["data"]["containers"]
         assert any(c["name"] == name for c in listed)
-        missing = ask("stop_container", container_id="chatops-test-no-such-thing")
-        assert missing["type"] == "error"
-        assert "no such container" in missing["message"].lower()
+        for kind in ("stop_container", "start_container"):
+            missing = ask(kind, container_id="chatops-test-no-such-thing")
+            assert missing["type"] == "error"
+            assert missing["message"] == "No such container: chatops-test-no-such-thing"
 
     def test_logs_both_streams_in_order_with_tail(self, api, run_agent, container):
         # The daemon stamps each line as it reads the stream's pipe: lines written
