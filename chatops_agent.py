@@ -837,6 +837,15 @@ class UserNames:
         return self._names[uid]
 
 
+# /proc/PID/stat's state letter as the word psutil gives (psutil/_pslinux.py):
+# the web UI paints a process green only when its status is "running".
+PROC_STATUS = {
+    "R": "running", "S": "sleeping", "D": "disk-sleep", "T": "stopped",
+    "t": "tracing-stop", "Z": "zombie", "X": "dead", "x": "dead", "K": "wake-kill",
+    "W": "waking", "I": "idle", "P": "parked",
+}
+
+
 class ProcSource:
     """Linux /proc and os.statvfs, for hosts without psutil."""
 
@@ -938,17 +947,9 @@ class ProcSource:
             name,
             cpu_s,
             int(f[21]) * self.page,
-            f[0],
+            PROC_STATUS.get(f[0], "unknown"),
             self.user_name(uid),
         )
-
-
-# psutil's process states as the one letter of ps and /proc/PID/stat.
-PSUTIL_STATUS = {
-    "running": "R", "sleeping": "S", "disk-sleep": "D", "stopped": "T",
-    "tracing-stop": "t", "zombie": "Z", "dead": "X", "idle": "I", "wake-kill": "K",
-    "waking": "W", "parked": "P", "locked": "L", "waiting": "W",
-}
 
 
 class PsutilSource:
@@ -1021,7 +1022,7 @@ class PsutilSource:
                     info["name"] or "",
                     info["cpu_times"].user + info["cpu_times"].system,
                     info["memory_info"].rss,
-                    PSUTIL_STATUS.get(info["status"], "?"),
+                    info["status"] or "unknown",
                     user,
                 )
             )
@@ -1077,13 +1078,13 @@ class MetricsCollector:
     """Turns readings of a source into the `data` of a metrics message."""
 
     def __init__(
-        self, source, top_processes=25, process_refresh_s=15.0,
+        self, source, top_processes=None, process_refresh_s=15.0,
         include_network_fs=False, containers=None,
     ):
         self.source = source
         # () -> (containers, docker status); the Docker section provides it
         self.containers = containers or (lambda: ([], {"status": "disabled"}))
-        self.top_processes = top_processes
+        self.top_processes = top_processes  # the top N by CPU; None: every one
         self.process_refresh_s = process_refresh_s
         self.include_network_fs = include_network_fs
         self.hostname = socket.gethostname()
@@ -1098,7 +1099,7 @@ class MetricsCollector:
         """Read the baselines the first sample's CPU, network and processes need."""
         self._cpu = self.source.cpu_times()
         self._net, self._net_at = self.source.net(), time.monotonic()
-        if self.top_processes:
+        if self.top_processes != 0:
             self._refresh_processes()
 
     def collect(self):
@@ -1247,12 +1248,13 @@ class MetricsCollector:
             not self._top_measured
             or time.monotonic() - self._procs_at >= self.process_refresh_s
         )
-        if self.top_processes and due:
+        if self.top_processes != 0 and due:
             self._refresh_processes()
         return self._top
 
     def _refresh_processes(self):
-        """CPU % of one core over the refresh window, top N; reused until the next."""
+        """CPU % of one core over the refresh window, sorted, the top N (or
+        all); reused until the next."""
         now, table = time.monotonic(), self.source.processes()
         elapsed = now - self._procs_at if self._procs_at else None
         seen, rows = {}, []
@@ -3782,7 +3784,7 @@ class Agent:
         self.containers = ContainerCache(config, self.docker_cli, self.stop_event)
         self.collector = MetricsCollector(
             source or pick_source(),
-            config.top_processes,
+            config.top_processes or None,  # 0: every process
             config.process_refresh_s,
             config.disk_include_network,
             self.containers.snapshot,
@@ -4055,20 +4057,102 @@ def build_parser():
     return parser
 
 
-def run_once(config):
+def run_once(config, text=False):
     cache = ContainerCache(config, DockerCLI(config, Children()), threading.Event())
 
     collector = MetricsCollector(
         pick_source(),
-        config.top_processes,
+        config.top_processes or None,  # 0: every process
         config.process_refresh_s,
         config.disk_include_network,
         cache.read_once,
     )
     collector.prime()
     time.sleep(ONCE_CPU_WINDOW_S)  # the CPU and rate window of this one sample
-    print(json.dumps({"type": "metrics", "data": collector.collect()}, indent=2))
+    data = collector.collect()
+    if text:
+        print(render_text(data, collector.source.name, config))
+    else:
+        print(json.dumps({"type": "metrics", "data": data}, indent=2))
     return 0
+
+
+###############################################################################
+# A person's view of one sample (--once --text) ###############################
+###############################################################################
+
+TEXT_PROCESSES = 10  # the busiest processes shown; the JSON has them all
+
+
+def render_text(data, source_name, config):
+    """One sample as a short screen a person reads at a glance."""
+    lines = [f"chatops-agent {__version__} on {data['hostname']}, "
+             f"{data['timestamp']} (metrics from {source_name})", ""]
+    for part in (text_host, text_processes, text_containers, text_settings):
+        lines += part(data, config) + [""]
+    return "\n".join(lines).rstrip()
+
+
+def text_host(data, config):
+    cpu, mem, net = data["cpu"], data["memory"], data["network"]
+    load = " ".join(f"{n:.2f}" for n in data.get("load_average") or [])
+    lines = [
+        f"CPU      {cpu['usage_percent']:.1f} % of {cpu['cores']} cores at "
+        f"{cpu['frequency_mhz']:.0f} MHz; load {load or 'n/a'}",
+        f"Memory   {mem['used_gb']:.2f} of {mem['total_gb']:.2f} GiB used "
+        f"({mem['usage_percent']:.1f} %), {mem['available_gb']:.2f} GiB available; "
+        f"swap {mem['swap_used_gb']:.2f} of {mem['swap_total_gb']:.2f} GiB",
+    ]
+    for n, fs in enumerate(data["disk"]["filesystems"]):
+        lines.append(f"{'Disk' if n == 0 else '':9}{fs['mount']}: "
+                     f"{fs['used_bytes'] / 1024**3:.1f} of "
+                     f"{fs['total_bytes'] / 1024**3:.1f} GiB used "
+                     f"({fs['usage_percent']:.1f} %), {fs['fstype']} on {fs['device']}")
+    for n, i in enumerate(net["interfaces"]):
+        lines.append(f"{'Network' if n == 0 else '':9}{i['name']}: "
+                     f"{i['bytes_recv_per_s'] / 1e3:.1f} kB/s in, "
+                     f"{i['bytes_sent_per_s'] / 1e3:.1f} kB/s out; since boot "
+                     f"{i['bytes_recv'] / 1e6:.1f} MB in, "
+                     f"{i['bytes_sent'] / 1e6:.1f} MB out")
+    lines.append(f"Uptime   {human_duration(data.get('uptime_s') or 0)}")
+    return lines
+
+
+def text_processes(data, config):
+    processes = data["processes"]
+    header = f"  {'PID':>7}  {'USER':10} {'CPU %':>6} {'MEM MB':>8}  {'STATUS':11} NAME"
+    lines = [f"Processes: the {min(TEXT_PROCESSES, len(processes))} busiest of "
+             f"{len(processes)} listed", header]
+    for p in processes[:TEXT_PROCESSES]:
+        lines.append(f"  {p['pid']:>7}  {p['user'][:10]:10} {p['cpu']:>6.1f} "
+                     f"{p['memory']:>8.1f}  {p['status']:11} {p['name']}")
+    return lines
+
+
+def text_containers(data, config):
+    docker = data["docker"]
+    state = docker["status"]
+    about = docker.get("server_version") or docker.get("detail") or ""
+    lines = [f"Containers: Docker {state}" + (f" ({about})" if about else "")]
+    for c in data["containers"]:
+        lines.append(f"  {c['name'][:30]:30} {c['state']:10} {c['status'][:28]:28} "
+                     f"{c['image']}")
+    return lines
+
+
+def text_settings(data, config):
+    key = (f"set (from {config.sources['api_key']}; never shown)" if config.api_key
+           else "not set: the agent cannot connect (set CHATOPS_API_KEY)")
+    return [
+        "Connection settings in effect",
+        f"  API        {ws_url(config.api_url)}",
+        f"  key        {key}",
+        f"  metrics    every {config.metrics_interval_s:g} s; heartbeat every "
+        f"{config.heartbeat_interval_s:g} s; up to {config.buffer_size} samples "
+        "kept while offline",
+        f"  commands   {'enabled' if config.commands_enabled else 'disabled'}; "
+        f"Docker {'enabled' if config.docker_enabled else 'disabled'}",
+    ]
 
 
 def run_agent(config):

@@ -653,7 +653,7 @@ class TestConfiguration:
             config.buffer_size == 10 and config.sources["buffer_size"] == "file " + path
         )
         assert (
-            config.top_processes == 25 and config.sources["top_processes"] == "default"
+            config.top_processes == 0 and config.sources["top_processes"] == "default"
         )
 
     def test_go_agent_single_dash_flags(self, tmp_path):
@@ -921,6 +921,9 @@ class TestURLs:
 ###############################################################################
 
 
+NO_PSUTIL = os.path.join(os.path.dirname(AGENT), ".ci", "no-psutil")  # hides psutil
+
+
 def sources():
     """The metrics sources this machine can run: /proc always, psutil when installed."""
     found = [agent.ProcSource()]
@@ -995,10 +998,68 @@ class TestMetrics:
             )
             mine = next(p for p in processes if p["pid"] == burn.pid)
             assert mine["user"] == "root" if os.geteuid() == 0 else mine["user"]
-            assert mine["status"] in ("R", "S") and mine["memory"] > 1
+            assert mine["status"] in ("running", "sleeping") and mine["memory"] > 1
         finally:
             burn.kill()
             burn.wait()
+
+    @pytest.mark.parametrize("source", sources(), ids=lambda s: s.name)
+    def test_status_words_as_psutil_gives_them(self, source):
+        """The web UI paints a process green only for "running": each source
+        gives psutil's word, the same one psutil itself gives."""
+        require(agent.psutil is not None, "psutil is not installed")
+        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        idle = subprocess.Popen(["sleep", "300"])
+        try:
+            for process, word in ((busy, "running"), (idle, "sleeping")):
+                wait_until(lambda p=process, w=word: psutil.Process(p.pid).status()
+                           == w, 5, f"psutil to see a {word} process")
+            if isinstance(source, agent.PsutilSource):
+                source._proc = None  # the psutil.process_iter path of other systems
+            statuses = {row[0]: row[5] for row in source.processes()}
+            assert statuses[busy.pid] == "running"
+            assert statuses[idle.pid] == "sleeping"
+            assert set(statuses.values()) <= set(agent.PROC_STATUS.values())
+        finally:
+            for process in (busy, idle):
+                process.kill()
+                process.wait()
+
+    @pytest.mark.parametrize("no_psutil", [False, True], ids=["psutil", "proc"])
+    def test_every_process_listed_by_default(self, api, run_agent, no_psutil):
+        require(no_psutil or agent.psutil is not None, "psutil is not installed")
+        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        idle = subprocess.Popen(["sleep", "300"])
+        env = {"PYTHONPATH": NO_PSUTIL} if no_psutil else {}
+        try:
+            proc = run_agent(api.url, "--top-processes", "0",
+                             "--process-refresh-s", "0.5", **env)
+            source = "/proc" if no_psutil else "psutil"
+            proc.wait_log(f"metrics from {source} every")
+
+            def listed_with_status():
+                samples = api.metrics()
+                latest = samples[-1]["processes"] if samples else []
+                rows = {p["pid"]: p for p in latest}
+                return (busy.pid in rows and idle.pid in rows
+                        and rows[busy.pid]["status"] == "running"
+                        and rows[busy.pid]["cpu"] > 20 and rows)
+
+            rows = wait_until(listed_with_status, 10, "both, the busy one running")
+            assert rows[idle.pid]["status"] == "sleeping"
+            on_host = [e for e in os.listdir("/proc") if e.isdigit()]
+            assert len(rows) >= 0.9 * len(on_host)  # a few may start or end between
+            cpus = [p["cpu"] for p in api.metrics()[-1]["processes"]]
+            assert cpus == sorted(cpus, reverse=True)
+        finally:
+            for process in (busy, idle):
+                process.kill()
+                process.wait()
+
+    def test_the_process_cap_is_honoured(self, api, run_agent):
+        run_agent(api.url, "--top-processes", "3")
+        wait_until(lambda: len(api.metrics()) >= 2, 6, "two samples")
+        assert all(len(m["processes"]) == 3 for m in api.metrics())
 
     def test_process_table_reused_between_refreshes(self):
         collector = agent.MetricsCollector(agent.ProcSource(), process_refresh_s=3600)
