@@ -4045,6 +4045,11 @@ def build_parser():
         action="store_true",
         help="print one metrics message as JSON and exit (no API needed)",
     )
+    parser.add_argument(
+        "--text",
+        action="store_true",
+        help="with --once: print the sample for a person to read, not as JSON",
+    )
     modes.add_argument("--check", action="store_true", help="run diagnostics and exit")
     modes.add_argument(
         "--print-config",
@@ -4330,8 +4335,10 @@ def main(argv=None, environ=None):
         if args.print_config:
             print(json.dumps(config.redacted(), indent=2))
             return 0
+        if args.text and not args.once:
+            raise ConfigError("--text goes with --once: chatops_agent.py --once --text")
         if args.once:
-            return run_once(config)
+            return run_once(config, text=args.text)
         if args.check:
             return run_check(config)
         return run_agent(config)

@@ -1152,6 +1152,25 @@ class TestMetrics:
         assert "no /proc/net/dev" in data["errors"]["network"]
         assert data["memory"]["total_gb"] > 0
 
+    def test_once_as_text_for_a_person(self):
+        burn = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            result = run_cli("--once", "--text", "--docker-enabled", "false",
+                             env=clean_env(CHATOPS_API_KEY=KEY))
+        finally:
+            burn.kill()
+            burn.wait()
+        assert result.returncode == 0, result.stderr
+        text = result.stdout
+        for words in ("CPU ", " % of ", "Memory ", " GiB used", "Disk ", "Network ",
+                      "Uptime ", "Processes: the 10 busiest of ", "MEM MB",
+                      "Containers: Docker disabled", "Connection settings in effect",
+                      "key        set (from env CHATOPS_API_KEY; never shown)"):
+            assert words in text, words
+        row = next(line for line in text.splitlines() if f" {burn.pid} " in line)
+        assert "running" in row and KEY not in text
+        assert run_cli("--text").returncode == 2
+
     def test_once_prints_a_real_sample_without_api(self):
         burn = subprocess.Popen([sys.executable, "-c", "while True: pass"])
         try:
