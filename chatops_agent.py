@@ -14,6 +14,7 @@ the same metrics come from /proc without it). See README.md.
 __version__ = "0.1.0"
 
 import argparse
+import binascii
 import codecs
 import collections
 import contextlib
@@ -50,6 +51,11 @@ try:
 except ImportError:  # not on Windows
     pwd = None
 
+try:
+    import fcntl
+except ImportError:  # not on Windows: there, nothing stops two agents sharing a spool
+    fcntl = None
+
 
 ###############################################################################
 # Defaults ####################################################################
@@ -72,6 +78,12 @@ MAX_ID_CHARS = 200  # a request id or server id longer than this is not used
 NUL_STAND_IN = "\u2400"  # U+2400 SYMBOL FOR NULL, sent in place of a NUL byte
 MAX_WAITING_MESSAGES = 1024  # replies, pongs and chunks waiting to be sent;
 MAX_WAITING_BYTES = 32 * 1024 * 1024  # beyond either, the oldest are dropped
+MAX_SAMPLE_BYTES = 64 * 1024 * 1024  # samples kept undelivered: buffer_size, and this
+SPOOL_HEADER = b"chatops-agent spool 1\n"  # the spool file's format, version 1
+SPOOL_RECORD_HEAD = 17  # a record: kind, number (8 bytes), length (4), CRC-32 (4)
+MAX_SPOOL_RECORD_BYTES = 16 * 1024 * 1024  # a longer one is damage, not a sample
+SPOOL_SYNC_S = 30.0  # the spool is fsynced at most this often, and at a clean stop
+SPOOL_COMPACT_RECORDS = 256  # rewritten once this many records (and half) are done
 CPU_PRIME_S = 0.25  # first sample's CPU window after start
 SLOW_REFRESH_S = 60.0  # the mount table and CPU frequency are re-read this often
 ONCE_CPU_WINDOW_S = 0.5  # CPU window of --once
@@ -127,6 +139,10 @@ SETTINGS = (
     Setting("buffer_size", 720, "int",
             "samples kept while the API is unreachable (720 = 1 hour at 5 s)",
             at_least=1),
+    Setting("state_dir", None, "str",
+            "directory whose spool keeps undelivered samples across restarts; "
+            "none: memory only (default: $STATE_DIRECTORY, else "
+            "$XDG_STATE_HOME/chatops-agent or ~/.local/state/chatops-agent)"),
     Setting("top_processes", 0, "int",
             "processes listed in each sample, top by CPU; 0: every process",
             at_least=0),
@@ -2887,7 +2903,7 @@ class Requests:
 
 
 ###############################################################################
-# Outbox: what waits to be sent ###############################################
+# Delivery: what waits to be sent, and the spool ##############################
 ###############################################################################
 
 
@@ -2916,43 +2932,59 @@ class DropCounter:
 # (`coalesce`) is never queued twice: one answers any number of pings.
 Waiting = collections.namedtuple("Waiting", "kind payload keep_until coalesce")
 
+# A metrics sample: its number (for the spool) and its `data` as JSON.
+Sample = collections.namedtuple("Sample", "number data")
 
-class Outbox:
-    """What waits for the writer: replies and pongs first, then samples oldest first.
 
-    Samples stay here until delivered. With an API that acknowledges metrics
-    (`metrics_received`, in order, no id) a sample is delivered when
-    acknowledged, and one sent but unacknowledged when the link drops is sent
-    again. Whether the API acknowledges is learnt on each connection: the
-    server handles messages in order, so if a `pong` comes back for a `ping`
-    sent after a sample and no acknowledgement came first, it never will, and
-    a sample is delivered when sent.
+class Delivery:
+    """Everything that decides what reaches the API, and when a sample is
+    delivered: the queues, the spool, the acknowledgement window, and the
+    learning of whether this API acknowledges at all. The writer sends what
+    `take()` hands it and says `sent()`; the receive loop reports
+    `acknowledged()` and `pong_received()`.
 
-    Whatever the writer takes counts as sent only once it says so (`sent()`):
-    if the connection breaks first, it goes back in front. Everything here is
-    bounded: samples by `capacity`, other messages by MAX_WAITING_MESSAGES and
-    MAX_WAITING_BYTES, so an API that sends but does not read cannot make
-    answers pile up.
+    Replies, pongs and stream chunks go first, then samples oldest first.
+    With an API that acknowledges metrics (`metrics_received`, in order, no
+    id) a sample is delivered when acknowledged, and one sent but
+    unacknowledged when the link drops is sent again. Whether the API
+    acknowledges is learnt on each connection: after the first sample goes
+    out, `take()` hands out a ping; the server handles messages in order, so
+    a pong with no acknowledgement before it means it never acknowledges, and
+    from then on a sample is delivered when sent.
+
+    Samples are kept until delivered, at most `capacity` and
+    MAX_SAMPLE_BYTES of them, in memory and in the spool (when a state
+    directory is in use), so that a restart loses none; the oldest go first.
+    All file work happens in the metrics thread (`add_sample`) and at the
+    end (`close`), never in the receive loop. Other messages are bounded by
+    MAX_WAITING_MESSAGES and MAX_WAITING_BYTES, so an API that sends but does
+    not read cannot make answers pile up.
     """
 
     UNKNOWN, ACKS, NO_ACKS = "unknown", "acks", "no acks"
 
-    def __init__(self, capacity, reply_keep_s=300.0):
+    def __init__(self, capacity, reply_keep_s=300.0, spool=None):
         self.capacity = capacity
         self.reply_keep_s = reply_keep_s
+        self.spool = spool
         self.ack_mode = self.UNKNOWN
         self._cond = threading.Condition()
         self._urgent = collections.deque()  # of Waiting
         self._urgent_bytes = 0
         self._pong_waiting = False
-        self._pending = collections.deque()
-        self._in_flight = collections.deque()
+        self._pending = collections.deque()  # of Sample, oldest first
+        self._in_flight = collections.deque()  # sent, not yet acknowledged
+        self._sample_bytes = 0
+        self._numbers = itertools.count(1)
+        self._done = []  # numbers delivered or dropped, not yet in the spool
         self._sending = None  # what the writer took and has not reported sent
-        self._server_id = None  # stamped on each sample as it goes out
-        self._probe = None  # number of the ping that tells whether acks come
+        self._server_id = b""  # ',"server_id":ID' stamped on each sample sent
+        self._pings = self._pongs = 0  # on this connection
+        self._probe = None  # number of the ping whose pong tells whether acks come
         self._waiting_since = None  # when in-flight samples last saw progress
         self.sample_drops = DropCounter(
-            f"offline buffer full ({capacity} samples): dropped the {{n}} oldest "
+            f"offline buffer full ({capacity} samples or "
+            f"{MAX_SAMPLE_BYTES // 2**20} MiB): dropped the {{n}} oldest "
             "({total} in all); raise buffer_size to keep more"
         )
         self.message_drops = DropCounter(
@@ -2965,17 +2997,62 @@ class Outbox:
     def dropped_total(self):
         return self.sample_drops.total
 
+    def open(self):
+        """Take up the samples a spool kept from before a restart, oldest first."""
+        if self.spool is None:
+            return
+        found = self.spool.open()
+        with self._cond:
+            for number, data in found:
+                self._pending.append(Sample(number, data))
+                self._sample_bytes += len(data)
+            self._make_sample_room()  # buffer_size may have been lowered since
+            last = max((number for number, _ in found), default=0)
+            self._numbers = itertools.count(last + 1)
+        self.sample_drops.log()
+
+    def close(self):
+        """At the end: the spool learns what was delivered, and syncs."""
+        if self.spool is not None:
+            with self._cond:
+                done, self._done = self._done, []
+            self.spool.append([], done)
+            self.spool.close()
+
     # -- producers ----------------------------------------------------------
     def add_sample(self, data):
+        """A new sample (the metrics thread): queued, and written to the spool
+        with what was delivered since the last one."""
+        sample = Sample(next(self._numbers), to_json(data))
         with self._cond:
-            self._pending.append(data)
-            while len(self._pending) + len(self._in_flight) > self.capacity:
-                # In-flight samples are the oldest, but dropping one would make the
-                # next acknowledgement count against the wrong sample.
-                (self._pending or self._in_flight).popleft()
-                self.sample_drops.add()
+            self._pending.append(sample)
+            self._sample_bytes += len(sample.data)
+            self._make_sample_room()
+            done, self._done = self._done, []
             self._cond.notify()
         self.sample_drops.log()
+        if self.spool is not None:
+            self.spool.append([sample], done)
+            self.spool.compact(self.pending_samples)
+
+    def _make_sample_room(self):
+        while len(self._pending) + len(self._in_flight) > self.capacity or (
+            self._sample_bytes > MAX_SAMPLE_BYTES and len(self._pending) > 1
+        ):
+            # In-flight samples are the oldest, but dropping one would make the
+            # next acknowledgement count against the wrong sample.
+            dropped = (self._pending or self._in_flight).popleft()
+            self._forget_sample(dropped)
+            self.sample_drops.add()
+
+    def _forget_sample(self, sample):
+        self._sample_bytes -= len(sample.data)
+        self._done.append(sample.number)
+
+    def pending_samples(self):
+        """[(number, JSON)] of every sample not yet delivered, oldest first."""
+        with self._cond:
+            return [tuple(s) for s in (*self._in_flight, *self._pending)]
 
     def put(self, message, keep_until=None):
         """Queue a reply, pong or stream chunk; never blocks.
@@ -3024,67 +3101,76 @@ class Outbox:
     def use_server_id(self, server_id):
         """Samples sent from now on carry this server id (None: the API gave
         none), set at each connection and by a later auth_success."""
+        stamp = b""
+        if server_id is not None:
+            stamp = b'"server_id":' + to_json(server_id) + b","
         with self._cond:
-            self._server_id = server_id
+            self._server_id = stamp
+
+    def ping(self):
+        """The heartbeat's ping, counted: its pong may tell whether acks come."""
+        with self._cond:
+            self._ping_taken()
+        return PING_MESSAGE
 
     def take(self, timeout):
         """(type, payload) of the next message to send, or None after `timeout`.
         The writer calls `sent()` once the payload is on its way."""
         with self._cond:
-            if not self.ready():
+            if not self._ready():
                 self._cond.wait(timeout)
             if self._urgent:
                 entry = self._urgent.popleft()
                 self._forget(entry)
                 self._sending = entry
                 return entry.kind, entry.payload
+            if self._probe_needed():
+                self._ping_taken()
+                return "ping", PING_MESSAGE
             if not (self._window_open() and self._pending):
                 return None
-            data = self._sending = self._pending.popleft()
+            sample = self._sending = self._pending.popleft()
             if self.ack_mode != self.NO_ACKS:
                 if not self._in_flight:
                     self._waiting_since = time.monotonic()
-                self._in_flight.append(data)
-            server_id = self._server_id
-        stamp = {"server_id": server_id} if server_id is not None else {}
-        return "metrics", to_json({"type": "metrics", "data": dict(stamp, **data)})
+                self._in_flight.append(sample)
+            stamp = self._server_id
+        # The sample's JSON goes out as it was made, the server id put in front.
+        return "metrics", b'{"type":"metrics","data":{' + stamp + sample.data[1:] + b"}"
 
     def sent(self):
         with self._cond:
+            if isinstance(self._sending, Sample) and self.ack_mode == self.NO_ACKS:
+                self._forget_sample(self._sending)  # sent is delivered
             self._sending = None
 
     def ready(self):
         """True when a message waits that may be sent now."""
         with self._cond:
-            return bool(self._urgent or (self._pending and self._window_open()))
+            return self._ready()
+
+    def _ready(self):
+        return bool(self._urgent or self._probe_needed()
+                    or (self._pending and self._window_open()))
 
     def _window_open(self):
         return self.ack_mode == self.NO_ACKS or len(self._in_flight) < METRICS_WINDOW
 
-    def probe_needed(self):
-        """True when a ping now would tell whether this API acknowledges metrics."""
-        with self._cond:
-            return (
-                self.ack_mode == self.UNKNOWN
-                and self._in_flight
-                and self._probe is None
-            )
+    def _probe_needed(self):
+        """True when a ping now would tell whether this API acknowledges."""
+        return self.ack_mode == self.UNKNOWN and self._in_flight and self._probe is None
 
-    def ping_sent(self, number):
-        with self._cond:
-            if (
-                self.ack_mode == self.UNKNOWN
-                and self._in_flight
-                and self._probe is None
-            ):
-                self._probe = number
+    def _ping_taken(self):
+        self._pings += 1
+        if self._probe_needed():
+            self._probe = self._pings
 
     # -- the receiver ---------------------------------------------------------
     def acknowledged(self):
         with self._cond:
             self.ack_mode = self.ACKS
             if self._in_flight:
-                self._in_flight.popleft()
+                self._forget_sample(self._in_flight.popleft())
             self._waiting_since = time.monotonic() if self._in_flight else None
             self._cond.notify()
 
@@ -3094,15 +3180,14 @@ class Outbox:
             since = self._waiting_since
         return time.monotonic() - since if since is not None else 0.0
 
-    def pong_received(self, number):
+    def pong_received(self):
         with self._cond:
-            if (
-                self.ack_mode == self.UNKNOWN
-                and self._probe is not None
-                and number >= self._probe
-            ):
+            self._pongs += 1
+            if self.ack_mode == self.UNKNOWN and self._probe is not None and \
+                    self._pongs >= self._probe:
                 self.ack_mode = self.NO_ACKS
-                self._in_flight.clear()  # no acknowledgements: sent is delivered
+                while self._in_flight:  # no acknowledgements: sent is delivered
+                    self._forget_sample(self._in_flight.popleft())
                 self._waiting_since = None
                 LOG.info(
                     "the API does not acknowledge metrics; a sample counts as "
@@ -3135,6 +3220,7 @@ class Outbox:
             self._pong_waiting = False
             self._pending.extendleft(reversed(self._in_flight))
             self._in_flight.clear()
+            self._pings = self._pongs = 0
             self._probe = None
             self._waiting_since = None
             self.ack_mode = self.UNKNOWN
@@ -3143,12 +3229,260 @@ class Outbox:
         """What the writer took but could not send goes back in front."""
         if isinstance(taken, Waiting):
             self._urgent.appendleft(taken)
-        elif taken is not None and not any(d is taken for d in self._in_flight):
+        elif taken is not None and not any(s is taken for s in self._in_flight):
             self._pending.appendleft(taken)  # in flight, it goes back with those
 
     def counts(self):
         with self._cond:
             return len(self._pending), len(self._in_flight)
+
+
+class Spool:
+    """The samples not yet delivered, on disk too, so that a restart loses none.
+
+    One append-only file of records: S (a sample: its number and its JSON)
+    and D (that sample is done: delivered, or dropped as the oldest). Each
+    record carries its length and a CRC-32, so a torn or corrupt record is
+    found, skipped and reported once; the rest is delivered. Appends reach
+    the page cache at once, so a crash of the agent (SIGKILL, the OOM killer)
+    loses nothing; fsync runs at most every SPOOL_SYNC_S and at a clean stop,
+    so a power cut loses at most that long. When done records dominate, the
+    file is rewritten with the pending samples only. Any failure to write
+    (a full disk, a read-only directory) turns the spool off with one
+    warning: the agent goes on from memory.
+    """
+
+    def __init__(self, directory):
+        self.directory = directory
+        self.path = os.path.join(directory, "spool")
+        self.problem = None  # why the spool is off, for the log and --check
+        self._file = None
+        self._written = 0  # records in the file
+        self._done = 0  # of which done records, or samples they mark done
+        self._synced_at = time.monotonic()
+        # The metrics thread writes; at the end the main thread closes, even if
+        # a hung statvfs kept the metrics thread from ending.
+        self._guard = threading.Lock()
+
+    # -- start ----------------------------------------------------------------
+    def open(self):
+        """[(number, sample JSON)] found pending, oldest first; [] when the
+        spool cannot be used (then `problem` says why)."""
+        try:
+            self._prepare_directory()
+            self._open_file()
+            pending = self._load()
+        except SpoolRefused as e:
+            return self._off(str(e))
+        except OSError as e:
+            return self._off(f"cannot use the spool {self.path}: {e}")
+        if pending:
+            LOG.info("spool: %d samples from before the restart, delivered first",
+                     len(pending))
+        return pending
+
+    def _prepare_directory(self):
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        for path in (self.directory, self.path):
+            if os.path.lexists(path):
+                check_private(path)
+
+    def _open_file(self):
+        """The spool file, made 0600, for appending; locked: one agent per spool."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        self._file = os.fdopen(fd, "a+b")
+        if fcntl is None:
+            return
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SpoolRefused(
+                f"another agent uses the spool {self.path}; this one keeps its "
+                "samples in memory (give each agent its own state_dir)"
+            ) from None
+
+    def _load(self):
+        self._file.seek(0)
+        data = self._file.read()
+        if SPOOL_HEADER.startswith(data):  # new, or cut while its header was written
+            self._file.truncate(0)
+            self._file.write(SPOOL_HEADER)
+            self._file.flush()
+            return []
+        if not data.startswith(SPOOL_HEADER):
+            self._set_aside(data)
+            return []
+        samples, done, skipped = read_records(data, len(SPOOL_HEADER))
+        if skipped:
+            LOG.warning("spool %s: skipped %d damaged bytes (a torn or corrupt "
+                        "record); the intact samples are delivered", self.path, skipped)
+        pending = [(n, samples[n]) for n in sorted(samples) if n not in done]
+        if skipped:  # a clean file, so that the damage is reported once
+            self._rewrite(pending)
+        else:
+            self._written = len(samples) + len(done)
+            self._done = len(done) + len(samples) - len(pending)
+        return pending
+
+    def _set_aside(self, data):
+        """A spool of another format (a later version of the agent) is kept."""
+        aside = f"{self.path}.unknown-{int(time.time())}"
+        os.rename(self.path, aside)
+        LOG.warning("spool %s is of an unknown format (%r); set aside as %s, not "
+                    "read; a newer agent may deliver it", self.path,
+                    data[:len(SPOOL_HEADER)], aside)
+        self._file.close()
+        self._open_file()
+        self._file.write(SPOOL_HEADER)
+        self._file.flush()
+
+    # -- while running (the metrics thread only) --------------------------------
+    def append(self, samples, done):
+        """Write new samples [(number, JSON)] and the numbers now done."""
+        records = b"".join([encode_record(b"S", n, data) for n, data in samples]
+                           + [encode_record(b"D", n, b"") for n in done])
+        with self._guard:
+            if self._file is None or not records:
+                return
+            try:
+                self._file.write(records)
+                self._file.flush()
+                if time.monotonic() - self._synced_at >= SPOOL_SYNC_S:
+                    self._sync()
+            except OSError as e:
+                self._off(f"writing the spool {self.path} failed: {e}")
+                return
+            self._written += len(samples) + len(done)
+            self._done += 2 * len(done)
+
+    def compact(self, pending_samples):
+        """Rewrite the file with the pending samples only, when done records
+        make up most of it: an atomic replace (a crash keeps either file)."""
+        with self._guard:
+            if self._file is None or self._done < max(SPOOL_COMPACT_RECORDS,
+                                                      self._written // 2):
+                return
+            try:
+                self._rewrite(pending_samples())
+            except OSError as e:
+                self._off(f"compacting the spool {self.path} failed: {e}")
+
+    def _rewrite(self, pending):
+        """The file replaced by one of the pending samples only, atomically:
+        a crash in between leaves either the old file or the new one."""
+        temporary = self.path + ".new"
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(SPOOL_HEADER + b"".join(encode_record(b"S", n, data)
+                                            for n, data in pending))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, self.path)
+        self._file.close()
+        self._open_file()
+        self._written, self._done = len(pending), 0
+
+    def _sync(self):
+        self._synced_at = time.monotonic()
+        try:
+            os.fsync(self._file.fileno())
+        except OSError as e:
+            self._off(f"syncing the spool {self.path} failed: {e}")
+
+    def close(self):
+        with self._guard:
+            if self._file is not None:
+                self._sync()
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+    def _off(self, problem):
+        """The spool is off: samples are kept in memory only."""
+        self.problem = problem
+        LOG.warning("%s; samples are kept in memory only, as many as buffer_size, "
+                    "and a restart loses them", problem)
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+        return []
+
+
+class SpoolRefused(Exception):
+    """A spool the agent must not use (another user's, or readable by others)."""
+
+
+def check_private(path):
+    """SpoolRefused unless `path` is the agent user's and closed to others."""
+    info = os.lstat(path)
+    if hasattr(os, "geteuid") and info.st_uid != os.geteuid():
+        raise SpoolRefused(
+            f"the spool {path} belongs to uid {info.st_uid}, not to this agent's "
+            f"user ({os.geteuid()}): chown it to the agent's user, or set state_dir"
+        )
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        mode = "700" if stat.S_ISDIR(info.st_mode) else "600"
+        raise SpoolRefused(
+            f"the spool {path} is accessible by others "
+            f"(mode {stat.S_IMODE(info.st_mode):o}): chmod {mode} {path}"
+        )
+
+
+def encode_record(kind, number, payload):
+    head = kind + number.to_bytes(8, "big") + len(payload).to_bytes(4, "big")
+    return head + binascii.crc32(head + payload).to_bytes(4, "big") + payload
+
+
+def read_records(data, offset):
+    """({number: JSON} of S records, {numbers} of D records, bytes skipped).
+    A record whose checksum fails is skipped by looking for the next one
+    that checks; a torn last record ends the reading."""
+    samples, done, skipped = {}, set(), 0
+    while offset < len(data):
+        record = decode_record(data, offset)
+        if record is None:
+            offset, skipped = offset + 1, skipped + 1
+            continue
+        kind, number, payload, offset = record
+        if kind == b"S":
+            samples[number] = payload
+        else:
+            done.add(number)
+    return samples, done, skipped
+
+
+def decode_record(data, offset):
+    """(kind, number, payload, next offset) of a sound record at `offset`, or None."""
+    head = data[offset : offset + SPOOL_RECORD_HEAD]
+    if len(head) < SPOOL_RECORD_HEAD or head[:1] not in (b"S", b"D"):
+        return None
+    length = int.from_bytes(head[9:13], "big")
+    end = offset + SPOOL_RECORD_HEAD + length
+    if length > MAX_SPOOL_RECORD_BYTES or end > len(data):
+        return None
+    payload = data[offset + SPOOL_RECORD_HEAD : end]
+    if binascii.crc32(head[:13] + payload).to_bytes(4, "big") != head[13:]:
+        return None
+    return head[:1], int.from_bytes(head[1:9], "big"), payload, end
+
+
+def state_directory(config, environ=None):
+    """Where the spool lives, or None to keep samples in memory only."""
+    environ = os.environ if environ is None else environ
+    if config.state_dir is not None:
+        chosen = config.state_dir.strip()
+        return None if chosen.lower() in ("", "none") else chosen
+    if environ.get("STATE_DIRECTORY"):  # systemd's StateDirectory=
+        return environ["STATE_DIRECTORY"].split(":")[0]
+    base = environ.get("XDG_STATE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "chatops-agent")
+
+
+def spool_for(config):
+    directory = state_directory(config)
+    return Spool(directory) if directory else None
 
 
 ###############################################################################
@@ -3363,7 +3697,6 @@ class Session:
         self.opened_at = self.last_rx = time.monotonic()
         self.dead = threading.Event()
         self.peer_closed = threading.Event()  # the API sent a close frame
-        self.pings_sent = self.pongs_received = 0
         self._lock = threading.Lock()
         self._pong = None  # the payload of the latest WebSocket ping, unanswered
 
@@ -3411,9 +3744,9 @@ class Link:
     metrics loop, the receive loop or a handler.
     """
 
-    def __init__(self, config, outbox, dispatcher, agent_info, stop):
+    def __init__(self, config, delivery, dispatcher, agent_info, stop):
         self.config = config
-        self.outbox = outbox
+        self.delivery = delivery
         self.dispatcher = dispatcher
         self.agent_info = agent_info
         self.stop = stop
@@ -3596,7 +3929,7 @@ class Link:
 
     def _serve(self, session):
         self.session = session
-        self.outbox.use_server_id(session.server_id)
+        self.delivery.use_server_id(session.server_id)
         writer = threading.Thread(
             target=self._write_loop, args=(session,), name="writer", daemon=True
         )
@@ -3605,18 +3938,18 @@ class Link:
             self._receive_loop(session)
         finally:
             if session.peer_closed.is_set():  # the writer answers the API's close
-                self.outbox.wake()
+                self.delivery.wake()
                 writer.join(CLOSE_REPLY_WAIT_S)
             session.kill()
-            self.outbox.wake()
+            self.delivery.wake()
             writer.join()
             session.ws.shutdown()
-            self.outbox.connection_lost()
+            self.delivery.connection_lost()
             self.session = None
             if not self.stop.is_set():
                 LOG.warning(
                     "disconnected from the API; %d samples wait to be sent",
-                    self.outbox.counts()[0],
+                    self.delivery.counts()[0],
                 )
 
     def _receive_loop(self, session):
@@ -3642,7 +3975,7 @@ class Link:
             return False
         if opcode == OP_PING:
             session.ping_received(payload)
-            self.outbox.wake()
+            self.delivery.wake()
         elif opcode in (OP_TEXT, OP_BINARY):
             LOG.debug("<- frame of %d bytes", len(payload))
             self.dispatcher.dispatch(payload, session)
@@ -3663,8 +3996,8 @@ class Link:
                 pong = session.take_pong()
                 if pong is not None:
                     session.ws.pong(pong)
-                elif now >= next_ping or self.outbox.probe_needed():
-                    self._ping(session)
+                elif now >= next_ping:
+                    session.send(self.delivery.ping())
                     next_ping = now + heartbeat
                 else:
                     wake_at = min(next_ping, session.last_rx + 2 * heartbeat)
@@ -3693,18 +4026,13 @@ class Link:
             return  # the receive loop waits for the API's close frame
         session.kill()
 
-    def _ping(self, session):
-        session.pings_sent += 1
-        self.outbox.ping_sent(session.pings_sent)
-        session.send(PING_MESSAGE)
-
     def _send_next(self, session, timeout):
-        item = self.outbox.take(timeout)
+        item = self.delivery.take(timeout)
         if item is not None:
             kind, payload = item
             LOG.debug("-> %s", kind)
             session.send(payload)
-            self.outbox.sent()
+            self.delivery.sent()
 
     def _liveness_problem(self, session, now):
         """Why the connection should be given up, or None while it works."""
@@ -3714,7 +4042,7 @@ class Link:
                 f"nothing heard from the API for {now - session.last_rx:.1f} s "
                 "(two heartbeats)"
             )
-        waited = self.outbox.unacknowledged_for()
+        waited = self.delivery.unacknowledged_for()
         if waited > limit:
             return (
                 f"the API has acknowledged no metrics for {waited:.1f} s "
@@ -3725,7 +4053,7 @@ class Link:
     def _flush(self, session):
         """Send what still waits (replies, the last samples), for a short while."""
         deadline = time.monotonic() + SHUTDOWN_FLUSH_S
-        while time.monotonic() < deadline and self.outbox.ready():
+        while time.monotonic() < deadline and self.delivery.ready():
             self._send_next(session, timeout=0)
 
     def stop_connecting(self):
@@ -3778,7 +4106,8 @@ class Agent:
         self._stop_in, self._stop_out = socket.socketpair()
         self._stop_out.setblocking(False)
         self.exit_code = 0
-        self.outbox = Outbox(config.buffer_size, config.reply_keep_s)
+        self.delivery = Delivery(config.buffer_size, config.reply_keep_s,
+                                 spool_for(config))
         self.children = Children()
         self.docker_cli = DockerCLI(config, self.children)
         self.containers = ContainerCache(config, self.docker_cli, self.stop_event)
@@ -3790,14 +4119,14 @@ class Agent:
             self.containers.snapshot,
         )
         self.docker = DockerActions(config, self.docker_cli, self.containers)
-        self.commands = CommandRunner(config, self.outbox.put, self.children)
-        self.requests = Requests(config, self.outbox.put, (
+        self.commands = CommandRunner(config, self.delivery.put, self.children)
+        self.requests = Requests(config, self.delivery.put, (
             Lane("command", config.command_workers, config.command_queue_size,
                  self.commands.execute),
             Lane("docker", config.docker_workers, config.docker_queue_size,
                  self.docker.carry_out),
         ))
-        self.dispatcher = Dispatcher(self.outbox.put)
+        self.dispatcher = Dispatcher(self.delivery.put)
         self._register_handlers()
         self.link = None
         self.metrics_thread = self.receive_thread = None
@@ -3823,17 +4152,16 @@ class Agent:
         if "server_id" in message:
             server_id = auth_server_id(message)
             if server_id is not None:
-                self.outbox.use_server_id(server_id)
+                self.delivery.use_server_id(server_id)
 
     def on_pong(self, message, session):
-        session.pongs_received += 1
-        self.outbox.pong_received(session.pongs_received)
+        self.delivery.pong_received()
 
     def on_ping(self, message, session):
-        self.outbox.put(dict({"type": "pong"}, **reply_ids(message)))
+        self.delivery.put(dict({"type": "pong"}, **reply_ids(message)))
 
     def on_metrics_received(self, message, session):
-        self.outbox.acknowledged()
+        self.delivery.acknowledged()
 
     def on_error(self, message, session):
         LOG.warning("the API reported an error: %s", str(message.get("message"))[:300])
@@ -3851,7 +4179,7 @@ class Agent:
         if isinstance(target, bool) or not isinstance(target, (str, int)):
             raise RequestError("'target_id' must name the command to cancel")
         cancelled, state, text = self.requests.cancel(target, f"request {request_id!r}")
-        self.outbox.put(dialect.reply(dialect.cancel_reply, request_id, {
+        self.delivery.put(dialect.reply(dialect.cancel_reply, request_id, {
             "target_id": target, "cancelled": cancelled, "state": state,
             "message": text}))
 
@@ -3866,14 +4194,15 @@ class Agent:
             self.requests.submit(parse_docker_request(message, DOCS))
         except RequestError as e:
             LOG.warning("refused docker_command: %s", e)
-            self.outbox.put(dict({"type": "docker_response"}, **reply_ids(message),
+            self.delivery.put(dict({"type": "docker_response"}, **reply_ids(message),
                                  success=False, message=str(e)))
 
     # -- threads ------------------------------------------------------------------
     def start(self):
+        self.delivery.open()  # samples a spool kept from before, delivered first
         self.link = Link(
             self.config,
-            self.outbox,
+            self.delivery,
             self.dispatcher,
             agent_info(self.collector.source.name, self.config),
             self.stop_event,
@@ -3909,7 +4238,7 @@ class Agent:
         next_at = time.monotonic() + CPU_PRIME_S
         while not self.stop_event.wait(max(0.0, next_at - time.monotonic())):
             try:
-                self.outbox.add_sample(self.collector.collect())
+                self.delivery.add_sample(self.collector.collect())
             except Exception:  # keep sampling whatever one tick hit
                 LOG.exception("metrics collection failed")
             self.children.reap()  # what commands left behind; cheap when nothing is
@@ -3983,12 +4312,13 @@ class Agent:
             self.containers.shutdown()
             self.stop_event.set()
             self.link.stop_connecting()
-            self.outbox.wake()
+            self.delivery.wake()
             self.receive_thread.join(SHUTDOWN_FLUSH_S + SHUTDOWN_CLOSE_WAIT_S)
             if self.receive_thread.is_alive():
                 self.link.abort()
                 self.receive_thread.join(1.0)
             self.metrics_thread.join(1.0)  # a hung statvfs must not hold the exit
+            self.delivery.close()
 
     def _end_commands(self):
         if os.name != "posix":  # commands run on POSIX only
@@ -4275,7 +4605,29 @@ def run_check(config):
     for ok, text in results:  # the API's words among them: one line, no key
         print(f"{'ok' if ok else 'FAIL':<4} {redact(one_line(text), config.api_key)}")
     print(f"note {one_line(check_docker(config))}")
+    print(f"note {one_line(check_spool(config))}")
     return 0 if all(ok for ok, _ in results) else 1
+
+
+def check_spool(config):
+    """Where undelivered samples would be kept, without touching anything."""
+    directory = state_directory(config)
+    if directory is None:
+        return "spool: off (state_dir none): a restart loses undelivered samples"
+    path = os.path.join(directory, "spool")
+    try:
+        for checked in (directory, path):
+            if os.path.lexists(checked):
+                check_private(checked)
+    except (SpoolRefused, OSError) as e:
+        return f"spool: refused, samples would be kept in memory only: {e}"
+    existing = os.path.abspath(directory)
+    while not os.path.lexists(existing):  # what makedirs would start from
+        existing = os.path.dirname(existing)
+    if not (os.path.isdir(existing) and os.access(existing, os.W_OK)):
+        memory = "samples would be kept in memory only"
+        return f"spool: {directory} cannot be made or written: {memory}"
+    return f"spool: {path}"
 
 
 def check_url(config):

@@ -9,6 +9,7 @@ import bisect
 import collections
 import contextlib
 import datetime
+import gc
 import hashlib
 import inspect
 import itertools
@@ -95,12 +96,14 @@ def need_module(name):
 
 
 def clean_env(**extra):
-    """The environment for an agent process: no proxies, no CHATOPS_ leftovers."""
+    """The environment for an agent process: no proxies, no CHATOPS_ leftovers,
+    and no spool unless a test asks for one (agents must not share one)."""
     env = {
         k: v
         for k, v in os.environ.items()
         if not k.startswith("CHATOPS_") and "proxy" not in k.lower()
     }
+    env["CHATOPS_STATE_DIR"] = "none"
     env.update(extra)
     return env
 
@@ -1683,8 +1686,10 @@ class TestConnection:
         )
         assert result.returncode == 0, result.stdout + result.stderr
         lines = result.stdout.splitlines()
-        assert [line.split()[0] for line in lines] == ["ok"] * 6 + ["note"]
-        assert lines[-1].startswith("note docker: ")
+        assert [line.split()[0] for line in lines] == ["ok"] * 6 + ["note"] * 2
+        assert lines[-2].startswith("note docker: ")
+        assert lines[-1] == "note spool: off (state_dir none): a restart loses " \
+            "undelivered samples"
         assert "API key accepted: server_id " + SERVER_ID in result.stdout
         bad = run_cli(
             "--check", "--api-url", api.url, env=clean_env(CHATOPS_API_KEY="nope")
@@ -2912,60 +2917,71 @@ def taken(box):
     return json.loads(item[1])
 
 
-class TestOutbox:
+def taken_samples(box, count):
+    """The data of the next `count` samples the writer is handed, pings aside
+    (the first sample of a connection is followed by a ping: see Delivery)."""
+    found = []
+    while len(found) < count:
+        message = taken(box)
+        assert message is not None, f"only {len(found)} samples: {found}"
+        if message["type"] == "metrics":
+            found.append(message["data"])
+    return found
+
+
+class TestDelivery:
     def test_samples_oldest_first_and_acknowledged_in_order(self):
-        box = agent.Outbox(10)
+        box = agent.Delivery(10)
         for i in range(3):
             box.add_sample({"n": i})
-        assert [taken(box)["data"]["n"] for _ in range(3)] == [0, 1, 2]
+        assert [d["n"] for d in taken_samples(box, 3)] == [0, 1, 2]
         assert box.counts() == (0, 3)
         box.acknowledged()
         box.connection_lost()
         assert box.counts() == (2, 0)
-        assert [taken(box)["data"]["n"] for _ in range(2)] == [1, 2]
+        assert [d["n"] for d in taken_samples(box, 2)] == [1, 2]
 
     def test_samples_carry_the_server_id_of_their_connection(self):
-        box = agent.Outbox(10)
+        box = agent.Delivery(10)
         box.add_sample({"n": 0})
         box.add_sample({"n": 1})
         box.use_server_id("s-1")
-        assert taken(box)["data"] == {"server_id": "s-1", "n": 0}
+        assert taken_samples(box, 1) == [{"server_id": "s-1", "n": 0}]
         box.use_server_id(None)  # an API that gave none (or an unusable one)
-        assert taken(box)["data"] == {"n": 1}
+        assert taken_samples(box, 1) == [{"n": 1}]
 
     def test_replies_go_before_samples(self):
-        box = agent.Outbox(10)
+        box = agent.Delivery(10)
         box.add_sample({"n": 0})
         box.put({"type": "pong"})
         assert taken(box) == {"type": "pong"}
 
     def test_overflow_drops_oldest_and_logs_count(self, caplog):
-        box = agent.Outbox(5)
+        box = agent.Delivery(5)
         with caplog.at_level("WARNING", logger="chatops-agent"):
             for i in range(8):
                 box.add_sample({"n": i})
         assert box.dropped_total == 3
-        assert [taken(box)["data"]["n"] for _ in range(5)] == [3, 4, 5, 6, 7]
+        assert [d["n"] for d in taken_samples(box, 5)] == [3, 4, 5, 6, 7]
         assert "dropped the 1 oldest" in caplog.text
 
     def test_what_a_failed_send_took_goes_back_in_front(self):
         """The writer took it, the send failed, the connection is lost: a reply
         or a sample is sent again on the next connection, first."""
-        box = agent.Outbox(10)
+        box = agent.Delivery(10)
         box.put({"type": "command_result", "request_id": "r1", "data": {}})
         box.put({"type": "command_result", "request_id": "r2", "data": {}})
         box.add_sample({"n": 0})
         assert box.take(0)[0] == "command_result"  # no sent(): the send failed
         box.connection_lost()
         assert [taken(box)["request_id"] for _ in range(2)] == ["r1", "r2"]
-        box.pong_received(0)
         box.ack_mode = box.NO_ACKS  # sent is delivered: only the failed send counts
         box.take(0)
         box.connection_lost()
-        assert taken(box)["data"]["n"] == 0
+        assert taken_samples(box, 1) == [{"n": 0}]
 
     def test_a_reply_waits_for_a_reconnect_a_pong_does_not(self):
-        box = agent.Outbox(10, reply_keep_s=300)
+        box = agent.Delivery(10, reply_keep_s=300)
         box.put({"type": "pong"})
         box.put({"type": "error", "request_id": "r1", "message": "bad"})
         box.put({"type": "command_output", "request_id": "r2", "data": {}})
@@ -2976,7 +2992,7 @@ class TestOutbox:
         assert taken(box) is None
 
     def test_bare_pongs_are_coalesced(self):
-        box = agent.Outbox(10)
+        box = agent.Delivery(10)
         for _ in range(1000):
             box.put({"type": "pong"})
         box.put({"type": "pong", "request_id": "p1"})  # a reply: kept apart
@@ -2987,7 +3003,7 @@ class TestOutbox:
         assert taken(box) == {"type": "pong"}
 
     def test_waiting_messages_are_bounded_oldest_non_replies_first(self, caplog):
-        box = agent.Outbox(10)
+        box = agent.Delivery(10)
         limit = agent.MAX_WAITING_MESSAGES
         with caplog.at_level("WARNING", logger="chatops-agent"):
             box.put({"type": "command_result", "request_id": "keep", "data": {}})
@@ -3006,7 +3022,7 @@ class TestOutbox:
         assert kept == ["b3", "b4", "b5"]  # the oldest replies go when nothing else
 
     def test_each_connection_learns_the_ack_mode_afresh(self):
-        box = agent.Outbox(10)
+        box = agent.Delivery(10)
         box.add_sample({"n": 0})
         taken(box)
         box.acknowledged()
@@ -3015,29 +3031,41 @@ class TestOutbox:
         assert box.ack_mode == box.UNKNOWN
 
     def test_api_that_never_acks_counts_sent_as_delivered(self):
-        box = agent.Outbox(10)
+        box = agent.Delivery(10)
         box.add_sample({"n": 0})
-        taken(box)
-        assert box.probe_needed()
-        box.ping_sent(1)
+        assert taken(box)["type"] == "metrics"
+        assert taken(box) == {"type": "ping"}  # its pong tells whether acks come
         box.add_sample({"n": 1})
-        taken(box)
-        box.pong_received(1)
+        assert taken(box)["type"] == "metrics"
+        box.pong_received()
         assert box.ack_mode == box.NO_ACKS and box.counts() == (0, 0)
         box.connection_lost()
         assert box.counts() == (0, 0)
 
     def test_ack_before_pong_means_acks(self):
-        box = agent.Outbox(10)
+        box = agent.Delivery(10)
         box.add_sample({"n": 0})
         taken(box)
-        box.ping_sent(1)
+        assert taken(box) == {"type": "ping"}
         box.acknowledged()
-        box.pong_received(1)
-        assert box.ack_mode == box.ACKS and not box.probe_needed()
+        box.pong_received()
+        assert box.ack_mode == box.ACKS and taken(box) is None  # no second probe
+
+    def test_a_heartbeat_ping_counts_for_the_probe(self):
+        """A pong answers the pings in order: the heartbeat's before the probe's
+        says nothing about samples sent after it."""
+        box = agent.Delivery(10)
+        assert box.ping() == agent.PING_MESSAGE  # the heartbeat's, no sample yet
+        box.add_sample({"n": 0})
+        taken(box)
+        assert taken(box) == {"type": "ping"}
+        box.pong_received()  # the heartbeat's pong
+        assert box.ack_mode == box.UNKNOWN
+        box.pong_received()  # the probe's
+        assert box.ack_mode == box.NO_ACKS
 
     def test_waiting_for_acks_is_timed(self):
-        box = agent.Outbox(10)
+        box = agent.Delivery(10)
         assert box.unacknowledged_for() == 0.0
         box.add_sample({"n": 0})
         taken(box)
@@ -3046,13 +3074,217 @@ class TestOutbox:
         assert box.unacknowledged_for() == 0.0
 
     def test_window_limits_unacknowledged(self):
-        box = agent.Outbox(1000)
+        box = agent.Delivery(1000)
         for i in range(agent.METRICS_WINDOW + 5):
             box.add_sample({"n": i})
         sent = [taken(box) for _ in range(agent.METRICS_WINDOW + 5)]
-        assert sum(m is not None for m in sent) == agent.METRICS_WINDOW
+        assert sum(m is not None and m["type"] == "metrics" for m in sent) == \
+            agent.METRICS_WINDOW
         box.acknowledged()
-        assert taken(box)["data"]["n"] == agent.METRICS_WINDOW
+        assert taken_samples(box, 1)[0]["n"] == agent.METRICS_WINDOW
+
+
+def spool_at(directory):
+    """A Delivery with a spool in `directory`, opened as at the agent's start."""
+    box = agent.Delivery(100, spool=agent.Spool(str(directory)))
+    box.open()
+    return box
+
+
+def spooled(directory):
+    """The data of the samples a spool file holds as not yet delivered."""
+    path = os.path.join(str(directory), "spool")
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        data = f.read()
+    samples, done, _ = agent.read_records(data, len(agent.SPOOL_HEADER))
+    return [json.loads(samples[n]) for n in sorted(samples) if n not in done]
+
+
+class TestSpool:
+    def test_what_was_not_delivered_survives_a_crash(self, tmp_path):
+        box = spool_at(tmp_path)
+        for n in range(5):
+            box.add_sample({"n": n})
+        taken_samples(box, 2)
+        box.acknowledged()  # sample 0 is delivered; the spool learns at the next
+        box.add_sample({"n": 5})
+        del box  # no close(): as if killed; what it wrote is in the page cache
+        gc.collect()
+        again = spool_at(tmp_path)
+        assert [d["n"] for d in taken_samples(again, 5)] == [1, 2, 3, 4, 5]
+        again.add_sample({"n": 6})
+        assert [d["n"] for d in taken_samples(again, 1)] == [6]  # numbered on
+        again.close()
+        assert [d["n"] for d in spooled(tmp_path)] == [1, 2, 3, 4, 5, 6]
+
+    def test_private_and_checked(self, tmp_path):
+        state = tmp_path / "state"
+        spool_at(state).add_sample({"n": 0})
+        assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(state / "spool").st_mode) == 0o600
+        os.chmod(state / "spool", 0o644)
+        refused = agent.Spool(str(state))
+        assert refused.open() == [] and "chmod 600" in refused.problem
+        os.chmod(state / "spool", 0o600)
+        os.chown(state / "spool", 65534, -1)
+        refused = agent.Spool(str(state))
+        assert refused.open() == [] and "belongs to uid 65534" in refused.problem
+
+    def test_one_agent_per_spool(self, tmp_path):
+        first = spool_at(tmp_path)
+        second = agent.Spool(str(tmp_path))
+        assert second.open() == [] and "another agent uses" in second.problem
+        first.close()
+
+    def test_a_torn_last_record_at_any_byte_is_skipped(self, tmp_path, caplog):
+        box = spool_at(tmp_path / "whole")
+        for n in range(3):
+            box.add_sample({"n": n, "pad": "x" * 40})
+        box.close()
+        data = (tmp_path / "whole" / "spool").read_bytes()
+        last = len(data) - len(agent.encode_record(
+            b"S", 3, agent.to_json({"n": 2, "pad": "x" * 40})))
+        for cut in range(last + 1, len(data)):
+            state = tmp_path / f"cut-{cut}"
+            state.mkdir(mode=0o700)
+            (state / "spool").write_bytes(data[:cut])
+            (state / "spool").chmod(0o600)
+            caplog.clear()
+            with caplog.at_level("WARNING", logger="chatops-agent"):
+                box = spool_at(state)
+            assert [d["n"] for d in taken_samples(box, 2)] == [0, 1]
+            assert taken(box) is None or taken(box) is None  # a probe ping at most
+            assert caplog.text.count("damaged") == 1, caplog.text
+            box.close()
+            assert len(spooled(state)) == 2  # rewritten clean: no warning again
+
+    def test_random_bytes_in_the_middle_cost_only_what_they_hit(self, tmp_path, caplog):
+        box = spool_at(tmp_path)
+        for n in range(20):
+            box.add_sample({"n": n})
+        box.close()
+        path = tmp_path / "spool"
+        data = bytearray(path.read_bytes())
+        middle = len(data) // 2
+        data[middle : middle + 30] = os.urandom(30)
+        path.write_bytes(bytes(data))
+        with caplog.at_level("WARNING", logger="chatops-agent"):
+            box = spool_at(tmp_path)
+        numbers = [d["n"] for d in spooled(tmp_path)]  # as rewritten after the check
+        assert 17 <= len(numbers) < 20 and numbers == sorted(numbers)
+        assert numbers[0] == 0 and numbers[-1] == 19
+        assert [d["n"] for d in taken_samples(box, len(numbers))] == numbers
+        assert caplog.text.count("damaged") == 1
+
+    def test_a_spool_of_an_unknown_format_is_set_aside(self, tmp_path, caplog):
+        (tmp_path / "spool").write_bytes(b"chatops-agent spool 9\nfuture records")
+        (tmp_path / "spool").chmod(0o600)
+        with caplog.at_level("WARNING", logger="chatops-agent"):
+            box = spool_at(tmp_path)
+        aside = [p.name for p in tmp_path.iterdir() if p.name.startswith("spool.")]
+        assert len(aside) == 1 and "unknown format" in caplog.text
+        assert (tmp_path / aside[0]).read_bytes().endswith(b"future records")
+        box.add_sample({"n": 0})
+        assert [d["n"] for d in spooled(tmp_path)] == [0]
+
+    def test_a_smaller_buffer_after_a_restart_keeps_the_newest(self, tmp_path,
+                                                               caplog):
+        box = spool_at(tmp_path)
+        for n in range(10):
+            box.add_sample({"n": n})
+        box.close()
+        small = agent.Delivery(4, spool=agent.Spool(str(tmp_path)))
+        with caplog.at_level("WARNING", logger="chatops-agent"):
+            small.open()
+        assert [d["n"] for d in taken_samples(small, 4)] == [6, 7, 8, 9]
+        assert "dropped the 6 oldest" in caplog.text
+
+    def test_a_header_cut_short_is_a_new_spool(self, tmp_path):
+        (tmp_path / "spool").write_bytes(agent.SPOOL_HEADER[:7])
+        (tmp_path / "spool").chmod(0o600)
+        spool_at(tmp_path).add_sample({"n": 0})
+        assert [p.name for p in tmp_path.iterdir()] == ["spool"]
+        assert [d["n"] for d in spooled(tmp_path)] == [0]
+
+    def test_delivered_records_are_compacted_away(self, tmp_path):
+        box = spool_at(tmp_path)
+        for n in range(2000):
+            box.add_sample({"n": n})
+            if n % 100 != 99:  # an API that acknowledges all but every 100th
+                taken_samples(box, 1)
+                box.acknowledged()
+        size = (tmp_path / "spool").stat().st_size
+        assert size < 200 * 60, size  # a few hundred records, not 4000
+        assert len(spooled(tmp_path)) <= 25
+
+    def test_memory_only_when_asked(self, tmp_path):
+        config = agent.load_config({"state_dir": "none"}, {})
+        assert agent.state_directory(config) is None
+        config = agent.load_config({}, {})
+        assert agent.state_directory(config, {"STATE_DIRECTORY": "/var/lib/x"}) == \
+            "/var/lib/x"
+        assert agent.state_directory(config, {"XDG_STATE_HOME": "/s"}) == \
+            "/s/chatops-agent"
+
+
+class TestSpoolThroughRestarts:
+    @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM],
+                             ids=["KILL", "TERM"])
+    def test_every_sample_of_an_outage_survives_two_restarts(self, api, run_agent,
+                                                             tmp_path, sig):
+        state = tmp_path / "state"
+        args = ("--metrics-interval-s", "0.2", "--state-dir", str(state))
+        api.stop()
+        for run in range(2):
+            proc = run_agent(api.url, *args)
+            wait_until(lambda n=run: len(spooled(state)) >= 10 * (n + 1), 15,
+                       "samples in the spool")
+            proc.proc.send_signal(sig)
+            proc.proc.wait(10)
+        outage = [d["timestamp"] for d in spooled(state)]
+        api.start()
+        proc = run_agent(api.url, *args)
+        wait_until(lambda: len(api.metrics()) > len(outage), 15, "the outage delivered")
+        stamps = [m["timestamp"] for m in api.metrics()]
+        assert stamps[: len(outage)] == outage  # first, oldest first, as taken
+        assert len(stamps) == len(set(stamps))  # none twice
+        assert "samples from before the restart, delivered first" in proc.log()
+        wait_until(lambda: len(spooled(state)) <= 3, 10, "the spool to empty")
+
+    def test_a_full_disk_means_memory_only_not_a_crash(self, api, tmp_path):
+        """A file size limit (as a full disk) on the agent: the spool stops with
+        one warning; metrics go on from memory."""
+        log = tmp_path / "agent.log"
+        with open(log, "w") as stderr:
+            proc = subprocess.Popen(
+                ["sh", "-c", 'ulimit -f 64 && exec "$@"', "sh", sys.executable, AGENT,
+                 "--api-url", api.url, "--metrics-interval-s", "0.1",
+                 "--state-dir", str(tmp_path / "state")],
+                env=clean_env(CHATOPS_API_KEY=KEY), stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            wait_until(lambda: "kept in memory only" in log.read_text(), 20,
+                       "the spool to give up")
+            sent = len(api.metrics())
+            wait_until(lambda: len(api.metrics()) > sent + 5, 10, "metrics going on")
+            assert log.read_text().count("kept in memory only") == 1
+            assert "File too large" in log.read_text() and proc.poll() is None
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+    def test_a_state_dir_that_cannot_be_made_is_memory_only(self, api, run_agent,
+                                                             tmp_path):
+        (tmp_path / "a-file").write_text("")
+        state = str(tmp_path / "a-file" / "state")  # even root cannot make it
+        proc = run_agent(api.url, "--state-dir", state)
+        wait_until(api.metrics, 6, "metrics")
+        assert proc.log().count("kept in memory only") == 1
+        check = run_cli("--check", "--api-url", api.url, "--state-dir", state,
+                        env=clean_env(CHATOPS_API_KEY=KEY))
+        assert f"note spool: {state} cannot be made or written" in check.stdout
 
 
 ###############################################################################
@@ -3110,7 +3342,7 @@ def connect_once(url, **settings):
     """One connection attempt of the agent's Link, in this process."""
     flags = {"api_url": url, "api_key": KEY, **settings}
     config = agent.load_config({k: str(v) for k, v in flags.items()}, {})
-    link = agent.Link(config, agent.Outbox(10), agent.Dispatcher(lambda m: None),
+    link = agent.Link(config, agent.Delivery(10), agent.Dispatcher(lambda m: None),
                       {}, threading.Event())
     session = link._connect()
     session.kill()
