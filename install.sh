@@ -49,7 +49,7 @@ Usage: install.sh [options]
   --no-start            install, but do not enable or start the service (env CHATOPS_NO_START=1)
   --docker-access       let the service use Docker (root-equivalent!) (env CHATOPS_DOCKER_ACCESS=1)
   --dry-run             print what would be done, change nothing
-  --uninstall           remove service, program and venv; --purge also config and user
+  --uninstall           remove service, program and venv; --purge also config, spool, user
   --root DIR            install under DIR instead of / (for tests and images; implies --no-start)
   --help                this text
 EOF
@@ -112,6 +112,7 @@ set_paths() {
         SYSTEM=1
         APP_DIR=$ROOT/opt/$NAME
         CONF_DIR=$ROOT/etc/$NAME
+        STATE_DIR=/var/lib/$NAME # the spool of undelivered samples
         UNIT_DIR=$ROOT/etc/systemd/system
     else
         SYSTEM=0
@@ -119,6 +120,7 @@ set_paths() {
             "system service run it as root, e.g. ... | sudo sh -s -- OPTIONS"
         APP_DIR=$ROOT${XDG_DATA_HOME:-$HOME/.local/share}/$NAME
         CONF_DIR=$ROOT${XDG_CONFIG_HOME:-$HOME/.config}/$NAME
+        STATE_DIR= # the agent's default: ~/.local/state/chatops-agent
         UNIT_DIR=
     fi
     CONFIG=$CONF_DIR/config.json
@@ -321,6 +323,16 @@ owner() {
     echo "${ids:-$(id -u):$(id -g)}"
 }
 
+# Where undelivered samples wait across restarts (the service's spool): 0700,
+# the service user's. systemd's StateDirectory= makes it too; this is for
+# machines without systemd, where the agent is run by hand.
+make_state_dir() {
+    [ "$SYSTEM" = 1 ] || return 0
+    run mkdir -p "$ROOT$STATE_DIR"
+    run chmod 0700 "$ROOT$STATE_DIR"
+    [ "$DRY_RUN" = 1 ] || chown "$(owner)" "$ROOT$STATE_DIR"
+}
+
 # The config: a JSON object holding the key, mode 0600, owned by the service user.
 # Values given now replace those in an existing file; the others are kept.
 write_config() {
@@ -328,7 +340,8 @@ write_config() {
     [ "$SYSTEM" = 1 ] && run chmod 0750 "$CONF_DIR"
     [ "$DRY_RUN" = 1 ] && return
     new=$(mktemp "$CONF_DIR/.config.XXXXXX")
-    CHATOPS_NEW_URL=$API_URL CHATOPS_NEW_KEY=$API_KEY "$PYTHON" - "$CONFIG" "$new" <<'PY'
+    CHATOPS_NEW_URL=$API_URL CHATOPS_NEW_KEY=$API_KEY CHATOPS_NEW_STATE=$STATE_DIR \
+        "$PYTHON" - "$CONFIG" "$new" <<'PY'
 import json, os, sys
 old, new = sys.argv[1], sys.argv[2]
 config = {}
@@ -338,6 +351,8 @@ if os.path.exists(old):
 for key, env in (("api_url", "CHATOPS_NEW_URL"), ("api_key", "CHATOPS_NEW_KEY")):
     if os.environ.get(env):
         config[key] = os.environ[env]
+if os.environ.get("CHATOPS_NEW_STATE"):  # the operator's own choice stays
+    config.setdefault("state_dir", os.environ["CHATOPS_NEW_STATE"])
 with open(new, "w") as f:
     json.dump(config, f, indent=2)
     f.write("\n")
@@ -384,6 +399,9 @@ ProtectKernelLogs=yes
 ProtectControlGroups=yes
 RestrictSUIDSGID=yes
 LockPersonality=yes
+# The spool of samples not yet delivered (writable under ProtectSystem=strict).
+StateDirectory=$NAME
+StateDirectoryMode=0700
 
 [Install]
 WantedBy=multi-user.target
@@ -445,6 +463,7 @@ do_install() {
     # What the unit runs, as seen from inside the installed system.
     PYTHON_PATH=${PYTHON#"$ROOT"}
     [ "$PYTHON" = python3 ] && PYTHON_PATH=$(command -v python3)
+    make_state_dir
     write_config
     write_unit
     start_service
@@ -460,12 +479,13 @@ do_uninstall() {
     run rm -rf "$APP_DIR"
     if [ "$MODE" = purge ]; then
         run rm -rf "$CONF_DIR"
+        [ -n "$STATE_DIR" ] && run rm -rf "$ROOT$STATE_DIR"
         if [ "$SYSTEM" = 1 ] && grep -q "^$NAME:" "$ROOT/etc/passwd" 2>/dev/null; then
             if [ -n "$ROOT" ]; then run userdel --root "$ROOT" "$NAME"; else run userdel "$NAME"; fi
         fi
-        info "chatops-agent, its configuration and its user are removed"
+        info "chatops-agent, its configuration, its undelivered samples and its user are removed"
     else
-        info "chatops-agent is removed; its configuration stays in $CONF_DIR (--purge removes it)"
+        info "chatops-agent is removed; its configuration stays in $CONF_DIR${STATE_DIR:+ and its undelivered samples in $STATE_DIR} (--purge removes them)"
     fi
 }
 

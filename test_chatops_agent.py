@@ -3814,6 +3814,7 @@ PROMISED_UNIT_LINES = (
     "NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=read-only",
     "PrivateTmp=yes", "PrivateDevices=yes", "ProtectKernelTunables=yes",
     "ProtectKernelModules=yes", "RestrictSUIDSGID=yes", "LockPersonality=yes",
+    "StateDirectory=chatops-agent", "StateDirectoryMode=0700",
     "ExecStart=/opt/chatops-agent/venv/bin/python /opt/chatops-agent/chatops_agent.py "
     "--config /etc/chatops-agent/config.json",
 )
@@ -3887,8 +3888,11 @@ class TestInstaller:
         assert mode_owner(config) == ("0o600", uid, gid)
         assert mode_owner(config.parent) == ("0o750", uid, gid)
         assert mode_owner(unit) == ("0o644", 0, 0)
+        state = root / "var/lib/chatops-agent"
+        assert mode_owner(state) == ("0o700", uid, gid)
         assert json.loads(config.read_text()) == {
-            "api_url": "https://chatops.example.com", "api_key": KEY}
+            "api_url": "https://chatops.example.com", "api_key": KEY,
+            "state_dir": "/var/lib/chatops-agent"}
         text = unit.read_text()
         assert all(line in text.splitlines() for line in PROMISED_UNIT_LINES)
         assert KEY not in text and KEY not in first.stderr
@@ -3918,7 +3922,8 @@ class TestInstaller:
         backup = root / "opt/chatops-agent/chatops_agent.py.bak"
         assert backup.read_bytes() == AGENT_BYTES
         assert json.loads(config.read_text()) == {
-            "api_url": "https://new.example.com", "api_key": KEY}
+            "api_url": "https://new.example.com", "api_key": KEY,
+            "state_dir": "/var/lib/chatops-agent"}
         dropin = root / "etc/systemd/system/chatops-agent.service.d/docker.conf"
         assert "SupplementaryGroups=docker" in dropin.read_text()
         assert "root-equivalent" in upgrade.stderr
@@ -3926,10 +3931,11 @@ class TestInstaller:
         removed = installer("--root", str(root), "--uninstall")
         assert removed.returncode == 0, removed.stderr
         assert not (root / "opt/chatops-agent").exists() and not unit.exists()
-        assert config.exists() and service_ids(root)
+        assert config.exists() and service_ids(root) and state.exists()
         purged = installer("--root", str(root), "--purge")
         assert purged.returncode == 0, purged.stderr
         assert not config.parent.exists() and service_ids(root) is None
+        assert not state.exists()
 
     def test_dry_run_changes_nothing(self, system_root):
         bundle, root = need_bundle(), system_root
@@ -4001,7 +4007,12 @@ class TestFreshDebian:
         "getent passwd chatops-agent; "
         "runuser -u chatops-agent -- /opt/chatops-agent/venv/bin/python "
         "/opt/chatops-agent/chatops_agent.py --config /etc/chatops-agent/config.json "
-        "--once --docker-enabled false > /tmp/once.json && echo ONCE-OK"
+        "--once --docker-enabled false > /tmp/once.json && echo ONCE-OK; "
+        # A short run as the service user (no API here): its spool is made.
+        "timeout -s TERM 3 runuser -u chatops-agent -- /opt/chatops-agent/venv/bin/"
+        "python /opt/chatops-agent/chatops_agent.py --config "
+        "/etc/chatops-agent/config.json --docker-enabled false 2>/tmp/run.log; "
+        "stat -c '%a %U:%G %n' /var/lib/chatops-agent /var/lib/chatops-agent/spool"
     )
 
     def check_installed(self, output):
@@ -4012,6 +4023,8 @@ class TestFreshDebian:
         )
         assert "644 root:root /etc/systemd/system/chatops-agent.service" in output
         assert ":/nonexistent:/usr/sbin/nologin" in output and "ONCE-OK" in output
+        assert "700 chatops-agent:chatops-agent /var/lib/chatops-agent\n" in output
+        assert "600 chatops-agent:chatops-agent /var/lib/chatops-agent/spool" in output
 
     def test_offline_bundle_without_network(self, image):
         bundle = need_bundle()
