@@ -525,6 +525,19 @@ class AgentProcess:
 ###############################################################################
 
 
+@pytest.fixture(scope="session", autouse=True)
+def stop_signals_at_their_defaults():
+    """Agents start with SIGINT and SIGHUP as the tests were started with,
+    and keep one that was ignored (as under nohup). A background job of a
+    script has SIGINT ignored: so that the signal tests mean the same
+    wherever they run, the test process handles both itself, and its
+    children start with the defaults."""
+    for signum, handler in ((signal.SIGINT, signal.default_int_handler),
+                            (signal.SIGHUP, signal.SIG_DFL)):
+        if signal.getsignal(signum) == signal.SIG_IGN:
+            signal.signal(signum, handler)
+
+
 @pytest.fixture
 def api():
     server = FakeAPI().start()
@@ -3770,7 +3783,8 @@ class TestSignals:
         for _ in range(3):
             proc = run_agent(f"http://127.0.0.1:{fresh_port()}")
             proc.wait_log("metrics from")  # logged once the handlers are in place
-            while proc.proc.poll() is None:
+            burst_until = time.monotonic() + 10
+            while proc.proc.poll() is None and time.monotonic() < burst_until:
                 with contextlib.suppress(ProcessLookupError):
                     proc.proc.send_signal(signal.SIGINT)
                 time.sleep(0.002)  # a burst, not a wait: the loop ends on exit
