@@ -2567,6 +2567,24 @@ class TestDockerParsing:
         assert agent.parse_docker_request(request, agent.API).params["tail"] == 10000
 
 
+class ContainerEvents:
+    """Counts the container events the engine reports while open, whoever
+    caused them: a re-read of the list that one of them caused is not a
+    re-read per tick. (`docker events` may miss one as it starts.)"""
+
+    def __enter__(self):
+        self.proc = subprocess.Popen(
+            ["docker", "events", "--format", "{{.Action}}", "--filter",
+             "type=container"], stdout=subprocess.PIPE, text=True)
+        self.count = 0
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        out, _ = self.proc.communicate(timeout=10)
+        self.count = len(out.split())
+
+
 def listed(api, name):
     """The container `name` in the latest metrics sample, if it is there."""
     latest = api.metrics()[-1]["containers"] if api.metrics() else []
@@ -2598,8 +2616,10 @@ class TestDocker:
         assert stopped["state"] == "exited"
         ps_before = calls.read_text().split().count("ps")
         ticks = len(api.metrics())
-        wait_until(lambda: len(api.metrics()) >= ticks + 6, 10, "six quiet ticks")
-        assert calls.read_text().split().count("ps") == ps_before  # no ps per tick
+        with ContainerEvents() as others:  # another test's, or anyone's
+            wait_until(lambda: len(api.metrics()) >= ticks + 6, 10, "six quiet ticks")
+        ps_calls = calls.read_text().split().count("ps") - ps_before
+        assert ps_calls <= others.count + 1  # no ps per tick, only per event
         assert calls.read_text().split().count("events") == 1
         assert "docker" in proc.log()
 
@@ -2617,8 +2637,10 @@ class TestDocker:
             match = re.fullmatch(r"Up (\d+) seconds", listed(api, name)["status"])
             return match and int(match.group(1)) >= 3
 
-        wait_until(seconds_up, 15, "a sample 3 s after the start saying so")
-        assert calls.read_text().split().count("ps") == reads  # no re-read needed
+        with ContainerEvents() as others:
+            wait_until(seconds_up, 15, "a sample 3 s after the start saying so")
+        rereads = calls.read_text().split().count("ps") - reads
+        assert rereads <= others.count + 1  # none of its own: the text is derived
 
     def test_actions_through_the_api(self, api, run_agent, container):
         name = container("sleep 600")
@@ -2653,7 +2675,13 @@ class TestDocker:
         info = ask("inspect_container")["data"]["info"]
         assert info["name"] == name and info["state"] == "running"
         assert info["restart_count"] == 0 and info["started_at"].startswith("20")
-        stats = ask("get_container_stats")["data"]["stats"]
+        # The engine can say 0B for a while (seen here while a systemd container
+        # shared the cgroup tree): ask again until it has a number.
+        def sampled():
+            stats = ask("get_container_stats")["data"]["stats"]
+            return stats if stats["memory_used_bytes"] else None
+
+        stats = wait_until(sampled, 20, "docker stats with the container's memory")
         assert stats["memory_used_bytes"] > 0 and stats["memory_limit_bytes"] > 0
         assert stats["pids"] >= 1 and stats["cpu_percent"] >= 0
         listed = ask("list_containers")["data"]["containers"]
