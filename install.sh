@@ -369,11 +369,16 @@ PY
 
 write_unit() {
     [ "$SYSTEM" = 1 ] || return 0
+    JOURNAL_ACCESS=
+    if grep -q '^systemd-journal:' "$ROOT/etc/group" 2>/dev/null; then
+        JOURNAL_ACCESS="# Commands may read the journal (journalctl -u $NAME): all of the
+# system journal, as the systemd-journal group may.
+SupplementaryGroups=systemd-journal"
+    fi
     tmp=$WORK/unit
     cat >"$tmp" <<EOF
 [Unit]
 Description=ChatOps agent: metrics, commands and Docker for the ChatOps API
-Documentation=https://chatops.example.com/docs/agent
 After=network-online.target
 Wants=network-online.target
 
@@ -388,7 +393,10 @@ KillMode=mixed
 # (private) and the agent's own directories, cannot gain privileges (sudo and
 # setuid programs fail), and see no devices. Loosen it with a drop-in, e.g.
 #   systemctl edit chatops-agent  ->  [Service] ProtectSystem=full
+# (the README lists what each line forbids and the drop-in that undoes it).
 NoNewPrivileges=yes
+CapabilityBoundingSet=
+AmbientCapabilities=
 ProtectSystem=strict
 ProtectHome=read-only
 PrivateTmp=yes
@@ -399,9 +407,18 @@ ProtectKernelLogs=yes
 ProtectControlGroups=yes
 RestrictSUIDSGID=yes
 LockPersonality=yes
+RestrictNamespaces=yes
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
+SystemCallArchitectures=native
+ProtectClock=yes
+ProtectHostname=yes
+RestrictRealtime=yes
+RemoveIPC=yes
+UMask=0077
 # The spool of samples not yet delivered (writable under ProtectSystem=strict).
 StateDirectory=$NAME
 StateDirectoryMode=0700
+$JOURNAL_ACCESS
 
 [Install]
 WantedBy=multi-user.target

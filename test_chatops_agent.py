@@ -3857,6 +3857,10 @@ PROMISED_UNIT_LINES = (
     "PrivateTmp=yes", "PrivateDevices=yes", "ProtectKernelTunables=yes",
     "ProtectKernelModules=yes", "RestrictSUIDSGID=yes", "LockPersonality=yes",
     "StateDirectory=chatops-agent", "StateDirectoryMode=0700",
+    "CapabilityBoundingSet=", "AmbientCapabilities=", "RestrictNamespaces=yes",
+    "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK",
+    "SystemCallArchitectures=native", "ProtectClock=yes", "ProtectHostname=yes",
+    "RestrictRealtime=yes", "RemoveIPC=yes", "UMask=0077",
     "ExecStart=/opt/chatops-agent/venv/bin/python /opt/chatops-agent/chatops_agent.py "
     "--config /etc/chatops-agent/config.json",
 )
