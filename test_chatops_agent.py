@@ -4034,18 +4034,19 @@ class TestInstaller:
         assert bad.returncode == 2 and "unknown option --bogus" in bad.stderr
 
 
-class TestFreshDebian:
-    """install.sh on a fresh Debian 12 (debootstrap minbase with python3 and
-    python3-venv, imported as an image by .ci/run), in containers."""
+@pytest.fixture
+def image(docker_engine):
+    """A fresh Debian 12 (debootstrap minbase with python3, python3-venv and
+    systemd), imported as an image by .ci/run."""
+    image = os.environ.get("CHATOPS_TEST_DEBIAN_IMAGE", "")
+    found = image and docker("image", "inspect", image, check=False).returncode == 0
+    require(found,
+            "no fresh Debian image (CHATOPS_TEST_DEBIAN_IMAGE; .ci/run makes it)")
+    return image
 
-    @pytest.fixture
-    def image(self, docker_engine):
-        image = os.environ.get("CHATOPS_TEST_DEBIAN_IMAGE", "")
-        found = image and docker("image", "inspect", image, check=False).returncode == 0
-        require(
-            found, "no fresh Debian image (CHATOPS_TEST_DEBIAN_IMAGE; .ci/run makes it)"
-        )
-        return image
+
+class TestFreshDebian:
+    """install.sh on a fresh Debian 12, in containers without systemd."""
 
     CHECKS = (
         "stat -c '%a %U:%G %n' /opt/chatops-agent/chatops_agent.py /etc/chatops-agent "
@@ -4116,3 +4117,98 @@ class TestFreshDebian:
         assert result.returncode == 0, result.stdout + result.stderr
         self.check_installed(result.stdout)
         assert "checksum verified" in result.stderr
+
+
+def in_box(name, *command, env=None):
+    """A command in container `name`, as root."""
+    flags = [arg for k, v in (env or {}).items() for arg in ("-e", f"{k}={v}")]
+    return docker("exec", *flags, name, *command, check=False)
+
+
+@pytest.fixture
+def systemd_box(image):
+    """The Debian image booted with systemd as PID 1 (no --privileged: the
+    cgroup tree bind-mounted, SYS_ADMIN, a tmpfs /run), on the host's network
+    so that the agent inside reaches a test API on 127.0.0.1."""
+    name = f"chatops-systemd-{os.getpid()}-{time.monotonic_ns() % 10**9}"
+    docker("run", "-d", "--name", name, "--cap-add", "SYS_ADMIN",
+           "-v", "/sys/fs/cgroup:/sys/fs/cgroup:rw", "--tmpfs", "/run",
+           "--tmpfs", "/run/lock", "--network", "host", image, "/lib/systemd/systemd")
+    try:
+        wait_until(lambda: in_box(name, "systemctl", "is-system-running").stdout.strip()
+                   in ("running", "degraded"), 60, "systemd to boot")
+        yield name
+    finally:
+        docker("rm", "-f", name, check=False)
+
+
+class TestSystemd:
+    """The installed service under a real systemd: hardening, stop, restart."""
+
+    def install(self, box, api):
+        return in_box(box, "sh", "/bundle/install.sh", "--offline", "/bundle",
+                      "--api-url", api.url, env={"CHATOPS_API_KEY": KEY})
+
+    def main_pid(self, box):
+        return in_box(box, "systemctl", "show", "-p", "MainPID", "--value",
+                      "chatops-agent").stdout.strip()
+
+    def test_the_service_installs_runs_stops_restarts_and_goes(self, systemd_box, api):
+        box = systemd_box
+        docker("cp", need_bundle(), f"{box}:/bundle")
+        installed = self.install(box, api)
+        assert installed.returncode == 0, installed.stderr
+        active = in_box(box, "systemctl", "is-active", "chatops-agent").stdout
+        assert active == "active\n"
+        wait_until(api.metrics, 30, "the service to connect")
+        self.check_hardening(box, Commander(api, None))
+        self.check_stop_and_restart(box)
+        pid = self.main_pid(box)
+        again = self.install(box, api)  # nothing new: nothing changes, no restart
+        assert again.returncode == 0, again.stderr
+        assert self.main_pid(box) == pid and "restart" not in again.stderr
+        purged = in_box(box, "sh", "/bundle/install.sh", "--uninstall", "--purge")
+        assert purged.returncode == 0, purged.stderr
+        left = in_box(box, "sh", "-c", "ls -d /opt/chatops-agent /etc/chatops-agent "
+                      "/var/lib/chatops-agent "
+                      "/etc/systemd/system/chatops-agent.service* 2>/dev/null; "
+                      "getent passwd chatops-agent; "
+                      "systemctl list-units --all --no-legend 'chatops-agent*'")
+        assert left.stdout.strip() == ""
+
+    def check_hardening(self, box, cmd):
+        """What the unit allows commands, and what it forbids them."""
+        def run(command):
+            data = cmd.run(command, timeout_s=30)["data"]
+            return data["exit_code"], data["output"]
+
+        assert run("id -un") == (0, "chatops-agent\n")
+        assert "Read-only file system" in run("touch /etc/chatops-probe")[1]
+        assert run("touch /tmp/chatops-probe && echo written") == (0, "written\n")
+        assert "Permission denied" in run("cat /proc/1/environ")[1]
+        code, count = run("ps -e --no-headers | wc -l")
+        assert code == 0 and int(count) >= 5  # every process, not only its own
+        assert run("df -P / | tail -n 1")[0] == 0
+        assert "chatops-agent" in run("journalctl -u chatops-agent -n 5 --no-pager")[1]
+        tls = "import ssl; print(len(ssl.create_default_context().get_ca_certs()) >= 0)"
+        assert run(f"python3 -c '{tls}'") == (0, "True\n")
+        security = in_box(box, "systemd-analyze", "security", "chatops-agent").stdout
+        score = re.search(r"Overall exposure level for chatops-agent.service: ([\d.]+)",
+                          security)
+        assert score and float(score.group(1)) <= 4.5, security[-400:]
+
+    def check_stop_and_restart(self, box):
+        stopping = time.monotonic()
+        assert in_box(box, "systemctl", "stop", "chatops-agent").returncode == 0
+        assert time.monotonic() - stopping < 5
+        status = in_box(box, "systemctl", "show", "-p", "ExecMainStatus",
+                        "-p", "Result", "chatops-agent").stdout
+        assert "ExecMainStatus=0" in status and "Result=success" in status
+        in_box(box, "systemctl", "start", "chatops-agent")
+        pid = wait_until(lambda: self.main_pid(box) not in ("", "0")
+                         and self.main_pid(box), 10, "the service to start")
+        killed = time.monotonic()
+        in_box(box, "kill", "-KILL", pid)
+        wait_until(lambda: self.main_pid(box) not in ("", "0", pid), 15,
+                   "a restart after SIGKILL")
+        assert time.monotonic() - killed < 5 + 3  # RestartSec=5, and a little
