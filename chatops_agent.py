@@ -2150,31 +2150,47 @@ def human_duration(seconds):
     return f"{int(seconds // 3600) // 24 // 365} years"
 
 
+# What the status text is worded from: docker inspect's State, its times
+# parsed once, at the re-read of the list, not at every sample.
+ContainerState = collections.namedtuple(
+    "ContainerState",
+    "running paused restarting dead removing exit_code health started finished")
+
+
+def container_state(state):
+    """A ContainerState from the State object of `docker inspect`."""
+    return ContainerState(
+        bool(state.get("Running")), bool(state.get("Paused")),
+        bool(state.get("Restarting")), bool(state.get("Dead")),
+        state.get("Status") == "removing", state.get("ExitCode", 0),
+        (state.get("Health") or {}).get("Status"),
+        docker_instant(state.get("StartedAt")), docker_instant(state.get("FinishedAt")),
+    )
+
+
 def status_text(state, now):
-    """What `docker ps` prints as STATUS at Unix time `now`, from the State of
-    `docker inspect` (as the daemon words it, container/state.go)."""
-    started = docker_instant(state.get("StartedAt"))
-    finished = docker_instant(state.get("FinishedAt"))
-    code = state.get("ExitCode", 0)
-    if state.get("Running"):
-        up = human_duration(now - (started or now))
-        health = (state.get("Health") or {}).get("Status")
-        if state.get("Paused"):
+    """What `docker ps` prints as STATUS at Unix time `now`, from a
+    ContainerState (as the daemon words it, container/state.go)."""
+    if state.running:
+        up = human_duration(now - (state.started or now))
+        if state.paused:
             return f"Up {up} (Paused)"
-        if state.get("Restarting"):
-            return f"Restarting ({code}) {human_duration(now - (finished or now))} ago"
-        if health:
-            return f"Up {up} ({'health: starting' if health == 'starting' else health})"
+        if state.restarting:
+            since = human_duration(now - (state.finished or now))
+            return f"Restarting ({state.exit_code}) {since} ago"
+        if state.health:
+            health = "health: starting" if state.health == "starting" else state.health
+            return f"Up {up} ({health})"
         return f"Up {up}"
-    if state.get("Status") == "removing":
+    if state.removing:
         return "Removal In Progress"
-    if state.get("Dead"):
+    if state.dead:
         return "Dead"
-    if started is None:
+    if state.started is None:
         return "Created"
-    if finished is None:
+    if state.finished is None:
         return ""
-    return f"Exited ({code}) {human_duration(now - finished)} ago"
+    return f"Exited ({state.exit_code}) {human_duration(now - state.finished)} ago"
 
 
 def container_row(row):
@@ -2241,8 +2257,8 @@ class DockerCLI:
         return rows
 
     def container_states(self, ids):
-        """{12-character id: State of docker inspect}: what the status text of
-        each sample is derived from. A container removed meanwhile is left
+        """{12-character id: ContainerState}: what the status text of each
+        sample is worded from. A container removed meanwhile is left
         out (the CLI then fails, but still prints the others)."""
         if not ids:
             return {}
@@ -2252,8 +2268,8 @@ class DockerCLI:
         states = {}
         for line in out.decode("utf-8", "replace").splitlines():
             container_id, _, state = line.partition(" ")
-            with contextlib.suppress(ValueError):
-                states[container_id[:12]] = json.loads(state)
+            with contextlib.suppress(ValueError, AttributeError):  # a garbled line
+                states[container_id[:12]] = container_state(json.loads(state))
         return states
 
     def check(self):
@@ -2317,7 +2333,7 @@ class ContainerCache:
         self.stop = stop
         self.status, self.detail = "starting", ""
         self.containers = []
-        self._states = {}  # id -> docker inspect's State, for the status text
+        self._states = {}  # id -> ContainerState, for the status text
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stale = True

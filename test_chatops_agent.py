@@ -2541,7 +2541,7 @@ class TestDockerParsing:
     def test_status_text_from_the_state(self, state, text):
         now = datetime.datetime(2026, 11, 27, 9, 0, 37, 600000,
                                 tzinfo=datetime.timezone.utc).timestamp()
-        assert agent.status_text(state, now) == text
+        assert agent.status_text(agent.container_state(state), now) == text
 
     @pytest.mark.parametrize("ref", ["-rf", "--help", "a b", "$(id)", "x" * 300,
                                      "", None, 5, "web;reboot", "../x"])
