@@ -1872,7 +1872,7 @@ class CommandRunner:
 
     def __init__(self, config, send, children):
         self.config = config
-        self.send = send  # Outbox.put, for streamed output
+        self.send = send  # Delivery.put, for streamed output
         self.children = children
         self.env = None
 
@@ -2760,7 +2760,7 @@ class Requests:
 
     def __init__(self, config, send, lanes):
         self.config = config
-        self.send = send  # Outbox.put: queues a message, never blocks
+        self.send = send  # Delivery.put: queues a message, never blocks
         self.lanes = {lane.name: lane for lane in lanes}
         self.lock = threading.Lock()
         self.finished = threading.Condition(self.lock)  # a running job ended
@@ -2834,6 +2834,7 @@ class Requests:
             with self.lock:
                 del lane.running[job.id]
                 self.finished.notify_all()
+            self._log_if_late(job)
             self._answer(job, reply)
 
     def _next(self, lane):
@@ -2887,13 +2888,16 @@ class Requests:
             f"than the API waits for a reply (request_deadline_s = "
             f"{self.config.request_deadline_s:g} s); send it again if still wanted"))
 
-    def _answer(self, job, reply):
-        now = time.monotonic()
+    def _log_if_late(self, job):
+        """A job that ran past the API's wait is still answered; say so."""
+        took = time.monotonic() - job.received_at
         deadline_s = self.config.request_deadline_s
-        if deadline_s and now - job.received_at > deadline_s:
+        if deadline_s and took > deadline_s:
             LOG.info("%s answered %.1f s after it came, later than the API waits "
-                     "(%g s): the API may drop the reply", job.describe(),
-                     now - job.received_at, deadline_s)
+                     "(%g s): the API may drop the reply", job.describe(), took,
+                     deadline_s)
+
+    def _answer(self, job, reply):
         self.send(reply, keep_until=job.received_at + self.config.reply_keep_s)
 
     # -- stopping -----------------------------------------------------------------
