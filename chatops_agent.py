@@ -2998,7 +2998,7 @@ class Delivery:
         self._numbers = itertools.count(1)
         self._done = []  # numbers delivered or dropped, not yet in the spool
         self._sending = None  # what the writer took and has not reported sent
-        self._server_id = b""  # ',"server_id":ID' stamped on each sample sent
+        self._server_id = b""  # '"server_id":ID,' put in each sample sent
         self._pings = self._pongs = 0  # on this connection
         self._probe = None  # number of the ping whose pong tells whether acks come
         self._waiting_since = None  # when in-flight samples last saw progress
@@ -3359,10 +3359,12 @@ class Spool:
     # -- while running (the metrics thread only) --------------------------------
     def append(self, samples, done):
         """Write new samples [(number, JSON)] and the numbers now done."""
+        if self._file is None or not (samples or done):
+            return  # off: nothing to encode at each tick
         records = b"".join([encode_record(b"S", n, data) for n, data in samples]
                            + [encode_record(b"D", n, b"") for n in done])
         with self._guard:
-            if self._file is None or not records:
+            if self._file is None:  # turned off meanwhile, by close()
                 return
             try:
                 self._file.write(records)
