@@ -7,8 +7,8 @@ Run it:
     python3 chatops_agent.py --check       # diagnostics, one line per check
     python3 chatops_agent.py --help
 
-Needs Python 3.8+ and websocket-client; psutil is used when present (on Linux
-the same metrics come from /proc without it). See README.md.
+Needs Python 3.8+ and websocket-client; on systems without Linux's /proc it
+also needs psutil. See README.md.
 """
 
 __version__ = "0.1.0"
@@ -40,11 +40,6 @@ import sys
 import threading
 import time
 import urllib.parse
-
-try:
-    import psutil
-except ImportError:  # optional: the /proc source covers Linux without it
-    psutil = None
 
 try:
     import pwd
@@ -863,7 +858,7 @@ PROC_STATUS = {
 
 
 class ProcSource:
-    """Linux /proc and os.statvfs, for hosts without psutil."""
+    """Linux /proc and os.statvfs: the metrics source on Linux."""
 
     name = "/proc"
 
@@ -969,63 +964,52 @@ class ProcSource:
 
 
 class PsutilSource:
-    """psutil: the same readings on every system psutil supports."""
+    """psutil, on the systems without Linux's /proc: the same readings."""
 
     name = "psutil"
 
-    def __init__(self):
+    def __init__(self, psutil):
+        self.psutil = psutil
         self.user_name = UserNames()
         self._boot_time = None
-        # On Linux the process table comes from /proc directly: measured 4 times
-        # cheaper than psutil.process_iter (1.5 vs 5.7 ms for 69 processes),
-        # and it is the expensive part of a tick. Names are the kernel's (15
-        # characters), as psutil gives them too for most processes.
-        self._proc = ProcSource() if sys.platform.startswith("linux") else None
 
     def cpu_times(self):
-        return [busy_total(t) for t in psutil.cpu_times(percpu=True)]
+        return [busy_total(t) for t in self.psutil.cpu_times(percpu=True)]
 
     def memory(self):
-        if sys.platform.startswith("linux"):
-            # The same /proc/meminfo psutil reads, once: psutil.swap_memory()
-            # also parses /proc/vmstat, which doubled the cost of a tick.
-            return self._proc.memory()
-        vm, sw = psutil.virtual_memory(), psutil.swap_memory()
+        vm, sw = self.psutil.virtual_memory(), self.psutil.swap_memory()
         return vm.total, vm.available, sw.total, sw.free
 
     def mounts(self):
-        if sys.platform.startswith("linux"):
-            return proc_mounts()
         return [
             (p.device, p.mountpoint, p.fstype)
-            for p in psutil.disk_partitions(all=False)
+            for p in self.psutil.disk_partitions(all=False)
         ]
 
     def net(self):
         return {
             name: (c.bytes_sent, c.bytes_recv, c.packets_sent, c.packets_recv)
-            for name, c in psutil.net_io_counters(pernic=True).items()
+            for name, c in self.psutil.net_io_counters(pernic=True).items()
         }
 
     def frequency_mhz(self):
         try:
-            freq = psutil.cpu_freq()
+            freq = self.psutil.cpu_freq()
         except (OSError, RuntimeError, NotImplementedError):
             return 0.0
         return round(freq.current, 1) if freq else 0.0
 
     def uptime_s(self):
         if self._boot_time is None:  # psutil reads /proc/stat for it each time
-            self._boot_time = psutil.boot_time()
+            self._boot_time = self.psutil.boot_time()
         return max(0.0, time.time() - self._boot_time)
 
     def processes(self):
-        if self._proc is not None:
-            return self._proc.processes()
         table = []
-        owner = "uids" if hasattr(psutil.Process, "uids") else "username"  # Windows
+        # Windows has no uids: the user name, then.
+        owner = "uids" if hasattr(self.psutil.Process, "uids") else "username"
         attrs = ["pid", "create_time", "name", "cpu_times", "memory_info", "status"]
-        for p in psutil.process_iter([*attrs, owner]):
+        for p in self.psutil.process_iter([*attrs, owner]):
             info = p.info
             if info["cpu_times"] is None or info["memory_info"] is None:
                 continue  # access denied or gone
@@ -1046,14 +1030,19 @@ class PsutilSource:
 
 
 def pick_source():
-    if psutil is not None:
-        return PsutilSource()
+    """/proc on Linux, psutil elsewhere. On Linux psutil reads the same files
+    and gives the same readings, no faster (0.12 vs 0.13 ms a tick), and
+    importing it costs 0.8 MiB: a quarter of what the agent itself needs."""
     if sys.platform.startswith("linux"):
         return ProcSource()
-    raise DependencyError(
-        "psutil is not installed and this system has no Linux /proc: "
-        "install it with 'pip install psutil'"
-    )
+    try:
+        import psutil
+    except ImportError:
+        raise DependencyError(
+            "psutil is not installed, and this system has no Linux /proc to read "
+            "metrics from instead: install it with 'pip install psutil'"
+        ) from None
+    return PsutilSource(psutil)
 
 
 ###############################################################################
@@ -4669,8 +4658,8 @@ def check_source():
     except DependencyError as e:
         return False, f"metrics source: {e}"
     if source.name == "psutil":
-        return True, f"metrics source: psutil {psutil.__version__}"
-    return True, "metrics source: /proc (psutil not installed)"
+        return True, f"metrics source: psutil {source.psutil.__version__}"
+    return True, "metrics source: /proc"
 
 
 def check_websocket():

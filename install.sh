@@ -153,11 +153,6 @@ check_system() {
         die "$E_UNSUPPORTED" "this installer supports Linux only"
         ;;
     esac
-    ARCH=$(uname -m)
-    case $ARCH in
-    x86_64 | aarch64 | arm64 | armv7l | i686 | riscv64 | ppc64le | s390x) ;;
-    *) warn "untested architecture $ARCH: psutil may not install; the agent then reads /proc" ;;
-    esac
     command -v python3 >/dev/null 2>&1 || {
         report_system
         die "$E_PYTHON" "python3 is missing: install it (Debian/Ubuntu: apt-get install python3 python3-venv)"
@@ -173,7 +168,7 @@ check_system() {
     rm -rf "$probe"
     if [ "$HAVE_VENV" = 0 ]; then
         warn "python3 cannot make a venv (Debian/Ubuntu: apt-get install python3-venv);" \
-            "the distro's python3-websocket and python3-psutil will be used instead"
+            "the distro's python3-websocket will be used instead"
     fi
     SYSTEMD=0
     if [ -z "$ROOT" ] && [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
@@ -249,10 +244,8 @@ install_python_deps() {
         return
     fi
     [ -x "$VENV/bin/python" ] || run python3 -m venv "$VENV"
+    # Only websocket-client: on Linux the agent reads its metrics from /proc.
     pip_install websocket-client || die "$E_SOURCE" "cannot install websocket-client"
-    if ! pip_install psutil; then
-        warn "psutil could not be installed; the agent will read /proc instead"
-    fi
     PYTHON=$VENV/bin/python
 }
 
@@ -269,8 +262,8 @@ use_distro_packages() {
     PYTHON=python3
     python3 -c 'import websocket' 2>/dev/null && return
     if [ "$SYSTEM" = 1 ] && command -v apt-get >/dev/null 2>&1 && [ -z "$OFFLINE" ]; then
-        info "installing python3-websocket and python3-psutil with apt-get"
-        run apt-get install -y -q python3-websocket python3-psutil >&2 ||
+        info "installing python3-websocket with apt-get"
+        run apt-get install -y -q python3-websocket >&2 ||
             die "$E_PYTHON" "cannot install python3-websocket; install python3-venv and re-run"
     elif [ -n "$OFFLINE" ]; then
         ls "$OFFLINE"/wheels/websocket_client-*.whl >/dev/null 2>&1 ||
@@ -525,14 +518,6 @@ do_prepare() {
     # The newest websocket-client that still runs on Python 3.8 (pure Python).
     run python3 -m pip download -q --disable-pip-version-check --no-deps \
         --only-binary=:all: --python-version 3.8 -d "$PREPARE_DIR/wheels" websocket-client
-    # psutil: one abi3 wheel per architecture and libc, for any Python 3.
-    for platform in manylinux2014_x86_64 manylinux2014_aarch64 musllinux_1_2_x86_64 \
-        musllinux_1_2_aarch64; do
-        run python3 -m pip download -q --disable-pip-version-check --no-deps \
-            --only-binary=:all: --platform "$platform" --python-version 3.8 \
-            --implementation cp -d "$PREPARE_DIR/wheels" psutil ||
-            warn "no psutil wheel for $platform; the agent reads /proc there"
-    done
     [ "$DRY_RUN" = 1 ] && return
     (cd "$PREPARE_DIR" && find . -type f ! -name SHA256SUMS | LC_ALL=C sort |
         sed 's#^\./##' | xargs sha256sum) >"$WORK/SHA256SUMS"

@@ -1,3 +1,3 @@
 # Put first on PYTHONPATH by .ci/run so that "import psutil" fails: the suite
-# then runs the agent on its /proc metrics source, as on a host without psutil.
+# then shows that nothing on Linux needs psutil, as on a host without it.
 raise ImportError("psutil is made unimportable for this test run")
