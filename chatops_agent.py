@@ -367,6 +367,15 @@ def percent(part, whole):
     return round(100.0 * part / whole, 1) if whole > 0 else 0.0
 
 
+def tenths(x):
+    """x to one decimal, without ".0" when whole. For the lists the server
+    keeps as JSON (processes, cores, interfaces), where most numbers are 0:
+    "0" rather than "0.0" saves 2 bytes each, about 3 % of a frame. The
+    fields the server stores in columns stay floats, as it has always had them."""
+    x = round(float(x), 1)
+    return int(x) if x.is_integer() else x
+
+
 def is_loopback(host):
     if host.lower() == "localhost" or host.lower().endswith(".localhost"):
         return True
@@ -1149,7 +1158,7 @@ class MetricsCollector:
         before = self._cpu if self._cpu and len(self._cpu) == len(now) else now
         self._cpu = now
         per_core = [
-            percent(max(0.0, b1 - b0), t1 - t0)
+            tenths(percent(max(0.0, b1 - b0), t1 - t0))
             for (b0, t0), (b1, t1) in zip(before, now)
         ]
         busy = sum(max(0.0, b1 - b0) for (b0, _), (b1, _) in zip(before, now))
@@ -1214,6 +1223,8 @@ class MetricsCollector:
         interfaces = []
         for name in sorted(now):
             counts = now[name]
+            if not any(counts):
+                continue  # never carried a packet (an unused ifb or dummy): no news
             rates = [
                 max(0, c - b) / elapsed
                 for c, b in zip(counts, before.get(name, counts))
@@ -1225,10 +1236,10 @@ class MetricsCollector:
                     "bytes_recv": counts[1],
                     "packets_sent": counts[2],
                     "packets_recv": counts[3],
-                    "bytes_sent_per_s": round(rates[0], 1),
-                    "bytes_recv_per_s": round(rates[1], 1),
-                    "packets_sent_per_s": round(rates[2], 1),
-                    "packets_recv_per_s": round(rates[3], 1),
+                    "bytes_sent_per_s": tenths(rates[0]),
+                    "bytes_recv_per_s": tenths(rates[1]),
+                    "packets_sent_per_s": tenths(rates[2]),
+                    "packets_recv_per_s": tenths(rates[3]),
                 }
             )
         totals = [sum(c[i] for c in now.values()) for i in range(4)]
@@ -1267,16 +1278,16 @@ class MetricsCollector:
             seen[(pid, started)] = cpu_s
             previous = self._procs.get((pid, started))
             cpu = (
-                percent(cpu_s - previous, elapsed)
+                tenths(percent(cpu_s - previous, elapsed))
                 if elapsed and previous is not None
-                else 0.0
+                else 0
             )
             rows.append(
                 {
                     "pid": pid,
                     "name": name,
                     "cpu": cpu,
-                    "memory": round(rss / 1024**2, 1),
+                    "memory": tenths(rss / 1024**2),
                     "status": status,
                     "user": user,
                 }
