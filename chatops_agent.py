@@ -2053,6 +2053,9 @@ PORT_SPEC = re.compile(
     r"(?:(?P<ip>[0-9A-Fa-f.:\[\]]*):(?P<public>\d+(?:-\d+)?)->)?"
     r"(?P<private>\d+(?:-\d+)?)/(?P<type>\w+)"
 )
+DOCKER_PS_TIME = re.compile(  # docker ps times: 2026-11-25 14:28:30 +0000 UTC
+    r"(\d{4}-\d\d-\d\d) (\d\d:\d\d:\d\d) ([+-]\d\d)(\d\d)\b"
+)
 DOCKER_INSTANT = re.compile(  # docker inspect's times: RFC 3339, nanoseconds
     r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)"
 )
@@ -2137,9 +2140,16 @@ def port_range(text):
 
 
 def rfc3339(docker_time):
-    """'2026-11-25 14:28:30 +0000 UTC' (docker ps) -> '2026-11-25T14:28:30Z'."""
+    """'2026-11-25 14:28:30 +0000 UTC' (docker ps) -> '2026-11-25T14:28:30Z'.
+    Without strptime: its first call imports _strptime, calendar and locale
+    data, 0.4 MiB that the agent would keep for good."""
+    match = DOCKER_PS_TIME.match(docker_time)
+    if not match:
+        return docker_time
+    day, clock, zone_hours, zone_minutes = match.groups()
     try:
-        parsed = datetime.datetime.strptime(docker_time[:25], "%Y-%m-%d %H:%M:%S %z")
+        parsed = datetime.datetime.fromisoformat(
+            f"{day}T{clock}{zone_hours}:{zone_minutes}")
     except ValueError:
         return docker_time
     return parsed.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -4439,8 +4449,8 @@ RUN_AS_IMPORT = (
 def run_as_import():
     """Exec the agent again as an import. Returns only if that cannot be done;
     the agent then runs on as a script, with the larger footprint."""
-    if os.name != "posix" or not sys.executable:
-        return
+    if os.name != "posix" or not sys.executable or getattr(sys, "frozen", False):
+        return  # a frozen binary's sys.executable is the program, not Python
     flags = subprocess._args_from_interpreter_flags()  # as multiprocessing does
     script = os.path.abspath(__file__)
     with contextlib.suppress(OSError):

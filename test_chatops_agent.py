@@ -1834,6 +1834,64 @@ class TestDependencies:
         assert f"ok   websocket-client {websocket.__version__}" in check()
 
 
+class TestFootprint:
+    """What keeps the agent small (issue 14). The sizes themselves are
+    measured by bench/bench_agent.py, never by a test."""
+
+    def test_the_running_agent_reruns_as_an_import(self, api, tmp_path):
+        """Same pid, same interpreter flags and arguments, and sys.path[0] is
+        the agent's folder: a websocket.py in the working directory is never
+        imported."""
+        cwd, planted = tmp_path / "cwd", tmp_path / "planted-module-ran"
+        cwd.mkdir()
+        (cwd / "websocket.py").write_text(f"open({str(planted)!r}, 'w').close()\n")
+        args = ["--api-url", api.url, "--metrics-interval-s", "0.5"]
+        with open(tmp_path / "agent.log", "w") as log:
+            proc = subprocess.Popen([sys.executable, "-X", "utf8", AGENT, *args],
+                                    cwd=cwd, env=clean_env(CHATOPS_API_KEY=KEY),
+                                    stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            wait_until(api.metrics, 10, lambda: (tmp_path / "agent.log").read_text())
+            with open(f"/proc/{proc.pid}/cmdline") as f:
+                argv = f.read().split("\0")[:-1]
+            c = argv.index("-c")
+            assert argv[0] == sys.executable and "utf8" in argv[1:c]
+            assert argv[c + 1:] == [agent.RUN_AS_IMPORT, AGENT, *args]
+            assert not planted.exists()
+        finally:
+            proc.terminate()
+            assert proc.wait(10) == 0
+
+    def test_short_runs_stay_scripts(self):
+        out = run_cli("--once", "--docker-enabled", "false")
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["type"] == "metrics"
+
+    def test_free_memory_goes_back_after_start_then_once_a_minute(self):
+        free = agent.FreeMemory()
+        require(free._trim is not None, "no glibc malloc_trim here")
+        free.now_and_then()  # the real call: returns what start-up left
+        calls = []
+        free._trim = calls.append
+        free.now_and_then()
+        assert calls == [] and free._due >= time.monotonic() + 59
+        free._due = time.monotonic()  # a minute later
+        free.now_and_then()
+        assert calls == [0]
+
+    def test_whole_numbers_in_the_json_lists_lose_their_point(self):
+        assert agent.tenths(0.04) == 0 and type(agent.tenths(0.04)) is int
+        assert agent.tenths(12.34) == 12.3 and agent.tenths(7) == 7
+        assert agent.tenths(float("nan")) != agent.tenths(float("nan"))  # NaN stays
+        data = sample(agent.ProcSource(), top_processes=None)  # every process
+        text = agent.to_json(data).decode()
+        assert '"cpu":0.0' not in text and '"cpu":0,' in text
+        assert all(type(p["cpu"]) in (int, float) for p in data["processes"])
+        # what the server stores in columns keeps its float form
+        assert type(data["memory"]["swap_total_gb"]) is float
+
+
 ###############################################################################
 # Commands ####################################################################
 ###############################################################################
@@ -2086,6 +2144,26 @@ class TestCommandRequests:
 
 
 class TestCommands:
+    @pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "polling"])
+    def test_a_command_ends_when_its_shell_exits(self, monkeypatch, pidfd):
+        """Seen through a pidfd where there is one, by polling elsewhere: either
+        way a shell that closes its output first is waited for."""
+        if not pidfd:
+            monkeypatch.delattr(os, "pidfd_open", raising=False)
+        else:
+            require(hasattr(os, "pidfd_open"), "no os.pidfd_open (Python 3.8)")
+        config = agent.load_config({}, {"CHATOPS_STATE_DIR": "none"})
+        runner = agent.CommandRunner(config, lambda message: None, agent.Children())
+        runner.env = agent.command_environment(config)  # not start(): no subreaper
+        quick = agent.parse_command_request(
+            {"request_id": "q", "command": "echo hi"}, agent.API, config)
+        assert runner.execute(quick)["data"]["output"] == "hi\n"
+        late = agent.parse_command_request(
+            {"request_id": "l", "command": "exec >&-; sleep 0.3; exit 3"},
+            agent.API, config)
+        result = runner.execute(late)["data"]
+        assert result["exit_code"] == 3 and result["duration_ms"] >= 300
+
     def test_uptime_through_the_api_while_metrics_flow(self, commander):
         cmd = commander()
         before = len(cmd.api.metrics())
