@@ -2142,7 +2142,7 @@ def port_range(text):
 def rfc3339(docker_time):
     """'2026-11-25 14:28:30 +0000 UTC' (docker ps) -> '2026-11-25T14:28:30Z'.
     Without strptime: its first call imports _strptime, calendar and locale
-    data, 0.4 MiB that the agent would keep for good."""
+    data, 0.3 MiB that the agent would keep for good."""
     match = DOCKER_PS_TIME.match(docker_time)
     if not match:
         return docker_time
@@ -4154,6 +4154,35 @@ def noted_by_wakeup_fd(_signum, _frame):
     """The Python-level handler of a stop signal: nothing (Agent.handle_signals)."""
 
 
+M_ARENA_MAX = -8  # mallopt's parameter number, from glibc's malloc.h
+
+
+def glibc():
+    """The C library through ctypes when it is glibc (musl has no malloc_trim,
+    and returns free memory eagerly anyway), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.malloc_trim  # noqa: B018 -- AttributeError off glibc
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def one_malloc_arena():
+    """One glibc malloc arena for all threads, as MALLOC_ARENA_MAX=1 would
+    give. Each thread otherwise gets an arena of its own, which keeps its free
+    memory: 0.2 MiB measured, with trimming. Python threads hardly ever
+    allocate at the same moment (the GIL), so sharing costs nothing. Called
+    before the agent starts its threads."""
+    libc = glibc()
+    if libc is not None:
+        libc.mallopt(M_ARENA_MAX, 1)
+
+
 class FreeMemory:
     """Hands the C allocator's free pages back to the system, once a minute.
 
@@ -4161,22 +4190,15 @@ class FreeMemory:
     large output free memory that lies scattered between live blocks, and
     glibc gives back only what is at the top of its heap: the rest stays in
     the agent's resident memory for good. malloc_trim(0) returns every free
-    page; it costs about 5 us when there is nothing to return. Linux with
-    glibc only (musl has no malloc_trim, and returns memory eagerly anyway).
+    page; it costs about 5 us when there is nothing to return.
     """
 
     EVERY_S = 60.0
 
     def __init__(self):
-        self._trim = None
+        libc = glibc()
+        self._trim = libc.malloc_trim if libc is not None else None
         self._due = 0.0  # the first call trims: start-up is done by then
-        if sys.platform.startswith("linux"):
-            try:
-                import ctypes
-
-                self._trim = ctypes.CDLL(None).malloc_trim
-            except (OSError, AttributeError):
-                pass
 
     def now_and_then(self):
         if self._trim is not None and time.monotonic() >= self._due:
@@ -4615,6 +4637,7 @@ def run_agent(config):
             "no API key: set CHATOPS_API_KEY, or api_key in the config file "
             "(mode 600), or pass --api-key"
         )
+    one_malloc_arena()
     agent = Agent(config)
     agent.handle_signals()
     threading.excepthook = agent.on_thread_death
