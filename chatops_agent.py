@@ -19,6 +19,7 @@ import codecs
 import collections
 import contextlib
 import datetime
+import functools
 import glob
 import ipaddress
 import itertools
@@ -1453,6 +1454,20 @@ PR_SET_CHILD_SUBREAPER = 36
 JOB_TAG = "CHATOPS_JOB"  # in each command's environment: AGENT_PID.N
 
 
+@functools.lru_cache(maxsize=None)
+def linux_libc():
+    """The C library through ctypes on Linux (glibc or musl), else None.
+    Loaded on first use: only the running agent needs it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
 class Children:
     """The processes the agent starts, and the orphans it adopts.
 
@@ -1482,13 +1497,13 @@ class Children:
         return self._tag_prefix + str(next(self._tags))
 
     def become_subreaper(self):
-        if not sys.platform.startswith("linux"):
+        libc = linux_libc()
+        if libc is None:
             return
         try:
-            import ctypes
-
-            libc = ctypes.CDLL(None, use_errno=True)
             if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+                import ctypes  # loaded already, by linux_libc()
+
                 raise OSError(ctypes.get_errno(), "prctl")
         except (OSError, AttributeError) as e:
             LOG.debug("cannot become a child subreaper: %s", e)
@@ -4158,18 +4173,10 @@ M_ARENA_MAX = -8  # mallopt's parameter number, from glibc's malloc.h
 
 
 def glibc():
-    """The C library through ctypes when it is glibc (musl has no malloc_trim,
-    and returns free memory eagerly anyway), else None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None)
-        libc.malloc_trim  # noqa: B018 -- AttributeError off glibc
-    except (OSError, AttributeError):
-        return None
-    return libc
+    """linux_libc() when it is glibc (musl has no malloc_trim, and returns
+    free memory eagerly anyway), else None."""
+    libc = linux_libc()
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
 
 
 def one_malloc_arena():
