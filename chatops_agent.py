@@ -75,6 +75,8 @@ NUL_STAND_IN = "\u2400"  # U+2400 SYMBOL FOR NULL, sent in place of a NUL byte
 MAX_WAITING_MESSAGES = 1024  # replies, pongs and chunks waiting to be sent;
 MAX_WAITING_BYTES = 32 * 1024 * 1024  # beyond either, the oldest are dropped
 MAX_SAMPLE_BYTES = 64 * 1024 * 1024  # samples kept undelivered: buffer_size, and this
+MAX_BUFFER_SIZE = 100000  # samples kept undelivered, at most (buffer_size)
+SPOOL_FILE, SPOOL_NEW = "spool", "spool.new"  # in the state directory
 SPOOL_HEADER = b"chatops-agent spool 1\n"  # the spool file's format, version 1
 SPOOL_RECORD_HEAD = 17  # a record: kind, number (8 bytes), length (4), CRC-32 (4)
 MAX_SPOOL_RECORD_BYTES = 16 * 1024 * 1024  # a longer one is damage, not a sample
@@ -96,17 +98,21 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class Setting:
-    """One configuration setting: its JSON key, flag and variable follow from `name`."""
+    """One configuration setting: its JSON key, flag and variable follow from `name`.
 
-    def __init__(
-        self, name, default, kind, meaning, above=None, at_least=None, secret=False
-    ):
+    Every number has a range, `low` to `high`: a value outside it is refused
+    at start. Without an upper bound a setting could pass validation and then
+    kill a thread (a wait of 1e300 s overflows) or take all memory; without a
+    lower one, spin (a metrics interval of 1e-300 s) or hammer the API.
+    """
+
+    def __init__(self, name, default, kind, meaning, low=None, high=None,
+                 secret=False):
         self.name = name
         self.default = default
         self.kind = kind  # a key of CONVERTERS
         self.meaning = meaning
-        self.above = above  # numbers must be greater than this, when set
-        self.at_least = at_least  # numbers must be at least this, when set
+        self.low, self.high = low, high  # the range of a number, both included
         self.secret = secret  # never shown, not even in an error about its type
 
     @property
@@ -117,33 +123,39 @@ class Setting:
     def env(self):
         return "CHATOPS_" + self.name.upper()
 
+    @property
+    def range_text(self):
+        return f"from {self.low} to {self.high}" if self.low is not None else ""
 
+
+DAY_S, WEEK_S = 86400, 7 * 86400
 SETTINGS = (
-    Setting("api_key", None, "str",
+    Setting("api_key", None, "key",
             "API key that authenticates this agent (secret)", secret=True),
     Setting("api_url", "http://localhost:8000", "url",
             "ChatOps API base URL (http/https), or a ws/wss URL used as is"),
     Setting("metrics_interval_s", 5.0, "float",
-            "seconds between metrics samples", above=0),
+            "seconds between metrics samples", 0.1, 3600),
     Setting("heartbeat_interval_s", 30.0, "float",
             "seconds between pings; silence for two of them means the link is dead",
-            above=0),
+            1, 3600),
     Setting("reconnect_max_delay_s", 16.0, "float",
             "longest wait between connection attempts; the API is found this "
             "soon after it is back, and 16 s means at most 6 attempts a minute",
-            above=0),
+            0.5, 3600),
     Setting("buffer_size", 720, "int",
             "samples kept while the API is unreachable (720 = 1 hour at 5 s)",
-            at_least=1),
+            1, MAX_BUFFER_SIZE),
     Setting("state_dir", None, "str",
             "directory whose spool keeps undelivered samples across restarts; "
             "none: memory only (default: $STATE_DIRECTORY, else "
             "$XDG_STATE_HOME/chatops-agent or ~/.local/state/chatops-agent)"),
     Setting("top_processes", 0, "int",
             "processes listed in each sample, top by CPU; 0: every process",
-            at_least=0),
+            0, 1000000),
     Setting("process_refresh_s", 15.0, "float",
-            "seconds between reads of the process table (reused in between)", above=0),
+            "seconds between reads of the process table (reused in between)",
+            0.1, DAY_S),
     Setting("disk_include_network", False, "bool",
             "also report network filesystems (nfs, cifs, ...), whose statvfs can hang"),
     Setting("ca_file", None, "str",
@@ -160,20 +172,22 @@ SETTINGS = (
             "if not empty, only commands that one of these regexes matches whole run"),
     Setting("command_timeout_s", 300.0, "float",
             "default and longest run time of a command; a request may ask less",
-            above=0),
+            0.1, WEEK_S),
     Setting("command_grace_s", 5.0, "float",
-            "on timeout or cancel, seconds between SIGTERM and SIGKILL", at_least=0),
+            "on timeout or cancel, seconds between SIGTERM and SIGKILL", 0, 3600),
     Setting("command_workers", 4, "int",
-            "commands that run at once", at_least=1),
+            "commands that run at once", 1, 64),
     Setting("command_queue_size", 64, "int",
             "commands that may wait for a worker; beyond, the agent answers busy",
-            at_least=0),
+            0, 10000),
     Setting("request_deadline_s", 10.0, "float",
             "a request still waiting for a worker this long is answered as expired "
-            "and never started (the API waits 10 s); 0: never", at_least=0),
+            "and never started (the API waits 10 s); 0: never", 0, DAY_S),
     Setting("command_output_max_bytes", 1048576, "int",
-            "output kept per command: the first and last halves, the middle cut",
-            at_least=1024),
+            "output kept per command: the first and last halves, the middle cut; "
+            "at most 2 MiB, so that a reply, escaped as JSON, stays within the "
+            "16 MiB the API takes in one message",
+            1024, 2 * 1024 * 1024),
     Setting("command_cwd", "/", "str",
             "working directory of commands"),
     Setting("command_allow_cwd", True, "bool",
@@ -182,27 +196,27 @@ SETTINGS = (
             "extra environment variables for commands, a JSON object"),
     Setting("reply_keep_s", 300.0, "float",
             "how long a reply that could not be sent waits for a reconnect",
-            at_least=0),
+            0, DAY_S),
     Setting("docker_enabled", True, "bool",
             "report containers and answer docker requests (false: neither)"),
     Setting("docker_binary", "docker", "str",
             "the docker CLI: a name looked up in PATH, or a path"),
     Setting("docker_timeout_s", 30.0, "float",
-            "longest wait for one docker CLI call (a hung daemon)", above=0),
+            "longest wait for one docker CLI call (a hung daemon)", 1, 3600),
     Setting("docker_workers", 2, "int",
-            "Docker requests carried out at once, apart from commands", at_least=1),
+            "Docker requests carried out at once, apart from commands", 1, 64),
     Setting("docker_queue_size", 16, "int",
             "Docker requests that may wait for a worker; beyond, the agent "
-            "answers busy", at_least=0),
+            "answers busy", 0, 10000),
     Setting("docker_stop_timeout_s", 5, "int",
             "stop/restart without a timeout: seconds before Docker kills the "
             "container, short enough for the reply to beat the API's 10 s wait",
-            at_least=0),
+            0, 3600),
     Setting("docker_refresh_s", 300.0, "float",
             "safety re-read of the container list; events trigger the others",
-            above=0),
+            1, DAY_S),
     Setting("docker_check_s", 30.0, "float",
-            "while Docker is unavailable, how often to look again", above=0),
+            "while Docker is unavailable, how often to look again", 0.5, DAY_S),
 )
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 CONFIG_ENV = "CHATOPS_CONFIG"
@@ -228,11 +242,15 @@ BOOL_WORDS = {
     **dict.fromkeys(("0", "false", "no", "off"), False),
 }
 KIND_WORDS = {"str": "a string", "level": "a string", "url": "a URL (a string)",
+              "key": "a string",
               "bool": "true or false",
               "int": "a whole number", "float": "a number",
               "regexes": "a JSON list of regular expressions (or, as text, one)",
               "env": 'a JSON object of variables, {"NAME": "value"}'}
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")
+MAX_CONFIG_BYTES = 1024 * 1024  # a config file larger than this is refused
+MAX_CA_FILE_BYTES = 4 * 1024 * 1024  # and a CA file (the system's bundle: 0.2 MiB)
 
 
 ###############################################################################
@@ -386,6 +404,34 @@ def is_loopback(host):
         return False
     mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
     return address.is_loopback or bool(mapped and mapped.is_loopback)
+
+
+FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+              (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+              (stat.S_ISSOCK, "a socket"))
+
+
+def read_small_file(path, max_bytes):
+    """(bytes, os.stat_result) of the regular file at `path`, or OSError
+    saying why not. What the path names instead can neither block the agent
+    (a FIFO or a device is opened without waiting, then refused) nor fill its
+    memory (no more than `max_bytes` is read, whatever the file claims)."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
+    try:
+        info = os.fstat(fd)
+        for is_kind, kind in FILE_KINDS:
+            if is_kind(info.st_mode):
+                raise OSError(f"it is {kind}, not a regular file")
+        data = os.read(fd, max_bytes + 1)
+        while len(data) <= max_bytes:  # a file that grows, or /proc's size 0
+            more = os.read(fd, max_bytes + 1 - len(data))
+            if not more:
+                return data, info
+            data += more
+        raise OSError(f"it is larger than {max_bytes // 1024} KiB; is it the right file?")
+    finally:
+        os.close(fd)
 
 
 class Backoff:
@@ -594,50 +640,72 @@ def as_level(raw, text):
     return as_str(raw, text).strip().lower()
 
 
+def as_key(raw, text):
+    return as_str(raw, text).strip()  # a trailing newline from a key file
+
+
 def as_url(raw, text):
     return as_str(raw, text).strip()  # a trailing newline from a file or variable
 
 
-CONVERTERS = {"str": as_str, "level": as_level, "url": as_url, "bool": as_bool,
+CONVERTERS = {"str": as_str, "level": as_level, "url": as_url, "key": as_key,
+              "bool": as_bool,
               "int": as_number(int), "float": as_number(float),
               "regexes": as_regexes, "env": as_env}
 
 
 def check_value(setting, value, origin):
-    name = setting.name
-    if setting.kind == "float" and not math.isfinite(value):
-        raise ConfigError(f"{origin}: {name} must be a finite number")
-    if setting.above is not None and value <= setting.above:
-        bound = f"greater than {setting.above}" if setting.above else "positive"
-        raise ConfigError(f"{origin}: {name} must be {bound}, got {value}")
-    if setting.at_least is not None and value < setting.at_least:
-        raise ConfigError(
-            f"{origin}: {name} must be at least {setting.at_least}, got {value}"
-        )
+    where = f"{origin}: {setting.name}"
+    if setting.kind in ("int", "float"):
+        check_number(setting, value, where)
     if setting.kind == "level" and value not in LOG_LEVELS:
         levels = ", ".join(LOG_LEVELS)
-        raise ConfigError(f"{origin}: {name} must be one of {levels}, got {value!r}")
+        raise ConfigError(f"{where} must be one of {levels}, got {value!r}")
     for pattern in value if setting.kind == "regexes" else ():
         try:
             re.compile(pattern)
         except re.error as e:
             raise ConfigError(
-                f"{origin}: {name}: {pattern!r} is not a valid regular expression: {e}"
+                f"{where}: {pattern!r} is not a valid regular expression: {e}"
             ) from None
+    check_text(setting, value, where)
+
+
+def check_number(setting, value, where):
+    if not math.isfinite(value):
+        raise ConfigError(f"{where} must be a finite number")
+    if not setting.low <= value <= setting.high:
+        raise ConfigError(f"{where} must be {setting.range_text}, got {value}")
+
+
+def check_text(setting, value, where):
+    """No NUL in any text: a path, an argument or a variable cannot hold one,
+    and it would fail only when used, in a thread. No control character in
+    the key, where it is a copy mistake (and breaks --check's header)."""
+    if isinstance(value, dict):
+        value = list(value.values())
+    for text in value if isinstance(value, list) else [value]:
+        if isinstance(text, str) and "\0" in text:
+            raise ConfigError(f"{where} holds a NUL character")
+    if setting.kind == "key" and value and CONTROL_CHARACTER.search(value):
+        raise ConfigError(
+            f"{where} holds a control character (a line break, a tab, ...); "
+            "the key is one line of printable characters: check where it comes from"
+        )
 
 
 def read_config_file(path):
     """The JSON object in `path`, after the checks ssh makes of a private key."""
     try:
-        with open(path, encoding="utf-8") as f:
-            mode = os.fstat(f.fileno()).st_mode
-            text = f.read()
+        data, info = read_small_file(path, MAX_CONFIG_BYTES)
+        text = data.decode("utf-8")
     except OSError as e:
         raise ConfigError(
             f"cannot read config file {path}: {e.strerror or e}"
         ) from None
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    mode = info.st_mode
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -724,11 +792,14 @@ def validate(config):
             f"command_cwd {config.command_cwd} is not a directory; give an existing "
             "one with --command-cwd"
         )
-    if config.ca_file and not os.access(config.ca_file, os.R_OK):
-        raise ConfigError(
-            f"CA file {config.ca_file} cannot be read; give the path of a PEM file "
-            "with --ca-file"
-        )
+    if config.ca_file:
+        try:
+            tls_context(config)
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(
+                f"CA file {config.ca_file} cannot be used ({e.strerror or e}); give "
+                "the path of a PEM file with --ca-file"
+            ) from None
 
 
 # What different URL parsers may read differently: whitespace and controls
@@ -786,19 +857,20 @@ def http_base(api_url):
 
 
 def tls_context(config):
-    """An SSLContext for urllib that matches what the WebSocket will do."""
+    """The SSLContext of every TLS connection to the API, the WebSocket's and
+    --check's: the system's CAs, or the CA file's only. The agent reads that
+    file itself, as it reads any file (a FIFO or a huge file put in its place
+    is refused, never waited on), at each connection: a renewed CA is taken
+    up without a restart."""
     if config.tls_skip_verify:
-        return ssl._create_unverified_context()
-    return ssl.create_default_context(cafile=config.ca_file)
-
-
-def ws_sslopt(config):
-    if config.tls_skip_verify:
-        return {"cert_reqs": ssl.CERT_NONE, "check_hostname": False}
-    opts = {"cert_reqs": ssl.CERT_REQUIRED}
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
     if config.ca_file:
-        opts["ca_certs"] = config.ca_file
-    return opts
+        pem, _ = read_small_file(config.ca_file, MAX_CA_FILE_BYTES)
+        return ssl.create_default_context(cadata=pem.decode("ascii", "replace"))
+    return ssl.create_default_context()
 
 
 ###############################################################################
@@ -3884,7 +3956,7 @@ class Link:
                 "on the path can read the API key and the commands"
             )
         ws = self.websocket.WebSocket(
-            sslopt=ws_sslopt(self.config),
+            sslopt=self._sslopt(),
             skip_utf8_validation=True,
             enable_multithread=True,
         )
@@ -3902,6 +3974,18 @@ class Link:
         as_server = f" as server {server_id}" if server_id is not None else ""
         LOG.info("connected to %s%s", self.url, as_server)
         return Session(ws, reader, server_id, self.websocket.ABNF)
+
+    def _sslopt(self):
+        """websocket-client's TLS options: the agent's own context (tls_context)."""
+        if not self.url.startswith("wss:"):
+            return {}
+        try:
+            return {"context": tls_context(self.config)}
+        except (OSError, ssl.SSLError) as e:
+            raise LinkError(
+                f"cannot use the CA file {self.config.ca_file} ({e.strerror or e}); "
+                "put the PEM file of the API's CA back, or give another with --ca-file"
+            ) from None
 
     def _open(self, ws):
         """Connect and upgrade `ws`, or LinkError / AuthError saying why not.
@@ -4511,11 +4595,12 @@ def build_parser():
                                 metavar="true|false",
                                 help=f"{s.meaning} (default: {default})")
         else:
+            bounds = f"; {s.range_text}" if s.low is not None else ""
             parser.add_argument(
                 *names,
                 dest=s.name,
                 metavar=s.name.upper(),
-                help=f"{s.meaning} (default: {s.default})",
+                help=f"{s.meaning} (default: {s.default}{bounds})",
             )
     modes = parser.add_mutually_exclusive_group()
     modes.add_argument(

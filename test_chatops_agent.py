@@ -708,8 +708,8 @@ class TestConfiguration:
             ),
             ({"buffer_size": "720"}, "buffer_size must be a whole number"),
             ({"tls_skip_verify": 1}, "tls_skip_verify must be true or false"),
-            ({"metrics_interval_s": -5}, "metrics_interval_s must be positive"),
-            ({"heartbeat_interval_s": 0}, "heartbeat_interval_s must be positive"),
+            ({"metrics_interval_s": -5}, "metrics_interval_s must be from 0.1 to 3600"),
+            ({"heartbeat_interval_s": 0}, "heartbeat_interval_s must be from 1 to 3600"),
             ({"log_level": "loud"}, "log_level must be one of"),
             ({"api_url": "ftp://x"}, "is not a URL the agent can use"),
             ([1, 2], "must hold a JSON object"),
@@ -2134,8 +2134,8 @@ class TestCommandRequests:
         ({"command_allow": "(unclosed"}, "not a valid regular expression"),
         ({"command_env": '{"BAD NAME": "x"}'}, "command_env must be a JSON object"),
         ({"command_env": "[1]"}, "command_env must be a JSON object"),
-        ({"command_workers": "0"}, "command_workers must be at least 1"),
-        ({"command_output_max_bytes": "10"}, "must be at least 1024"),
+        ({"command_workers": "0"}, "command_workers must be from 1 to 64"),
+        ({"command_output_max_bytes": "10"}, "must be from 1024 to 2097152"),
         ({"command_cwd": "/no/such/dir"}, "is not a directory"),
     ])
     def test_bad_command_settings(self, values, message):
@@ -3926,6 +3926,64 @@ class TestSignals:
         wait_until(lambda: api.closes, 5, "the close frame")
         assert api.closes[-1][0] == 1011
 
+
+class TestHostileOperator:
+    """What the operator's side can hand the agent: files that are no
+    files, magnitudes that pass a check and then kill a thread (issue 18,
+    defect 15)."""
+
+    def test_a_config_that_is_no_regular_file_is_refused_at_once(self, tmp_path):
+        fifo = tmp_path / "config.fifo"
+        os.mkfifo(fifo)
+        big = tmp_path / "big.json"
+        big.write_text('{"log_level": "info"' + " " * 2**21 + "}")
+        for path, why in ((fifo, "it is a FIFO"), ("/dev/zero", "character device"),
+                          (big, "larger than 1024 KiB"), (tmp_path, "a directory")):
+            out = run_cli("--print-config", "--config", str(path), timeout=10)
+            assert out.returncode == 2 and why in out.stderr, out.stderr
+
+    def test_a_ca_file_that_is_a_fifo_blocks_nothing(self, tmp_path):
+        fifo = tmp_path / "ca.fifo"
+        os.mkfifo(fifo)
+        out = run_cli("--print-config", "--api-url", "https://127.0.0.1:9",
+                      "--ca-file", str(fifo), timeout=10)
+        assert out.returncode == 2 and "it is a FIFO" in out.stderr
+
+    @pytest.mark.parametrize("flag, value", [
+        ("--metrics-interval-s", "1e300"), ("--metrics-interval-s", "1e-300"),
+        ("--heartbeat-interval-s", "1e300"), ("--reconnect-max-delay-s", "1e300"),
+        ("--request-deadline-s", "1e300"), ("--docker-check-s", "1e300"),
+        ("--docker-refresh-s", "1e300"), ("--docker-timeout-s", "1e300"),
+        ("--command-workers", "100000"), ("--buffer-size", "1000000000"),
+        ("--command-output-max-bytes", "1000000000000"),
+        ("--docker-stop-timeout-s", "100000000"), ("--command-timeout-s", "1e300"),
+    ])
+    def test_a_magnitude_no_thread_survives_is_refused_at_start(self, flag, value):
+        """Each of these passed the checks, and then a wait overflowed and
+        killed its thread, or the threads could not all start, or memory ran
+        out: now refused, with the range."""
+        out = run_cli("--print-config", flag, value)
+        assert out.returncode == 2 and "must be from" in out.stderr, out.stderr
+
+    def test_a_nul_in_a_setting_is_refused_at_start(self, tmp_path):
+        """A NUL (only a JSON file can hold one) passed the checks and failed
+        where it was used: the spool's makedirs at start, the docker CLI's
+        start in its thread."""
+        for key in ("state_dir", "docker_binary", "command_cwd"):
+            config = write_config(tmp_path, {key: "/tmp/a\u0000b"})
+            out = run_cli("--print-config", "--config", config)
+            assert out.returncode == 2 and "holds a NUL character" in out.stderr
+
+    def test_a_key_file_with_a_line_break_works(self, api, tmp_path):
+        """A key copied with its newline: trimmed (--check crashed on it). A
+        control character inside the key is refused, and the key not shown."""
+        config = write_config(tmp_path, {"api_url": api.url, "api_key": KEY + "\n"})
+        out = run_cli("--check", "--config", config)
+        assert "ok   API key accepted" in out.stdout, out.stdout + out.stderr
+        config = write_config(tmp_path, {"api_url": api.url, "api_key": "ab\x1bcd"})
+        out = run_cli("--check", "--config", config)
+        assert out.returncode == 2 and "holds a control character" in out.stderr
+        assert "ab\x1bcd" not in out.stderr
 
 ###############################################################################
 # Installer ###################################################################
