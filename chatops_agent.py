@@ -1528,15 +1528,17 @@ JOB_TAG = "CHATOPS_JOB"  # in each command's environment: AGENT_PID.N
 
 @functools.lru_cache(maxsize=None)
 def linux_libc():
-    """The C library through ctypes on Linux (glibc or musl), else None.
-    Loaded on first use: only the running agent needs it."""
+    """The C library through ctypes on Linux (glibc or musl), else None: also
+    where Python was built without ctypes (no libffi), when only the extras it
+    gives are missing (the subreaper, the trimming of freed memory). Loaded on
+    first use: only the running agent needs it."""
     if not sys.platform.startswith("linux"):
         return None
-    import ctypes
-
     try:
+        import ctypes
+
         return ctypes.CDLL(None, use_errno=True)
-    except OSError:
+    except (ImportError, OSError):
         return None
 
 
@@ -4545,31 +4547,75 @@ class Agent:
 
 # CPython keeps a script's syntax tree for as long as the script runs, and the
 # tree pins the memory its compilation used: for this file 9 MiB, three times
-# what the rest of the agent needs. An imported module's tree is freed once
-# compiled (and a __pycache__ file skips even that), so the long-running agent
-# replaces itself, same pid, same interpreter and flags, by an interpreter
-# that imports this file. sys.path[0] is this file's folder, as for a script,
-# never the working directory.
+# what the rest of the agent needs. A module's tree is freed once compiled, so
+# the long-running agent replaces itself (same pid, interpreter, flags and
+# arguments) by an interpreter that runs RUN_AS_IMPORT: it compiles this file
+# as the module `chatops_agent` and calls main().
+#
+# `-c` puts the working directory first on sys.path, where anyone may have
+# left an importlib.py: the code imports nothing (`sys` is built in) before it
+# has taken that entry out, then puts the agent's own folder there, as a
+# script has it. It reads the file itself, so that any name works (a symlink
+# `chatops-agent`, a copy without .py) and no .pyc lands beside a link.
 RUN_AS_IMPORT = (
-    "import importlib.util as u,os,sys;"
-    "sys.path[0]=sys.path[0] or os.path.dirname(sys.argv[1]);"
-    "s=u.spec_from_file_location('chatops_agent',sys.argv[1]);"
-    "m=u.module_from_spec(s);sys.modules[s.name]=m;s.loader.exec_module(m);"
-    "sys.exit(m.main(sys.argv[2:]))"
+    "import sys;"
+    "sys.path[:1]==[''] and sys.path.pop(0);"
+    "import types;"
+    "d,f,*a=sys.argv[1:];"
+    "d and sys.path.insert(0,d);"
+    "m=sys.modules['chatops_agent']=types.ModuleType('chatops_agent');"
+    "m.__file__=f;"
+    "exec(compile(open(f,'rb').read(),f,'exec'),m.__dict__);"
+    "sys.exit(m.main(a))"
 )
 
 
 def run_as_import():
-    """Exec the agent again as an import. Returns only if that cannot be done;
-    the agent then runs on as a script, with the larger footprint."""
-    if os.name != "posix" or not sys.executable or getattr(sys, "frozen", False):
-        return  # a frozen binary's sys.executable is the program, not Python
-    flags = subprocess._args_from_interpreter_flags()  # as multiprocessing does
-    script = os.path.abspath(__file__)
-    with contextlib.suppress(OSError):
-        os.execv(sys.executable, [sys.executable, *flags, "-c", RUN_AS_IMPORT, script,
-                                  *sys.argv[1:]])
+    """Exec the agent again as an import. Returns only if that cannot be done
+    (see rerun_argv); the agent then runs on as a script, with the larger
+    footprint."""
+    argv = rerun_argv()
+    if argv is not None:
+        with contextlib.suppress(OSError):
+            os.execv(argv[0], argv)
 
+
+def rerun_argv():
+    """The command line that runs this script again as an import, or None when
+    the new interpreter could not load it: the script is not a regular file
+    it can read again (`python3 /dev/stdin`, a pipe), or how this interpreter
+    was started, and so its flags, is not known (see started_as)."""
+    if __spec__ is not None:
+        return None  # python3 -m chatops_agent: an import already
+    if os.name != "posix" or not sys.executable or getattr(sys, "frozen", False):
+        return None  # a frozen binary's sys.executable is the program, not Python
+    script = os.path.abspath(__file__)
+    try:
+        readable = stat.S_ISREG(os.stat(script).st_mode) and os.access(script, os.R_OK)
+    except OSError:
+        readable = False
+    if not readable:
+        return None
+    started = started_as()
+    if not started or started[-len(sys.argv):] != sys.argv:
+        return None
+    flags = started[1 : len(started) - len(sys.argv)]
+    here = os.path.dirname(os.path.realpath(script))
+    folder = sys.path[0] if sys.path and os.path.realpath(sys.path[0]) == here else ""
+    return [sys.executable, *flags, "-c", RUN_AS_IMPORT, folder, script, *sys.argv[1:]]
+
+
+def started_as():
+    """The command line this interpreter was started with, its own flags (-X
+    utf8, -I, ...) included: sys.orig_argv from Python 3.10 on, else Linux's
+    /proc/self/cmdline; None where neither tells."""
+    if hasattr(sys, "orig_argv"):
+        return list(sys.orig_argv)
+    try:
+        with open("/proc/self/cmdline", "rb") as f:
+            return [os.fsdecode(arg) for arg in f.read().split(b"\0")[:-1]]
+    except OSError:
+        return None
 
 
 def build_parser():

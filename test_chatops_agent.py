@@ -108,6 +108,12 @@ def clean_env(**extra):
     return env
 
 
+def command_line(pid):
+    """The argv of process `pid`, as /proc shows it."""
+    with open(f"/proc/{pid}/cmdline") as f:
+        return f.read().split("\0")[:-1]
+
+
 def parse_ts(text):
     return time.mktime(time.strptime(text[:19], "%Y-%m-%dT%H:%M:%S")) + float(
         text[19:-1] or 0
@@ -476,15 +482,18 @@ class PortWithoutAPI:
 
 
 class AgentProcess:
-    """chatops_agent.py in a subprocess, its log in a file we can read while it runs."""
+    """chatops_agent.py in a subprocess, its log in a file we can read while it
+    runs. `command` starts it otherwise than `python3 chatops_agent.py`."""
 
-    def __init__(self, tmp_path, *args, env=None):
+    def __init__(self, tmp_path, *args, env=None, command=None, cwd=None,
+                 stdin=subprocess.DEVNULL):
         self.log_path = tmp_path / f"agent-{time.monotonic_ns()}.log"
         self.log_file = open(self.log_path, "w")  # noqa: SIM115 -- closed in terminate()
         self.proc = subprocess.Popen(
-            [sys.executable, AGENT, *args],
+            [*(command or [sys.executable, AGENT]), *args],
             env=env or clean_env(),
-            stdin=subprocess.DEVNULL,
+            cwd=cwd,
+            stdin=stdin,
             stdout=subprocess.PIPE,
             stderr=self.log_file,
             text=True,
@@ -1839,29 +1848,17 @@ class TestFootprint:
     measured by bench/bench_agent.py, never by a test."""
 
     def test_the_running_agent_reruns_as_an_import(self, api, tmp_path):
-        """Same pid, same interpreter flags and arguments, and sys.path[0] is
-        the agent's folder: a websocket.py in the working directory is never
-        imported."""
-        cwd, planted = tmp_path / "cwd", tmp_path / "planted-module-ran"
-        cwd.mkdir()
-        (cwd / "websocket.py").write_text(f"open({str(planted)!r}, 'w').close()\n")
+        """Same pid, same interpreter flags and arguments, and the agent's
+        folder first on sys.path, as for a script."""
         args = ["--api-url", api.url, "--metrics-interval-s", "0.5"]
-        with open(tmp_path / "agent.log", "w") as log:
-            proc = subprocess.Popen([sys.executable, "-X", "utf8", AGENT, *args],
-                                    cwd=cwd, env=clean_env(CHATOPS_API_KEY=KEY),
-                                    stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.DEVNULL, stderr=log)
-        try:
-            wait_until(api.metrics, 10, lambda: (tmp_path / "agent.log").read_text())
-            with open(f"/proc/{proc.pid}/cmdline") as f:
-                argv = f.read().split("\0")[:-1]
-            c = argv.index("-c")
-            assert argv[0] == sys.executable and "utf8" in argv[1:c]
-            assert argv[c + 1:] == [agent.RUN_AS_IMPORT, AGENT, *args]
-            assert not planted.exists()
-        finally:
-            proc.terminate()
-            assert proc.wait(10) == 0
+        proc = AgentProcess(tmp_path, *args, command=[sys.executable, "-X", "utf8", AGENT],
+                            env=clean_env(CHATOPS_API_KEY=KEY))
+        wait_until(api.metrics, 10, proc.log)
+        argv = command_line(proc.proc.pid)
+        c = argv.index("-c")
+        assert argv[0] == sys.executable and "utf8" in argv[1:c]
+        assert argv[c + 1:] == [agent.RUN_AS_IMPORT, os.path.dirname(AGENT), AGENT, *args]
+        assert proc.terminate() == 0
 
     def test_short_runs_stay_scripts(self):
         out = run_cli("--once", "--docker-enabled", "false")
@@ -3925,6 +3922,78 @@ class TestSignals:
         assert "the metrics thread died" in text and "a planted bug" in text
         wait_until(lambda: api.closes, 5, "the close frame")
         assert api.closes[-1][0] == 1011
+
+
+###############################################################################
+# Hostile peers, round 2: the restart, the spool, the lanes, Docker, RFC 6455 #
+###############################################################################
+#
+# The second campaign (issue 18) went at the code the first one added. Each
+# test here is one of its defects, and failed on the agent before the fix.
+
+# Modules a `python3 -c` would look up in the working directory first.
+PLANTED_MODULES = ("importlib", "types", "websocket", "json", "selectors")
+
+
+def plant_modules(directory, marker):
+    """Modules in `directory` that, if ever imported, append their name to `marker`."""
+    directory.mkdir(exist_ok=True)
+    for name in PLANTED_MODULES:
+        (directory / f"{name}.py").write_text(
+            f"open({str(marker)!r}, 'a').write({name!r} + ' ')\n")
+
+
+class TestHostileStart:
+    """The restart at start (issue 18, defects 1 and 3) and a Python without
+    ctypes (defect 11)."""
+
+    @pytest.mark.parametrize("how", ["script", "symlink", "copy"])
+    def test_nothing_planted_in_the_working_directory_runs_under_any_name(
+            self, api, tmp_path, how):
+        """Started from a directory where anyone may leave modules, as a
+        script, through a symlink named chatops-agent, or as a copy without
+        .py: the agent re-runs as an import, and none of them is imported."""
+        program = tmp_path / "bin" / "chatops-agent"
+        program.parent.mkdir()
+        if how == "symlink":
+            program.symlink_to(AGENT)
+        elif how == "copy":
+            shutil.copy(AGENT, program)
+        else:
+            program = pathlib.Path(AGENT)
+        marker = tmp_path / "planted-modules-ran"
+        plant_modules(tmp_path / "cwd", marker)
+        proc = AgentProcess(tmp_path, "--api-url", api.url,
+                            command=[sys.executable, str(program)], cwd=tmp_path / "cwd",
+                            env=clean_env(CHATOPS_API_KEY=KEY))
+        wait_until(api.metrics, 10, proc.log)
+        argv = command_line(proc.proc.pid)
+        assert "-c" in argv and argv[-3:] == [str(program), "--api-url", api.url]
+        assert not marker.exists(), marker.read_text()
+        assert proc.terminate() == 0
+
+    def test_a_script_it_cannot_read_again_runs_on_as_one(self, api, tmp_path):
+        """Piped into `python3 /dev/stdin`, the file cannot be read a second
+        time: the agent runs on as the script it is (it died of the re-run)."""
+        proc = AgentProcess(tmp_path, "--api-url", api.url,
+                            command=[sys.executable, "/dev/stdin"],
+                            env=clean_env(CHATOPS_API_KEY=KEY), stdin=subprocess.PIPE)
+        proc.proc.stdin.write(pathlib.Path(AGENT).read_text())
+        proc.proc.stdin.close()
+        wait_until(api.metrics, 10, proc.log)
+        assert "-c" not in command_line(proc.proc.pid)
+        assert proc.terminate() == 0
+
+    def test_a_python_without_ctypes_still_runs(self, api, run_agent, tmp_path):
+        """A Python built without libffi has no ctypes: the agent runs and
+        serves commands without the extras ctypes gives (it died at start)."""
+        fake = tmp_path / "no-ctypes"
+        fake.mkdir()
+        (fake / "ctypes.py").write_text('raise ImportError("No module named \'_ctypes\'")\n')
+        proc = run_agent(api.url, PYTHONPATH=str(fake))
+        wait_until(api.metrics, 10, proc.log)
+        assert Commander(api, proc).run("echo hi")["data"]["output"] == "hi\n"
+        assert proc.terminate() == 0
 
 
 class TestHostileOperator:
