@@ -19,6 +19,7 @@ import codecs
 import collections
 import contextlib
 import datetime
+import errno
 import functools
 import glob
 import ipaddress
@@ -81,7 +82,14 @@ SPOOL_HEADER = b"chatops-agent spool 1\n"  # the spool file's format, version 1
 SPOOL_RECORD_HEAD = 17  # a record: kind, number (8 bytes), length (4), CRC-32 (4)
 MAX_SPOOL_RECORD_BYTES = 16 * 1024 * 1024  # a longer one is damage, not a sample
 SPOOL_SYNC_S = 30.0  # the spool is fsynced at most this often, and at a clean stop
-SPOOL_COMPACT_RECORDS = 256  # rewritten once this many records (and half) are done
+SPOOL_COMPACT_RECORDS = 256  # rewritten once this many records (and half) are done,
+SPOOL_COMPACT_BYTES = 4 * 1024 * 1024  # or this many bytes (and half) are
+# So a spool holds at most about twice what is pending: a file beyond these
+# is none the agent wrote, and is set aside or given up on, unread.
+MAX_SPOOL_FILE_BYTES = 4 * MAX_SAMPLE_BYTES
+MAX_SPOOL_RECORDS = 2 * MAX_BUFFER_SIZE + 4 * SPOOL_COMPACT_RECORDS
+SPOOL_RESYNC_TRIES = 100000  # after damage: places tried as a record's start,
+SPOOL_RESYNC_BYTES = 64 * 1024 * 1024  # and bytes of checksums that may fail
 CPU_PRIME_S = 0.25  # first sample's CPU window after start
 SLOW_REFRESH_S = 60.0  # the mount table and CPU frequency are re-read this often
 ONCE_CPU_WINDOW_S = 0.5  # CPU window of --once
@@ -3144,17 +3152,19 @@ class Delivery:
         return self.sample_drops.total
 
     def open(self):
-        """Take up the samples a spool kept from before a restart, oldest first."""
+        """Take up the samples a spool kept from before a restart, oldest first
+        (as many as fit: buffer_size may have been lowered since). New samples
+        are numbered past every number in the file, delivered ones included:
+        a new sample must never take the number of an old "done" record."""
         if self.spool is None:
             return
-        found = self.spool.open()
+        found, last, dropped = self.spool.open(self.capacity)
         with self._cond:
             for number, data in found:
                 self._pending.append(Sample(number, data))
                 self._sample_bytes += len(data)
-            self._make_sample_room()  # buffer_size may have been lowered since
-            last = max((number for number, _ in found), default=0)
             self._numbers = itertools.count(last + 1)
+        self.sample_drops.add(dropped)
         self.sample_drops.log()
 
     def close(self):
@@ -3175,11 +3185,12 @@ class Delivery:
             self._sample_bytes += len(sample.data)
             self._make_sample_room()
             done, self._done = self._done, []
+            live_bytes = self._sample_bytes
             self._cond.notify()
         self.sample_drops.log()
         if self.spool is not None:
             self.spool.append([sample], done)
-            self.spool.compact(self.pending_samples)
+            self.spool.compact(self.pending_samples, live_bytes)
 
     def _make_sample_room(self):
         while len(self._pending) + len(self._in_flight) > self.capacity or (
@@ -3383,6 +3394,13 @@ class Delivery:
             return len(self._pending), len(self._in_flight)
 
 
+# The spool needs to open files relative to a directory's descriptor, without
+# following links, and to lock the directory: POSIX systems.
+SPOOL_SUPPORTED = (fcntl is not None and os.open in os.supports_dir_fd
+                   and hasattr(os, "O_NOFOLLOW"))
+O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+
+
 class Spool:
     """The samples not yet delivered, on disk too, so that a restart loses none.
 
@@ -3396,119 +3414,136 @@ class Spool:
     file is rewritten with the pending samples only. Any failure to write
     (a full disk, a read-only directory) turns the spool off with one
     warning: the agent goes on from memory.
+
+    The directory is held by a descriptor, opened without following a link
+    once every directory above it has passed ssh's checks (see
+    open_state_directory), and locked for as long as the agent runs: one
+    agent per spool. Its files are opened relative to that descriptor, never
+    through a link, so that a directory swapped on the path after the start
+    cannot point the agent's writes at a file of someone else's choosing.
     """
 
     def __init__(self, directory):
         self.directory = directory
-        self.path = os.path.join(directory, "spool")
+        self.path = os.path.join(directory, SPOOL_FILE)
         self.problem = None  # why the spool is off, for the log and --check
-        self._file = None
-        self._written = 0  # records in the file
-        self._done = 0  # of which done records, or samples they mark done
+        self._dir = None  # descriptor of the directory, locked
+        self._fd = None  # the spool file, for appending
+        self._records = 0  # records in the file
+        self._dead = 0  # of which done records, or samples they mark done
+        self._size = 0  # bytes in the file
         self._synced_at = time.monotonic()
         # The metrics thread writes; at the end the main thread closes, even if
         # a hung statvfs kept the metrics thread from ending.
         self._guard = threading.Lock()
 
     # -- start ----------------------------------------------------------------
-    def open(self):
-        """[(number, sample JSON)] found pending, oldest first; [] when the
-        spool cannot be used (then `problem` says why)."""
+    def open(self, capacity):
+        """(pending, last, dropped): the samples found pending [(number,
+        JSON)], oldest first, at most `capacity` and MAX_SAMPLE_BYTES of them;
+        the highest number in the file, which new samples must pass; how many
+        of the oldest did not fit. ([], 0, 0) when the spool cannot be used
+        (then `problem` says why)."""
         try:
-            self._prepare_directory()
-            self._open_file()
-            pending = self._load()
+            if not SPOOL_SUPPORTED:
+                raise SpoolRefused("a spool needs directory descriptors (Linux, "
+                                   "the BSDs, macOS), which this system lacks")
+            self._dir = lock_directory(open_state_directory(self.directory), self.path)
+            self._fd = self._open_spool()
+            found = self._load(capacity)
         except SpoolRefused as e:
-            return self._off(str(e))
+            return self._refused(str(e))
         except OSError as e:
-            return self._off(f"cannot use the spool {self.path}: {e}")
-        if pending:
+            return self._refused(f"cannot use the spool {self.path}: {e}")
+        if found[0]:
             LOG.info("spool: %d samples from before the restart, delivered first",
-                     len(pending))
-        return pending
+                     len(found[0]))
+        return found
 
-    def _prepare_directory(self):
-        os.makedirs(self.directory, mode=0o700, exist_ok=True)
-        for path in (self.directory, self.path):
-            if os.path.lexists(path):
-                check_private(path)
-
-    def _open_file(self):
-        """The spool file, made 0600, for appending; locked: one agent per spool."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
-        self._file = os.fdopen(fd, "a+b")
-        if fcntl is None:
-            return
+    def _open_spool(self):
+        """The spool file, made 0600, for appending."""
+        flags = os.O_RDWR | os.O_CREAT | os.O_APPEND
+        fd = open_in_directory(SPOOL_FILE, flags, self._dir, self.path)
         try:
-            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SpoolRefused(
-                f"another agent uses the spool {self.path}; this one keeps its "
-                "samples in memory (give each agent its own state_dir)"
-            ) from None
+            check_private(os.fstat(fd), self.path, stat.S_ISREG)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
-    def _load(self):
-        self._file.seek(0)
-        data = self._file.read()
-        if SPOOL_HEADER.startswith(data):  # new, or cut while its header was written
-            self._file.truncate(0)
-            self._file.write(SPOOL_HEADER)
-            self._file.flush()
-            return []
-        if not data.startswith(SPOOL_HEADER):
-            self._set_aside(data)
-            return []
-        samples, done, skipped = read_records(data, len(SPOOL_HEADER))
-        if skipped:
+    def _load(self, capacity):
+        size = os.fstat(self._fd).st_size
+        header = os.pread(self._fd, len(SPOOL_HEADER), 0)
+        if size <= len(SPOOL_HEADER) and SPOOL_HEADER.startswith(header):
+            # new, empty, or cut while its header was written
+            os.ftruncate(self._fd, 0)
+            self._write(SPOOL_HEADER)
+            return [], 0, 0
+        if header != SPOOL_HEADER or size > MAX_SPOOL_FILE_BYTES:
+            self._set_aside(header, size)
+            return [], 0, 0
+        os.lseek(self._fd, len(SPOOL_HEADER), os.SEEK_SET)
+        reader = SpoolReader(self._fd, size - len(SPOOL_HEADER))
+        pending, last, dropped = newest_pending(reader, capacity)
+        if reader.skipped:
             LOG.warning("spool %s: skipped %d damaged bytes (a torn or corrupt "
-                        "record); the intact samples are delivered", self.path, skipped)
-        pending = [(n, samples[n]) for n in sorted(samples) if n not in done]
-        if skipped:  # a clean file, so that the damage is reported once
+                        "record%s); the intact samples are delivered", self.path,
+                        reader.skipped, f"; {reader.gave_up}" if reader.gave_up else "")
+        if reader.skipped or dropped:  # a clean file: the damage is reported once
             self._rewrite(pending)
         else:
-            self._written = len(samples) + len(done)
-            self._done = len(done) + len(samples) - len(pending)
-        return pending
+            self._records, self._dead, self._size = reader.records, \
+                reader.records - len(pending), size
+        return pending, last, dropped
 
-    def _set_aside(self, data):
-        """A spool of another format (a later version of the agent) is kept."""
-        aside = f"{self.path}.unknown-{int(time.time())}"
-        os.rename(self.path, aside)
-        LOG.warning("spool %s is of an unknown format (%r); set aside as %s, not "
-                    "read; a newer agent may deliver it", self.path,
-                    data[:len(SPOOL_HEADER)], aside)
-        self._file.close()
-        self._open_file()
-        self._file.write(SPOOL_HEADER)
-        self._file.flush()
+    def _set_aside(self, header, size):
+        """A spool of another format (a later version of the agent), or larger
+        than this agent ever writes, is kept aside unread, and a new one begun."""
+        aside = f"{SPOOL_FILE}.unknown-{int(time.time())}"
+        os.rename(SPOOL_FILE, aside, src_dir_fd=self._dir, dst_dir_fd=self._dir)
+        what = (f"of {size} bytes, more than any this agent writes" if
+                header == SPOOL_HEADER else f"of an unknown format ({header!r})")
+        LOG.warning("spool %s is %s; set aside as %s, not read; a newer agent may "
+                    "deliver it", self.path, what, os.path.join(self.directory, aside))
+        os.close(self._fd)
+        self._fd = self._open_spool()
+        self._write(SPOOL_HEADER)
 
     # -- while running (the metrics thread only) --------------------------------
     def append(self, samples, done):
-        """Write new samples [(number, JSON)] and the numbers now done."""
-        if self._file is None or not (samples or done):
+        """Write the numbers now done and new samples [(number, JSON)]: done
+        first, so that reading the file back never holds more pending samples
+        than the agent did."""
+        if self._fd is None or not (samples or done):
             return  # off: nothing to encode at each tick
-        records = b"".join([encode_record(b"S", n, data) for n, data in samples]
-                           + [encode_record(b"D", n, b"") for n in done])
+        records = b"".join([encode_record(b"D", n, b"") for n in done]
+                           + [encode_record(b"S", n, data) for n, data in samples])
         with self._guard:
-            if self._file is None:  # turned off meanwhile, by close()
+            if self._fd is None:  # turned off meanwhile, by close()
                 return
             try:
-                self._file.write(records)
-                self._file.flush()
+                self._write(records)
                 if time.monotonic() - self._synced_at >= SPOOL_SYNC_S:
                     self._sync()
             except OSError as e:
                 self._off(f"writing the spool {self.path} failed: {e}")
                 return
-            self._written += len(samples) + len(done)
-            self._done += 2 * len(done)
+            self._records += len(samples) + len(done)
+            self._dead += 2 * len(done)
 
-    def compact(self, pending_samples):
-        """Rewrite the file with the pending samples only, when done records
-        make up most of it: an atomic replace (a crash keeps either file)."""
+    def compact(self, pending_samples, live_bytes):
+        """Rewrite the file with the pending samples only (`live_bytes` of
+        them), when done records make up most of it, by count or by size: an
+        atomic replace (a crash keeps either file). So the file stays within
+        about twice what is pending, and never grows past what a restart reads
+        (MAX_SPOOL_FILE_BYTES)."""
         with self._guard:
-            if self._file is None or self._done < max(SPOOL_COMPACT_RECORDS,
-                                                      self._written // 2):
+            if self._fd is None:
+                return
+            dead_records = self._dead >= max(SPOOL_COMPACT_RECORDS, self._records // 2)
+            dead_bytes = self._size - live_bytes >= max(SPOOL_COMPACT_BYTES,
+                                                        self._size // 2)
+            if not (dead_records or dead_bytes):
                 return
             try:
                 self._rewrite(pending_samples())
@@ -3517,54 +3552,274 @@ class Spool:
 
     def _rewrite(self, pending):
         """The file replaced by one of the pending samples only, atomically:
-        a crash in between leaves either the old file or the new one."""
-        temporary = self.path + ".new"
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(SPOOL_HEADER + b"".join(encode_record(b"S", n, data)
-                                            for n, data in pending))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, self.path)
-        self._file.close()
-        self._open_file()
-        self._written, self._done = len(pending), 0
+        a crash in between leaves either the old file or the new one. The lock
+        is on the directory, so no other agent can step in meanwhile."""
+        with contextlib.suppress(FileNotFoundError):  # left by a crash
+            os.unlink(SPOOL_NEW, dir_fd=self._dir)
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND
+        fd = open_in_directory(SPOOL_NEW, flags, self._dir, self.path)
+        try:
+            write_all(fd, SPOOL_HEADER)
+            for number, data in pending:
+                write_all(fd, encode_record(b"S", number, data))
+            os.fsync(fd)
+            os.replace(SPOOL_NEW, SPOOL_FILE, src_dir_fd=self._dir, dst_dir_fd=self._dir)
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(self._fd)
+        self._fd = fd
+        with contextlib.suppress(OSError):  # the rename itself, durable
+            os.fsync(self._dir)
+        self._records, self._dead = len(pending), 0
+        self._size = os.fstat(fd).st_size
+
+    def _write(self, data):
+        write_all(self._fd, data)
+        self._size += len(data)
 
     def _sync(self):
         self._synced_at = time.monotonic()
         try:
-            os.fsync(self._file.fileno())
+            os.fsync(self._fd)
         except OSError as e:
             self._off(f"syncing the spool {self.path} failed: {e}")
 
     def close(self):
+        """At the end: the file synced and closed, and the directory's lock let go."""
         with self._guard:
-            if self._file is not None:
+            if self._fd is not None:
                 self._sync()
-            if self._file is not None:
-                self._file.close()
-                self._file = None
+            self._close_file()
+            if self._dir is not None:
+                os.close(self._dir)
+                self._dir = None
+
+    def _close_file(self):
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
 
     def _off(self, problem):
-        """The spool is off: samples are kept in memory only."""
+        """The spool is off: samples are kept in memory only. The directory
+        stays locked: no other agent takes it over while this one runs."""
         self.problem = problem
         LOG.warning("%s; samples are kept in memory only, as many as buffer_size, "
                     "and a restart loses them", problem)
-        if self._file is not None:
-            with contextlib.suppress(OSError):
-                self._file.close()
-            self._file = None
-        return []
+        self._close_file()
+
+    def _refused(self, problem):
+        self._off(problem)
+        return [], 0, 0
 
 
 class SpoolRefused(Exception):
-    """A spool the agent must not use (another user's, or readable by others)."""
+    """A spool the agent must not use (another user's, readable by others, a
+    link, under a directory others may change, or locked by another agent)."""
 
 
-def check_private(path):
-    """SpoolRefused unless `path` is the agent user's and closed to others."""
-    info = os.lstat(path)
-    if hasattr(os, "geteuid") and info.st_uid != os.geteuid():
+def newest_pending(records, capacity):
+    """(pending [(number, JSON)] oldest first, highest number seen, dropped)
+    from a spool's records: the samples not marked done, at most `capacity`
+    and MAX_SAMPLE_BYTES of them, the oldest dropped first. Memory stays
+    within those bounds whatever the file holds: a done record follows its
+    sample, so nothing is kept for numbers already let go."""
+    kept, kept_bytes, last, dropped = collections.OrderedDict(), 0, 0, 0
+    for kind, number, payload in records:
+        last = max(last, number)
+        if number in kept:  # done, or (in a damaged file) a sample twice
+            kept_bytes -= len(kept.pop(number))
+        if kind == b"S":
+            kept[number] = payload
+            kept_bytes += len(payload)
+        while len(kept) > capacity or (kept_bytes > MAX_SAMPLE_BYTES and len(kept) > 1):
+            kept_bytes -= len(kept.popitem(last=False)[1])
+            dropped += 1
+    return sorted(kept.items()), last, dropped
+
+
+class SpoolReader:
+    """The sound records of a spool file, (kind, number, payload) in file
+    order, read from a descriptor in chunks: memory stays within one record
+    and one chunk however large the file. Damage costs bounded work: after a
+    record that fails its checks, each byte that could begin one (S or D) is
+    tried, and the rest of the file is given up once SPOOL_RESYNC_TRIES
+    places or SPOOL_RESYNC_BYTES of checksums have failed, or past
+    MAX_SPOOL_RECORDS records (more than the agent ever writes). A crafted
+    file cannot keep the agent from starting."""
+
+    CHUNK = 1024 * 1024
+
+    def __init__(self, fd, size):
+        self._fd = fd
+        self._left = size  # bytes from the descriptor's offset not yet read
+        self._buffer = bytearray()
+        self._tries = SPOOL_RESYNC_TRIES
+        self._checksums = SPOOL_RESYNC_BYTES
+        self.records = 0
+        self.skipped = 0  # bytes of damage passed over
+        self.gave_up = None  # why the rest was not read, if it was not
+
+    def __iter__(self):
+        while self._more(1):
+            if self.records >= MAX_SPOOL_RECORDS:
+                self._give_up(f"more than {MAX_SPOOL_RECORDS} records")
+                return
+            record = self._record()
+            if record is not None:
+                self.records += 1
+                yield record
+                continue
+            self._tries -= 1
+            if self._tries <= 0 or self._checksums <= 0:
+                self._give_up("damaged throughout; the rest was not read")
+                return
+            self._skip()
+
+    def _more(self, n):
+        """True once at least n bytes are buffered; False if the file ends first."""
+        while len(self._buffer) < n and self._left > 0:
+            chunk = os.read(self._fd, min(max(n - len(self._buffer), self.CHUNK),
+                                          self._left))
+            if not chunk:
+                self._left = 0
+                break
+            self._left -= len(chunk)
+            self._buffer += chunk
+        return len(self._buffer) >= n
+
+    def _record(self):
+        """The sound record the buffer begins with, taken from it, or None."""
+        buffer = self._buffer
+        if not self._more(SPOOL_RECORD_HEAD) or buffer[0] not in b"SD":
+            return None
+        length = int.from_bytes(buffer[9:13], "big")
+        end = SPOOL_RECORD_HEAD + length
+        if length > MAX_SPOOL_RECORD_BYTES or not self._more(end):
+            return None
+        with memoryview(buffer) as view:
+            checksum = binascii.crc32(view[SPOOL_RECORD_HEAD:end],
+                                      binascii.crc32(view[:13]))
+        if checksum != int.from_bytes(buffer[13:17], "big"):
+            self._checksums -= length
+            return None
+        record = bytes(buffer[:1]), int.from_bytes(buffer[1:9], "big"), \
+            bytes(buffer[SPOOL_RECORD_HEAD:end])
+        del buffer[:end]  # cheap: a bytearray drops its front without copying
+        return record
+
+    def _skip(self):
+        """Past the first byte, to the next that could begin a record."""
+        found = RECORD_START.search(self._buffer, 1)
+        end = found.start() if found else len(self._buffer)
+        self.skipped += end
+        del self._buffer[:end]
+
+    def _give_up(self, why):
+        self.gave_up = why
+        self.skipped += len(self._buffer) + self._left
+        self._buffer.clear()
+        self._left = 0
+
+
+RECORD_START = re.compile(b"[SD]")
+
+
+def encode_record(kind, number, payload):
+    head = kind + number.to_bytes(8, "big") + len(payload).to_bytes(4, "big")
+    return head + binascii.crc32(head + payload).to_bytes(4, "big") + payload
+
+
+def write_all(fd, data):
+    """Write all of `data`; OSError (a full disk) if it cannot."""
+    with memoryview(data) as view:
+        while view:
+            view = view[os.write(fd, view):]
+
+
+# -- the state directory ------------------------------------------------------------
+
+
+def open_state_directory(path):
+    """A descriptor of the spool's directory, made (0700) if missing, or
+    SpoolRefused / OSError. It is opened without following a link, and must
+    be the agent user's and closed to others; every directory above it must
+    pass check_directories_above."""
+    check_state_directory(path)
+    path = os.path.abspath(path)
+    os.makedirs(path, mode=0o700, exist_ok=True)  # under safe directories only
+    parent = os.path.realpath(os.path.dirname(path))
+    check_directories_above(parent, path)  # again: makedirs may have made some
+    parent_fd = os.open(parent, os.O_RDONLY | O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = open_in_directory(os.path.basename(path), os.O_RDONLY | O_DIRECTORY,
+                               parent_fd, path)
+    finally:
+        os.close(parent_fd)
+    try:
+        check_private(os.fstat(fd), path, stat.S_ISDIR)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def check_state_directory(path):
+    """SpoolRefused if what exists of `path` already rules it out: a directory
+    above it that others may change, or the directory itself a link, another
+    user's or open to others. Changes nothing (--check uses it too)."""
+    path = os.path.abspath(path)
+    existing = path
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    above = os.path.dirname(path) if existing == path else existing
+    check_directories_above(os.path.realpath(above), path)
+    if existing == path:
+        info = os.lstat(path)
+        if stat.S_ISLNK(info.st_mode):
+            raise SpoolRefused(f"the spool's directory {path} is a symbolic link, "
+                               "which the agent does not follow: give its target as "
+                               "state_dir")
+        check_private(info, path, stat.S_ISDIR)
+    spool = os.path.join(path, SPOOL_FILE)
+    if os.path.lexists(spool):
+        check_private(os.lstat(spool), spool, stat.S_ISREG)
+
+
+def check_directories_above(directory, path):
+    """SpoolRefused unless `directory` (a path without links) and every one
+    above it is root's or the agent user's, and no one else may write in it:
+    ssh's rule for the directories above a key. Someone who could rename an
+    entry there could swap the spool's directory for one of theirs. A sticky
+    directory of root's (/tmp) passes: in it, no one can rename or remove
+    what another user made."""
+    uid = os.geteuid()
+    while True:
+        info = os.lstat(directory)
+        mode = stat.S_IMODE(info.st_mode)
+        sticky = info.st_uid == 0 and mode & stat.S_ISVTX
+        if info.st_uid not in (0, uid) or (mode & 0o022 and not sticky):
+            raise SpoolRefused(
+                f"the spool's directory {path} lies under {directory}, which "
+                f"others may change (owner uid {info.st_uid}, mode {mode:o}): "
+                "choose a state_dir under directories only root and this user may "
+                f"write, or fix that one (chown root, chmod go-w {directory})"
+            )
+        above = os.path.dirname(directory)
+        if above == directory:
+            return
+        directory = above
+
+
+def check_private(info, path, is_kind):
+    """SpoolRefused unless `info` (of `path`) is of the kind `is_kind` (a stat
+    test), the agent user's, and closed to others."""
+    if not is_kind(info.st_mode):
+        kind = "directory" if is_kind is stat.S_ISDIR else "regular file"
+        raise SpoolRefused(f"the spool's {path} is not a {kind}: remove it, or set "
+                           "state_dir")
+    if info.st_uid != os.geteuid():
         raise SpoolRefused(
             f"the spool {path} belongs to uid {info.st_uid}, not to this agent's "
             f"user ({os.geteuid()}): chown it to the agent's user, or set state_dir"
@@ -3577,42 +3832,34 @@ def check_private(path):
         )
 
 
-def encode_record(kind, number, payload):
-    head = kind + number.to_bytes(8, "big") + len(payload).to_bytes(4, "big")
-    return head + binascii.crc32(head + payload).to_bytes(4, "big") + payload
+def open_in_directory(name, flags, dir_fd, path):
+    """os.open of `name` in the directory `dir_fd`, never following a link
+    and never waiting (on a FIFO put there); SpoolRefused for a link."""
+    try:
+        return os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                       0o600, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise SpoolRefused(f"{path} is a symbolic link, which the agent does "
+                               "not follow: remove it, or set state_dir") from None
+        raise
 
 
-def read_records(data, offset):
-    """({number: JSON} of S records, {numbers} of D records, bytes skipped).
-    A record whose checksum fails is skipped by looking for the next one
-    that checks; a torn last record ends the reading."""
-    samples, done, skipped = {}, set(), 0
-    while offset < len(data):
-        record = decode_record(data, offset)
-        if record is None:
-            offset, skipped = offset + 1, skipped + 1
-            continue
-        kind, number, payload, offset = record
-        if kind == b"S":
-            samples[number] = payload
-        else:
-            done.add(number)
-    return samples, done, skipped
-
-
-def decode_record(data, offset):
-    """(kind, number, payload, next offset) of a sound record at `offset`, or None."""
-    head = data[offset : offset + SPOOL_RECORD_HEAD]
-    if len(head) < SPOOL_RECORD_HEAD or head[:1] not in (b"S", b"D"):
-        return None
-    length = int.from_bytes(head[9:13], "big")
-    end = offset + SPOOL_RECORD_HEAD + length
-    if length > MAX_SPOOL_RECORD_BYTES or end > len(data):
-        return None
-    payload = data[offset + SPOOL_RECORD_HEAD : end]
-    if binascii.crc32(head[:13] + payload).to_bytes(4, "big") != head[13:]:
-        return None
-    return head[:1], int.from_bytes(head[1:9], "big"), payload, end
+def lock_directory(fd, path):
+    """`fd` locked for as long as it stays open (the agent's life): one agent
+    per spool. The lock is on the directory, not on the file, so that a
+    rewrite of the file never lets go of it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException as e:
+        os.close(fd)
+        if isinstance(e, BlockingIOError):
+            raise SpoolRefused(
+                f"another agent uses the spool {path}; this one keeps its samples "
+                "in memory (give each agent its own state_dir)"
+            ) from None
+        raise
+    return fd
 
 
 def state_directory(config, environ=None):
@@ -4894,11 +5141,11 @@ def check_spool(config):
     directory = state_directory(config)
     if directory is None:
         return "spool: off (state_dir none): a restart loses undelivered samples"
-    path = os.path.join(directory, "spool")
+    if not SPOOL_SUPPORTED:
+        return "spool: not available on this system: samples would be kept in memory"
+    path = os.path.join(directory, SPOOL_FILE)
     try:
-        for checked in (directory, path):
-            if os.path.lexists(checked):
-                check_private(checked)
+        check_state_directory(directory)
     except (SpoolRefused, OSError) as e:
         return f"spool: refused, samples would be kept in memory only: {e}"
     existing = os.path.abspath(directory)

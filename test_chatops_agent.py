@@ -9,7 +9,6 @@ import bisect
 import collections
 import contextlib
 import datetime
-import gc
 import hashlib
 import inspect
 import itertools
@@ -3212,15 +3211,28 @@ def spool_at(directory):
     return box
 
 
+def killed(box):
+    """As if the agent were killed: the spool's descriptors closed by the
+    kernel, nothing synced or written at the end."""
+    os.close(box.spool._fd)
+    os.close(box.spool._dir)
+
+
+def spool_records(path):
+    """The records of the spool file at `path`, read as the agent reads them."""
+    with open(path, "rb") as f:
+        f.seek(len(agent.SPOOL_HEADER))
+        size = os.fstat(f.fileno()).st_size - len(agent.SPOOL_HEADER)
+        return list(agent.SpoolReader(f.fileno(), size))
+
+
 def spooled(directory):
     """The data of the samples a spool file holds as not yet delivered."""
     path = os.path.join(str(directory), "spool")
     if not os.path.exists(path):
         return []
-    with open(path, "rb") as f:
-        data = f.read()
-    samples, done, _ = agent.read_records(data, len(agent.SPOOL_HEADER))
-    return [json.loads(samples[n]) for n in sorted(samples) if n not in done]
+    pending, _, _ = agent.newest_pending(spool_records(path), 10**9)
+    return [json.loads(data) for _, data in pending]
 
 
 class TestSpool:
@@ -3231,8 +3243,7 @@ class TestSpool:
         taken_samples(box, 2)
         box.acknowledged()  # sample 0 is delivered; the spool learns at the next
         box.add_sample({"n": 5})
-        del box  # no close(): as if killed; what it wrote is in the page cache
-        gc.collect()
+        killed(box)  # what it wrote is in the page cache
         again = spool_at(tmp_path)
         assert [d["n"] for d in taken_samples(again, 5)] == [1, 2, 3, 4, 5]
         again.add_sample({"n": 6})
@@ -3247,16 +3258,16 @@ class TestSpool:
         assert stat.S_IMODE(os.stat(state / "spool").st_mode) == 0o600
         os.chmod(state / "spool", 0o644)
         refused = agent.Spool(str(state))
-        assert refused.open() == [] and "chmod 600" in refused.problem
+        assert refused.open(100) == ([], 0, 0) and "chmod 600" in refused.problem
         os.chmod(state / "spool", 0o600)
         os.chown(state / "spool", 65534, -1)
         refused = agent.Spool(str(state))
-        assert refused.open() == [] and "belongs to uid 65534" in refused.problem
+        assert refused.open(100) == ([], 0, 0) and "belongs to uid 65534" in refused.problem
 
     def test_one_agent_per_spool(self, tmp_path):
         first = spool_at(tmp_path)
         second = agent.Spool(str(tmp_path))
-        assert second.open() == [] and "another agent uses" in second.problem
+        assert second.open(100) == ([], 0, 0) and "another agent uses" in second.problem
         first.close()
 
     def test_a_torn_last_record_at_any_byte_is_skipped(self, tmp_path, caplog):
@@ -3994,6 +4005,151 @@ class TestHostileStart:
         wait_until(api.metrics, 10, proc.log)
         assert Commander(api, proc).run("echo hi")["data"]["output"] == "hi\n"
         assert proc.terminate() == 0
+
+
+def spool_file(directory, data):
+    """A spool file of the agent's user, private, holding `data`."""
+    directory.mkdir(mode=0o700, exist_ok=True)
+    path = directory / "spool"
+    path.write_bytes(data)
+    path.chmod(0o600)
+    return path
+
+
+class TestHostileSpool:
+    """The spool (issue 18, defects 2, 4, 9 and 10)."""
+
+    def test_new_samples_never_take_the_number_of_a_delivered_one(self, tmp_path):
+        """Delivered samples leave "done" records until the file is compacted.
+        A restart with nothing pending numbered new samples from 1 again, and
+        the restart after it took them for delivered: 13 of 13 samples of an
+        outage were lost."""
+        first = spool_at(tmp_path)
+        for n in range(3):
+            first.add_sample({"n": n})
+        taken_samples(first, 3)
+        for _ in range(3):
+            first.acknowledged()
+        first.close()  # the "done" records are written
+        outage = spool_at(tmp_path)  # nothing pending: a new run
+        for n in range(3, 6):
+            outage.add_sample({"n": n})
+        outage.close()
+        after = spool_at(tmp_path)
+        assert [d["n"] for d in taken_samples(after, 3)] == [3, 4, 5]
+        after.close()
+
+    def test_the_spool_is_refused_under_a_directory_others_may_change(self, tmp_path):
+        """A root agent whose state directory lies in a directory another user
+        owns (sudo -E keeping HOME), or one others may write, refuses the
+        spool, as ssh refuses such a key."""
+        for owner, mode in ((65534, 0o755), (0, 0o777)):
+            home = tmp_path / f"home-{owner}-{mode:o}"
+            home.mkdir()
+            os.chown(home, owner, -1)
+            home.chmod(mode)
+            box = spool_at(home / "state")
+            assert "others may change" in box.spool.problem, box.spool.problem
+            assert not (home / "state" / "spool").exists()
+            check = run_cli("--check", "--state-dir", str(home / "state"))
+            assert "note spool: refused" in check.stdout
+
+    def test_a_directory_swapped_after_start_cannot_redirect_the_rewrite(
+            self, tmp_path):
+        """After start the state directory is swapped for another whose
+        spool.new is a link to someone else's file: the compaction that
+        follows writes where the agent opened its directory, never through the
+        link (it truncated and rewrote that file)."""
+        base, victim = tmp_path / "base", tmp_path / "victim"
+        victim.write_bytes(b"precious")
+        box = spool_at(base / "state")
+        os.rename(base / "state", base / "moved")
+        (base / "state").mkdir(mode=0o700)
+        (base / "state" / "spool.new").symlink_to(victim)
+        (base / "moved" / "spool.new").symlink_to(victim)  # and in the real one
+        for n in range(600):  # acknowledged: compacted a few times
+            box.add_sample({"n": n})
+            taken_samples(box, 1)
+            box.acknowledged()
+        box.add_sample({"n": "last"})
+        assert victim.read_bytes() == b"precious"
+        assert [d["n"] for d in spooled(base / "moved")] == ["last"]
+        box.close()
+
+    def test_no_second_agent_takes_the_spool_while_it_is_rewritten(
+            self, tmp_path, monkeypatch):
+        """The lock lasts the agent's life: a second agent that tries in the
+        moment between the rewrite's replace and its re-lock is refused (it
+        got the spool, and the first one's compaction failed with an error)."""
+        first = spool_at(tmp_path)
+        tries = []
+        replace = os.replace
+
+        def replace_then_try(*args, **kwargs):
+            replace(*args, **kwargs)
+            second = agent.Delivery(10, spool=agent.Spool(str(tmp_path)))
+            second.open()
+            tries.append(second.spool.problem or "the second agent got the spool")
+            second.close()
+
+        monkeypatch.setattr(os, "replace", replace_then_try)
+        for n in range(300):
+            first.add_sample({"n": n})
+            taken_samples(first, 1)
+            first.acknowledged()
+        monkeypatch.setattr(os, "replace", replace)
+        assert tries and all("another agent uses" in t for t in tries), tries
+        first.add_sample({"n": "after"})
+        assert first.spool.problem is None
+        assert [d["n"] for d in spooled(tmp_path)] == ["after"]
+        first.close()
+
+    def test_a_huge_spool_under_a_memory_limit_is_set_aside(self, api, tmp_path):
+        """A 1 GiB spool (sparse) under a 768 MiB address-space limit: it was
+        read whole, and the start died of the MemoryError. No spool the agent
+        writes is that large: it is set aside, unread, and the agent runs."""
+        path = spool_file(tmp_path / "state", agent_spool_header())
+        with open(path, "r+b") as f:
+            f.truncate(2**30)
+        log = tmp_path / "agent.log"
+        with open(log, "w") as stderr:
+            proc = subprocess.Popen(
+                ["sh", "-c", 'ulimit -v 786432 && exec "$@"', "sh", sys.executable, AGENT,
+                 "--api-url", api.url, "--metrics-interval-s", "0.2",
+                 "--state-dir", str(tmp_path / "state")],
+                env=clean_env(CHATOPS_API_KEY=KEY), stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            wait_until(api.metrics, 20, log.read_text)
+            assert "more than any this agent writes; set aside" in log.read_text()
+        finally:
+            proc.terminate()
+            assert proc.wait(10) == 0, log.read_text()
+
+    def test_a_crafted_damaged_spool_costs_bounded_work(self, tmp_path, monkeypatch):
+        """24 MiB of records that each claim 16 MiB and fail their checksum:
+        trying each took minutes of checksums before the agent connected.
+        Work after damage is bounded; the rest of the file is given up."""
+        unit = b"S" + bytes(8) + (16 * 2**20 - 1).to_bytes(4, "big") + bytes(4)
+        spool_file(tmp_path, agent_spool_header() + unit * (24 * 2**20 // len(unit)))
+        checked = [0]
+        crc32 = agent.binascii.crc32
+
+        def counted(data, value=0):
+            checked[0] += len(data)
+            assert checked[0] < 2**28, "checksums over 256 MiB and counting"
+            return crc32(data, value)
+
+        monkeypatch.setattr(agent.binascii, "crc32", counted)
+        box = spool_at(tmp_path)
+        monkeypatch.setattr(agent.binascii, "crc32", crc32)
+        assert taken(box) is None  # nothing sound in it
+        assert spooled(tmp_path) == []  # rewritten clean
+        box.close()
+
+
+def agent_spool_header():
+    return b"chatops-agent spool 1\n"
 
 
 class TestHostileOperator:
