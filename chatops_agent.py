@@ -298,6 +298,16 @@ class LinkError(AgentError):
     """The connection could not be made or broke; retried with backoff."""
 
 
+class ProtocolError(LinkError):
+    """The API broke RFC 6455: the agent fails the connection with a close
+    frame of `code` (1002 protocol error, 1007 a text message that is not
+    UTF-8, 1009 a message too big), and connects again."""
+
+    def __init__(self, text, code=1002):
+        super().__init__(f"protocol error: {text}")
+        self.code = code
+
+
 ###############################################################################
 # Helpers #####################################################################
 ###############################################################################
@@ -3122,9 +3132,12 @@ class Delivery:
         self.reply_keep_s = reply_keep_s
         self.spool = spool
         self.ack_mode = self.UNKNOWN
-        self._cond = threading.Condition()
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)  # something waits to be sent
+        self._room = threading.Condition(lock)  # the writer took a message
         self._urgent = collections.deque()  # of Waiting
         self._urgent_bytes = 0
+        self._taken = 0  # messages the writer took, ever: its progress
         self._pong_waiting = False
         self._pending = collections.deque()  # of Sample, oldest first
         self._in_flight = collections.deque()  # sent, not yet acknowledged
@@ -3144,7 +3157,8 @@ class Delivery:
         self.message_drops = DropCounter(
             "the API is not reading what the agent sends: dropped {n} waiting "
             f"replies, pongs or output chunks ({{total}} in all; at most "
-            f"{MAX_WAITING_MESSAGES} or {MAX_WAITING_BYTES // 2**20} MiB wait)"
+            f"{MAX_WAITING_MESSAGES} or {MAX_WAITING_BYTES // 2**20} MiB wait; "
+            "later drops are counted here once a minute)"
         )
 
     @property
@@ -3254,6 +3268,24 @@ class Delivery:
         with self._cond:
             self._cond.notify_all()
 
+    def wait_for_room(self, timeout):
+        """True once fewer than half of MAX_WAITING_MESSAGES and of
+        MAX_WAITING_BYTES wait to be sent; False after `timeout`. The receive
+        loop reads on only then, so that a burst of requests slows the API
+        down instead of filling the queue: replies are dropped only when the
+        API stops reading altogether."""
+        with self._room:
+            return self._room.wait_for(self._has_room, timeout)
+
+    def _has_room(self):
+        return (len(self._urgent) < MAX_WAITING_MESSAGES // 2
+                and self._urgent_bytes < MAX_WAITING_BYTES // 2)
+
+    def sent_count(self):
+        """How many messages the writer has taken, ever: whether it moves."""
+        with self._cond:
+            return self._taken
+
     # -- the writer ------------------------------------------------------------
     def use_server_id(self, server_id):
         """Samples sent from now on carry this server id (None: the API gave
@@ -3280,6 +3312,8 @@ class Delivery:
                 entry = self._urgent.popleft()
                 self._forget(entry)
                 self._sending = entry
+                self._taken += 1
+                self._room.notify_all()
                 return entry.kind, entry.payload
             if self._probe_needed():
                 self._ping_taken()
@@ -3374,6 +3408,7 @@ class Delivery:
                             len(kept) - MAX_KEPT_REPLIES, MAX_KEPT_REPLIES)
             self._urgent = collections.deque(kept[-MAX_KEPT_REPLIES:])
             self._urgent_bytes = sum(len(w.payload) for w in self._urgent)
+            self._room.notify_all()
             self._pong_waiting = False
             self._pending.extendleft(reversed(self._in_flight))
             self._in_flight.clear()
@@ -3891,10 +3926,29 @@ CLOSE_REASONS = {1000: b"agent shutting down", 1011: b"agent restarting after an
 
 
 def close_frame_status(data):
-    """(code, reason) from a close frame's payload."""
-    if len(data) < 2:
-        return None, ""
-    return int.from_bytes(data[:2], "big"), data[2:].decode("utf-8", "replace")
+    """(code, reason, answer) of a close frame's payload: what it says, and the
+    code to answer it with. 1000; 1002 for what no endpoint may send (a
+    payload of one byte, a code that is reserved or not in use: RFC 6455
+    section 7.4); 1007 for a reason that is not UTF-8 (section 8.1)."""
+    if not data:
+        return None, "", 1000
+    if len(data) == 1:
+        return None, "", 1002
+    code = int.from_bytes(data[:2], "big")
+    try:
+        reason, answer = data[2:].decode("utf-8"), 1000
+    except UnicodeDecodeError:
+        reason, answer = data[2:].decode("utf-8", "replace"), 1007
+    if not (1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999):
+        answer = 1002
+    return code, reason, answer
+
+
+def answer_close(ws, code):
+    """Send a close frame, if the socket still takes one (before the writer
+    exists: during authentication)."""
+    with contextlib.suppress(Exception):  # the peer may be gone already
+        ws.send_close(code, b"")
 
 
 # What a close code means (RFC 6455 section 7.4.1, IANA registry), for the log.
@@ -3999,21 +4053,28 @@ class FrameReader:
         self.buffer = bytearray()
         self.parts = None  # (opcode, bytearray) while a fragmented message arrives
 
-    def next_message(self):
+    def next_message(self, deadline=None):
         """(opcode, payload) of the next data message or control frame, or None
-        when the socket's timeout passed first. LinkError when the connection
-        ended or the API broke the protocol; OSError from the socket."""
+        when the socket's timeout passed first, or the `deadline` (monotonic):
+        a peer that drips a frame a byte at a time never lets one read time
+        out. LinkError when the connection ended or the API broke the
+        protocol; OSError from the socket."""
         while True:
             frame = self._frame()
             if frame is None:
-                if not self._fill():
+                if not self._fill(deadline):
                     return None
                 continue
             message = self._assemble(*frame)
             if message is not None:
                 return message
 
-    def _fill(self):
+    def _fill(self, deadline):
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self.sock.settimeout(left)
         try:
             data = self.sock.recv(READ_CHUNK)
         except socket.timeout:
@@ -4030,9 +4091,9 @@ class FrameReader:
             return None
         first, second = buf[0], buf[1]
         if first & 0x70:
-            raise LinkError("protocol error: a frame with reserved bits set")
+            raise ProtocolError("a frame with reserved bits set")
         if second & 0x80:
-            raise LinkError("protocol error: a masked frame from the server")
+            raise ProtocolError("a masked frame from the server")
         length, start = second & 0x7F, 2
         if length >= 126:
             start = 4 if length == 126 else 10
@@ -4053,14 +4114,14 @@ class FrameReader:
         if opcode >= 0x8:
             control = opcode in (OP_CLOSE, OP_PING, OP_PONG)
             if not (control and fin and len(payload) <= 125):
-                raise LinkError(f"protocol error: a bad control frame ({opcode:#x})")
+                raise ProtocolError(f"a bad control frame ({opcode:#x})")
             return opcode, payload
         if opcode not in (OP_CONT, OP_TEXT, OP_BINARY):
-            raise LinkError(f"protocol error: unknown opcode {opcode:#x}")
+            raise ProtocolError(f"unknown opcode {opcode:#x}")
         if (opcode == OP_CONT) != (self.parts is not None):
-            raise LinkError("protocol error: fragments out of order")
+            raise ProtocolError("fragments out of order")
         if fin and opcode != OP_CONT:
-            return opcode, payload  # the common case: one frame, no copy
+            return message(opcode, payload)  # the common case: one frame, no copy
         if opcode != OP_CONT:
             self.parts = (opcode, bytearray())
         kind, data = self.parts
@@ -4069,15 +4130,25 @@ class FrameReader:
         if not fin:
             return None
         self.parts = None
-        return kind, bytes(data)
+        return message(kind, bytes(data))
 
     @staticmethod
     def _check_size(length):
         if length > MAX_MESSAGE_BYTES:
-            raise LinkError(
-                f"the API sent a message of {length} bytes, larger than "
-                f"{MAX_MESSAGE_BYTES}; closing the connection"
-            )
+            raise ProtocolError(
+                f"a message of {length} bytes, larger than {MAX_MESSAGE_BYTES}", 1009)
+
+
+def message(opcode, payload):
+    """A whole message as the reader hands it on: a text message decoded. One
+    that is not UTF-8 fails the connection (RFC 6455 section 8.1); a binary
+    one is the dispatcher's to judge."""
+    if opcode != OP_TEXT:
+        return opcode, payload
+    try:
+        return opcode, payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("a text message that is not UTF-8", 1007) from None
 
 
 class Session:
@@ -4089,9 +4160,11 @@ class Session:
         self.reader = reader
         self.abnf = abnf  # websocket-client's frame class
         self.server_id = server_id
+        # When the API was last heard from, or seen reading (see Link._wait_for_room)
         self.opened_at = self.last_rx = time.monotonic()
         self.dead = threading.Event()
-        self.peer_closed = threading.Event()  # the API sent a close frame
+        self.closing = threading.Event()  # the writer is to send a close and end
+        self.close_code = 1000
         self._lock = threading.Lock()
         self._pong = None  # the payload of the latest WebSocket ping, unanswered
 
@@ -4101,6 +4174,13 @@ class Session:
         section 5.5.3 allows."""
         with self._lock:
             self._pong = payload
+
+    def close(self, code):
+        """Have the writer send a close frame of `code` and end the connection:
+        the answer to the API's close, or the failure of a connection whose
+        peer broke the protocol (RFC 6455 section 7.1.7)."""
+        self.close_code = code
+        self.closing.set()
 
     def take_pong(self):
         with self._lock:
@@ -4297,12 +4377,14 @@ class Link:
             ws.send(to_json(dict(auth, agent=self.agent_info)), opcode=OP_TEXT)
             deadline = time.monotonic() + AUTH_TIMEOUT_S
             while time.monotonic() < deadline:
-                ws.settimeout(max(0.1, deadline - time.monotonic()))
-                frame = reader.next_message()
+                frame = reader.next_message(deadline)
                 if frame is not None:
                     done, server_id = self._auth_answer(ws, *frame)
                     if done:
                         return server_id
+        except ProtocolError as e:
+            answer_close(ws, e.code)
+            raise
         except (OSError, wsc.WebSocketException) as e:
             raise LinkError(
                 "connection lost during authentication: %s" % (e or type(e).__name__)
@@ -4313,7 +4395,8 @@ class Link:
         """(True, server_id) once authenticated, (False, None) for a frame that
         is no answer; AuthError or LinkError for a refusal."""
         if opcode == OP_CLOSE:
-            code, reason = close_frame_status(payload)
+            code, reason, answer = close_frame_status(payload)
+            answer_close(ws, answer)
             if code == 1008:
                 raise AuthError(one_line(reason) or "no reason given", code)
             raise LinkError(
@@ -4344,7 +4427,7 @@ class Link:
         try:
             self._receive_loop(session)
         finally:
-            if session.peer_closed.is_set():  # the writer answers the API's close
+            if session.closing.is_set():  # the writer sends the close frame
                 self.delivery.wake()
                 writer.join(CLOSE_REPLY_WAIT_S)
             session.kill()
@@ -4360,9 +4443,14 @@ class Link:
                 )
 
     def _receive_loop(self, session):
-        while not session.dead.is_set():
+        while not session.dead.is_set() and self._wait_for_room(session):
             try:
                 frame = session.reader.next_message()
+            except ProtocolError as e:
+                LOG.warning("the API broke the WebSocket protocol (%s); closing "
+                            "with %d and connecting again", e, e.code)
+                session.close(e.code)
+                return
             except (OSError, LinkError) as e:
                 if not session.dead.is_set():
                     LOG.warning("connection lost: %s", e or type(e).__name__)
@@ -4372,13 +4460,30 @@ class Link:
                 if not self._received(session, *frame):
                     return
 
+    def _wait_for_room(self, session):
+        """Read nothing more while the replies waiting to be sent pile up
+        faster than the writer sends them: TCP then slows the API down,
+        where a full queue would drop replies. While the writer gets them
+        through, the API is reading, and so alive. False once the session
+        ends meanwhile."""
+        sent = self.delivery.sent_count()
+        while not self.delivery.wait_for_room(timeout=1.0):
+            if session.dead.is_set() or session.closing.is_set() or self.stop.is_set():
+                return False
+            if self.delivery.sent_count() != sent:
+                sent, session.last_rx = self.delivery.sent_count(), time.monotonic()
+        return True
+
     def _received(self, session, opcode, payload):
         """Handles one frame; False once the API has closed the connection."""
         if opcode == OP_CLOSE:
-            session.peer_closed.set()
+            code, reason, answer = close_frame_status(payload)
+            session.close(answer)
             if not self.stop.is_set():
-                status = describe_close(*close_frame_status(payload))
-                LOG.warning("the API closed the connection (%s)", status)
+                LOG.warning("the API closed the connection (%s)%s",
+                            describe_close(code, reason),
+                            f"; it broke RFC 6455 there: answered {answer}"
+                            if answer != 1000 else "")
             return False
         if opcode == OP_PING:
             session.ping_received(payload)
@@ -4418,15 +4523,16 @@ class Link:
     def _ending(self, session):
         return (
             session.dead.is_set()
-            or session.peer_closed.is_set()
+            or session.closing.is_set()
             or self.stop.is_set()
         )
 
     def _close(self, session):
-        """How the writer ends: answering the API's close, or at shutdown sending
-        what waits and a close of its own."""
-        if session.peer_closed.is_set():
-            session.ws.send_close(1000, b"")  # RFC 6455: a close is answered
+        """How the writer ends: answering the API's close or failing the
+        connection (Session.close), or at shutdown sending what waits and a
+        close of its own."""
+        if session.closing.is_set():
+            session.ws.send_close(session.close_code, b"")
         elif self.stop.is_set() and not session.dead.is_set():
             self._flush(session)
             session.ws.send_close(self.close_code, CLOSE_REASONS[self.close_code])

@@ -4152,6 +4152,143 @@ def agent_spool_header():
     return b"chatops-agent spool 1\n"
 
 
+class TestHostileAuth:
+    """A peer that drips its answer (issue 18, defect 5)."""
+
+    def test_a_frame_dripped_a_byte_at_a_time_meets_the_auth_deadline(
+            self, monkeypatch):
+        """After the upgrade, a peer drips one frame a byte at a time: each
+        read returns in time, so only a deadline over the whole wait ends it
+        (the agent waited in authentication for as long as the drip lasted).
+        AUTH_TIMEOUT_S is shortened here from 10 s."""
+        monkeypatch.setattr(agent, "AUTH_TIMEOUT_S", 1.0)
+        frame = ws_frame(json.dumps({"type": "hello", "pad": "x" * 20}))
+
+        def drip(conn, request):
+            conn.sendall(upgrade_answer(request))
+            for byte in frame:
+                conn.sendall(bytes([byte]))
+                time.sleep(0.2)
+
+        peer = RawPeer([drip])
+        started = time.monotonic()
+        with pytest.raises(agent.LinkError, match="did not answer 'auth' within"):
+            connect_once(peer.url)
+        assert time.monotonic() - started < 3
+        peer.close()
+
+
+class TestHostileBurst:
+    """Replies in a burst (issue 18, defect 7)."""
+
+    def test_a_burst_of_ten_thousand_requests_gets_every_reply(self, api, run_agent):
+        """An API that reads everything sends 10,000 requests at once: each
+        gets its one reply (2,500 to 6,000 were dropped). While replies pile
+        up, the agent stops reading and TCP slows the API down."""
+        proc = run_agent(api.url)
+        wait_until(api.metrics, 6, "the agent")
+        conn = api.connections[0]
+        ids = [f"burst-{n}" for n in range(10000)]
+        for request_id in ids:
+            conn.send(json.dumps({"type": "execute_command", "request_id": request_id,
+                                  "command": "true"}))
+
+        def answered():
+            with api.lock:
+                return sum(m.get("request_id", "").startswith("burst-")
+                           for _, m in api.frames if m.get("type") != "execute_command")
+
+        wait_until(lambda: answered() >= len(ids), 60,
+                   lambda: f"all replies; {answered()} came")
+        assert len(one_reply_each(api, set(ids))) == len(ids)
+        assert "dropped" not in proc.log()
+
+
+def read_client_frame(conn):
+    """(opcode, payload) of the next frame the agent sends (masked, RFC 6455
+    section 5.3), or None at the end of the connection."""
+    def exactly(n):
+        data = b""
+        while len(data) < n:
+            chunk = conn.recv(n - len(data))
+            if not chunk:
+                raise EOFError
+            data += chunk
+        return data
+
+    try:
+        first, second = exactly(2)
+        length = second & 0x7F
+        if length >= 126:
+            length = int.from_bytes(exactly(2 if length == 126 else 8), "big")
+        mask = exactly(4)
+        payload = exactly(length)
+    except (EOFError, OSError):
+        return None
+    return first & 0x0F, bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def after_auth(*chunks, closes):
+    """An answer for RawPeer: the upgrade, auth_success, then `chunks`; the
+    code of the close frame the agent sends is appended to `closes` (None if
+    it sends none within 3 s)."""
+    def answer(conn, request):
+        conn.sendall(upgrade_answer(request))
+        read_client_frame(conn)  # auth
+        conn.sendall(ws_frame(json.dumps({"type": "auth_success"})))
+        for chunk in chunks:
+            conn.sendall(chunk)
+        conn.settimeout(3)
+        code = None
+        while True:
+            frame = read_client_frame(conn)
+            if frame is None or frame[0] == 0x8:
+                code = frame and int.from_bytes(frame[1][:2], "big")
+                break
+        closes.append(code)
+
+    return answer
+
+
+class TestHostileClose:
+    """What RFC 6455 says of bad text and bad close frames (issue 18, defect 14)."""
+
+    def test_each_breach_is_answered_with_its_close_code(self, api, run_agent):
+        """A text message that is not UTF-8: 1007 (it was answered with an
+        error and the connection kept). A close frame with code 1005 (which
+        no endpoint may send) and a reason that is not UTF-8: 1002 (it was
+        answered 1000). A reason that is not UTF-8: 1007. Reserved bits: 1002.
+        A close with a registered code: 1000. The agent connects again."""
+        closes = []
+        cases = [
+            (ws_frame(b'{"type":"\xff"}'), 1007),
+            (ws_frame((1005).to_bytes(2, "big") + b"\xff\xfe", 0x8), 1002),
+            (ws_frame((1000).to_bytes(2, "big") + b"\xc3", 0x8), 1007),
+            (ws_frame(b"{}", 0x1, rsv=4), 1002),
+            (ws_frame((1012).to_bytes(2, "big") + b"restart", 0x8), 1000),
+        ]
+        peer = RawPeer([after_auth(chunk, closes=closes) for chunk, _ in cases],
+                       upstream=api.port)
+        try:
+            run_agent(peer.url, "--reconnect-max-delay-s", "0.5")
+            wait_until(api.metrics, 30, lambda: f"the agent back; closes {closes}")
+            assert closes == [code for _, code in cases]
+        finally:
+            peer.close()
+
+    def test_a_binary_message_that_is_not_utf8_is_only_refused(self, api, run_agent):
+        """Binary messages are the agent's to judge, not RFC 6455's: one that
+        is not UTF-8 gets an error reply; the connection stays up."""
+        run_agent(api.url)
+        wait_until(api.metrics, 6, "the agent")
+        api.send_all(b'{"type":"ping","request_id":"b-1","x":"\xff"}')
+        api.send_all(json.dumps({"type": "ping", "request_id": "b-2"}))
+        wait_until(lambda: one_reply_each(api, {"b-2"}), 5, "the pong")
+        errors = api.messages("error")
+        assert any("not UTF-8" in m["message"] for m in errors)
+        assert len(api.connects) == 1
+
+
 class TestHostileOperator:
     """What the operator's side can hand the agent: files that are no
     files, magnitudes that pass a check and then kill a thread (issue 18,
