@@ -94,6 +94,7 @@ CPU_PRIME_S = 0.25  # first sample's CPU window after start
 SLOW_REFRESH_S = 60.0  # the mount table and CPU frequency are re-read this often
 ONCE_CPU_WINDOW_S = 0.5  # CPU window of --once
 SHUTDOWN_COMMAND_GRACE_S = 1.0  # on SIGTERM, running commands get TERM, then KILL
+SHUTDOWN_CUT_OFF_S = 0.5  # then for the requests whose docker call was killed
 SHUTDOWN_FLUSH_S = 1.0  # then the time to send what waits before closing
 SHUTDOWN_CLOSE_WAIT_S = 1.5  # and to wait for the API's close frame
 CLOSE_REPLY_WAIT_S = 1.0  # how long the writer may take to answer the API's close
@@ -1578,7 +1579,8 @@ class Children:
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._owned = set()  # pids of our own Popen children not yet waited for
+        self._owned = {}  # pid -> Popen: our own children not yet waited for
+        self._closed = False  # set by end_all(): nothing starts any more
         self._groups = set()  # groups that outlived their shell
         self._scan_at = math.inf  # no scan until a command has run
         self._tag_prefix = f"{os.getpid()}."
@@ -1601,15 +1603,52 @@ class Children:
             LOG.debug("cannot become a child subreaper: %s", e)
 
     def spawn(self, argv, **popen_args):
+        """A Popen, started in a session of its own; OSError once end_all()
+        has run."""
         with self._lock:
-            proc = subprocess.Popen(argv, **popen_args)
-            self._owned.add(proc.pid)
+            if self._closed:
+                raise OSError("not started: the agent is shutting down")
+            proc = subprocess.Popen(argv, start_new_session=True, **popen_args)
+            self._owned[proc.pid] = proc
         return proc
+
+    def call(self, argv, timeout_s, max_bytes, env=None, data=b""):
+        """(returncode, stdout, stderr) of a short-lived program given `data`
+        on its stdin, or None when it did not end within `timeout_s` (it is
+        killed then); OSError when it cannot start. Each output keeps its last
+        max_bytes (see read_pipes)."""
+        deadline = time.monotonic() + timeout_s
+        proc = self.spawn(argv, stdin=subprocess.PIPE if data else subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        try:
+            fed = feed(proc.stdin, data, deadline) if data else True
+            out, err = read_pipes(proc, deadline, max_bytes) if fed else (None, None)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            for pipe in (proc.stdin, proc.stdout, proc.stderr):
+                if pipe is not None:
+                    pipe.close()
+            self.reaped(proc)
+        return None if out is None else (proc.returncode, out, err)
+
+    def end_all(self):
+        """At shutdown, once commands have had their TERM and grace: kill
+        every process the agent started that still runs (a docker CLI call in
+        flight, a command that outlived its KILL's wait), with its group, and
+        start none from now on. Else they would outlive the agent, orphaned
+        to PID 1."""
+        with self._lock:
+            self._closed = True
+            running = [p for p in self._owned.values() if not leader_exited(p)]
+        for proc in running:  # unreaped, so its pid is still its own
+            signal_group(proc.pid, signal.SIGKILL)
 
     def reaped(self, proc):
         """The owner has waited for `proc`; see whether its group lives on."""
         with self._lock:
-            self._owned.discard(proc.pid)
+            self._owned.pop(proc.pid, None)
             self._scan_at = min(self._scan_at, time.monotonic() + ORPHAN_SCAN_S)
         try:
             os.killpg(proc.pid, 0)  # signal 0: only asks whether the group exists
@@ -1756,6 +1795,60 @@ def exit_watch(proc):
 def signal_group(pgid, sig):
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
+
+
+def feed(pipe, data, deadline):
+    """Write `data` to a child's stdin and close it; False at the deadline (a
+    child that does not read). A child that has exited already is fed: what
+    it printed tells what happened."""
+    os.set_blocking(pipe.fileno(), False)
+    with memoryview(data) as view, selectors.DefaultSelector() as selector:
+        selector.register(pipe, selectors.EVENT_WRITE)
+        while view:
+            if not selector.select(max(0.0, deadline - time.monotonic())):
+                return False
+            try:
+                view = view[os.write(pipe.fileno(), view):]
+            except BrokenPipeError:
+                break
+    pipe.close()
+    return True
+
+
+def read_pipes(proc, deadline, max_bytes):
+    """(stdout, stderr) bytes, (None, None) at the deadline.
+
+    Each keeps the *last* max_bytes of its stream, cut at a line boundary: the
+    newest lines are what matter (a log's tail, an error's last words), and a
+    cut line would be a broken JSON row.
+    """
+    kept = {proc.stdout: bytearray(), proc.stderr: bytearray()}
+    with selectors.DefaultSelector() as selector:
+        for pipe in kept:
+            selector.register(pipe, selectors.EVENT_READ)
+        while selector.get_map():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None, None
+            for key, _ in selector.select(remaining):
+                data = os.read(key.fd, READ_CHUNK)
+                if not data:
+                    selector.unregister(key.fileobj)
+                    continue
+                buffer = kept[key.fileobj]
+                buffer += data
+                if len(buffer) > 2 * max_bytes:  # trim now and then, not each read
+                    del buffer[:-max_bytes]
+    out, err = kept[proc.stdout], kept[proc.stderr]
+    return last_lines(out, max_bytes), last_lines(err, max_bytes)
+
+
+def last_lines(buffer, max_bytes):
+    """The whole lines within the last max_bytes of `buffer`."""
+    if len(buffer) <= max_bytes:
+        return bytes(buffer)
+    tail = buffer[-max_bytes:]
+    return bytes(tail[tail.find(b"\n") + 1 :])
 
 
 class OutputCapture:
@@ -2045,7 +2138,6 @@ class CommandRunner:
             stderr=subprocess.STDOUT,
             cwd=job.cwd,
             env=dict(self.env, **{JOB_TAG: tag}),
-            start_new_session=True,
         )
         capture = OutputCapture(self.config.command_output_max_bytes)
         stream = OutputStream(job, self.send, capture.head_cap + capture.tail_cap) \
@@ -2151,6 +2243,13 @@ DEFAULT_LOG_LINES = 500
 DOCKER_MAX_OUTPUT = 8 * 1024 * 1024  # per stream of one CLI call
 LOG_REPLY_MAX_BYTES = 1024 * 1024
 MAX_STOP_TIMEOUT_S = 3600
+MAX_PORTS_LISTED = 1000  # of one container, in the metrics
+MAX_EVENT_BYTES = 65536  # one line of docker events, read at most
+# The container events that can change what `docker ps` prints. Others, such
+# as the exec_create, exec_start and exec_die of every health check, cannot,
+# and must not cost a re-read of the list.
+LIST_EVENTS = ("create", "start", "restart", "die", "stop", "pause", "unpause",
+               "rename", "destroy", "health_status")
 # `docker ps` with the fields named: {{json .}} would make the daemon compute
 # every container's size, which takes seconds to minutes on a big host.
 PS_FORMAT = ('{"id":{{json .ID}},"names":{{json .Names}},"image":{{json .Image}},'
@@ -2222,15 +2321,20 @@ def parse_pair(text):
 
 
 def parse_ports(text):
-    """docker ps's "0.0.0.0:8080->80/tcp, :::8080->80/tcp, 443/tcp" as the API wants."""
+    """docker ps's "0.0.0.0:8080->80/tcp, :::8080->80/tcp, 443/tcp" as the API
+    wants; a spec that is no port or range of ports is left out."""
     ports, seen = [], set()
     for spec in text.split(","):
         match = PORT_SPEC.search(spec.strip())
-        if not match:
+        try:
+            private = port_range(match.group("private")) if match else ()
+            public = port_range(match.group("public")) if match and \
+                match.group("public") else None
+        except ValueError:
             continue
-        private = port_range(match.group("private"))
-        public = port_range(match.group("public")) if match.group("public") else None
         for i, port in enumerate(private[:100]):
+            if len(ports) >= MAX_PORTS_LISTED:
+                return ports
             entry = {"private_port": port, "type": match.group("type")}
             if public:
                 entry["public_port"] = public[min(i, len(public) - 1)]
@@ -2242,8 +2346,13 @@ def parse_ports(text):
 
 
 def port_range(text):
+    """The ports of '80' or '8000-8100', as a range (never a list: docker may
+    print '1-4294967295'); ValueError for what is no TCP or UDP port."""
     low, _, high = text.partition("-")
-    return list(range(int(low), int(high or low) + 1))
+    low, high = int(low), int(high or low)
+    if not 0 <= low <= high <= 65535:
+        raise ValueError(f"not a range of ports: {text[:40]}")
+    return range(low, high + 1)
 
 
 def rfc3339(docker_time):
@@ -2265,7 +2374,7 @@ def rfc3339(docker_time):
 def docker_instant(text):
     """Unix time of a `docker inspect` time ('2026-11-27T09:00:00.123456789Z');
     None for Docker's zero time (never started, never finished) or garbage."""
-    match = DOCKER_INSTANT.match(text or "")
+    match = DOCKER_INSTANT.match(text) if isinstance(text, str) else None
     if not match or match.group(1).startswith("0001"):
         return None
     zone = "+00:00" if match.group(3) == "Z" else match.group(3)
@@ -2302,12 +2411,19 @@ ContainerState = collections.namedtuple(
 
 
 def container_state(state):
-    """A ContainerState from the State object of `docker inspect`."""
+    """A ContainerState from the State object of `docker inspect`, whatever
+    its fields hold (ValueError if it is no object at all)."""
+    if not isinstance(state, dict):
+        raise ValueError("State is not an object")
+    health = state.get("Health")
+    health = health.get("Status") if isinstance(health, dict) else None
+    exit_code = state.get("ExitCode")
     return ContainerState(
         bool(state.get("Running")), bool(state.get("Paused")),
         bool(state.get("Restarting")), bool(state.get("Dead")),
-        state.get("Status") == "removing", state.get("ExitCode", 0),
-        (state.get("Health") or {}).get("Status"),
+        state.get("Status") == "removing",
+        exit_code if isinstance(exit_code, int) else 0,
+        health if isinstance(health, str) else None,
         docker_instant(state.get("StartedAt")), docker_instant(state.get("FinishedAt")),
     )
 
@@ -2338,11 +2454,17 @@ def status_text(state, now):
 
 
 def container_row(row):
-    """One line of docker ps (PS_FORMAT) in the shape of PROTOCOL.md section 3."""
+    """One line of docker ps (PS_FORMAT) in the shape of PROTOCOL.md section 3;
+    ValueError for a line not of that shape (the CLI may print anything)."""
+    if not isinstance(row, dict):
+        raise ValueError("not a JSON object")
+    texts = [row.get(k) for k in ("id", "names", "image", "status", "state", "created")]
+    ports = row.get("ports") or ""
+    if not all(isinstance(t, str) for t in [*texts, ports]):
+        raise ValueError("a field is not a string")
     return {"id": row["id"][:12], "name": row["names"].split(",")[0].lstrip("/"),
             "image": row["image"], "status": row["status"], "state": row["state"],
-            "created": rfc3339(row["created"]),
-            "ports": parse_ports(row["ports"] or "")}
+            "created": rfc3339(row["created"]), "ports": parse_ports(ports)}
 
 
 class DockerCLI:
@@ -2356,16 +2478,18 @@ class DockerCLI:
     def run(self, *args, timeout_s=None, max_bytes=DOCKER_MAX_OUTPUT):
         """stdout and stderr of a successful call, or a DockerError saying why not."""
         rc, out, err = self._call(args, timeout_s or self.timeout_s, max_bytes)
+        if rc < 0:
+            raise DockerError(f"docker {args[0]} was killed (signal {-rc}) before it "
+                              "answered (the agent's shutdown, or the OOM killer); "
+                              "the engine may have carried it out")
         if rc != 0:
             raise classify_docker_error(err.decode("utf-8", "replace"))
         return out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
 
     def _call(self, args, timeout_s, max_bytes):
         try:
-            proc = self.children.spawn(
-                [self.binary, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, env=docker_environment(),
-                start_new_session=True)
+            result = self.children.call([self.binary, *args], timeout_s, max_bytes,
+                                        env=docker_environment())
         except FileNotFoundError:
             raise DockerError(
                 f"the docker CLI ({self.binary}) was not found: install Docker "
@@ -2374,19 +2498,10 @@ class DockerCLI:
             ) from None
         except OSError as e:
             raise DockerError(f"cannot run {self.binary}: {e}") from None
-        try:
-            out, err = read_pipes(proc, time.monotonic() + timeout_s, max_bytes)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-            proc.stdout.close()
-            proc.stderr.close()
-            self.children.reaped(proc)
-        if out is None:
+        if result is None:
             raise DockerError(f"docker {args[0]} did not answer within {timeout_s:g} s "
                               "(is the daemon hung?)")
-        return proc.returncode, out, err
+        return result
 
     def list_containers(self):
         """Every container, running or not, in the shape of PROTOCOL.md section 3.
@@ -2396,7 +2511,7 @@ class DockerCLI:
         for line in out.splitlines():
             try:
                 rows.append(container_row(json.loads(line)))
-            except (ValueError, KeyError, TypeError, AttributeError) as e:
+            except (ValueError, RecursionError) as e:
                 LOG.debug("docker ps: skipped a row (%s): %s", e, shown(line))
         return rows
 
@@ -2412,7 +2527,7 @@ class DockerCLI:
         states = {}
         for line in out.decode("utf-8", "replace").splitlines():
             container_id, _, state = line.partition(" ")
-            with contextlib.suppress(ValueError, AttributeError):  # a garbled line
+            with contextlib.suppress(ValueError, RecursionError):  # a garbled line
                 states[container_id[:12]] = container_state(json.loads(state))
         return states
 
@@ -2426,55 +2541,22 @@ class DockerCLI:
         return "ok", out.strip()
 
 
-def read_pipes(proc, deadline, max_bytes):
-    """(stdout, stderr) bytes, (None, None) at the deadline.
-
-    Each keeps the *last* max_bytes of its stream, cut at a line boundary: the
-    newest lines are what matter (a log's tail, an error's last words), and a
-    cut line would be a broken JSON row.
-    """
-    kept = {proc.stdout: bytearray(), proc.stderr: bytearray()}
-    with selectors.DefaultSelector() as selector:
-        for pipe in kept:
-            selector.register(pipe, selectors.EVENT_READ)
-        while selector.get_map():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None, None
-            for key, _ in selector.select(remaining):
-                data = os.read(key.fd, READ_CHUNK)
-                if not data:
-                    selector.unregister(key.fileobj)
-                    continue
-                buffer = kept[key.fileobj]
-                buffer += data
-                if len(buffer) > 2 * max_bytes:  # trim now and then, not each read
-                    del buffer[:-max_bytes]
-    out, err = kept[proc.stdout], kept[proc.stderr]
-    return last_lines(out, max_bytes), last_lines(err, max_bytes)
-
-
-def last_lines(buffer, max_bytes):
-    """The whole lines within the last max_bytes of `buffer`."""
-    if len(buffer) <= max_bytes:
-        return bytes(buffer)
-    tail = buffer[-max_bytes:]
-    return bytes(tail[tail.find(b"\n") + 1 :])
-
-
 class ContainerCache:
     """The container list for metrics, kept current by one `docker events` process.
 
-    Events only mark the list stale; it is re-read (one `docker ps`) when
-    stale and every docker_refresh_s as a safety net, never per metrics tick.
-    When the CLI or daemon is missing, the status says why and is checked
-    again every docker_check_s; a daemon that comes back is noticed.
+    Only the events that can change the list (LIST_EVENTS) mark it stale, not
+    the execs of health checks; it is re-read (one `docker ps` and one
+    `docker container inspect`) when stale, at most once per metrics
+    interval however fast events come, and every docker_refresh_s as a
+    safety net. At rest it starts no process. When the CLI or daemon is
+    missing, the status says why and is checked again every docker_check_s;
+    a daemon that comes back is noticed.
     """
 
-    def __init__(self, config, cli, stop):
+    def __init__(self, config, cli):
         self.config = config
         self.cli = cli
-        self.stop = stop
+        self.stop = threading.Event()  # set by shutdown()
         self.status, self.detail = "starting", ""
         self.containers = []
         self._states = {}  # id -> ContainerState, for the status text
@@ -2553,15 +2635,21 @@ class ContainerCache:
     def _watch(self):
         """Follow events and refresh the list until the events process ends
         (or is ended by shutdown(), from another thread)."""
-        events = self._start_events()
+        refreshed_at = -math.inf
         try:
+            events = self._start_events()
             self.mark_stale()
             while not self.stop.is_set() and events.poll() is None:
                 self._wake.wait(self.config.docker_refresh_s)
                 self._wake.clear()
+                pause = refreshed_at + self.config.metrics_interval_s - time.monotonic()
+                if self.stop.wait(max(0.0, pause)):
+                    return
+                refreshed_at = time.monotonic()
                 self._refresh()
         except DockerError as e:
-            self._set_status(e.status or "error", str(e))
+            if not self.stop.is_set():  # else it is the shutdown that cut it off
+                self._set_status(e.status or "error", str(e))
         finally:
             self._stop_events()
 
@@ -2574,19 +2662,26 @@ class ContainerCache:
         self._fresh.set()
 
     def _start_events(self):
-        proc = self._events = self.cli.children.spawn(
-            [self.cli.binary, "events", "--format", "{{json .}}", "--filter",
-             "type=container"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL, env=docker_environment(),
-            start_new_session=True)
+        filters = [f"--filter=event={event}" for event in LIST_EVENTS]
+        try:
+            proc = self._events = self.cli.children.spawn(
+                [self.cli.binary, "events", "--format", "{{json .}}",
+                 "--filter=type=container", *filters],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL, env=docker_environment())
+        except OSError as e:
+            raise DockerError(f"cannot run {self.cli.binary} events: {e}") from None
         threading.Thread(target=self._read_events, args=(proc,),
                          name="docker-events", daemon=True).start()
         return proc
 
     def _read_events(self, proc):
+        """Each event that can change the list marks it stale. Lines are read
+        in bounded pieces: the CLI may print anything."""
         with contextlib.suppress(OSError, ValueError):  # closed under us at the end
-            for _line in proc.stdout:  # each event: something changed
-                self.mark_stale()
+            for line in iter(lambda: proc.stdout.readline(MAX_EVENT_BYTES), b""):
+                if changes_list(line):
+                    self.mark_stale()
         self._wake.set()  # the process ended: the daemon went away or restarted
 
     def _stop_events(self):
@@ -2599,6 +2694,8 @@ class ContainerCache:
             self.cli.children.reaped(proc)
 
     def _set_status(self, status, detail):
+        if self.stop.is_set():
+            return  # the shutdown cut a call off: nothing to report
         with self._lock:
             changed = status != self.status
             self.status, self.detail = status, detail
@@ -2611,8 +2708,22 @@ class ContainerCache:
             LOG.warning("docker: %s (%s); containers are not reported", status, detail)
 
     def shutdown(self):
+        """No list re-read from now on, and the events process ended."""
+        self.stop.set()
         self._wake.set()
         self._stop_events()
+
+
+def changes_list(line):
+    """Whether a line of `docker events` is an event that can change the list
+    (its Action, or health_status's "health_status: healthy", in
+    LIST_EVENTS). The CLI is asked for those only; a line the agent cannot
+    read counts as one: a re-read costs little, at most one per interval."""
+    try:
+        action = json.loads(line).get("Action")
+    except (ValueError, RecursionError, AttributeError):
+        return True
+    return not isinstance(action, str) or action.split(":")[0] in LIST_EVENTS
 
 
 # API-form request type -> action; action -> (API-form reply type, status word).
@@ -2788,14 +2899,30 @@ class DockerActions:
 
     def do_inspect(self, job):
         out, _ = self.cli.run("container", "inspect", "--", job.ref)
-        return "Container inspected", {"info": inspect_summary(json.loads(out)[0])}
+        info = read_cli_output("inspect", out, lambda: json.loads(out)[0])
+        return "Container inspected", {"info": read_cli_output(
+            "inspect", out, lambda: inspect_summary(info))}
 
     def do_stats(self, job):
         out, _ = self.cli.run("stats", "--no-stream", "--no-trunc", "--format",
                               "{{json .}}", "--", job.ref)
-        return "Container stats", {
-            "stats": stats_numbers(json.loads(out.splitlines()[0]))
-        }
+        return "Container stats", {"stats": read_cli_output(
+            "stats", out, lambda: stats_numbers(json.loads(out.splitlines()[0])))}
+
+
+def read_cli_output(verb, out, read):
+    """read(), or a DockerError when what the CLI printed is not what the
+    agent reads (the CLI may print anything): never an exception from
+    parsing, which would end as an 'internal error'."""
+    try:
+        return read()
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError,
+            RecursionError) as e:
+        raise DockerError(
+            f"docker {verb} printed what the agent cannot read ({type(e).__name__}: "
+            f"{one_line(str(e))[:100]}; output starts {shown(out[:40])}); is "
+            "docker_binary the docker CLI?"
+        ) from None
 
 
 def merge_log_streams(stdout, stderr):
@@ -3059,10 +3186,15 @@ class Requests:
             self._answer(job, job.cancelled_unstarted("the agent's shutdown"))
         for job in running:
             job.cancel_running("the agent's shutdown", grace_s)
-        with self.lock:  # idle workers need no waiting for: they are daemons
+        self.wait_idle(grace_s + POLL_S * 3)
+
+    def wait_idle(self, timeout_s):
+        """Wait, at most `timeout_s`, until no job runs (idle workers need no
+        waiting for: they are daemons)."""
+        with self.lock:
             self.finished.wait_for(
                 lambda: not any(lane.running for lane in self.lanes.values()),
-                grace_s + POLL_S * 3,
+                timeout_s,
             )
 
 
@@ -4667,7 +4799,7 @@ class Agent:
                                  spool_for(config))
         self.children = Children()
         self.docker_cli = DockerCLI(config, self.children)
-        self.containers = ContainerCache(config, self.docker_cli, self.stop_event)
+        self.containers = ContainerCache(config, self.docker_cli)
         self.collector = MetricsCollector(
             source or pick_source(),
             config.top_processes or None,  # 0: every process
@@ -4867,8 +4999,7 @@ class Agent:
         """
         with Deadline(SHUTDOWN_DEADLINE_S, self._shutdown_overran):
             self.link.close_code = 1011 if self.exit_code else 1000
-            self._end_commands()
-            self.containers.shutdown()
+            self._end_processes()
             self.stop_event.set()
             self.link.stop_connecting()
             self.delivery.wake()
@@ -4879,12 +5010,18 @@ class Agent:
             self.metrics_thread.join(1.0)  # a hung statvfs must not hold the exit
             self.delivery.close()
 
-    def _end_commands(self):
+    def _end_processes(self):
+        """Commands and what they left get TERM, then KILL after their grace;
+        then whatever else the agent started and still runs (a docker CLI
+        call in flight) is killed: nothing outlives the agent."""
+        self.containers.shutdown()
         if os.name != "posix":  # commands run on POSIX only
             return
         self.children.signal_leftovers(signal.SIGTERM)
         self.requests.shutdown(SHUTDOWN_COMMAND_GRACE_S)
         self.children.signal_leftovers(signal.SIGKILL)
+        self.children.end_all()
+        self.requests.wait_idle(SHUTDOWN_CUT_OFF_S)  # their jobs answer now
 
     @staticmethod
     def _shutdown_overran():
@@ -5025,7 +5162,7 @@ def build_parser():
 
 
 def run_once(config, text=False):
-    cache = ContainerCache(config, DockerCLI(config, Children()), threading.Event())
+    cache = ContainerCache(config, DockerCLI(config, Children()))
 
     collector = MetricsCollector(
         pick_source(),

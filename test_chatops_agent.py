@@ -2520,12 +2520,11 @@ def container(docker_engine):
     """Makes uniquely named test containers (no network) and removes them after."""
     names = []
 
-    def make(script="sleep 600", start=True):
+    def make(script="sleep 600", start=True, options=()):
         name = f"chatops-test-{os.getpid()}-{time.monotonic_ns() % 10**9}"
         verb = ["run", "-d"] if start else ["create"]
-        docker(
-            *verb, "--network", "none", "--name", name, TEST_IMAGE, "sh", "-c", script
-        )
+        docker(*verb, "--network", "none", "--name", name, *options, TEST_IMAGE,
+               "sh", "-c", script)
         names.append(name)
         return name
 
@@ -2649,19 +2648,33 @@ class TestDockerParsing:
 class ContainerEvents:
     """Counts the container events the engine reports while open, whoever
     caused them: a re-read of the list that one of them caused is not a
-    re-read per tick. (`docker events` may miss one as it starts.)"""
+    re-read per tick. `filters` narrow them ("event=start", "container=N").
+    (`docker events` may miss one as it starts.)"""
+
+    def __init__(self, *filters):
+        self.filters = [f"--filter={f}" for f in ("type=container", *filters)]
+        self.actions = []
 
     def __enter__(self):
         self.proc = subprocess.Popen(
-            ["docker", "events", "--format", "{{.Action}}", "--filter",
-             "type=container"], stdout=subprocess.PIPE, text=True)
-        self.count = 0
+            ["docker", "events", "--format", "{{.Action}}", *self.filters],
+            stdout=subprocess.PIPE, text=True)
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
         return self
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.actions.append(line.strip())
+
+    @property
+    def count(self):
+        return len(self.actions)
 
     def __exit__(self, *exc):
         self.proc.terminate()
-        out, _ = self.proc.communicate(timeout=10)
-        self.count = len(out.split())
+        self.proc.wait(10)
+        self.reader.join(10)
 
 
 def listed(api, name):
@@ -4202,6 +4215,114 @@ class TestHostileBurst:
                    lambda: f"all replies; {answered()} came")
         assert len(one_reply_each(api, set(ids))) == len(ids)
         assert "dropped" not in proc.log()
+
+
+def fake_docker(tmp_path, body):
+    """A docker CLI that is a shell script: `body` is its case of "$1"."""
+    path = tmp_path / "fake-docker"
+    path.write_text(f'#!/bin/sh\ncase "$1" in\n{body}\nesac\n')
+    path.chmod(0o755)
+    return str(path)
+
+
+GOOD_ROW = ('{"id":"0123456789ab0000","names":"good","image":"busybox",'
+            '"status":"Up 1 second","state":"running",'
+            '"created":"2026-11-25 14:28:30 +0000 UTC","ports":"0.0.0.0:8080->80/tcp"}')
+
+
+class TestHostileDocker:
+    """The docker CLI and the engine (issue 18, defects 6, 12 and 13)."""
+
+    def test_health_checks_start_no_process_at_rest(self, api, run_agent, container,
+                                                    counting_docker):
+        """Three containers with a health check every second (each check is
+        three exec events): the agent starts no process for them (it re-read
+        the list at each event: 600 docker CLI calls a minute)."""
+        shim, calls = counting_docker
+        health = ("--health-cmd", "true", "--health-interval", "1s")
+        names = [container("sleep 600", options=health) for _ in range(3)]
+        run_agent(api.url, "--docker-binary", shim)
+
+        def all_healthy():
+            return all((listed(api, n) or {}).get("status", "").endswith("(healthy)")
+                       for n in names)
+
+        wait_until(all_healthy, 20, "the containers healthy in the metrics")
+        before = len(calls.read_text().split())
+        with ContainerEvents() as events, \
+                ContainerEvents("event=exec_die", f"container={names[0]}") as checks:
+            wait_until(lambda: checks.count >= 5, 20, "five health checks")
+        spawned = len(calls.read_text().split()) - before
+        others = [a for a in events.actions if not a.startswith("exec_")]  # anyone's
+        assert spawned <= 2 * (len(others) + 1), (spawned, others)
+
+    def test_a_fast_event_stream_rereads_once_per_interval(self, api, run_agent,
+                                                            tmp_path):
+        """A CLI whose events stream never pauses: the list is re-read at
+        most once per metrics interval (47 times a second)."""
+        reads = tmp_path / "reads"
+        shim = fake_docker(tmp_path, f"""
+version) echo 99.0;;
+events) while :; do echo '{{"Type":"container","Action":"start"}}'; sleep 0.01; done;;
+ps) echo ps >> {reads}; echo '{GOOD_ROW}';;
+container) ;;
+""")
+        run_agent(api.url, "--docker-binary", shim)
+        wait_until(lambda: listed(api, "good"), 10, "the list")
+        start_reads, start_ticks = reads.read_text().count("ps"), len(api.metrics())
+        wait_until(lambda: len(api.metrics()) >= start_ticks + 8, 10, "eight ticks")
+        rereads = reads.read_text().count("ps") - start_reads
+        assert rereads <= len(api.metrics()) - start_ticks + 2, rereads
+
+    def test_a_bad_row_costs_only_itself(self, api, run_agent, tmp_path):
+        """A port range that spans 4 billion ports, fields of the wrong type,
+        garbage, and a StartedAt that is a number: the good row is listed and
+        Docker is "ok" (one such row emptied the list, status "error")."""
+        rows = [GOOD_ROW,
+                GOOD_ROW.replace("good", "ranges").replace(
+                    "0.0.0.0:8080->80/tcp", "0.0.0.0:1-4294967295->1-4294967295/tcp"),
+                '{"id":["x"],"names":1}', "garbage", "[" * 5000, "null"]
+        states = ['0123456789ab0000 {"Running":true,"StartedAt":1234,"Health":"x",'
+                  '"ExitCode":"nine"}', "ffffffffffff []", "eeeeeeeeeeee [[["]
+        shim = fake_docker(tmp_path, f"""
+version) echo 99.0;;
+events) exec sleep 3600;;
+ps) printf '%s\\n' {" ".join(shlex_quote(r) for r in rows)};;
+container) printf '%s\\n' {" ".join(shlex_quote(s) for s in states)};;
+""")
+        proc = run_agent(api.url, "--docker-binary", shim)
+        wait_until(lambda: listed(api, "ranges"), 10, proc.log)
+        assert api.metrics()[-1]["docker"]["status"] == "ok"
+        assert listed(api, "good")["ports"] == [
+            {"private_port": 80, "public_port": 8080, "type": "tcp"}]
+        assert listed(api, "ranges")["ports"] == []
+        assert [c["name"] for c in api.metrics()[-1]["containers"]] == ["good", "ranges"]
+
+    def test_cli_calls_in_flight_end_with_the_agent(self, api, run_agent, tmp_path):
+        """A re-read of the list and a request's `docker logs` hang when the
+        agent stops: they end with it (they outlived it, orphaned)."""
+        listing, logs = f"761.{os.getpid()}", f"762.{os.getpid()}"
+        shim = fake_docker(tmp_path, f"""
+version) echo 99.0;;
+events) exec sleep 3600;;
+ps) exec sleep {listing};;
+logs) exec sleep {logs};;
+*) echo "Error: No such container: x" >&2; exit 1;;
+""")
+        proc = run_agent(api.url, "--docker-binary", shim)
+        wait_until(lambda: group_members(listing), 10, "the hanging docker ps")
+        send(api, "get_container_logs", "logs-1", container_id="web")
+        wait_until(lambda: group_members(logs), 10, "the hanging docker logs")
+        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.exit_status() == 0
+        wait_until(lambda: not group_members(listing) and not group_members(logs), 5,
+                   "no docker CLI left running")
+        reply = one_reply_each(api, {"logs-1"})["logs-1"][0]
+        assert reply["type"] == "error" and "killed" in reply["message"]
+
+
+def shlex_quote(text):
+    return "'" + text.replace("'", "'\\''") + "'"
 
 
 def read_client_frame(conn):

@@ -22,7 +22,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -716,9 +715,7 @@ def main():
         cache = None
         if containers.available:
             cli = agent.DockerCLI(agent.load_config({}, {}), agent.Children())
-            cache = agent.ContainerCache(
-                agent.load_config({}, {}), cli, threading.Event()
-            )
+            cache = agent.ContainerCache(agent.load_config({}, {}), cli)
             cache.read_once()
         results["containers"] = len(containers.names)
         parts = {
