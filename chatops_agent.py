@@ -1541,6 +1541,10 @@ MAX_COMMAND_CHARS = 65536
 MAX_TIMEOUT_S = 7 * 86400.0  # a request's timeout beyond this is absurd: refused
 ORPHAN_SCAN_S = 60.0  # and look through /proc for any others this often
 EXIT_TIMEOUT, EXIT_CANCELLED = 124, 130
+# The child that matches a command against command_allow (CommandRunner.refusal).
+ALLOW_MATCH = ("import json,re,sys;c,p=json.load(sys.stdin);"
+               "sys.exit(0 if any(re.fullmatch(x,c) for x in p) else 1)")
+ALLOW_MATCH_TIMEOUT_S = 2.0
 PR_SET_CHILD_SUBREAPER = 36
 JOB_TAG = "CHATOPS_JOB"  # in each command's environment: AGENT_PID.N
 
@@ -1993,8 +1997,12 @@ class CommandJob(Job):
         self.stream = stream
         self.requested_by = by
         # Cancels reach the worker running it through this queue: (by whom,
-        # the grace before SIGKILL).
+        # the grace before SIGKILL). Once the worker has settled how the
+        # command ended, none is taken: a cancel then says so, and the two
+        # replies never disagree about whether it was cancelled.
         self.stops = queue.SimpleQueue()
+        self._stops_lock = threading.Lock()
+        self._settled = False
 
     def describe(self):
         by = f" by {self.requested_by}" if self.requested_by else ""
@@ -2011,10 +2019,22 @@ class CommandJob(Job):
         return self.result(result_fields(text, EXIT_CANCELLED, cancelled=True))
 
     def cancel_running(self, by, grace_s=None):
-        """(cancelled, text): the worker stops its group as a timeout would,
-        with at most `grace_s` (or command_grace_s) before SIGKILL."""
-        self.stops.put((by, self.grace_s if grace_s is None else grace_s))
-        return True, f"command {self.id!r} cancelled"
+        """(cancelled, state, text): the worker stops its group as a timeout
+        would, with at most `grace_s` (or command_grace_s) before SIGKILL;
+        unless it has settled already how the command ended."""
+        with self._stops_lock:
+            if self._settled:
+                return False, "finished", (f"command {self.id!r} had already "
+                                           "ended; its own reply says how")
+            self.stops.put((by, self.grace_s if grace_s is None else grace_s))
+        return True, "running", f"command {self.id!r} cancelled"
+
+    def settle(self):
+        """True, and no cancel is taken from now on, unless one came that the
+        worker has not read yet (then False: it reads it first)."""
+        with self._stops_lock:
+            self._settled = self.stops.empty()
+            return self._settled
 
 
 def request_field(message, name, kinds, what, default=None):
@@ -2103,18 +2123,41 @@ class CommandRunner:
             raise RequestError("command execution is disabled on this agent")
         if os.name != "posix":
             raise RequestError("remote commands need /bin/sh; not supported on Windows")
-        job = parse_command_request(message, dialect, self.config)
-        allow = self.config.command_allow
-        if allow and not any(re.fullmatch(p, job.command) for p in allow):
-            LOG.warning("refused %s: not in command_allow", job.describe())
-            raise RequestError(
-                "command refused: it matches none of this agent's allowed "
-                "commands (command_allow)"
-            )
-        return job
+        return parse_command_request(message, dialect, self.config)
+
+    def refusal(self, job):
+        """Why command_allow does not let the job run, or None if it does.
+
+        Matched in a child process, with a deadline: an expression with
+        nested repeats ('(a+)+$') takes time exponential in the command's
+        length, and Python's re holds the interpreter lock all the while: in
+        the agent it would freeze every thread. Undecided is refused."""
+        if not self.config.command_allow:
+            return None
+        data = json.dumps([job.command, self.config.command_allow]).encode()
+        try:
+            result = self.children.call(
+                [sys.executable, "-I", "-S", "-c", ALLOW_MATCH],
+                ALLOW_MATCH_TIMEOUT_S, 4096, data=data)
+        except OSError as e:
+            return f"command_allow could not be checked ({e})"
+        if result is None:
+            return (f"deciding command_allow took more than {ALLOW_MATCH_TIMEOUT_S:g} "
+                    "s: does one of its expressions have nested repeats, as (a+)+? "
+                    "Fix command_allow")
+        if result[0] == 1:
+            return "it matches none of this agent's allowed commands (command_allow)"
+        if result[0] != 0:
+            why = one_line(result[2].decode("utf-8", "replace").strip()[-200:])
+            return f"command_allow could not be checked ({why})"
+        return None
 
     def execute(self, job):
         """Run the job's command; its reply. Orphans are reaped afterwards."""
+        refusal = self.refusal(job)
+        if refusal:
+            LOG.warning("refused %s: %s", job.describe(), refusal)
+            return job.error(f"command refused: {refusal}")
         LOG.info("%s started", job.describe())
         started = time.monotonic()
         try:
@@ -2175,7 +2218,7 @@ class CommandRunner:
                     state.exited_at = now
                     if exit_fd is not None:
                         selector.unregister(exit_fd)
-                if state.finished(now):
+                if state.finished(now) and job.settle():
                     break
                 if stream:
                     stream.tick(now)
@@ -2775,8 +2818,9 @@ class DockerJob(Job):
                                   {"success": False, "message": text})
 
     def cancel_running(self, by, grace_s=None):
-        return False, (f"docker {self.action} cannot be cancelled once started: "
-                       "the engine is carrying it out; its own reply follows")
+        return False, "running", (f"docker {self.action} cannot be cancelled once "
+                                  "started: the engine is carrying it out; its own "
+                                  "reply follows")
 
 
 def parse_docker_request(message, dialect):
@@ -3077,8 +3121,7 @@ class Requests:
             LOG.info("%s cancelled by %s before it started", job.describe(), by)
             self._answer(job, job.cancelled_unstarted(by))
             return True, "queued", f"command {target!r} cancelled"
-        cancelled, text = job.cancel_running(by)
-        return cancelled, "running", text
+        return job.cancel_running(by)
 
     def _find(self, request_id):
         """(lane, job) of a waiting or running job with this id, or (None, None)."""

@@ -4217,6 +4217,57 @@ class TestHostileBurst:
         assert "dropped" not in proc.log()
 
 
+class TestHostileCancel:
+    """A cancel that races a command's end (issue 18, defect 8)."""
+
+    def test_a_cancel_as_a_command_ends_agrees_with_its_reply(self):
+        """A cancel that comes after the command ended, while its worker has
+        not yet answered, says it cancelled nothing ("finished"), as the
+        command's own reply says it ran to the end (it said cancelled: true,
+        state running: 7 times in 300)."""
+        config = agent.load_config({"command_grace_s": "1"}, {})
+        runner = agent.CommandRunner(config, lambda *a, **k: None, agent.Children())
+        runner.env = agent.command_environment(config)
+        replies, cancels = [], []
+
+        def execute_then_cancel(job):
+            reply = runner.execute(job)
+            cancels.append(requests.cancel(job.id, "request 'c'"))
+            return reply
+
+        requests = agent.Requests(config, lambda m, **k: replies.append(m), [
+            agent.Lane("command", 1, 1, execute_then_cancel)])
+        requests.start()
+        request = {"type": "execute_command", "request_id": "r", "command": "echo ran"}
+        requests.submit(runner.accept(request, agent.API))
+        wait_until(lambda: replies, 10, "the reply")
+        assert replies[0]["data"]["cancelled"] is False
+        assert cancels[0][:2] == (False, "finished")
+
+    def test_cancels_at_any_moment_agree_with_the_replies(self):
+        """Cancels sent at random moments of short commands: whenever the
+        cancel says it cancelled, the command's reply says so, and never
+        otherwise."""
+        config = agent.load_config({"command_grace_s": "1"}, {})
+        runner = agent.CommandRunner(config, lambda *a, **k: None, agent.Children())
+        runner.env = agent.command_environment(config)
+        replies = {}
+        requests = agent.Requests(
+            config, lambda m, **k: replies.setdefault(m["request_id"], m),
+            [agent.Lane("command", 1, 1, runner.execute)])
+        requests.start()
+        rng = random.Random(18)
+        for n in range(100):
+            request = {"type": "execute_command", "request_id": f"r{n}",
+                       "command": "echo x"}
+            requests.submit(runner.accept(request, agent.API))
+            time.sleep(rng.uniform(0, 0.004))  # the moment, not a wait
+            cancelled, state, _ = requests.cancel(f"r{n}", "the test")
+            wait_until(lambda n=n: f"r{n}" in replies, 10, f"reply {n}")
+            reply = replies[f"r{n}"]["data"]
+            assert reply["cancelled"] is cancelled, (n, state, reply)
+
+
 def fake_docker(tmp_path, body):
     """A docker CLI that is a shell script: `body` is its case of "$1"."""
     path = tmp_path / "fake-docker"
@@ -4467,6 +4518,17 @@ class TestHostileOperator:
         out = run_cli("--check", "--config", config)
         assert out.returncode == 2 and "holds a control character" in out.stderr
         assert "ab\x1bcd" not in out.stderr
+
+    def test_an_allow_expression_that_never_ends_freezes_nothing(self, commander):
+        """'(a+)+$' on 40 a's and a '!' takes longer than the universe: Python's
+        re holds the interpreter all the while, and the whole agent froze. It
+        is matched in a child with a deadline: the command is refused."""
+        cmd = commander("--command-allow", '["(a+)+$", "echo [a-z]+"]')
+        slow = cmd.send("a" * 40 + "!")
+        assert cmd.run("echo fine")["data"]["output"] == "fine\n"
+        reply = cmd.reply(slow)
+        assert reply["type"] == "error" and "nested repeats" in reply["message"]
+
 
 ###############################################################################
 # Installer ###################################################################
