@@ -3374,6 +3374,13 @@ class TestSpool:
             "/s/chatops-agent"
 
 
+def agent_under_limit(tmp_path, limit, *args):
+    """An agent started by a shell that set `ulimit LIMIT` first."""
+    command = ["sh", "-c", f'ulimit {limit} && exec "$@"', "sh", sys.executable, AGENT]
+    return AgentProcess(tmp_path, *args, command=command,
+                        env=clean_env(CHATOPS_API_KEY=KEY))
+
+
 class TestSpoolThroughRestarts:
     @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM],
                              ids=["KILL", "TERM"])
@@ -3401,24 +3408,15 @@ class TestSpoolThroughRestarts:
     def test_a_full_disk_means_memory_only_not_a_crash(self, api, tmp_path):
         """A file size limit (as a full disk) on the agent: the spool stops with
         one warning; metrics go on from memory."""
-        log = tmp_path / "agent.log"
-        with open(log, "w") as stderr:
-            proc = subprocess.Popen(
-                ["sh", "-c", 'ulimit -f 64 && exec "$@"', "sh", sys.executable, AGENT,
-                 "--api-url", api.url, "--metrics-interval-s", "0.1",
-                 "--state-dir", str(tmp_path / "state")],
-                env=clean_env(CHATOPS_API_KEY=KEY), stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=stderr)
-        try:
-            wait_until(lambda: "kept in memory only" in log.read_text(), 20,
-                       "the spool to give up")
-            sent = len(api.metrics())
-            wait_until(lambda: len(api.metrics()) > sent + 5, 10, "metrics going on")
-            assert log.read_text().count("kept in memory only") == 1
-            assert "File too large" in log.read_text() and proc.poll() is None
-        finally:
-            proc.terminate()
-            proc.wait(10)
+        proc = agent_under_limit(tmp_path, "-f 64", "--api-url", api.url,
+                                 "--metrics-interval-s", "0.1",
+                                 "--state-dir", str(tmp_path / "state"))
+        proc.wait_log("kept in memory only", 20)
+        sent = len(api.metrics())
+        wait_until(lambda: len(api.metrics()) > sent + 5, 10, "metrics going on")
+        assert proc.log().count("kept in memory only") == 1
+        assert "File too large" in proc.log() and proc.proc.poll() is None
+        proc.terminate()
 
     def test_a_state_dir_that_cannot_be_made_is_memory_only(self, api, run_agent,
                                                              tmp_path):
@@ -4124,20 +4122,12 @@ class TestHostileSpool:
         path = spool_file(tmp_path / "state", agent_spool_header())
         with open(path, "r+b") as f:
             f.truncate(2**30)
-        log = tmp_path / "agent.log"
-        with open(log, "w") as stderr:
-            proc = subprocess.Popen(
-                ["sh", "-c", 'ulimit -v 786432 && exec "$@"', "sh", sys.executable, AGENT,
-                 "--api-url", api.url, "--metrics-interval-s", "0.2",
-                 "--state-dir", str(tmp_path / "state")],
-                env=clean_env(CHATOPS_API_KEY=KEY), stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=stderr)
-        try:
-            wait_until(api.metrics, 20, log.read_text)
-            assert "more than any this agent writes; set aside" in log.read_text()
-        finally:
-            proc.terminate()
-            assert proc.wait(10) == 0, log.read_text()
+        proc = agent_under_limit(tmp_path, "-v 786432", "--api-url", api.url,
+                                 "--metrics-interval-s", "0.2",
+                                 "--state-dir", str(tmp_path / "state"))
+        wait_until(api.metrics, 20, proc.log)
+        assert "more than any this agent writes; set aside" in proc.log()
+        assert proc.terminate() == 0, proc.log()
 
     def test_a_crafted_damaged_spool_costs_bounded_work(self, tmp_path, monkeypatch):
         """24 MiB of records that each claim 16 MiB and fail their checksum:
