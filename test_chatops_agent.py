@@ -4177,7 +4177,7 @@ class TestHostileAuth:
         started = time.monotonic()
         with pytest.raises(agent.LinkError, match="did not answer 'auth' within"):
             connect_once(peer.url)
-        assert time.monotonic() - started < 3
+        assert time.monotonic() - started < 5  # the drip lasts 10 s
         peer.close()
 
 
@@ -4308,12 +4308,14 @@ events) while :; do echo '{{"Type":"container","Action":"start"}}'; sleep 0.01; 
 ps) echo ps >> {reads}; echo '{GOOD_ROW}';;
 container) ;;
 """)
-        run_agent(api.url, "--docker-binary", shim)
+        run_agent(api.url, "--docker-binary", shim)  # metrics every 0.5 s
         wait_until(lambda: listed(api, "good"), 10, "the list")
         start_reads, start_ticks = reads.read_text().count("ps"), len(api.metrics())
+        started = time.monotonic()
         wait_until(lambda: len(api.metrics()) >= start_ticks + 8, 10, "eight ticks")
+        intervals = (time.monotonic() - started) / 0.5
         rereads = reads.read_text().count("ps") - start_reads
-        assert rereads <= len(api.metrics()) - start_ticks + 2, rereads
+        assert rereads <= intervals + 2, (rereads, intervals)
 
     def test_a_bad_row_costs_only_itself(self, api, run_agent, tmp_path):
         """A port range that spans 4 billion ports, fields of the wrong type,
