@@ -2588,10 +2588,10 @@ class ContainerCache:
     """The container list for metrics, kept current by one `docker events` process.
 
     Only the events that can change the list (LIST_EVENTS) mark it stale, not
-    the execs of health checks; it is re-read (one `docker ps` and one
-    `docker container inspect`) when stale, at most once per metrics
-    interval however fast events come, and every docker_refresh_s as a
-    safety net. At rest it starts no process. When the CLI or daemon is
+    the execs of health checks. A metrics sample that finds it stale has it
+    re-read first (one `docker ps` and one `docker container inspect`): at
+    most once per sample however fast events come, and every
+    docker_refresh_s as a safety net. At rest it starts no process. When the CLI or daemon is
     missing, the status says why and is checked again every docker_check_s;
     a daemon that comes back is noticed.
     """
@@ -2604,19 +2604,26 @@ class ContainerCache:
         self.containers = []
         self._states = {}  # id -> ContainerState, for the status text
         self._lock = threading.Lock()
+        self._read = threading.Condition(self._lock)  # a re-read ended
         self._wake = threading.Event()
         self._stale = True
-        self._fresh = threading.Event()
+        self._asked = self._answered = 0  # re-reads samples asked for, done
         self._events = None
 
     def snapshot(self, wait_s=1.0):
-        """(containers, status) for a metrics sample; waits briefly if an event
-        made the list stale, so that the next sample shows the change."""
+        """(containers, status) for a metrics sample. If an event made the
+        list stale, it is re-read first, by a re-read that begins after the
+        sample asked (waiting at most `wait_s`), so that the sample shows the
+        change: the one re-read a sample may cost."""
         if not self.config.docker_enabled:
             return [], {"status": "disabled"}
-        if self.status == "ok" and self._stale:
-            self._fresh.wait(wait_s)
         with self._lock:
+            if self.status == "ok" and self._stale:
+                self._asked += 1
+                asked = self._asked
+                self._wake.set()
+                self._read.wait_for(
+                    lambda: self._answered >= asked or self.status != "ok", wait_s)
             status = {"status": self.status}
             if self.detail:
                 status["detail" if self.status != "ok" else "server_version"] = (
@@ -2646,9 +2653,8 @@ class ContainerCache:
         return self.snapshot(wait_s=0)
 
     def mark_stale(self):
-        self._fresh.clear()
+        """The list may have changed: the next sample has it re-read."""
         self._stale = True
-        self._wake.set()
 
     def run(self):
         """The docker thread: check, watch events, refresh; again when they fail."""
@@ -2678,18 +2684,15 @@ class ContainerCache:
     def _watch(self):
         """Follow events and refresh the list until the events process ends
         (or is ended by shutdown(), from another thread)."""
-        refreshed_at = -math.inf
         try:
             events = self._start_events()
             self.mark_stale()
+            self._wake.set()  # the first list, at once
             while not self.stop.is_set() and events.poll() is None:
                 self._wake.wait(self.config.docker_refresh_s)
                 self._wake.clear()
-                pause = refreshed_at + self.config.metrics_interval_s - time.monotonic()
-                if self.stop.wait(max(0.0, pause)):
-                    return
-                refreshed_at = time.monotonic()
-                self._refresh()
+                if not self.stop.is_set():
+                    self._refresh()
         except DockerError as e:
             if not self.stop.is_set():  # else it is the shutdown that cut it off
                 self._set_status(e.status or "error", str(e))
@@ -2697,12 +2700,15 @@ class ContainerCache:
             self._stop_events()
 
     def _refresh(self):
-        self._stale = False
+        with self._lock:
+            self._stale = False
+            answering = self._asked  # the samples that asked so far
         rows = self.cli.list_containers()
         states = self.cli.container_states([row["id"] for row in rows])
         with self._lock:
             self.containers, self._states = rows, states
-        self._fresh.set()
+            self._answered = answering
+            self._read.notify_all()
 
     def _start_events(self):
         filters = [f"--filter=event={event}" for event in LIST_EVENTS]
@@ -2744,7 +2750,7 @@ class ContainerCache:
             self.status, self.detail = status, detail
             if status != "ok":
                 self.containers = []
-        self._fresh.set()
+            self._read.notify_all()
         if changed and status == "ok":
             LOG.info("docker: daemon %s reachable", detail)
         elif changed:
