@@ -3688,6 +3688,8 @@ class Spool:
         return fd
 
     def _load(self, capacity):
+        """(pending, last, dropped) of the file, read within bounds (see
+        SpoolReader); after damage or drops a clean file is left behind."""
         size = os.fstat(self._fd).st_size
         header = os.pread(self._fd, len(SPOOL_HEADER), 0)
         if size <= len(SPOOL_HEADER) and SPOOL_HEADER.startswith(header):
