@@ -448,7 +448,8 @@ def read_small_file(path, max_bytes):
             if not more:
                 return data, info
             data += more
-        raise OSError(f"it is larger than {max_bytes // 1024} KiB; is it the right file?")
+        raise OSError(
+            f"it is larger than {max_bytes // 1024} KiB; is it the right file?")
     finally:
         os.close(fd)
 
@@ -2369,11 +2370,12 @@ def parse_ports(text):
     ports, seen = [], set()
     for spec in text.split(","):
         match = PORT_SPEC.search(spec.strip())
+        if not match:
+            continue
         try:
-            private = port_range(match.group("private")) if match else ()
-            public = port_range(match.group("public")) if match and \
-                match.group("public") else None
-        except ValueError:
+            private = port_range(match.group("private"))
+            public = match.group("public") and port_range(match.group("public"))
+        except ValueError:  # beyond 65535
             continue
         for i, port in enumerate(private[:100]):
             if len(ports) >= MAX_PORTS_LISTED:
@@ -2591,9 +2593,9 @@ class ContainerCache:
     the execs of health checks. A metrics sample that finds it stale has it
     re-read first (one `docker ps` and one `docker container inspect`): at
     most once per sample however fast events come, and every
-    docker_refresh_s as a safety net. At rest it starts no process. When the CLI or daemon is
-    missing, the status says why and is checked again every docker_check_s;
-    a daemon that comes back is noticed.
+    docker_refresh_s as a safety net. At rest it starts no process. When
+    the CLI or daemon is missing, the status says why and is checked again
+    every docker_check_s; a daemon that comes back is noticed.
     """
 
     def __init__(self, config, cli):
@@ -2767,7 +2769,7 @@ def changes_list(line):
     """Whether a line of `docker events` is an event that can change the list
     (its Action, or health_status's "health_status: healthy", in
     LIST_EVENTS). The CLI is asked for those only; a line the agent cannot
-    read counts as one: a re-read costs little, at most one per interval."""
+    read counts as one: a re-read costs little, at most one per sample."""
     try:
         action = json.loads(line).get("Action")
     except (ValueError, RecursionError, AttributeError):
@@ -2949,9 +2951,8 @@ class DockerActions:
 
     def do_inspect(self, job):
         out, _ = self.cli.run("container", "inspect", "--", job.ref)
-        info = read_cli_output("inspect", out, lambda: json.loads(out)[0])
         return "Container inspected", {"info": read_cli_output(
-            "inspect", out, lambda: inspect_summary(info))}
+            "inspect", out, lambda: inspect_summary(json.loads(out)[0]))}
 
     def do_stats(self, job):
         out, _ = self.cli.run("stats", "--no-stream", "--no-trunc", "--format",
@@ -3462,7 +3463,7 @@ class Delivery:
         return (len(self._urgent) < MAX_WAITING_MESSAGES // 2
                 and self._urgent_bytes < MAX_WAITING_BYTES // 2)
 
-    def sent_count(self):
+    def taken_count(self):
         """How many messages the writer has taken, ever: whether it moves."""
         with self._cond:
             return self._taken
@@ -3720,9 +3721,10 @@ class Spool:
         aside = f"{SPOOL_FILE}.unknown-{int(time.time())}"
         os.rename(SPOOL_FILE, aside, src_dir_fd=self._dir, dst_dir_fd=self._dir)
         what = (f"of {size} bytes, more than any this agent writes" if
-                header == SPOOL_HEADER else f"of an unknown format ({header!r})")
-        LOG.warning("spool %s is %s; set aside as %s, not read; a newer agent may "
-                    "deliver it", self.path, what, os.path.join(self.directory, aside))
+                header == SPOOL_HEADER else f"of an unknown format ({header!r}); a "
+                "newer agent may deliver it")
+        LOG.warning("spool %s is %s; set aside as %s, not read", self.path, what,
+                    os.path.join(self.directory, aside))
         os.close(self._fd)
         self._fd = self._open_spool()
         self._write(SPOOL_HEADER)
@@ -3781,7 +3783,8 @@ class Spool:
             for number, data in pending:
                 write_all(fd, encode_record(b"S", number, data))
             os.fsync(fd)
-            os.replace(SPOOL_NEW, SPOOL_FILE, src_dir_fd=self._dir, dst_dir_fd=self._dir)
+            os.replace(SPOOL_NEW, SPOOL_FILE, src_dir_fd=self._dir,
+                       dst_dir_fd=self._dir)
         except BaseException:
             os.close(fd)
             raise
@@ -3988,9 +3991,7 @@ def check_state_directory(path):
     above it that others may change, or the directory itself a link, another
     user's or open to others. Changes nothing (--check uses it too)."""
     path = os.path.abspath(path)
-    existing = path
-    while not os.path.lexists(existing):
-        existing = os.path.dirname(existing)
+    existing = nearest_existing(path)
     above = os.path.dirname(path) if existing == path else existing
     check_directories_above(os.path.realpath(above), path)
     if existing == path:
@@ -4003,6 +4004,13 @@ def check_state_directory(path):
     spool = os.path.join(path, SPOOL_FILE)
     if os.path.lexists(spool):
         check_private(os.lstat(spool), spool, stat.S_ISREG)
+
+
+def nearest_existing(path):
+    """`path` (absolute), or the nearest directory above it that exists."""
+    while not os.path.lexists(path):
+        path = os.path.dirname(path)
+    return path
 
 
 def check_directories_above(directory, path):
@@ -4069,13 +4077,14 @@ def lock_directory(fd, path):
     rewrite of the file never lets go of it."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BaseException as e:
+    except BlockingIOError:
         os.close(fd)
-        if isinstance(e, BlockingIOError):
-            raise SpoolRefused(
-                f"another agent uses the spool {path}; this one keeps its samples "
-                "in memory (give each agent its own state_dir)"
-            ) from None
+        raise SpoolRefused(
+            f"another agent uses the spool {path}; this one keeps its samples "
+            "in memory (give each agent its own state_dir)"
+        ) from None
+    except BaseException:
+        os.close(fd)
         raise
     return fd
 
@@ -4649,12 +4658,14 @@ class Link:
         where a full queue would drop replies. While the writer gets them
         through, the API is reading, and so alive. False once the session
         ends meanwhile."""
-        sent = self.delivery.sent_count()
+        if self.delivery.wait_for_room(timeout=0):
+            return True  # the usual case: one look, no wait
+        taken = self.delivery.taken_count()
         while not self.delivery.wait_for_room(timeout=1.0):
             if session.dead.is_set() or session.closing.is_set() or self.stop.is_set():
                 return False
-            if self.delivery.sent_count() != sent:
-                sent, session.last_rx = self.delivery.sent_count(), time.monotonic()
+            if self.delivery.taken_count() != taken:
+                taken, session.last_rx = self.delivery.taken_count(), time.monotonic()
         return True
 
     def _received(self, session, opcode, payload):
@@ -5442,9 +5453,7 @@ def check_spool(config):
         check_state_directory(directory)
     except (SpoolRefused, OSError) as e:
         return f"spool: refused, samples would be kept in memory only: {e}"
-    existing = os.path.abspath(directory)
-    while not os.path.lexists(existing):  # what makedirs would start from
-        existing = os.path.dirname(existing)
+    existing = nearest_existing(os.path.abspath(directory))  # makedirs starts there
     if not (os.path.isdir(existing) and os.access(existing, os.W_OK)):
         memory = "samples would be kept in memory only"
         return f"spool: {directory} cannot be made or written: {memory}"
