@@ -437,6 +437,21 @@ def ws_frame(payload, opcode=0x1, fin=True, rsv=0, length=None, mask=False):
     return head + (b"\0\0\0\0" if mask else b"") + payload
 
 
+def dripping(data, every_s, upgrade=False):
+    """An answer for RawPeer that sends `data` a byte at a time, `every_s`
+    apart (after a valid upgrade, if asked): each read of the agent returns
+    in time, so only a deadline over the whole wait ends it."""
+
+    def answer(conn, request):
+        if upgrade:
+            conn.sendall(upgrade_answer(request))
+        for byte in data:
+            conn.sendall(bytes([byte]))
+            time.sleep(every_s)  # the peer's pace, not a wait
+
+    return answer
+
+
 def upgrade_then(*chunks, hold_s=0):
     """An answer for RawPeer: a valid upgrade, then `chunks` of raw bytes."""
 
@@ -717,7 +732,8 @@ class TestConfiguration:
             ({"buffer_size": "720"}, "buffer_size must be a whole number"),
             ({"tls_skip_verify": 1}, "tls_skip_verify must be true or false"),
             ({"metrics_interval_s": -5}, "metrics_interval_s must be from 0.1 to 3600"),
-            ({"heartbeat_interval_s": 0}, "heartbeat_interval_s must be from 1 to 3600"),
+            ({"heartbeat_interval_s": 0},
+             "heartbeat_interval_s must be from 1 to 3600"),
             ({"log_level": "loud"}, "log_level must be one of"),
             ({"api_url": "ftp://x"}, "is not a URL the agent can use"),
             ([1, 2], "must hold a JSON object"),
@@ -1850,13 +1866,15 @@ class TestFootprint:
         """Same pid, same interpreter flags and arguments, and the agent's
         folder first on sys.path, as for a script."""
         args = ["--api-url", api.url, "--metrics-interval-s", "0.5"]
-        proc = AgentProcess(tmp_path, *args, command=[sys.executable, "-X", "utf8", AGENT],
+        proc = AgentProcess(tmp_path, *args,
+                            command=[sys.executable, "-X", "utf8", AGENT],
                             env=clean_env(CHATOPS_API_KEY=KEY))
         wait_until(api.metrics, 10, proc.log)
         argv = command_line(proc.proc.pid)
         c = argv.index("-c")
         assert argv[0] == sys.executable and "utf8" in argv[1:c]
-        assert argv[c + 1:] == [agent.RUN_AS_IMPORT, os.path.dirname(AGENT), AGENT, *args]
+        folder = os.path.dirname(AGENT)
+        assert argv[c + 1:] == [agent.RUN_AS_IMPORT, folder, AGENT, *args]
         assert proc.terminate() == 0
 
     def test_short_runs_stay_scripts(self):
@@ -3275,7 +3293,8 @@ class TestSpool:
         os.chmod(state / "spool", 0o600)
         os.chown(state / "spool", 65534, -1)
         refused = agent.Spool(str(state))
-        assert refused.open(100) == ([], 0, 0) and "belongs to uid 65534" in refused.problem
+        assert refused.open(100) == ([], 0, 0)
+        assert "belongs to uid 65534" in refused.problem
 
     def test_one_agent_per_spool(self, tmp_path):
         first = spool_at(tmp_path)
@@ -3545,13 +3564,8 @@ class TestHostileUpgrade:
         read; the whole attempt still ends within its deadline (shortened
         here from CONNECT_DEADLINE_S)."""
         monkeypatch.setattr(agent, "CONNECT_DEADLINE_S", 2.0)
-
-        def drip(conn, request):
-            for byte in b"HTTP/1.1 101 Switching Protocols\r\n" + b"X-Slow: y\r\n" * 99:
-                conn.sendall(bytes([byte]))
-                time.sleep(0.05)
-
-        peer = RawPeer([drip])
+        answer = b"HTTP/1.1 101 Switching Protocols\r\n" + b"X-Slow: y\r\n" * 99
+        peer = RawPeer([dripping(answer, 0.05)])
         started = time.monotonic()
         with pytest.raises(agent.LinkError, match="within"):
             connect_once(peer.url)
@@ -3986,8 +4000,8 @@ class TestHostileStart:
         marker = tmp_path / "planted-modules-ran"
         plant_modules(tmp_path / "cwd", marker)
         proc = AgentProcess(tmp_path, "--api-url", api.url,
-                            command=[sys.executable, str(program)], cwd=tmp_path / "cwd",
-                            env=clean_env(CHATOPS_API_KEY=KEY))
+                            command=[sys.executable, str(program)],
+                            cwd=tmp_path / "cwd", env=clean_env(CHATOPS_API_KEY=KEY))
         wait_until(api.metrics, 10, proc.log)
         argv = command_line(proc.proc.pid)
         assert "-c" in argv and argv[-3:] == [str(program), "--api-url", api.url]
@@ -4011,7 +4025,7 @@ class TestHostileStart:
         serves commands without the extras ctypes gives (it died at start)."""
         fake = tmp_path / "no-ctypes"
         fake.mkdir()
-        (fake / "ctypes.py").write_text('raise ImportError("No module named \'_ctypes\'")\n')
+        (fake / "ctypes.py").write_text("raise ImportError('no module _ctypes')\n")
         proc = run_agent(api.url, PYTHONPATH=str(fake))
         wait_until(api.metrics, 10, proc.log)
         assert Commander(api, proc).run("echo hi")["data"]["output"] == "hi\n"
@@ -4166,14 +4180,7 @@ class TestHostileAuth:
         AUTH_TIMEOUT_S is shortened here from 10 s."""
         monkeypatch.setattr(agent, "AUTH_TIMEOUT_S", 1.0)
         frame = ws_frame(json.dumps({"type": "hello", "pad": "x" * 20}))
-
-        def drip(conn, request):
-            conn.sendall(upgrade_answer(request))
-            for byte in frame:
-                conn.sendall(bytes([byte]))
-                time.sleep(0.2)
-
-        peer = RawPeer([drip])
+        peer = RawPeer([dripping(frame, 0.2, upgrade=True)])
         started = time.monotonic()
         with pytest.raises(agent.LinkError, match="did not answer 'auth' within"):
             connect_once(peer.url)
@@ -4339,7 +4346,8 @@ container) printf '%s\\n' {" ".join(shlex_quote(s) for s in states)};;
         assert listed(api, "good")["ports"] == [
             {"private_port": 80, "public_port": 8080, "type": "tcp"}]
         assert listed(api, "ranges")["ports"] == []
-        assert [c["name"] for c in api.metrics()[-1]["containers"]] == ["good", "ranges"]
+        names = [c["name"] for c in api.metrics()[-1]["containers"]]
+        assert names == ["good", "ranges"]
 
     def test_cli_calls_in_flight_end_with_the_agent(self, api, run_agent, tmp_path):
         """A re-read of the list and a request's `docker logs` hang when the
