@@ -8,7 +8,7 @@ Run it:
     python3 chatops_agent.py --help
 
 Needs Python 3.8+ and websocket-client; on systems without Linux's /proc it
-also needs psutil. See README.md.
+also needs psutil. See README.md, and docs/ for the protocol, settings and design.
 """
 
 __version__ = "0.1.0"
@@ -45,13 +45,38 @@ import urllib.parse
 
 try:
     import pwd
-except ImportError:  # not on Windows
+except ImportError:  # not a POSIX system: platform_problem() says so
     pwd = None
-
 try:
     import fcntl
-except ImportError:  # not on Windows: there, nothing stops two agents sharing a spool
+except ImportError:
     fcntl = None
+
+
+###############################################################################
+# Platform ####################################################################
+###############################################################################
+
+# Decided once, here. Linux is supported, and tested. Other POSIX systems
+# (macOS, the BSDs) read their metrics through psutil and are not tested.
+# Anything else, Windows included, is refused at start in one sentence.
+LINUX = sys.platform.startswith("linux")
+POSIX_NEEDS = (("pwd", pwd), ("fcntl", fcntl), ("os.geteuid", "geteuid"),
+               ("os.killpg", "killpg"), ("os.O_NOFOLLOW", "O_NOFOLLOW"),
+               ("os.O_DIRECTORY", "O_DIRECTORY"),
+               ("dir_fd", os.open in os.supports_dir_fd))
+
+
+def platform_problem():
+    """Why this system cannot run the agent, in one sentence; None if it can."""
+    missing = [name for name, have in POSIX_NEEDS
+               if not (hasattr(os, have) if isinstance(have, str) else have)]
+    if os.name == "posix" and not missing:
+        return None
+    what = f"{platform.system() or sys.platform}, Python {platform.python_version()}"
+    lacks = f": this Python lacks {', '.join(missing)}" if missing else ""
+    return (f"this system ({what}) cannot run the agent{lacks}. It runs on Linux, "
+            "and on other POSIX systems with psutil (see README.md, Platforms)")
 
 
 ###############################################################################
@@ -93,13 +118,14 @@ SPOOL_RESYNC_BYTES = 64 * 1024 * 1024  # and bytes of checksums that may fail
 CPU_PRIME_S = 0.25  # first sample's CPU window after start
 SLOW_REFRESH_S = 60.0  # the mount table and CPU frequency are re-read this often
 ONCE_CPU_WINDOW_S = 0.5  # CPU window of --once
-SHUTDOWN_COMMAND_GRACE_S = 1.0  # on SIGTERM, running commands get TERM, then KILL
-SHUTDOWN_CUT_OFF_S = 0.5  # then for the requests whose docker call was killed
-SHUTDOWN_FLUSH_S = 1.0  # then the time to send what waits before closing
-SHUTDOWN_CLOSE_WAIT_S = 1.5  # and to wait for the API's close frame
 CLOSE_REPLY_WAIT_S = 1.0  # how long the writer may take to answer the API's close
-SHUTDOWN_DEADLINE_S = 8.0  # a shutdown still running then ends the process at once
+SHUTDOWN_S = 5.0  # a stop takes at most this (Agent.shutdown); then the process ends
+SHUTDOWN_KILL_AT_S = 1.0  # points in it: commands get TERM, and KILL at this one;
+SHUTDOWN_REPLIES_AT_S = 1.5  # their replies are queued by this one;
+SHUTDOWN_CLOSED_AT_S = 4.0  # and the connection closed by this one, after
+SHUTDOWN_CLOSE_WAIT_S = 1.5  # sending what waits, then waiting this long at most
 EXIT_THREAD_DIED = 70  # EX_SOFTWARE: a thread died; the service manager restarts us
+EXIT_SHUTDOWN_OVERRAN = 75  # EX_TEMPFAIL: a stop took more than SHUTDOWN_S
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")  # each stops the agent cleanly,
 # unless the agent was started with it ignored (nohup ignores SIGHUP)
 THREAD_DIED = 0  # on the stop socket, where the other bytes are signal numbers
@@ -190,8 +216,8 @@ SETTINGS = (
             "commands that may wait for a worker; beyond, the agent answers busy",
             0, 10000),
     Setting("request_deadline_s", 10.0, "float",
-            "a request still waiting for a worker this long is answered as expired "
-            "and never started (the API waits 10 s); 0: never", 0, DAY_S),
+            "a request that waited this long for a worker is never started, but "
+            "answered as expired (the API waits 10 s); 0: never", 0, DAY_S),
     Setting("command_output_max_bytes", 1048576, "int",
             "output kept per command: the first and last halves, the middle cut; "
             "at most 2 MiB, so that a reply, escaped as JSON, stays within the "
@@ -281,6 +307,10 @@ class DependencyError(AgentError):
     exit_code = 2
 
 
+class PlatformError(AgentError):
+    exit_code = 2
+
+
 class AuthError(AgentError):
     """The API refused our key (close 1008, an error frame, or HTTP 401/403)."""
 
@@ -328,7 +358,7 @@ def to_json(message):
     Plain UTF-8 keeps non-ASCII output at 1-3 bytes a character (escapes
     would cost 6). A number JSON cannot hold (NaN, infinity) becomes null
     rather than failing the send, and a NUL becomes NUL_STAND_IN: the API
-    stores replies in PostgreSQL text, which cannot hold NUL (PROTOCOL.md 7).
+    stores replies in PostgreSQL text, which cannot hold NUL (docs/protocol.md).
     Both are rare, so they cost a second pass only when present.
     """
     text = json_text(message)
@@ -435,8 +465,7 @@ def read_small_file(path, max_bytes):
     saying why not. What the path names instead can neither block the agent
     (a FIFO or a device is opened without waiting, then refused) nor fill its
     memory (no more than `max_bytes` is read, whatever the file claims)."""
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
-    fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     try:
         info = os.fstat(fd)
         for is_kind, kind in FILE_KINDS:
@@ -455,25 +484,31 @@ def read_small_file(path, max_bytes):
 
 
 class Backoff:
-    """Exponential backoff with full jitter: each delay is uniform in [0, ceiling]."""
+    """Waits between attempts, with jitter. The ceiling starts at `first_s`
+    and grows `growth` times with each attempt, up to `cap_s`; each wait is
+    uniform in [floor x ceiling, ceiling], the first in [first_floor x
+    ceiling, ceiling]. `reset()` starts over."""
 
-    def __init__(self, first_s, cap_s, floor_fraction=0.0):
+    def __init__(self, first_s, cap_s, floor=0.0, first_floor=None, growth=2.0):
         self.first_s = first_s
         self.cap_s = cap_s
-        self.floor_fraction = floor_fraction  # >0 keeps delays from collapsing to 0
+        self.floor = floor  # >0 keeps waits from collapsing to nothing
+        self.first_floor = floor if first_floor is None else first_floor
+        self.growth = growth
         self.attempt = 0
 
     def next_delay(self):
-        ceiling = min(self.cap_s, self.first_s * 2 ** min(self.attempt, 30))
+        ceiling = min(self.cap_s, self.first_s * self.growth ** min(self.attempt, 30))
+        floor = self.first_floor if self.attempt == 0 else self.floor
         self.attempt += 1
-        return random.uniform(ceiling * self.floor_fraction, ceiling)
+        return random.uniform(ceiling * floor, ceiling)
 
     def reset(self):
         self.attempt = 0
 
 
-class ReconnectDelays:
-    """Waits between connection attempts (README, Connection: Reconnect).
+def reconnect_backoff(cap_s):
+    """Waits between connection attempts (docs/protocol.md, Connection: Reconnect).
 
     The first after a connection that worked is uniform in [0, cap / 4]: a
     blip is over in seconds, and a fleet that lost its API at once comes back
@@ -482,19 +517,8 @@ class ReconnectDelays:
     (7 s), while 7 attempts span at least 5 x 0.8 cap = 64 s: at most 6 a
     minute.
     """
-
-    def __init__(self, cap_s):
-        self.cap_s = cap_s
-        self.first = True
-
-    def next_delay(self):
-        low, high = (0.0, FIRST_RETRY_CEILING) if self.first else (
-            STEADY_RETRY_FLOOR, 1.0)
-        self.first = False
-        return random.uniform(low * self.cap_s, high * self.cap_s)
-
-    def reset(self):
-        self.first = True
+    return Backoff(FIRST_RETRY_CEILING * cap_s, cap_s, floor=STEADY_RETRY_FLOOR,
+                   first_floor=0.0, growth=1 / FIRST_RETRY_CEILING)
 
 
 class LogFormatter(logging.Formatter):
@@ -740,7 +764,7 @@ def read_config_file(path):
             f"config file {path} must hold a JSON object ({{...}}), "
             f"not {type(data).__name__}"
         )
-    if data.get("api_key") and os.name == "posix" and mode & 0o077:
+    if data.get("api_key") and mode & 0o077:
         raise ConfigError(
             f"config file {path} holds the API key but is accessible by others "
             f"(mode {oct(stat.S_IMODE(mode))}); the agent refuses it, as ssh refuses "
@@ -856,7 +880,7 @@ def split_api_url(api_url):
 
 
 def ws_url(api_url):
-    """The WebSocket URL for an API URL, as PROTOCOL.md section 1 says."""
+    """The WebSocket URL for an API URL (docs/protocol.md, Endpoint)."""
     parts = split_api_url(api_url)
     path = parts.path
     if parts.scheme in ("http", "https") or path in ("", "/"):
@@ -944,7 +968,7 @@ class UserNames:
     def __call__(self, uid):
         if uid not in self._names:
             try:
-                self._names[uid] = pwd.getpwuid(uid).pw_name if pwd else str(uid)
+                self._names[uid] = pwd.getpwuid(uid).pw_name
             except KeyError:
                 self._names[uid] = str(uid)
         return self._names[uid]
@@ -1046,13 +1070,10 @@ class ProcSource:
 
     def _process(self, pid):
         try:
-            text = self._read(pid + "/stat")
+            name, f = proc_stat(self._read(pid + "/stat"))
             uid = os.stat(os.path.join(self.root, pid)).st_uid
-        except OSError:  # the process ended while we looked
+        except (OSError, ValueError):  # the process ended while we looked
             return None
-        # The name is in parentheses and may hold spaces and ')': split at the last one.
-        name = text[text.find("(") + 1 : text.rfind(")")]
-        f = text[text.rfind(")") + 2 :].split()
         cpu_s = (int(f[11]) + int(f[12])) / self.tick
         return (
             int(pid),
@@ -1063,6 +1084,13 @@ class ProcSource:
             PROC_STATUS.get(f[0], "unknown"),
             self.user_name(uid),
         )
+
+
+def proc_stat(text):
+    """(name, [state, ppid, pgrp, ...]) of a /proc/PID/stat: the name is in
+    parentheses and may hold anything, ')' too: the fields follow the last."""
+    end = text.rindex(")")
+    return text[text.index("(") + 1 : end], text[end + 2 :].split()
 
 
 class PsutilSource:
@@ -1135,7 +1163,7 @@ def pick_source():
     """/proc on Linux, psutil elsewhere. On Linux psutil reads the same files
     and gives the same readings, no faster (0.12 vs 0.13 ms a tick), and
     importing it costs 0.8 MiB: a quarter of what the agent itself needs."""
-    if sys.platform.startswith("linux"):
+    if LINUX:
         return ProcSource()
     try:
         import psutil
@@ -1201,6 +1229,12 @@ class MetricsCollector:
         self._top_measured = False  # False until a table has a previous one to compare
         self._failed = set()  # sections whose failure was logged already
         self._slow = {}  # name -> (read at, value): readings that change rarely
+
+    @classmethod
+    def for_config(cls, config, containers, source=None):
+        """The collector the settings ask for (the agent's and --once's)."""
+        return cls(source or pick_source(), config.top_processes or None,  # 0: all
+                   config.process_refresh_s, config.disk_include_network, containers)
 
     def prime(self):
         """Read the baselines the first sample's CPU, network and processes need."""
@@ -1279,7 +1313,7 @@ class MetricsCollector:
         }
 
     def _disk_section(self):
-        total, used, free, pct = disk_usage("C:\\" if os.name == "nt" else "/")
+        total, used, free, pct = disk_usage("/")
         section = {
             "total_gb": gib(total),
             "used_gb": gib(used),
@@ -1391,7 +1425,7 @@ class MetricsCollector:
 
 
 ###############################################################################
-# Protocol: handlers by message type ##########################################
+# Protocol: the two forms of a request ########################################
 ###############################################################################
 
 ID_FIELDS = ("request_id", "command_id")
@@ -1413,31 +1447,18 @@ def is_reply(message):
     return message.get("type") != "command_output" and bool(reply_ids(message))
 
 
-def error_reply(message, text):
-    return dict({"type": "error"}, **reply_ids(message), message=text)
-
-
 class Dialect:
-    """One of the two forms a request comes in (PROTOCOL.md sections 5 and 6),
-    chosen once, by the request's type, when it is parsed; the reply is made
-    in the same form. Nothing after parsing asks which form it was."""
+    """One of the two forms a request comes in (docs/protocol.md, "Two
+    forms"), chosen by the request's type in REQUESTS; the reply is made in
+    the same form. Every shape of reply is made here: nothing else asks which
+    form a request came in."""
 
     def __init__(self, id_field, nested, command_reply, cancel_reply, docker_reply):
         self.id_field = id_field  # where the request's id is, and the reply's goes
         self.nested = nested  # a reply's fields go under "data"
         self.command_reply = command_reply
         self.cancel_reply = cancel_reply
-        self.docker_reply = docker_reply  # None: a reply type per action
-
-    def reply(self, message_type, request_id, fields):
-        ids = {self.id_field: request_id}
-        if self.nested:
-            return dict({"type": message_type}, **ids, data=fields)
-        return dict({"type": message_type}, **ids, **fields)
-
-    def error(self, request_id, text):
-        """A request not carried out; the API shows `message` to its user."""
-        return {"type": "error", self.id_field: request_id, "message": text}
+        self.docker_reply = docker_reply  # None: the type of the action's row
 
     def request_id(self, message):
         """The request's id, or RequestError: without one it cannot be answered."""
@@ -1446,6 +1467,50 @@ class Dialect:
             raise RequestError(f"the request has no usable '{self.id_field}'")
         return request_id
 
+    def _reply(self, message_type, request_id, fields):
+        ids = {self.id_field: request_id}
+        if self.nested:
+            return dict({"type": message_type}, **ids, data=fields)
+        return dict({"type": message_type}, **ids, **fields)
+
+    def command_result(self, request_id, fields):
+        return self._reply(self.command_reply, request_id, fields)
+
+    def command_output(self, request_id, seq, text):
+        """A chunk of a streamed command's output; not its answer."""
+        return self._reply("command_output", request_id, {"seq": seq, "output": text})
+
+    def cancel_result(self, request_id, target, cancelled, state, text):
+        return self._reply(self.cancel_reply, request_id, {
+            "target_id": target, "cancelled": cancelled, "state": state,
+            "message": text})
+
+    def docker_result(self, request_id, route, ref, text, fields):
+        """A Docker action carried out: the API's form has a reply type and a
+        status word per action (its row in REQUESTS), the docs' one type."""
+        ref = {"container_id": ref} if ref else {}
+        if self.docker_reply is None:
+            status = {"status": route.status} if route.status else {}
+            return self._reply(route.reply, request_id, dict(ref, **status, **fields))
+        return self._reply(self.docker_reply, request_id,
+                           dict(success=True, message=text, **ref, **fields))
+
+    def failure(self, lane, request_id, text):
+        """A request not carried out (refused, busy, expired, failed); the API
+        shows `message` to its user."""
+        return self._failure(lane, {self.id_field: request_id}, text)
+
+    def refusal(self, lane, message, text):
+        """A message refused before it became a job: with every usable id it
+        carried, since its own may be the one that is missing."""
+        return self._failure(lane, reply_ids(message), text)
+
+    def _failure(self, lane, ids, text):
+        if lane == "docker" and self.docker_reply is not None:  # the docs' form
+            return dict({"type": self.docker_reply}, **ids, success=False,
+                        message=text)
+        return dict({"type": "error"}, **ids, message=text)
+
 
 API = Dialect("request_id", nested=True, command_reply="command_result",
               cancel_reply="cancel_result", docker_reply=None)
@@ -1453,23 +1518,30 @@ DOCS = Dialect("command_id", nested=False, command_reply="command_response",
                cancel_reply="cancel_response", docker_reply="docker_response")
 
 
+def dialect_of(message):
+    """The form of a message whose type both forms share (cancel_command,
+    the agent's own): the id it carries decides."""
+    return API if "request_id" in message else DOCS
+
+
 class Job:
     """An accepted request, from its queue to its reply (see Requests).
 
-    A job carries what it needs to run and to answer in its request's dialect;
-    where it stands (queued, running) is kept by Requests, under one lock.
+    A job carries its row of REQUESTS (what runs it, in which lane) and what
+    it needs to answer in its request's form; where it stands (queued,
+    running) is kept by Requests, under one lock.
     """
 
-    lane = None  # the name of the lane that runs it
-
-    def __init__(self, dialect, request_id):
+    def __init__(self, route, dialect, request_id):
+        self.route = route
+        self.lane = route.lane
         self.dialect = dialect
         self.id = request_id
         self.received_at = time.monotonic()
 
     def error(self, text):
         """The reply of a request that was not carried out, saying why."""
-        return self.dialect.error(self.id, text)
+        return self.dialect.failure(self.lane, self.id, text)
 
     def cancelled_unstarted(self, by):
         return self.error(f"cancelled by {by} before it started; nothing was done")
@@ -1493,39 +1565,14 @@ def parse_frame(payload):
     return message, None
 
 
-class Dispatcher:
-    """Routes each frame from the API to the handler registered for its `type`."""
-
-    def __init__(self, send):
-        self.send = send  # queues a reply; never blocks
-        self.handlers = {}
-
-    def register(self, message_type, handler):
-        self.handlers[message_type] = handler
-
-    def dispatch(self, payload, session):
-        message, problem = parse_frame(payload)
-        if problem:
-            LOG.warning("invalid message from the API: %s", problem)
-            self.send(error_reply(message, "Invalid message format: " + problem))
-            return
-        handler = self.handlers.get(message["type"])
-        if handler is None:
-            shown = message["type"][:64]
-            LOG.warning("unknown message type %r from the API; ignored", shown)
-            self.send(error_reply(message, f"unknown message type {shown!r}"))
-            return
-        try:
-            handler(message, session)
-        except RequestError as e:
-            LOG.warning("refused %r request: %s", message["type"][:64], e)
-            self.send(error_reply(message, str(e)))
-        except Exception:  # a handler bug must not end the connection
-            LOG.exception("handling %r failed", message["type"])
-            why = (
-                f"internal error handling {message['type'][:64]!r}; see the agent's log"
-            )
-            self.send(error_reply(message, why))
+def request_field(message, name, kinds, what, default=None):
+    """message[name] if it is of `kinds` (JSON true is no number), else RequestError."""
+    value = message.get(name, default)
+    if value is None:
+        return None
+    if (kinds is bool) != isinstance(value, bool) or not isinstance(value, kinds):
+        raise RequestError(f"'{name}' must be {what}, got {json.dumps(value)[:60]}")
+    return value
 
 
 ###############################################################################
@@ -1556,7 +1603,7 @@ def linux_libc():
     where Python was built without ctypes (no libffi), when only the extras it
     gives are missing (the subreaper, the trimming of freed memory). Loaded on
     first use: only the running agent needs it."""
-    if not sys.platform.startswith("linux"):
+    if not LINUX:
         return None
     try:
         import ctypes
@@ -1585,7 +1632,7 @@ class Children:
     def __init__(self):
         self._lock = threading.Lock()
         self._owned = {}  # pid -> Popen: our own children not yet waited for
-        self._closed = False  # set by end_all(): nothing starts any more
+        self._closed = False  # set by stop(): nothing starts any more
         self._groups = set()  # groups that outlived their shell
         self._scan_at = math.inf  # no scan until a command has run
         self._tag_prefix = f"{os.getpid()}."
@@ -1608,7 +1655,7 @@ class Children:
             LOG.debug("cannot become a child subreaper: %s", e)
 
     def spawn(self, argv, **popen_args):
-        """A Popen, started in a session of its own; OSError once end_all()
+        """A Popen, started in a session of its own; OSError once stop()
         has run."""
         with self._lock:
             if self._closed:
@@ -1629,29 +1676,35 @@ class Children:
             fed = feed(proc.stdin, data, deadline) if data else True
             out, err = read_pipes(proc, deadline, max_bytes) if fed else (None, None)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-            for pipe in (proc.stdin, proc.stdout, proc.stderr):
-                if pipe is not None:
-                    pipe.close()
-            self.reaped(proc)
+            self.finish(proc)
         return None if out is None else (proc.returncode, out, err)
 
-    def end_all(self):
-        """At shutdown, once commands have had their TERM and grace: kill
-        every process the agent started that still runs (a docker CLI call in
-        flight, a command that outlived its KILL's wait), with its group, and
-        start none from now on. Else they would outlive the agent, orphaned
-        to PID 1."""
+    def finish(self, proc):
+        """The end of a process spawn() started: killed if it still runs,
+        waited for, its pipes closed; its group is looked at (see _reaped)."""
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        self._reaped(proc)
+
+    def stop(self):
+        """At shutdown, once commands have had their TERM and grace: kill what
+        they left running, and every process the agent started that still
+        runs (a docker CLI call in flight, a command that outlived its KILL's
+        wait), with its group; start none from now on. Else they would
+        outlive the agent, orphaned to PID 1."""
+        self.signal_leftovers(signal.SIGKILL)
         with self._lock:
             self._closed = True
             running = [p for p in self._owned.values() if not leader_exited(p)]
         for proc in running:  # unreaped, so its pid is still its own
             signal_group(proc.pid, signal.SIGKILL)
 
-    def reaped(self, proc):
-        """The owner has waited for `proc`; see whether its group lives on."""
+    def _reaped(self, proc):
+        """`proc` has been waited for; see whether its group lives on."""
         with self._lock:
             self._owned.pop(proc.pid, None)
             self._scan_at = min(self._scan_at, time.monotonic() + ORPHAN_SCAN_S)
@@ -1729,13 +1782,9 @@ def process_table():
         for entry in os.listdir("/proc"):
             if entry.isdigit():
                 with contextlib.suppress(OSError, ValueError, IndexError):
-                    with open(f"/proc/{entry}/stat", "rb") as f:
-                        stat = f.read()
-                    # The name is in parentheses and may hold anything: skip it.
-                    fields = stat[stat.rindex(b")") + 2 :].split()
-                    table[int(entry)] = (
-                        fields[0].decode(), int(fields[1]), int(fields[2])
-                    )
+                    with open(f"/proc/{entry}/stat", errors="replace") as f:
+                        _, fields = proc_stat(f.read())
+                    table[int(entry)] = (fields[0], int(fields[1]), int(fields[2]))
     return table
 
 
@@ -1951,7 +2000,7 @@ class OutputStream:
             text += f"\n[streaming stopped after {self.cap} bytes]\n"
         if text:
             self.seq += 1
-            self.send(self.job.message("command_output", seq=self.seq, output=text))
+            self.send(self.job.dialect.command_output(self.job.id, self.seq, text))
 
 
 class PumpState:
@@ -1986,11 +2035,9 @@ class PumpState:
 class CommandJob(Job):
     """One shell command request."""
 
-    lane = "command"
-
-    def __init__(self, dialect, request_id, command, timeout_s, grace_s, cwd,
+    def __init__(self, route, dialect, request_id, command, timeout_s, grace_s, cwd,
                  stream, by):
-        super().__init__(dialect, request_id)
+        super().__init__(route, dialect, request_id)
         self.command = command
         self.timeout_s = timeout_s
         self.grace_s = grace_s
@@ -2009,11 +2056,8 @@ class CommandJob(Job):
         by = f" by {self.requested_by}" if self.requested_by else ""
         return f"command {self.id}{by}: {self.command[:200]!r}"
 
-    def message(self, message_type, **fields):
-        return self.dialect.reply(message_type, self.id, fields)
-
     def result(self, fields):
-        return self.message(self.dialect.command_reply, **fields)
+        return self.dialect.command_result(self.id, fields)
 
     def cancelled_unstarted(self, by):
         text = f"[cancelled by {by} before it started]\n"
@@ -2038,19 +2082,11 @@ class CommandJob(Job):
             return self._settled
 
 
-def request_field(message, name, kinds, what, default=None):
-    """message[name] if it is of `kinds` (JSON true is no number), else RequestError."""
-    value = message.get(name, default)
-    if value is None:
-        return None
-    if (kinds is bool) != isinstance(value, bool) or not isinstance(value, kinds):
-        raise RequestError(f"'{name}' must be {what}, got {json.dumps(value)[:60]}")
-    return value
-
-
-def parse_command_request(message, dialect, config):
-    """A CommandJob from a request, or RequestError saying what is wrong with it."""
-    request_id = dialect.request_id(message)
+def parse_command_request(message, route, config):
+    """A CommandJob this agent may run, or RequestError saying why not."""
+    if not config.commands_enabled:
+        raise RequestError("command execution is disabled on this agent")
+    request_id = route.dialect.request_id(message)
     command = request_field(message, "command", str, "a string")
     if command is None or not command.strip():
         raise RequestError("'command' is missing or empty")
@@ -2065,8 +2101,8 @@ def parse_command_request(message, dialect, config):
     cwd = request_cwd(message, config)
     by = request_field(message, "requested_by", str, "a string")
     timeout_s = min(timeout or config.command_timeout_s, config.command_timeout_s)
-    return CommandJob(dialect, request_id, command, timeout_s, config.command_grace_s,
-                      cwd, stream, by and by[:100])
+    return CommandJob(route, route.dialect, request_id, command, timeout_s,
+                      config.command_grace_s, cwd, stream, by and by[:100])
 
 
 def request_cwd(message, config):
@@ -2085,7 +2121,7 @@ def request_cwd(message, config):
 def command_environment(config):
     """What commands see: a fixed set, never the agent's own (it holds the key)."""
     try:
-        user = pwd.getpwuid(os.geteuid()) if pwd else None
+        user = pwd.getpwuid(os.geteuid())
     except KeyError:
         user = None
     env = {"PATH": COMMAND_PATH, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
@@ -2110,21 +2146,13 @@ class CommandRunner:
 
     def __init__(self, config, send, children):
         self.config = config
-        self.send = send  # Delivery.put, for streamed output
+        self.send = send  # Outbox.put, for streamed output
         self.children = children
         self.env = None
 
     def start(self):
         self.env = command_environment(self.config)
         self.children.become_subreaper()
-
-    def accept(self, message, dialect):
-        """A CommandJob this agent may run, or RequestError (nothing started)."""
-        if not self.config.commands_enabled:
-            raise RequestError("command execution is disabled on this agent")
-        if os.name != "posix":
-            raise RequestError("remote commands need /bin/sh; not supported on Windows")
-        return parse_command_request(message, dialect, self.config)
 
     def refusal(self, job):
         """Why command_allow does not let the job run, or None if it does.
@@ -2190,9 +2218,7 @@ class CommandRunner:
         try:
             self._pump(job, state, capture, stream)
         finally:
-            proc.stdout.close()
-            proc.wait()
-            self.children.reaped(proc)
+            self.children.finish(proc)
         if state.reason:  # what the command started may now be our children
             self.children.reap_group(proc.pid, timeout_s=1.0)
         if stream:
@@ -2499,7 +2525,7 @@ def status_text(state, now):
 
 
 def container_row(row):
-    """One line of docker ps (PS_FORMAT) in the shape of PROTOCOL.md section 3;
+    """One line of docker ps (PS_FORMAT) in the shape of docs/protocol.md, Metrics;
     ValueError for a line not of that shape (the CLI may print anything)."""
     if not isinstance(row, dict):
         raise ValueError("not a JSON object")
@@ -2549,7 +2575,7 @@ class DockerCLI:
         return result
 
     def list_containers(self):
-        """Every container, running or not, in the shape of PROTOCOL.md section 3.
+        """Every container, running or not, in the shape of docs/protocol.md, Metrics.
         A row the CLI garbled is left out (and logged), not fatal."""
         out, _ = self.run("ps", "--all", "--no-trunc", "--format", PS_FORMAT)
         rows = []
@@ -2601,7 +2627,7 @@ class ContainerCache:
     def __init__(self, config, cli):
         self.config = config
         self.cli = cli
-        self.stop = threading.Event()  # set by shutdown()
+        self.stop = threading.Event()  # set by stop_watching()
         self.status, self.detail = "starting", ""
         self.containers = []
         self._states = {}  # id -> ContainerState, for the status text
@@ -2738,11 +2764,7 @@ class ContainerCache:
     def _stop_events(self):
         proc, self._events = self._events, None
         if proc is not None:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-            proc.stdout.close()
-            self.cli.children.reaped(proc)
+            self.cli.children.finish(proc)
 
     def _set_status(self, status, detail):
         if self.stop.is_set():
@@ -2758,8 +2780,9 @@ class ContainerCache:
         elif changed:
             LOG.warning("docker: %s (%s); containers are not reported", status, detail)
 
-    def shutdown(self):
-        """No list re-read from now on, and the events process ended."""
+    def stop_watching(self):
+        """No list re-read from now on, and the events process ended. Nothing
+        waits here: a CLI call in flight ends when Children.stop kills it."""
         self.stop.set()
         self._wake.set()
         self._stop_events()
@@ -2777,53 +2800,23 @@ def changes_list(line):
     return not isinstance(action, str) or action.split(":")[0] in LIST_EVENTS
 
 
-# API-form request type -> action; action -> (API-form reply type, status word).
-DOCKER_REQUESTS = {
-    "start_container": "start", "stop_container": "stop",
-    "restart_container": "restart", "pause_container": "pause",
-    "unpause_container": "unpause", "get_container_logs": "logs",
-    "inspect_container": "inspect", "get_container_stats": "stats",
-    "list_containers": "list",
-}
-DOCKER_REPLIES = {
-    "start": ("container_started", "started"), "stop": ("container_stopped", "stopped"),
-    "restart": ("container_restarted", "restarted"),
-    "pause": ("container_paused", "paused"),
-    "unpause": ("container_unpaused", "unpaused"),
-    "logs": ("container_logs", None), "inspect": ("container_info", None),
-    "stats": ("container_stats", None), "list": ("container_list", None),
-}
-
-
 class DockerJob(Job):
     """One Docker request. Once the engine carries it out it cannot be undone
     halfway, so a running one cannot be cancelled."""
 
-    lane = "docker"
-
-    def __init__(self, dialect, request_id, action, ref, params):
-        super().__init__(dialect, request_id)
-        self.action = action
+    def __init__(self, route, dialect, request_id, ref, params):
+        super().__init__(route, dialect, request_id)
+        self.action = route.run.__name__  # start, stop, logs, ...: as the docs name it
         self.ref = ref  # validated container name or id, or None for "list"
         self.params = params
 
     def describe(self):
         return f"docker {self.action} {self.ref or ''} (request {self.id})"
 
-    def success(self, text, fields):
-        ref = {"container_id": self.ref} if self.ref else {}
-        if self.dialect.docker_reply is None:  # the API's: a type per action
-            kind, word = DOCKER_REPLIES[self.action]
-            status = {"status": word} if word else {}
-            return self.dialect.reply(kind, self.id, dict(ref, **status, **fields))
-        return self.dialect.reply(self.dialect.docker_reply, self.id,
-                                  dict(success=True, message=text, **ref, **fields))
-
-    def error(self, text):
-        if self.dialect.docker_reply is None:
-            return super().error(text)
-        return self.dialect.reply(self.dialect.docker_reply, self.id,
-                                  {"success": False, "message": text})
+    def success(self, text, fields=None):
+        LOG.info("%s: %s", self.describe(), text)
+        return self.dialect.docker_result(self.id, self.route, self.ref, text,
+                                          fields or {})
 
     def cancel_running(self, by, grace_s=None):
         return False, "running", (f"docker {self.action} cannot be cancelled once "
@@ -2831,19 +2824,22 @@ class DockerJob(Job):
                                   "reply follows")
 
 
-def parse_docker_request(message, dialect):
-    """A DockerJob, or RequestError before any process starts. The API names
-    the action in the request's type, the docs' docker_command in a field."""
-    request_id = dialect.request_id(message)
-    action = DOCKER_REQUESTS.get(message["type"]) or request_field(
-        message, "action", str, "a string")
-    if action not in DOCKER_REPLIES:
-        known = ", ".join(DOCKER_REPLIES)
-        raise RequestError(
-            f"unknown docker action {str(action)[:40]!r}; known: {known}"
-        )
-    ref = None if action == "list" else container_ref(message)
-    return DockerJob(dialect, request_id, action, ref, docker_params(message, action))
+def parse_docker_request(message, route, config):
+    """A DockerJob of the row's action, or RequestError before any process
+    starts."""
+    check_docker_enabled(config)
+    return docker_job(message, route, route.dialect, route.dialect.request_id(message))
+
+
+def check_docker_enabled(config):
+    if not config.docker_enabled:
+        raise RequestError("Docker support is disabled on this agent (docker_enabled)")
+
+
+def docker_job(message, route, dialect, request_id):
+    ref = container_ref(message) if "container_id" in route.fields else None
+    params = route.params(message) if route.params else {}
+    return DockerJob(route, dialect, request_id, ref, params)
 
 
 def container_ref(message):
@@ -2857,65 +2853,50 @@ def container_ref(message):
     return ref
 
 
-def docker_params(message, action):
-    params = {}
-    if action in ("stop", "restart"):  # without a timeout: docker_stop_timeout_s
-        timeout = request_field(message, "timeout", int, "whole seconds")
-        if timeout is not None and not 0 <= timeout <= MAX_STOP_TIMEOUT_S:
-            raise RequestError(f"'timeout' must be 0 to {MAX_STOP_TIMEOUT_S} seconds")
-        params["timeout"] = timeout
-    if action == "logs":
-        tail = request_field(message, "tail", int, "a whole number", DEFAULT_LOG_LINES)
-        if tail < 0:
-            raise RequestError("'tail' must not be negative")
-        params["tail"] = min(tail, MAX_LOG_LINES)
-        since = request_field(message, "since", str, "a string")
-        if since is not None and not DOCKER_SINCE.match(since):
-            raise RequestError("'since' must be like 10m, 2h, a Unix time or RFC 3339")
-        params["since"] = since
-        params["timestamps"] = request_field(message, "timestamps", bool,
-                                             "true or false", False)
-    return params
+def stop_params(message):
+    """Without a timeout, docker_stop_timeout_s applies."""
+    timeout = request_field(message, "timeout", int, "whole seconds")
+    if timeout is not None and not 0 <= timeout <= MAX_STOP_TIMEOUT_S:
+        raise RequestError(f"'timeout' must be 0 to {MAX_STOP_TIMEOUT_S} seconds")
+    return {"timeout": timeout}
+
+
+def logs_params(message):
+    tail = request_field(message, "tail", int, "a whole number", DEFAULT_LOG_LINES)
+    if tail < 0:
+        raise RequestError("'tail' must not be negative")
+    since = request_field(message, "since", str, "a string")
+    if since is not None and not DOCKER_SINCE.match(since):
+        raise RequestError("'since' must be like 10m, 2h, a Unix time or RFC 3339")
+    return {"tail": min(tail, MAX_LOG_LINES), "since": since,
+            "timestamps": request_field(message, "timestamps", bool,
+                                        "true or false", False)}
 
 
 class DockerActions:
-    """What each docker request does, through the CLI."""
+    """What each docker request does, through the CLI: one method an action,
+    named as the docs' docker_command names it, each in a row of REQUESTS.
+    A DockerError (a RequestError) becomes the request's error reply."""
 
     def __init__(self, config, cli, cache):
         self.config = config
         self.cli = cli
         self.cache = cache
 
-    def check_enabled(self):
-        if not self.config.docker_enabled:
-            raise RequestError(
-                "Docker support is disabled on this agent (docker_enabled)"
-            )
-
-    def carry_out(self, job):
-        """Run the job in a worker of the docker lane; its reply."""
-        try:
-            text, fields = getattr(self, "do_" + job.action)(job)
-        except DockerError as e:
-            LOG.info("%s failed: %s", job.describe(), e)
-            return job.error(str(e))
-        LOG.info("%s: %s", job.describe(), text)
-        return job.success(text, fields)
-
     def _simple(self, job, verb, done, *options, extra_s=0):
         self.cli.run(verb, *options, "--", job.ref,
                      timeout_s=self.config.docker_timeout_s + extra_s)
         self.cache.mark_stale()
-        return f"Container {done}", {}
+        return job.success(f"Container {done}")
 
-    def do_start(self, job):
+    def start(self, job):
         return self._simple(job, "start", "started")
 
-    def do_stop(self, job):
+    def stop(self, job):
         t = self._stop_timeout(job)
         return self._simple(job, "stop", "stopped", "--time", str(t), extra_s=t)
 
-    def do_restart(self, job):
+    def restart(self, job):
         t = self._stop_timeout(job)
         return self._simple(job, "restart", "restarted", "--time", str(t), extra_s=t)
 
@@ -2925,17 +2906,17 @@ class DockerActions:
         timeout = job.params["timeout"]
         return self.config.docker_stop_timeout_s if timeout is None else timeout
 
-    def do_pause(self, job):
+    def pause(self, job):
         return self._simple(job, "pause", "paused")
 
-    def do_unpause(self, job):
+    def unpause(self, job):
         return self._simple(job, "unpause", "unpaused")
 
-    def do_list(self, job):
+    def list(self, job):
         rows = self.cli.list_containers()
-        return f"{len(rows)} containers", {"containers": rows}
+        return job.success(f"{len(rows)} containers", {"containers": rows})
 
-    def do_logs(self, job):
+    def logs(self, job):
         p = job.params
         args = ["logs", "--tail", str(p["tail"]), "--timestamps"]
         args += ["--since", p["since"]] if p["since"] else []
@@ -2947,18 +2928,18 @@ class DockerActions:
         fields = {"logs": lines}
         if truncated:
             fields["truncated"] = True
-        return f"{len(lines)} log lines", fields
+        return job.success(f"{len(lines)} log lines", fields)
 
-    def do_inspect(self, job):
+    def inspect(self, job):
         out, _ = self.cli.run("container", "inspect", "--", job.ref)
-        return "Container inspected", {"info": read_cli_output(
-            "inspect", out, lambda: inspect_summary(json.loads(out)[0]))}
+        return job.success("Container inspected", {"info": read_cli_output(
+            "inspect", out, lambda: inspect_summary(json.loads(out)[0]))})
 
-    def do_stats(self, job):
+    def stats(self, job):
         out, _ = self.cli.run("stats", "--no-stream", "--no-trunc", "--format",
                               "{{json .}}", "--", job.ref)
-        return "Container stats", {"stats": read_cli_output(
-            "stats", out, lambda: stats_numbers(json.loads(out.splitlines()[0])))}
+        return job.success("Container stats", {"stats": read_cli_output(
+            "stats", out, lambda: stats_numbers(json.loads(out.splitlines()[0])))})
 
 
 def read_cli_output(verb, out, read):
@@ -3044,19 +3025,176 @@ def stats_numbers(row):
 
 
 ###############################################################################
-# Requests: lanes, deadlines, cancel ##########################################
+# Requests: the table, lanes, deadlines, cancel ###############################
 ###############################################################################
+
+# One row per message type the API sends (docs/protocol.md):
+#   dialect  the form of its replies; None: no request, or both forms share it
+#   lane     "command" or "docker": it becomes a job for that lane's workers;
+#            None: it is handled at once, in the receive loop, never waiting
+#   parse    (message, route, config) -> what `run` takes, or RequestError,
+#            answered at once; None: `run` takes the message as it came
+#   run      in a lane: (the lane's worker object, job) -> its reply;
+#            at once: (the Dispatcher, what `parse` gave)
+#   fields   what it reads, besides its type and id
+#   params   of a Docker action: (message) -> its parameters, or RequestError
+#   reply, status: of a Docker action, its reply type and status word in the
+#            API's form (the docs' form answers every action docker_response)
+Route = collections.namedtuple(
+    "Route", "dialect lane parse run fields params reply status",
+    defaults=(None, None, None),
+)
+COMMAND_FIELDS = ("command", "timeout", "cwd", "stream", "requested_by")
+REF = ("container_id", "container")  # the container, by either name (container_ref)
+
+
+def docker(run, reply, status=None, params=None, fields=REF):
+    """The row of a Docker action, in the API's form: the action is `run`,
+    a method of DockerActions; the docs' docker_command names it by its name."""
+    return Route(API, "docker", parse_docker_request, run, fields, params, reply,
+                 status)
+
+
+def take_server_id(dispatcher, message):
+    """An auth_success after authentication may name the server anew."""
+    if "server_id" in message:
+        server_id = auth_server_id(message)
+        if server_id is not None:
+            dispatcher.samples.use_server_id(server_id)
+
+
+def take_acknowledgement(dispatcher, message):
+    dispatcher.samples.acknowledged()
+
+
+def take_pong(dispatcher, message):
+    dispatcher.samples.pong_received()
+
+
+def answer_ping(dispatcher, message):
+    dispatcher.send(dict({"type": "pong"}, **reply_ids(message)))
+
+
+def log_api_error(dispatcher, message):
+    LOG.warning("the API reported an error: %s", str(message.get("message"))[:300])
+
+
+Cancel = collections.namedtuple("Cancel", "dialect id target")
+
+
+def parse_cancel(message, route, config):
+    dialect = dialect_of(message)
+    request_id = dialect.request_id(message)
+    target = message.get("target_id")
+    if isinstance(target, bool) or not isinstance(target, (str, int)):
+        raise RequestError("'target_id' must name the command to cancel")
+    return Cancel(dialect, request_id, target)
+
+
+def cancel_request(dispatcher, cancel):
+    result = dispatcher.requests.cancel(cancel.target, f"request {cancel.id!r}")
+    dispatcher.send(cancel.dialect.cancel_result(cancel.id, cancel.target, *result))
+
+
+def parse_docker_command(message, route, config):
+    """The docs' form names the action in a field: a job of that action's
+    row, answered in the docs' form."""
+    check_docker_enabled(config)
+    request_id = route.dialect.request_id(message)
+    action = request_field(message, "action", str, "a string")
+    if action not in DOCKER_ACTIONS:
+        raise RequestError(f"unknown docker action {str(action)[:40]!r}; known: "
+                           + ", ".join(DOCKER_ACTIONS))
+    return docker_job(message, DOCKER_ACTIONS[action], route.dialect, request_id)
+
+
+REQUESTS = {
+    # Not requests: answered by nothing, or by a pong.
+    "auth_success": Route(None, None, None, take_server_id, ("server_id", "message")),
+    "metrics_received": Route(None, None, None, take_acknowledgement, ("status",)),
+    "pong": Route(None, None, None, take_pong, ()),
+    "ping": Route(None, None, None, answer_ping, ()),
+    "error": Route(None, None, None, log_api_error, ("message",)),
+    # Commands, in each form, and their cancel (the agent's own, in both).
+    "execute_command": Route(API, "command", parse_command_request,
+                             CommandRunner.execute, COMMAND_FIELDS),
+    "command": Route(DOCS, "command", parse_command_request, CommandRunner.execute,
+                     COMMAND_FIELDS),
+    "cancel_command": Route(None, None, parse_cancel, cancel_request, ("target_id",)),
+    # Docker, in the API's form: one row an action.
+    "start_container": docker(DockerActions.start, "container_started", "started"),
+    "stop_container": docker(DockerActions.stop, "container_stopped", "stopped",
+                             stop_params, (*REF, "timeout")),
+    "restart_container": docker(DockerActions.restart, "container_restarted",
+                                "restarted", stop_params, (*REF, "timeout")),
+    "pause_container": docker(DockerActions.pause, "container_paused", "paused"),
+    "unpause_container": docker(DockerActions.unpause, "container_unpaused",
+                                "unpaused"),
+    "get_container_logs": docker(DockerActions.logs, "container_logs", None,
+                                 logs_params, (*REF, "tail", "since", "timestamps")),
+    "inspect_container": docker(DockerActions.inspect, "container_info"),
+    "get_container_stats": docker(DockerActions.stats, "container_stats"),
+    "list_containers": docker(DockerActions.list, "container_list", fields=()),
+    # Docker in the docs' form: any of the actions above, named in 'action'.
+    "docker_command": Route(DOCS, "docker", parse_docker_command, None, (
+        "action", *REF, "timeout", "tail", "since", "timestamps")),
+}
+DOCKER_ACTIONS = {r.run.__name__: r for r in REQUESTS.values()
+                  if r.lane == "docker" and r.run is not None}
+
+
+class Dispatcher:
+    """Routes each frame from the API by its type, through REQUESTS: a
+    request for a lane becomes a job; any other message is handled at once.
+    Whatever is refused is answered at once, in the request's form."""
+
+    def __init__(self, config, outbox, samples, requests):
+        self.config = config
+        self.send = outbox.put  # queues a reply; never blocks
+        self.samples = samples
+        self.requests = requests
+
+    def dispatch(self, payload, session):
+        message, problem = parse_frame(payload)
+        if problem:
+            LOG.warning("invalid message from the API: %s", problem)
+            self.send(API.refusal(None, message, "Invalid message format: " + problem))
+            return
+        route = REQUESTS.get(message["type"])
+        if route is None:
+            shown = message["type"][:64]
+            LOG.warning("unknown message type %r from the API; ignored", shown)
+            self.send(API.refusal(None, message, f"unknown message type {shown!r}"))
+            return
+        try:
+            self._handle(route, message)
+        except RequestError as e:
+            LOG.warning("refused %r request: %s", message["type"][:64], e)
+            self.send((route.dialect or API).refusal(route.lane, message, str(e)))
+        except Exception:  # a handler bug must not end the connection
+            LOG.exception("handling %r failed", message["type"])
+            why = (
+                f"internal error handling {message['type'][:64]!r}; see the agent's log"
+            )
+            self.send((route.dialect or API).refusal(route.lane, message, why))
+
+    def _handle(self, route, message):
+        item = route.parse(message, route, self.config) if route.parse else message
+        if route.lane:
+            self.requests.submit(item)
+        else:
+            route.run(self, item)
 
 
 class Lane:
     """Bounded workers and a bounded queue for one kind of request, so that
     shell commands and Docker requests never wait behind each other."""
 
-    def __init__(self, name, workers, queue_size, execute):
+    def __init__(self, name, workers, queue_size, owner):
         self.name = name  # "command" or "docker", as in its settings' names
         self.workers = workers
         self.queue_size = queue_size
-        self.execute = execute  # job -> its reply; runs in a worker
+        self.owner = owner  # what its jobs' `run` is a method of
         self.waiting = collections.deque()  # oldest first
         self.running = {}  # id -> job
         self.work = None  # Condition on the Requests lock: a job is waiting
@@ -3074,19 +3212,18 @@ class Requests:
     """Every accepted request, waiting or running in its lane, until its reply.
 
     The ChatOps API waits `request_deadline_s` (10 s) for a reply and drops
-    later ones: a request still waiting then is never started, but answered
-    at once as expired, so that a user told it failed never sees it run
-    later. All job state is read and written under one lock; cancels reach a
-    running command through its `stops` queue.
+    later ones: a request that waited longer for a worker is never started,
+    but answered as expired when a worker takes it, so that a user told it
+    failed never sees it run later. All job state is read and written under
+    one lock; cancels reach a running command through its `stops` queue.
     """
 
     def __init__(self, config, send, lanes):
         self.config = config
-        self.send = send  # Delivery.put: queues a message, never blocks
+        self.send = send  # Outbox.put: queues a message, never blocks
         self.lanes = {lane.name: lane for lane in lanes}
         self.lock = threading.Lock()
         self.finished = threading.Condition(self.lock)  # a running job ended
-        self.expiry = threading.Condition(self.lock)  # a job was queued
         self.stopping = False
         for lane in lanes:
             lane.work = threading.Condition(self.lock)
@@ -3096,9 +3233,6 @@ class Requests:
             for n in range(lane.workers):
                 threading.Thread(target=self._work, args=(lane,),
                                  name=f"{lane.name}-{n}", daemon=True).start()
-        if self.config.request_deadline_s:
-            threading.Thread(target=self._expire, name="request-deadlines",
-                             daemon=True).start()
 
     # -- from the receive loop: fast, never blocking --------------------------
     def submit(self, job):
@@ -3113,7 +3247,6 @@ class Requests:
                 raise RequestError(lane.busy())
             lane.waiting.append(job)
             lane.work.notify()
-            self.expiry.notify()
 
     def cancel(self, target, by):
         """(cancelled, state, text) of a cancel_command aimed at `target`."""
@@ -3148,7 +3281,10 @@ class Requests:
                 self._answer_expired(job)
                 continue
             try:
-                reply = lane.execute(job)
+                reply = job.route.run(lane.owner, job)
+            except RequestError as e:  # the user can act on it: a DockerError
+                LOG.info("%s failed: %s", job.describe(), e)
+                reply = job.error(str(e))
             except Exception as e:  # a bug here must still answer the request
                 LOG.exception("%s failed", job.describe())
                 reply = job.error(f"the agent failed to carry out the request: {e}")
@@ -3173,33 +3309,6 @@ class Requests:
         deadline_s = self.config.request_deadline_s
         return bool(deadline_s) and now - job.received_at >= deadline_s
 
-    def _expire(self):
-        """Answer each job that waits past the deadline when it does, even
-        while every worker is busy."""
-        while True:
-            with self.lock:
-                expired = self._take_expired()
-                while not expired:
-                    self.expiry.wait(self._next_expiry_in())
-                    expired = self._take_expired()
-            for job in expired:
-                self._answer_expired(job)
-
-    def _take_expired(self):
-        now, expired = time.monotonic(), []
-        for lane in self.lanes.values():
-            while lane.waiting and self._waited_too_long(lane.waiting[0], now):
-                expired.append(lane.waiting.popleft())
-        return expired
-
-    def _next_expiry_in(self):
-        """Seconds until the oldest waiting job expires; None if none waits."""
-        oldest = [lane.waiting[0].received_at for lane in self.lanes.values()
-                  if lane.waiting]
-        if not oldest:
-            return None
-        return max(0.0, min(oldest) + self.config.request_deadline_s - time.monotonic())
-
     def _answer_expired(self, job):
         waited = time.monotonic() - job.received_at
         LOG.warning("%s expired unstarted after %.1f s in the queue", job.describe(),
@@ -3222,9 +3331,11 @@ class Requests:
         self.send(reply, keep_until=job.received_at + self.config.reply_keep_s)
 
     # -- stopping -----------------------------------------------------------------
-    def shutdown(self, grace_s):
-        """Answer what waits, stop running commands (TERM, then KILL after
-        `grace_s`) and wait that long for the running jobs to end."""
+    def stop(self, kill_at):
+        """Answer what waits, stop running commands (TERM now, KILL at
+        `kill_at`, monotonic) and wait until then for the running jobs to
+        end; take no more."""
+        grace_s = max(0.0, kill_at - time.monotonic())
         with self.lock:
             self.stopping = True
             waiting = [job for lane in self.lanes.values() for job in lane.waiting]
@@ -3236,15 +3347,15 @@ class Requests:
             self._answer(job, job.cancelled_unstarted("the agent's shutdown"))
         for job in running:
             job.cancel_running("the agent's shutdown", grace_s)
-        self.wait_idle(grace_s + POLL_S * 3)
+        self.wait_idle(kill_at + POLL_S * 3)
 
-    def wait_idle(self, timeout_s):
-        """Wait, at most `timeout_s`, until no job runs (idle workers need no
-        waiting for: they are daemons)."""
+    def wait_idle(self, deadline):
+        """Wait, until `deadline` at most, until no job runs (idle workers need
+        no waiting for: they are daemons)."""
         with self.lock:
             self.finished.wait_for(
                 lambda: not any(lane.running for lane in self.lanes.values()),
-                timeout_s,
+                max(0.0, deadline - time.monotonic()),
             )
 
 
@@ -3282,130 +3393,32 @@ Waiting = collections.namedtuple("Waiting", "kind payload keep_until coalesce")
 Sample = collections.namedtuple("Sample", "number data")
 
 
-class Delivery:
-    """Everything that decides what reaches the API, and when a sample is
-    delivered: the queues, the spool, the acknowledgement window, and the
-    learning of whether this API acknowledges at all. The writer sends what
-    `take()` hands it and says `sent()`; the receive loop reports
-    `acknowledged()` and `pong_received()`.
+class Outbox:
+    """Replies, pongs and stream chunks, waiting for the writer: what must go
+    first, and how much may wait.
 
-    Replies, pongs and stream chunks go first, then samples oldest first.
-    With an API that acknowledges metrics (`metrics_received`, in order, no
-    id) a sample is delivered when acknowledged, and one sent but
-    unacknowledged when the link drops is sent again. Whether the API
-    acknowledges is learnt on each connection: after the first sample goes
-    out, `take()` hands out a ping; the server handles messages in order, so
-    a pong with no acknowledgement before it means it never acknowledges, and
-    from then on a sample is delivered when sent.
-
-    Samples are kept until delivered, at most `capacity` and
-    MAX_SAMPLE_BYTES of them, in memory and in the spool (when a state
-    directory is in use), so that a restart loses none; the oldest go first.
-    All file work happens in the metrics thread (`add_sample`) and at the
-    end (`close`), never in the receive loop. Other messages are bounded by
-    MAX_WAITING_MESSAGES and MAX_WAITING_BYTES, so an API that sends but does
-    not read cannot make answers pile up.
+    The writer sends what `take()` hands it and says `sent()`. Waiting
+    messages are bounded by MAX_WAITING_MESSAGES and MAX_WAITING_BYTES, so an
+    API that sends but does not read cannot make answers pile up; a reply
+    waits for a reconnect until its `keep_until`.
     """
 
-    UNKNOWN, ACKS, NO_ACKS = "unknown", "acks", "no acks"
-
-    def __init__(self, capacity, reply_keep_s=300.0, spool=None):
-        self.capacity = capacity
+    def __init__(self, doorbell, reply_keep_s=300.0):
+        self.doorbell = doorbell  # an Event the writer waits on: set, it looks
         self.reply_keep_s = reply_keep_s
-        self.spool = spool
-        self.ack_mode = self.UNKNOWN
-        lock = threading.RLock()
-        self._cond = threading.Condition(lock)  # something waits to be sent
-        self._room = threading.Condition(lock)  # the writer took a message
-        self._urgent = collections.deque()  # of Waiting
-        self._urgent_bytes = 0
+        self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)  # the writer took a message
+        self._waiting = collections.deque()  # of Waiting, oldest first
+        self._bytes = 0
         self._taken = 0  # messages the writer took, ever: its progress
         self._pong_waiting = False
-        self._pending = collections.deque()  # of Sample, oldest first
-        self._in_flight = collections.deque()  # sent, not yet acknowledged
-        self._sample_bytes = 0
-        self._numbers = itertools.count(1)
-        self._done = []  # numbers delivered or dropped, not yet in the spool
         self._sending = None  # what the writer took and has not reported sent
-        self._server_id = b""  # '"server_id":ID,' put in each sample sent
-        self._pings = self._pongs = 0  # on this connection
-        self._probe = None  # number of the ping whose pong tells whether acks come
-        self._waiting_since = None  # when in-flight samples last saw progress
-        self.sample_drops = DropCounter(
-            f"offline buffer full ({capacity} samples or "
-            f"{MAX_SAMPLE_BYTES // 2**20} MiB): dropped the {{n}} oldest "
-            "({total} in all); raise buffer_size to keep more"
-        )
-        self.message_drops = DropCounter(
+        self.drops = DropCounter(
             "the API is not reading what the agent sends: dropped {n} waiting "
             f"replies, pongs or output chunks ({{total}} in all; at most "
             f"{MAX_WAITING_MESSAGES} or {MAX_WAITING_BYTES // 2**20} MiB wait; "
             "later drops are counted here once a minute)"
         )
-
-    @property
-    def dropped_total(self):
-        return self.sample_drops.total
-
-    def open(self):
-        """Take up the samples a spool kept from before a restart, oldest first
-        (as many as fit: buffer_size may have been lowered since). New samples
-        are numbered past every number in the file, delivered ones included:
-        a new sample must never take the number of an old "done" record."""
-        if self.spool is None:
-            return
-        found, last, dropped = self.spool.open(self.capacity)
-        with self._cond:
-            for number, data in found:
-                self._pending.append(Sample(number, data))
-                self._sample_bytes += len(data)
-            self._numbers = itertools.count(last + 1)
-        self.sample_drops.add(dropped)
-        self.sample_drops.log()
-
-    def close(self):
-        """At the end: the spool learns what was delivered, and syncs."""
-        if self.spool is not None:
-            with self._cond:
-                done, self._done = self._done, []
-            self.spool.append([], done)
-            self.spool.close()
-
-    # -- producers ----------------------------------------------------------
-    def add_sample(self, data):
-        """A new sample (the metrics thread): queued, and written to the spool
-        with what was delivered since the last one."""
-        sample = Sample(next(self._numbers), to_json(data))
-        with self._cond:
-            self._pending.append(sample)
-            self._sample_bytes += len(sample.data)
-            self._make_sample_room()
-            done, self._done = self._done, []
-            live_bytes = self._sample_bytes
-            self._cond.notify()
-        self.sample_drops.log()
-        if self.spool is not None:
-            self.spool.append([sample], done)
-            self.spool.compact(self.pending_samples, live_bytes)
-
-    def _make_sample_room(self):
-        while len(self._pending) + len(self._in_flight) > self.capacity or (
-            self._sample_bytes > MAX_SAMPLE_BYTES and len(self._pending) > 1
-        ):
-            # In-flight samples are the oldest, but dropping one would make the
-            # next acknowledgement count against the wrong sample.
-            dropped = (self._pending or self._in_flight).popleft()
-            self._forget_sample(dropped)
-            self.sample_drops.add()
-
-    def _forget_sample(self, sample):
-        self._sample_bytes -= len(sample.data)
-        self._done.append(sample.number)
-
-    def pending_samples(self):
-        """[(number, JSON)] of every sample not yet delivered, oldest first."""
-        with self._cond:
-            return [tuple(s) for s in (*self._in_flight, *self._pending)]
 
     def put(self, message, keep_until=None):
         """Queue a reply, pong or stream chunk; never blocks.
@@ -3419,36 +3432,45 @@ class Delivery:
         if keep_until is None and is_reply(message):
             keep_until = time.monotonic() + self.reply_keep_s
         entry = Waiting(message["type"], to_json(message), keep_until, coalesce)
-        with self._cond:
+        with self._lock:
             if coalesce and self._pong_waiting:
                 return
             self._pong_waiting |= coalesce
-            self._urgent.append(entry)
-            self._urgent_bytes += len(entry.payload)
+            self._waiting.append(entry)
+            self._bytes += len(entry.payload)
             self._make_room()
-            self._cond.notify()
-        self.message_drops.log()
+        self.doorbell.set()
+        self.drops.log()
 
     def _make_room(self):
-        while (
-            len(self._urgent) > MAX_WAITING_MESSAGES
-            or self._urgent_bytes > MAX_WAITING_BYTES
-        ):
-            unkept = (w for w in self._urgent if w.keep_until is None)
-            victim = next(unkept, self._urgent[0])
-            self._urgent.remove(victim)
+        while (len(self._waiting) > MAX_WAITING_MESSAGES
+               or self._bytes > MAX_WAITING_BYTES):
+            unkept = (w for w in self._waiting if w.keep_until is None)
+            victim = next(unkept, self._waiting[0])
+            self._waiting.remove(victim)
             self._forget(victim)
-            self.message_drops.add()
+            self.drops.add()
 
     def _forget(self, entry):
-        """Bookkeeping for an urgent entry that leaves the queue."""
-        self._urgent_bytes -= len(entry.payload)
+        """Bookkeeping for an entry that leaves the queue."""
+        self._bytes -= len(entry.payload)
         if entry.coalesce:
             self._pong_waiting = False
 
-    def wake(self):
-        with self._cond:
-            self._cond.notify_all()
+    def take(self):
+        """(type, payload) of the oldest message, or None; `sent()` follows."""
+        with self._lock:
+            if not self._waiting:
+                return None
+            entry = self._sending = self._waiting.popleft()
+            self._forget(entry)
+            self._taken += 1
+            self._room.notify_all()
+        return entry.kind, entry.payload
+
+    def sent(self):
+        with self._lock:
+            self._sending = None
 
     def wait_for_room(self, timeout):
         """True once fewer than half of MAX_WAITING_MESSAGES and of
@@ -3460,13 +3482,146 @@ class Delivery:
             return self._room.wait_for(self._has_room, timeout)
 
     def _has_room(self):
-        return (len(self._urgent) < MAX_WAITING_MESSAGES // 2
-                and self._urgent_bytes < MAX_WAITING_BYTES // 2)
+        return (len(self._waiting) < MAX_WAITING_MESSAGES // 2
+                and self._bytes < MAX_WAITING_BYTES // 2)
 
     def taken_count(self):
         """How many messages the writer has taken, ever: whether it moves."""
-        with self._cond:
+        with self._lock:
             return self._taken
+
+    def connection_lost(self):
+        """Replies wait for the next connection, until their `keep_until` (at
+        most MAX_KEPT_REPLIES of them), what the writer took but could not
+        send in front; pongs and stream chunks are dropped."""
+        with self._lock:
+            if self._sending is not None:
+                self._waiting.appendleft(self._sending)
+                self._sending = None
+            now = time.monotonic()
+            kept = [w for w in self._waiting if w.keep_until and w.keep_until > now]
+            if len(kept) > MAX_KEPT_REPLIES:
+                LOG.warning("dropped %d replies waiting for a reconnect (more than %d)",
+                            len(kept) - MAX_KEPT_REPLIES, MAX_KEPT_REPLIES)
+            self._waiting = collections.deque(kept[-MAX_KEPT_REPLIES:])
+            self._bytes = sum(len(w.payload) for w in self._waiting)
+            self._pong_waiting = False
+            self._room.notify_all()
+
+
+class SampleQueue:
+    """The metrics samples not yet delivered, oldest first, in memory and in
+    the spool; and how far this connection's delivery has got.
+
+    With an API that acknowledges metrics (`metrics_received`, in order, no
+    id) a sample is delivered when acknowledged: the first `_in_flight`
+    samples are sent and unacknowledged, at most METRICS_WINDOW, and go out
+    again on the next connection if the link drops. Whether the API
+    acknowledges is learnt on each connection: after the first sample goes
+    out, `take()` hands out a ping; the server handles messages in order, so
+    a pong with no acknowledgement before it means it never acknowledges, and
+    from then on a sample is delivered when sent.
+
+    At most `capacity` samples and MAX_SAMPLE_BYTES are kept, so that a
+    restart loses none (when a state directory is in use); the oldest go
+    first. All file work happens in the metrics thread (`add`) and at the
+    end (`close`), never in the receive loop.
+    """
+
+    UNKNOWN, ACKS, NO_ACKS = "unknown", "acks", "no acks"
+
+    def __init__(self, doorbell, capacity, spool=None):
+        self.doorbell = doorbell  # an Event the writer waits on: set, it looks
+        self.capacity = capacity
+        self.spool = spool
+        self.ack_mode = self.UNKNOWN
+        self._lock = threading.Lock()
+        self._samples = collections.deque()  # of Sample, oldest first
+        self._in_flight = 0  # how many of the first are sent, unacknowledged
+        self._bytes = 0
+        self._numbers = itertools.count(1)
+        self._done = []  # numbers delivered or dropped, not yet in the spool
+        self._sending = None  # the sample the writer took, until sent()
+        self._server_id = b""  # '"server_id":ID,' put in each sample sent
+        self._pings = self._pongs = 0  # on this connection
+        self._probe = None  # number of the ping whose pong tells whether acks come
+        self._waiting_since = None  # when in-flight samples last saw progress
+        self.drops = DropCounter(
+            f"offline buffer full ({capacity} samples or "
+            f"{MAX_SAMPLE_BYTES // 2**20} MiB): dropped the {{n}} oldest "
+            "({total} in all); raise buffer_size to keep more"
+        )
+
+    # -- the spool: at start, at each sample, at the end -----------------------
+    def open(self):
+        """Take up the samples a spool kept from before a restart, oldest first
+        (as many as fit: buffer_size may have been lowered since). New samples
+        are numbered past every number in the file, delivered ones included:
+        a new sample must never take the number of an old "done" record."""
+        if self.spool is None:
+            return
+        found, last, dropped = self.spool.open(self.capacity)
+        with self._lock:
+            for number, data in found:
+                self._samples.append(Sample(number, data))
+                self._bytes += len(data)
+            self._numbers = itertools.count(last + 1)
+        self.drops.add(dropped)
+        self.drops.log()
+
+    def add(self, data):
+        """A new sample (the metrics thread): queued, and written to the spool
+        with what was delivered since the last one."""
+        sample = Sample(next(self._numbers), to_json(data))
+        with self._lock:
+            self._samples.append(sample)
+            self._bytes += len(sample.data)
+            self._make_room()
+            done, self._done = self._done, []
+            live_bytes = self._bytes
+        self.doorbell.set()
+        self.drops.log()
+        if self.spool is not None:
+            self.spool.append([sample], done)
+            self.spool.compact(self.pending, live_bytes)
+
+    def close(self):
+        """At the end: the spool learns what was delivered, and syncs."""
+        if self.spool is not None:
+            with self._lock:
+                done, self._done = self._done, []
+            self.spool.append([], done)
+            self.spool.close()
+
+    def _make_room(self):
+        while len(self._samples) > self.capacity or (
+            self._bytes > MAX_SAMPLE_BYTES and len(self._samples) > self._in_flight + 1
+        ):
+            # The oldest unsent one: dropping a sent one would make the next
+            # acknowledgement count against the wrong sample.
+            if len(self._samples) > self._in_flight:
+                dropped = self._samples[self._in_flight]
+                del self._samples[self._in_flight]
+            else:
+                dropped = self._samples.popleft()
+                self._in_flight -= 1
+            self._forget(dropped)
+            self.drops.add()
+
+    def _forget(self, sample):
+        """A sample delivered or dropped: the spool learns it with the next."""
+        self._bytes -= len(sample.data)
+        self._done.append(sample.number)
+
+    def pending(self):
+        """[(number, JSON)] of every sample not yet delivered, oldest first."""
+        with self._lock:
+            return [tuple(s) for s in self._samples]
+
+    def counts(self):
+        """(unsent, sent and unacknowledged) samples."""
+        with self._lock:
+            return len(self._samples) - self._in_flight, self._in_flight
 
     # -- the writer ------------------------------------------------------------
     def use_server_id(self, server_id):
@@ -3475,59 +3630,45 @@ class Delivery:
         stamp = b""
         if server_id is not None:
             stamp = b'"server_id":' + to_json(server_id) + b","
-        with self._cond:
+        with self._lock:
             self._server_id = stamp
 
     def ping(self):
         """The heartbeat's ping, counted: its pong may tell whether acks come."""
-        with self._cond:
+        with self._lock:
             self._ping_taken()
         return PING_MESSAGE
 
-    def take(self, timeout):
-        """(type, payload) of the next message to send, or None after `timeout`.
-        The writer calls `sent()` once the payload is on its way."""
-        with self._cond:
-            if not self._ready():
-                self._cond.wait(timeout)
-            if self._urgent:
-                entry = self._urgent.popleft()
-                self._forget(entry)
-                self._sending = entry
-                self._taken += 1
-                self._room.notify_all()
-                return entry.kind, entry.payload
+    def take(self):
+        """(type, payload) of the probe's ping or of the next sample the window
+        lets out, or None; `sent()` follows a sample."""
+        with self._lock:
             if self._probe_needed():
                 self._ping_taken()
                 return "ping", PING_MESSAGE
-            if not (self._window_open() and self._pending):
+            if not self._ready():
                 return None
-            sample = self._sending = self._pending.popleft()
-            if self.ack_mode != self.NO_ACKS:
-                if not self._in_flight:
-                    self._waiting_since = time.monotonic()
-                self._in_flight.append(sample)
+            sample = self._sending = self._samples[self._in_flight]
             stamp = self._server_id
         # The sample's JSON goes out as it was made, the server id put in front.
         return "metrics", b'{"type":"metrics","data":{' + stamp + sample.data[1:] + b"}"
 
     def sent(self):
-        with self._cond:
-            if isinstance(self._sending, Sample) and self.ack_mode == self.NO_ACKS:
-                self._forget_sample(self._sending)  # sent is delivered
-            self._sending = None
-
-    def ready(self):
-        """True when a message waits that may be sent now."""
-        with self._cond:
-            return self._ready()
+        with self._lock:
+            sample, self._sending = self._sending, None
+            if sample is None or len(self._samples) <= self._in_flight or \
+                    self._samples[self._in_flight] is not sample:
+                return  # dropped while it was being sent
+            if self.ack_mode == self.NO_ACKS:
+                self._forget(self._samples.popleft())  # sent is delivered
+                return
+            if not self._in_flight:
+                self._waiting_since = time.monotonic()
+            self._in_flight += 1
 
     def _ready(self):
-        return bool(self._urgent or self._probe_needed()
-                    or (self._pending and self._window_open()))
-
-    def _window_open(self):
-        return self.ack_mode == self.NO_ACKS or len(self._in_flight) < METRICS_WINDOW
+        window_open = self.ack_mode == self.NO_ACKS or self._in_flight < METRICS_WINDOW
+        return window_open and len(self._samples) > self._in_flight
 
     def _probe_needed(self):
         """True when a ping now would tell whether this API acknowledges."""
@@ -3538,84 +3679,53 @@ class Delivery:
         if self._probe_needed():
             self._probe = self._pings
 
-    # -- the receiver ---------------------------------------------------------
+    # -- the receiver -------------------------------------------------------------
     def acknowledged(self):
-        with self._cond:
+        with self._lock:
             self.ack_mode = self.ACKS
             if self._in_flight:
-                self._forget_sample(self._in_flight.popleft())
+                self._forget(self._samples.popleft())
+                self._in_flight -= 1
             self._waiting_since = time.monotonic() if self._in_flight else None
-            self._cond.notify()
+        self.doorbell.set()
 
     def unacknowledged_for(self):
         """Seconds the oldest in-flight sample has waited without any ack coming."""
-        with self._cond:
+        with self._lock:
             since = self._waiting_since
         return time.monotonic() - since if since is not None else 0.0
 
     def pong_received(self):
-        with self._cond:
+        with self._lock:
             self._pongs += 1
-            if self.ack_mode == self.UNKNOWN and self._probe is not None and \
-                    self._pongs >= self._probe:
-                self.ack_mode = self.NO_ACKS
-                while self._in_flight:  # no acknowledgements: sent is delivered
-                    self._forget_sample(self._in_flight.popleft())
-                self._waiting_since = None
-                LOG.info(
-                    "the API does not acknowledge metrics; a sample counts as "
-                    "delivered when sent"
-                )
-                self._cond.notify()
+            if self.ack_mode != self.UNKNOWN or self._probe is None or \
+                    self._pongs < self._probe:
+                return
+            self.ack_mode = self.NO_ACKS
+            for _ in range(self._in_flight):  # no acknowledgements: sent is delivered
+                self._forget(self._samples.popleft())
+            self._in_flight = 0
+            self._waiting_since = None
+        LOG.info("the API does not acknowledge metrics; a sample counts as "
+                 "delivered when sent")
+        self.doorbell.set()
 
-    # -- the connection ---------------------------------------------------------
     def connection_lost(self):
-        """What was being sent and unacknowledged samples go back in front;
-        replies wait for the next connection, other messages are dropped.
-
-        A reply waits until its `keep_until` (at most MAX_KEPT_REPLIES of
-        them); pings, pongs and stream chunks are dropped.
-
-        The next connection learns afresh whether the API acknowledges: it may
-        be another server, and a window waiting for acks that never come
-        would stop metrics altogether.
-        """
-        with self._cond:
-            self._put_back(self._sending)
+        """Unacknowledged samples are sent again on the next connection, which
+        learns afresh whether the API acknowledges: it may be another server,
+        and a window waiting for acks that never come would stop metrics
+        altogether."""
+        with self._lock:
+            self._in_flight = 0
             self._sending = None
-            now = time.monotonic()
-            kept = [w for w in self._urgent if w.keep_until and w.keep_until > now]
-            if len(kept) > MAX_KEPT_REPLIES:
-                LOG.warning("dropped %d replies waiting for a reconnect (more than %d)",
-                            len(kept) - MAX_KEPT_REPLIES, MAX_KEPT_REPLIES)
-            self._urgent = collections.deque(kept[-MAX_KEPT_REPLIES:])
-            self._urgent_bytes = sum(len(w.payload) for w in self._urgent)
-            self._room.notify_all()
-            self._pong_waiting = False
-            self._pending.extendleft(reversed(self._in_flight))
-            self._in_flight.clear()
             self._pings = self._pongs = 0
             self._probe = None
             self._waiting_since = None
             self.ack_mode = self.UNKNOWN
 
-    def _put_back(self, taken):
-        """What the writer took but could not send goes back in front."""
-        if isinstance(taken, Waiting):
-            self._urgent.appendleft(taken)
-        elif taken is not None and not any(s is taken for s in self._in_flight):
-            self._pending.appendleft(taken)  # in flight, it goes back with those
-
-    def counts(self):
-        with self._cond:
-            return len(self._pending), len(self._in_flight)
-
-
-# The spool needs to open files relative to a directory's descriptor, without
-# following links, and to lock the directory: POSIX systems.
-SPOOL_SUPPORTED = (fcntl is not None and os.open in os.supports_dir_fd
-                   and hasattr(os, "O_NOFOLLOW"))
-O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+    @property
+    def dropped_total(self):
+        return self.drops.total
 
 
 class Spool:
@@ -3662,9 +3772,6 @@ class Spool:
         of the oldest did not fit. ([], 0, 0) when the spool cannot be used
         (then `problem` says why)."""
         try:
-            if not SPOOL_SUPPORTED:
-                raise SpoolRefused("a spool needs directory descriptors (Linux, "
-                                   "the BSDs, macOS), which this system lacks")
             self._dir = lock_directory(open_state_directory(self.directory), self.path)
             self._fd = self._open_spool()
             found = self._load(capacity)
@@ -3972,9 +4079,9 @@ def open_state_directory(path):
     os.makedirs(path, mode=0o700, exist_ok=True)  # under safe directories only
     parent = os.path.realpath(os.path.dirname(path))
     check_directories_above(parent, path)  # again: makedirs may have made some
-    parent_fd = os.open(parent, os.O_RDONLY | O_DIRECTORY | os.O_CLOEXEC)
+    parent_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        fd = open_in_directory(os.path.basename(path), os.O_RDONLY | O_DIRECTORY,
+        fd = open_in_directory(os.path.basename(path), os.O_RDONLY | os.O_DIRECTORY,
                                parent_fd, path)
     finally:
         os.close(parent_fd)
@@ -4411,26 +4518,28 @@ class Link:
     metrics loop, the receive loop or a handler.
     """
 
-    def __init__(self, config, delivery, dispatcher, agent_info, stop):
+    def __init__(self, config, outbox, samples, dispatcher, agent_info, stop):
         self.config = config
-        self.delivery = delivery
+        self.outbox = outbox
+        self.samples = samples
+        self.doorbell = outbox.doorbell  # set: the writer has something to look at
         self.dispatcher = dispatcher
         self.agent_info = agent_info
-        self.stop = stop
+        self.stop_event = stop  # set: the agent stops
         self.url = ws_url(config.api_url)
         self.session = None
         self.close_code = 1000  # 1011 when the agent exits because a thread died
-        self.backoff = ReconnectDelays(config.reconnect_max_delay_s)
-        self.auth_backoff = Backoff(
-            AUTH_RETRY_FIRST_S, AUTH_RETRY_MAX_S, floor_fraction=0.5
-        )
+        self.backoff = reconnect_backoff(config.reconnect_max_delay_s)
+        self.auth_backoff = Backoff(AUTH_RETRY_FIRST_S, AUTH_RETRY_MAX_S, floor=0.5)
         self.websocket = load_websocket()
         self._connecting = None  # the WebSocket being connected, for abort()
+        self._flush_until = None  # at shutdown: when sending what waits ends
+        self.thread = threading.Thread(target=self.run, name="receive", daemon=True)
 
     def run(self):
         """Connect, serve, reconnect, until the agent stops. Nothing that
         happens to one connection may end this loop."""
-        while not self.stop.is_set():
+        while not self.stop_event.is_set():
             try:
                 delay = self._attempt()
             except Exception:  # a case nobody foresaw: report it, and try again
@@ -4439,7 +4548,7 @@ class Link:
                     "the connection failed unexpectedly; retrying in %.1f s", delay
                 )
             if delay is not None:
-                self.stop.wait(delay)
+                self.stop_event.wait(delay)
 
     def _attempt(self):
         """One connection from start to end; the delay before the next, if any."""
@@ -4453,7 +4562,7 @@ class Link:
             return self._retry_after(e, self.backoff, logging.WARNING, text)
         self.auth_backoff.reset()
         self._serve(session)
-        if self.stop.is_set():
+        if self.stop_event.is_set():
             return None
         if time.monotonic() - session.opened_at >= STABLE_AFTER_S:
             self.backoff.reset()
@@ -4464,7 +4573,7 @@ class Link:
     def _retry_after(self, error, backoff, level, text):
         """The delay before the next attempt, logged; None once the agent stops
         (a connect broken off by shutdown is nothing to report)."""
-        if self.stop.is_set():
+        if self.stop_event.is_set():
             return None
         delay = backoff.next_delay()
         LOG.log(level, text, error, delay)
@@ -4611,7 +4720,7 @@ class Link:
 
     def _serve(self, session):
         self.session = session
-        self.delivery.use_server_id(session.server_id)
+        self.samples.use_server_id(session.server_id)
         writer = threading.Thread(
             target=self._write_loop, args=(session,), name="writer", daemon=True
         )
@@ -4620,18 +4729,19 @@ class Link:
             self._receive_loop(session)
         finally:
             if session.closing.is_set():  # the writer sends the close frame
-                self.delivery.wake()
+                self.doorbell.set()
                 writer.join(CLOSE_REPLY_WAIT_S)
             session.kill()
-            self.delivery.wake()
+            self.doorbell.set()
             writer.join()
             session.ws.shutdown()
-            self.delivery.connection_lost()
+            self.outbox.connection_lost()
+            self.samples.connection_lost()
             self.session = None
-            if not self.stop.is_set():
+            if not self.stop_event.is_set():
                 LOG.warning(
                     "disconnected from the API; %d samples wait to be sent",
-                    self.delivery.counts()[0],
+                    self.samples.counts()[0],
                 )
 
     def _receive_loop(self, session):
@@ -4658,14 +4768,14 @@ class Link:
         where a full queue would drop replies. While the writer gets them
         through, the API is reading, and so alive. False once the session
         ends meanwhile."""
-        if self.delivery.wait_for_room(timeout=0):
+        if self.outbox.wait_for_room(timeout=0):
             return True  # the usual case: one look, no wait
-        taken = self.delivery.taken_count()
-        while not self.delivery.wait_for_room(timeout=1.0):
-            if session.dead.is_set() or session.closing.is_set() or self.stop.is_set():
+        taken = self.outbox.taken_count()
+        while not self.outbox.wait_for_room(timeout=1.0):
+            if self._ending(session):
                 return False
-            if self.delivery.taken_count() != taken:
-                taken, session.last_rx = self.delivery.taken_count(), time.monotonic()
+            if self.outbox.taken_count() != taken:
+                taken, session.last_rx = self.outbox.taken_count(), time.monotonic()
         return True
 
     def _received(self, session, opcode, payload):
@@ -4673,7 +4783,7 @@ class Link:
         if opcode == OP_CLOSE:
             code, reason, answer = close_frame_status(payload)
             session.close(answer)
-            if not self.stop.is_set():
+            if not self.stop_event.is_set():
                 LOG.warning("the API closed the connection (%s)%s",
                             describe_close(code, reason),
                             f"; it broke RFC 6455 there: answered {answer}"
@@ -4681,7 +4791,7 @@ class Link:
             return False
         if opcode == OP_PING:
             session.ping_received(payload)
-            self.delivery.wake()
+            self.doorbell.set()
         elif opcode in (OP_TEXT, OP_BINARY):
             LOG.debug("<- frame of %d bytes", len(payload))
             self.dispatcher.dispatch(payload, session)
@@ -4703,7 +4813,7 @@ class Link:
                 if pong is not None:
                     session.ws.pong(pong)
                 elif now >= next_ping:
-                    session.send(self.delivery.ping())
+                    session.send(self.samples.ping())
                     next_ping = now + heartbeat
                 else:
                     wake_at = min(next_ping, session.last_rx + 2 * heartbeat)
@@ -4718,7 +4828,7 @@ class Link:
         return (
             session.dead.is_set()
             or session.closing.is_set()
-            or self.stop.is_set()
+            or self.stop_event.is_set()
         )
 
     def _close(self, session):
@@ -4727,19 +4837,30 @@ class Link:
         close of its own."""
         if session.closing.is_set():
             session.ws.send_close(session.close_code, b"")
-        elif self.stop.is_set() and not session.dead.is_set():
+        elif self.stop_event.is_set() and not session.dead.is_set():
             self._flush(session)
             session.ws.send_close(self.close_code, CLOSE_REASONS[self.close_code])
             return  # the receive loop waits for the API's close frame
         session.kill()
 
     def _send_next(self, session, timeout):
-        item = self.delivery.take(timeout)
-        if item is not None:
-            kind, payload = item
-            LOG.debug("-> %s", kind)
-            session.send(payload)
-            self.delivery.sent()
+        """Send the next message, or wait up to `timeout` for one. The bell is
+        cleared before looking: what comes after the look rings it again."""
+        self.doorbell.clear()
+        if not self._send_one(session):
+            self.doorbell.wait(timeout)
+
+    def _send_one(self, session):
+        """Send a reply, pong or chunk first, else a probe or a sample; False
+        when none may go now."""
+        for source in (self.outbox, self.samples):
+            item = source.take()
+            if item is not None:
+                LOG.debug("-> %s", item[0])
+                session.send(item[1])
+                source.sent()
+                return True
+        return False
 
     def _liveness_problem(self, session, now):
         """Why the connection should be given up, or None while it works."""
@@ -4749,7 +4870,7 @@ class Link:
                 f"nothing heard from the API for {now - session.last_rx:.1f} s "
                 "(two heartbeats)"
             )
-        waited = self.delivery.unacknowledged_for()
+        waited = self.samples.unacknowledged_for()
         if waited > limit:
             return (
                 f"the API has acknowledged no metrics for {waited:.1f} s "
@@ -4758,10 +4879,24 @@ class Link:
         return None
 
     def _flush(self, session):
-        """Send what still waits (replies, the last samples), for a short while."""
-        deadline = time.monotonic() + SHUTDOWN_FLUSH_S
-        while time.monotonic() < deadline and self.delivery.ready():
-            self._send_next(session, timeout=0)
+        """Send what still waits (replies, the last samples), until stop() says."""
+        deadline = self._flush_until or time.monotonic()
+        while time.monotonic() < deadline and self._send_one(session):
+            pass
+
+    def stop(self, deadline):
+        """Send what waits and close, by `deadline` (monotonic): the writer
+        sends until SHUTDOWN_CLOSE_WAIT_S before it, then its close frame, and
+        the receive loop waits for the API's. What is still open then is
+        broken off."""
+        self._flush_until = deadline - SHUTDOWN_CLOSE_WAIT_S
+        self.stop_event.set()
+        self.stop_connecting()
+        self.doorbell.set()
+        self.thread.join(max(0.0, deadline - time.monotonic()))
+        if self.thread.is_alive():
+            self.abort()
+            self.thread.join(0.5)
 
     def stop_connecting(self):
         """Break off a connection not yet authenticated: at shutdown nothing
@@ -4782,7 +4917,7 @@ class Link:
 
 
 def agent_info(source_name, config):
-    """Extra fields of the `auth` message that describe this agent (see README)."""
+    """Extra fields of the `auth` message: this agent (docs/protocol.md)."""
     return {
         "name": "chatops-agent",
         "version": __version__,
@@ -4857,103 +4992,34 @@ class Agent:
         self._stop_in, self._stop_out = socket.socketpair()
         self._stop_out.setblocking(False)
         self.exit_code = 0
-        self.delivery = Delivery(config.buffer_size, config.reply_keep_s,
-                                 spool_for(config))
+        doorbell = threading.Event()  # rung by both: the writer has to look
+        self.outbox = Outbox(doorbell, config.reply_keep_s)
+        self.samples = SampleQueue(doorbell, config.buffer_size, spool_for(config))
         self.children = Children()
         self.docker_cli = DockerCLI(config, self.children)
         self.containers = ContainerCache(config, self.docker_cli)
-        self.collector = MetricsCollector(
-            source or pick_source(),
-            config.top_processes or None,  # 0: every process
-            config.process_refresh_s,
-            config.disk_include_network,
-            self.containers.snapshot,
-        )
+        self.collector = MetricsCollector.for_config(
+            config, self.containers.snapshot, source)
         self.docker = DockerActions(config, self.docker_cli, self.containers)
-        self.commands = CommandRunner(config, self.delivery.put, self.children)
-        self.requests = Requests(config, self.delivery.put, (
+        self.commands = CommandRunner(config, self.outbox.put, self.children)
+        self.requests = Requests(config, self.outbox.put, (
             Lane("command", config.command_workers, config.command_queue_size,
-                 self.commands.execute),
+                 self.commands),
             Lane("docker", config.docker_workers, config.docker_queue_size,
-                 self.docker.carry_out),
+                 self.docker),
         ))
-        self.dispatcher = Dispatcher(self.delivery.put)
-        self._register_handlers()
+        self.dispatcher = Dispatcher(config, self.outbox, self.samples, self.requests)
         self.link = None
-        self.metrics_thread = self.receive_thread = None
-
-    def _register_handlers(self):
-        for message_type in DOCKER_REQUESTS:
-            self.dispatcher.register(message_type, self.on_docker_request)
-        self.dispatcher.register("docker_command", self.on_docker_command)
-        for message_type, handler in (
-            ("auth_success", self.on_auth_success),
-            ("pong", self.on_pong),
-            ("ping", self.on_ping),
-            ("metrics_received", self.on_metrics_received),
-            ("error", self.on_error),
-            ("execute_command", self.on_execute_command),
-            ("command", self.on_command),
-            ("cancel_command", self.on_cancel_command),
-        ):
-            self.dispatcher.register(message_type, handler)
-
-    # -- handlers ---------------------------------------------------------------
-    def on_auth_success(self, message, session):
-        if "server_id" in message:
-            server_id = auth_server_id(message)
-            if server_id is not None:
-                self.delivery.use_server_id(server_id)
-
-    def on_pong(self, message, session):
-        self.delivery.pong_received()
-
-    def on_ping(self, message, session):
-        self.delivery.put(dict({"type": "pong"}, **reply_ids(message)))
-
-    def on_metrics_received(self, message, session):
-        self.delivery.acknowledged()
-
-    def on_error(self, message, session):
-        LOG.warning("the API reported an error: %s", str(message.get("message"))[:300])
-
-    def on_execute_command(self, message, session):
-        self.requests.submit(self.commands.accept(message, API))
-
-    def on_command(self, message, session):
-        self.requests.submit(self.commands.accept(message, DOCS))
-
-    def on_cancel_command(self, message, session):
-        dialect = API if "request_id" in message else DOCS
-        request_id = dialect.request_id(message)
-        target = message.get("target_id")
-        if isinstance(target, bool) or not isinstance(target, (str, int)):
-            raise RequestError("'target_id' must name the command to cancel")
-        cancelled, state, text = self.requests.cancel(target, f"request {request_id!r}")
-        self.delivery.put(dialect.reply(dialect.cancel_reply, request_id, {
-            "target_id": target, "cancelled": cancelled, "state": state,
-            "message": text}))
-
-    def on_docker_request(self, message, session):
-        self.docker.check_enabled()
-        self.requests.submit(parse_docker_request(message, API))
-
-    def on_docker_command(self, message, session):
-        """The docs' form answers every refusal as docker_response, success false."""
-        try:
-            self.docker.check_enabled()
-            self.requests.submit(parse_docker_request(message, DOCS))
-        except RequestError as e:
-            LOG.warning("refused docker_command: %s", e)
-            self.delivery.put(dict({"type": "docker_response"}, **reply_ids(message),
-                                 success=False, message=str(e)))
+        self.metrics_thread = None
+        self._stopping = None  # the step of shutdown() under way
 
     # -- threads ------------------------------------------------------------------
     def start(self):
-        self.delivery.open()  # samples a spool kept from before, delivered first
+        self.samples.open()  # samples a spool kept from before, delivered first
         self.link = Link(
             self.config,
-            self.delivery,
+            self.outbox,
+            self.samples,
             self.dispatcher,
             agent_info(self.collector.source.name, self.config),
             self.stop_event,
@@ -4968,9 +5034,6 @@ class Agent:
         self.metrics_thread = threading.Thread(
             target=self._metrics_loop, name="metrics", daemon=True
         )
-        self.receive_thread = threading.Thread(
-            target=self.link.run, name="receive", daemon=True
-        )
         self.commands.start()
         self.requests.start()
         if self.config.docker_enabled:
@@ -4978,7 +5041,7 @@ class Agent:
                 target=self.containers.run, name="docker", daemon=True
             ).start()
         self.metrics_thread.start()
-        self.receive_thread.start()
+        self.link.thread.start()
 
     def _metrics_loop(self):
         try:
@@ -4990,7 +5053,7 @@ class Agent:
         free_memory = FreeMemory()
         while not self.stop_event.wait(max(0.0, next_at - time.monotonic())):
             try:
-                self.delivery.add_sample(self.collector.collect())
+                self.samples.add(self.collector.collect())
             except Exception:  # keep sampling whatever one tick hit
                 LOG.exception("metrics collection failed")
             self.children.reap()  # what commands left behind; cheap when nothing is
@@ -5014,8 +5077,8 @@ class Agent:
         """
         signal.set_wakeup_fd(self._stop_out.fileno())
         for name in STOP_SIGNALS:
-            signum = getattr(signal, name, None)  # Windows has no SIGHUP
-            if signum is not None and signal.getsignal(signum) != signal.SIG_IGN:
+            signum = signal.Signals[name]
+            if signal.getsignal(signum) != signal.SIG_IGN:
                 signal.signal(signum, noted_by_wakeup_fd)
 
     def on_thread_death(self, args):
@@ -5042,55 +5105,62 @@ class Agent:
     def wait(self):
         """Block, with no wake-ups, until a stop signal or a dead thread asks
         the agent to stop. Later stop signals are ignored: the shutdown ends
-        within SHUTDOWN_DEADLINE_S anyway, and a second Ctrl-C must not kill
-        the process halfway through it."""
+        within SHUTDOWN_S anyway, and a second Ctrl-C must not kill the
+        process halfway through it."""
         number = self._stop_in.recv(1)[0]
         if number != THREAD_DIED:
             LOG.info("received %s; shutting down", signal.Signals(number).name)
         for name in STOP_SIGNALS:
-            if hasattr(signal, name):
-                signal.signal(getattr(signal, name), signal.SIG_IGN)
+            signal.signal(signal.Signals[name], signal.SIG_IGN)
 
     def shutdown(self):
-        """Close, end what commands started, stop the threads: within 5 s.
+        """Stop within SHUTDOWN_S (5 s), in four steps, each done by its point
+        in that time:
 
-        Running commands get TERM, then KILL after SHUTDOWN_COMMAND_GRACE_S,
-        and their replies go out; what finished commands left running (nohup
-        jobs, daemons) is ended at the same time. Should anything hang anyway,
-        a watchdog ends the process after SHUTDOWN_DEADLINE_S.
+        1. processes, by SHUTDOWN_REPLIES_AT_S: Docker's list is no longer
+           re-read; requests waiting are answered as cancelled; running
+           commands, and what any command left running, get TERM, then KILL
+           at SHUTDOWN_KILL_AT_S, with every other process the agent started
+           (a docker CLI call in flight); their replies are queued.
+        2. connection, by SHUTDOWN_CLOSED_AT_S: what waits is sent, then a
+           close frame, and the API's close is waited for.
+        3. metrics: the metrics loop ends, by SHUTDOWN_S.
+        4. spool: it learns what was delivered, and is synced.
+
+        A step still running at SHUTDOWN_S ends the process at once, with
+        EXIT_SHUTDOWN_OVERRAN; the log names the step.
         """
-        with Deadline(SHUTDOWN_DEADLINE_S, self._shutdown_overran):
+        start = time.monotonic()
+        with Deadline(SHUTDOWN_S, self._shutdown_overran):
             self.link.close_code = 1011 if self.exit_code else 1000
-            self._end_processes()
-            self.stop_event.set()
-            self.link.stop_connecting()
-            self.delivery.wake()
-            self.receive_thread.join(SHUTDOWN_FLUSH_S + SHUTDOWN_CLOSE_WAIT_S)
-            if self.receive_thread.is_alive():
-                self.link.abort()
-                self.receive_thread.join(1.0)
-            self.metrics_thread.join(1.0)  # a hung statvfs must not hold the exit
-            self.delivery.close()
+            self._stopping = "processes"
+            self._stop_processes(start + SHUTDOWN_KILL_AT_S,
+                                 start + SHUTDOWN_REPLIES_AT_S)
+            self._stopping = "connection"
+            self.link.stop(start + SHUTDOWN_CLOSED_AT_S)
+            self._stopping = "metrics"
+            self._stop_metrics(start + SHUTDOWN_S)
+            self._stopping = "spool"
+            self.samples.close()
 
-    def _end_processes(self):
-        """Commands and what they left get TERM, then KILL after their grace;
-        then whatever else the agent started and still runs (a docker CLI
-        call in flight) is killed: nothing outlives the agent."""
-        self.containers.shutdown()
-        if os.name != "posix":  # commands run on POSIX only
-            return
+    def _stop_processes(self, kill_at, deadline):
+        """Nothing the agent started outlives it: commands get their grace
+        until `kill_at`; what is killed then is answered by `deadline`."""
+        self.containers.stop_watching()
         self.children.signal_leftovers(signal.SIGTERM)
-        self.requests.shutdown(SHUTDOWN_COMMAND_GRACE_S)
-        self.children.signal_leftovers(signal.SIGKILL)
-        self.children.end_all()
-        self.requests.wait_idle(SHUTDOWN_CUT_OFF_S)  # their jobs answer now
+        self.requests.stop(kill_at)
+        self.children.stop()
+        self.requests.wait_idle(deadline)  # the replies of what was killed
 
-    @staticmethod
-    def _shutdown_overran():
-        LOG.critical(
-            "shutdown took more than %.0f s; exiting at once", SHUTDOWN_DEADLINE_S
-        )
-        os._exit(EXIT_THREAD_DIED)
+    def _stop_metrics(self, deadline):
+        """The stop event is set (Link.stop); a hung statvfs must not hold the exit."""
+        self.metrics_thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _shutdown_overran(self):
+        LOG.critical("shutdown took more than %.0f s (step %r hung); exiting at "
+                     "once with status %d", SHUTDOWN_S, self._stopping,
+                     EXIT_SHUTDOWN_OVERRAN)
+        os._exit(EXIT_SHUTDOWN_OVERRAN)
 
 
 ###############################################################################
@@ -5139,7 +5209,7 @@ def rerun_argv():
     was started, and so its flags, is not known (see started_as)."""
     if __spec__ is not None:
         return None  # python3 -m chatops_agent: an import already
-    if os.name != "posix" or not sys.executable or getattr(sys, "frozen", False):
+    if not sys.executable or getattr(sys, "frozen", False):
         return None  # a frozen binary's sys.executable is the program, not Python
     script = os.path.abspath(__file__)
     try:
@@ -5226,13 +5296,7 @@ def build_parser():
 def run_once(config, text=False):
     cache = ContainerCache(config, DockerCLI(config, Children()))
 
-    collector = MetricsCollector(
-        pick_source(),
-        config.top_processes or None,  # 0: every process
-        config.process_refresh_s,
-        config.disk_include_network,
-        cache.read_once,
-    )
+    collector = MetricsCollector.for_config(config, cache.read_once)
     collector.prime()
     time.sleep(ONCE_CPU_WINDOW_S)  # the CPU and rate window of this one sample
     data = collector.collect()
@@ -5446,8 +5510,6 @@ def check_spool(config):
     directory = state_directory(config)
     if directory is None:
         return "spool: off (state_dir none): a restart loses undelivered samples"
-    if not SPOOL_SUPPORTED:
-        return "spool: not available on this system: samples would be kept in memory"
     path = os.path.join(directory, SPOOL_FILE)
     try:
         check_state_directory(directory)
@@ -5505,6 +5567,10 @@ def flags_given(args):
 def main(argv=None, environ=None, as_script=False):
     environ = os.environ if environ is None else environ
     args = build_parser().parse_args(argv)
+    problem = platform_problem()
+    if problem:
+        print(f"chatops-agent: error: {problem}", file=sys.stderr)
+        return PlatformError.exit_code
     if as_script and not (args.once or args.check or args.print_config):
         run_as_import()  # the agent's long run; the short ones do not care
     try:

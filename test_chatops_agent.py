@@ -860,6 +860,50 @@ class TestConfiguration:
         assert result.returncode == 2 and "no API key" in result.stderr
 
 
+CONFIGURATION_DOC = os.path.join(os.path.dirname(AGENT), "docs", "configuration.md")
+GENERATED = ("<!-- generated from SETTINGS by test_chatops_agent.py: begin -->",
+             "<!-- generated from SETTINGS: end -->")
+
+
+def settings_table():
+    """docs/configuration.md's table of settings, made from SETTINGS."""
+    def default(s):
+        if s.default is None:
+            return "—"
+        shown = s.default if isinstance(s.default, str) else json.dumps(s.default)
+        return f"`{shown}`"
+
+    rows = ["| flag | variable | JSON key | default | range | meaning |",
+            "|---|---|---|---|---|---|",
+            f"| `--config` | `{agent.CONFIG_ENV}` | — | — | "
+            "| path of the JSON config file |"]
+    for s in agent.SETTINGS:
+        bounds = f"{s.low} to {s.high}" if s.low is not None else ""
+        rows.append(f"| `{s.flag}` | `{s.env}` | `{s.name}` | {default(s)} | {bounds} "
+                    f"| {s.meaning} |")
+    return "\n".join(rows)
+
+
+def write_settings_table():
+    """Rewrite the generated part of docs/configuration.md from SETTINGS."""
+    with open(CONFIGURATION_DOC, encoding="utf-8") as f:
+        text = f.read()
+    head, rest = text.split(GENERATED[0] + "\n", 1)
+    _, tail = rest.split(GENERATED[1], 1)
+    with open(CONFIGURATION_DOC, "w", encoding="utf-8") as f:
+        f.write(f"{head}{GENERATED[0]}\n{settings_table()}\n{GENERATED[1]}{tail}")
+
+
+class TestConfigurationDoc:
+    def test_the_table_of_settings_is_made_from_settings(self):
+        with open(CONFIGURATION_DOC, encoding="utf-8") as f:
+            text = f.read()
+        between = text.split(GENERATED[0] + "\n", 1)[1].split(GENERATED[1], 1)[0]
+        assert between == settings_table() + "\n", (
+            "docs/configuration.md has drifted from SETTINGS; rewrite its table with "
+            "python3 -c 'import test_chatops_agent as t; t.write_settings_table()'")
+
+
 class TestURLs:
     @pytest.mark.parametrize(
         "given, expected",
@@ -1245,14 +1289,31 @@ class TestMetrics:
 ###############################################################################
 
 
+class KeptReplies:
+    """An outbox that keeps what a Dispatcher sends."""
+
+    def __init__(self):
+        self.sent = []
+
+    def put(self, message, keep_until=None):
+        self.sent.append(message)
+
+
+def parse_request(message, config=None):
+    """The job (or cancel) of a request, through its row of REQUESTS."""
+    route = agent.REQUESTS[message["type"]]
+    return route.parse(message, route, config or agent.load_config({}, {}))
+
+
 class TestDispatcher:
-    def make(self):
-        replies = []
-        dispatcher = agent.Dispatcher(replies.append)
+    def make(self, monkeypatch=None):
+        outbox = KeptReplies()
+        dispatcher = agent.Dispatcher(agent.load_config({}, {}), outbox, None, None)
         handled = []
-        dispatcher.register("ping", lambda m, s: handled.append(m))
-        dispatcher.register("boom", lambda m, s: 1 / 0)
-        return dispatcher, replies, handled
+        if monkeypatch is not None:
+            monkeypatch.setitem(agent.REQUESTS, "boom", agent.Route(
+                None, None, None, lambda d, m: 1 / 0, ()))
+        return dispatcher, outbox.sent, handled
 
     @pytest.mark.parametrize(
         "frame, why",
@@ -1282,18 +1343,49 @@ class TestDispatcher:
             }
         ]
 
-    def test_handler_failure_is_an_error_reply(self):
-        dispatcher, replies, _ = self.make()
+    def test_handler_failure_is_an_error_reply(self, monkeypatch):
+        dispatcher, replies, _ = self.make(monkeypatch)
         dispatcher.dispatch('{"type":"boom","command_id":"c9"}', None)
         assert (
             replies[0]["command_id"] == "c9"
             and "internal error" in replies[0]["message"]
         )
 
-    def test_registry_routes_by_type(self):
-        dispatcher, replies, handled = self.make()
-        dispatcher.dispatch('{"type":"ping"}', None)
-        assert handled == [{"type": "ping"}] and replies == []
+    def test_the_table_routes_by_type(self):
+        dispatcher, replies, _ = self.make()
+        dispatcher.dispatch('{"type":"ping","request_id":"p"}', None)
+        assert replies == [{"type": "pong", "request_id": "p"}]
+
+    def test_each_parser_reads_only_the_fields_its_row_names(self):
+        """The table's `fields` are what the tests' hostile frames fill in:
+        a parser reading another would go untested."""
+        config = agent.load_config({"command_allow_cwd": "true"}, {})
+        for kind, route in agent.REQUESTS.items():
+            if route.parse is None:
+                continue
+            read = set()
+
+            class Recording(dict):
+                def get(self, key, default=None):
+                    read.add(key)
+                    return super().get(key, default)
+
+                def __getitem__(self, key):
+                    read.add(key)
+                    return super().__getitem__(key)
+
+                def __contains__(self, key):
+                    read.add(key)
+                    return super().__contains__(key)
+
+            values = {"command": "ls", "timeout": 5, "cwd": "/tmp", "stream": True,
+                      "requested_by": "a", "target_id": "t", "container_id": "web",
+                      "container": "web", "tail": 3, "since": "10m",
+                      "timestamps": True, "action": "logs"}
+            message = Recording(values, type=kind, request_id="r", command_id="c")
+            with contextlib.suppress(agent.RequestError):
+                route.parse(message, route, config)
+            assert read - {"type", *agent.ID_FIELDS} <= set(route.fields), kind
 
     def test_any_text_is_survived(self):
         hypothesis = need_module("hypothesis")
@@ -1384,7 +1476,7 @@ class TestConnection:
         """The schedule itself, at the default cap of 16 s: an API back at any
         moment of a long outage is found within 16 s, half the time within
         10 s, and no minute holds more than 6 attempts."""
-        delays = agent.ReconnectDelays(16.0)
+        delays = agent.reconnect_backoff(16.0)
         attempts = list(itertools.accumulate(delays.next_delay() for _ in range(5000)))
         assert all(b - a >= 60 for a, b in zip(attempts, attempts[6:]))
         backs = [random.uniform(attempts[1], attempts[-2]) for _ in range(20000)]
@@ -2090,28 +2182,33 @@ class TestCommandRequests:
     def test_bad_requests(self, fields, message):
         request = {"type": "execute_command", "request_id": "r1", **fields}
         with pytest.raises(agent.RequestError, match=message.replace("(", r"\(")):
-            agent.parse_command_request(request, agent.API, self.config())
+            parse_request(dict(request, type="execute_command"), self.config())
 
     @pytest.mark.parametrize("request_id", [None, "", True, ["x"], "x" * 201])
     def test_unusable_ids(self, request_id):
         request = {"type": "command", "command_id": request_id, "command": "ls"}
         with pytest.raises(agent.RequestError, match="no usable 'command_id'"):
-            agent.parse_command_request(request, agent.DOCS, self.config())
+            parse_request(request, self.config())
 
     def test_timeout_may_lower_never_raise(self):
         config = self.config(command_timeout_s=60)
         lower = {"request_id": "r", "command": "ls", "timeout": 5}
         higher = {"request_id": "r", "command": "ls", "timeout": 600}
-        assert agent.parse_command_request(lower, agent.API, config).timeout_s == 5
-        assert agent.parse_command_request(higher, agent.API, config).timeout_s == 60
+
+        def timeout_s(request):
+            request = dict(request, type="execute_command")
+            return parse_request(request, config).timeout_s
+
+        assert timeout_s(lower) == 5
+        assert timeout_s(higher) == 60
         plain = {"request_id": "r", "command": "ls"}
-        assert agent.parse_command_request(plain, agent.API, config).timeout_s == 60
+        assert timeout_s(plain) == 60
 
     def test_cwd_refused_when_not_allowed(self):
         config = agent.load_config({"command_allow_cwd": False}, {})
         request = {"request_id": "r", "command": "ls", "cwd": "/tmp"}
         with pytest.raises(agent.RequestError, match="does not let requests choose"):
-            agent.parse_command_request(request, agent.API, config)
+            parse_request(dict(request, type="execute_command"), config)
 
     def test_command_settings_from_text(self):
         config = agent.load_config({}, {
@@ -2130,13 +2227,13 @@ class TestCommandRequests:
         config = agent.load_config(
             {"command_workers": "1", "command_queue_size": "1"}, {}
         )
-        lane = agent.Lane("command", 1, 1, execute=None)
+        lane = agent.Lane("command", 1, 1, None)
         requests = agent.Requests(config, lambda *a, **k: None, [lane])
 
         def job(request_id):
             request = {"type": "execute_command", "command": "true",
                        "request_id": request_id}
-            return agent.parse_command_request(request, agent.API, config)
+            return parse_request(request, config)
 
         requests.submit(job("a"))
         requests.submit(job("b"))
@@ -2169,12 +2266,13 @@ class TestCommands:
         config = agent.load_config({}, {"CHATOPS_STATE_DIR": "none"})
         runner = agent.CommandRunner(config, lambda message: None, agent.Children())
         runner.env = agent.command_environment(config)  # not start(): no subreaper
-        quick = agent.parse_command_request(
-            {"request_id": "q", "command": "echo hi"}, agent.API, config)
+        quick = parse_request(
+            {"type": "execute_command", "request_id": "q", "command": "echo hi"},
+            config)
         assert runner.execute(quick)["data"]["output"] == "hi\n"
-        late = agent.parse_command_request(
-            {"request_id": "l", "command": "exec >&-; sleep 0.3; exit 3"},
-            agent.API, config)
+        late = parse_request(
+            {"type": "execute_command", "request_id": "l",
+             "command": "exec >&-; sleep 0.3; exit 3"}, config)
         result = runner.execute(late)["data"]
         assert result["exit_code"] == 3 and result["duration_ms"] >= 300
 
@@ -2644,7 +2742,7 @@ class TestDockerParsing:
     def test_invalid_references_refused(self, ref):
         request = {"type": "stop_container", "request_id": "r", "container_id": ref}
         with pytest.raises(agent.RequestError, match="invalid container reference"):
-            agent.parse_docker_request(request, agent.API)
+            parse_request(request)
 
     @pytest.mark.parametrize("fields, message", [
         ({"type": "stop_container", "timeout": -1}, "'timeout' must be 0 to"),
@@ -2655,12 +2753,12 @@ class TestDockerParsing:
     def test_bad_parameters(self, fields, message):
         request = {"request_id": "r", "container_id": "web", **fields}
         with pytest.raises(agent.RequestError, match=message):
-            agent.parse_docker_request(request, agent.API)
+            parse_request(request)
 
     def test_tail_is_bounded(self):
         request = {"type": "get_container_logs", "request_id": "r",
                    "container_id": "web", "tail": 10**9}
-        assert agent.parse_docker_request(request, agent.API).params["tail"] == 10000
+        assert parse_request(request).params["tail"] == 10000
 
 
 class ContainerEvents:
@@ -2975,18 +3073,20 @@ class TestRequests:
         sleepers = [cmd.send(f"sleep {marker}") for _ in range(4)]
         wait_until(lambda: len(group_members(marker)) >= 4, 5, "four commands to run")
         ran = tmp_path / "ran"
-        fifth = cmd.send(f"touch {ran}")
+        fifth, queued_at = cmd.send(f"touch {ran}"), time.monotonic()
         for kind in ("get_container_logs", "inspect_container", "stop_container"):
             reply, took_s = self.ask(cmd, kind, kind, container_id=name)
             assert reply["type"] != "error", reply
             assert took_s < 2, f"{kind} answered after {took_s:.1f} s"
         assert docker_state(name) == "exited"
-        expired = cmd.reply(fifth, 5)  # while all four still run
-        assert expired["type"] == "error" and "expired unstarted" in expired["message"]
-        assert "request_deadline_s = 1 s" in expired["message"]
+        # The fifth waits past its deadline; a worker freed then answers it.
+        wait_until(lambda: time.monotonic() - queued_at > 1.5, 5, "the deadline")
         assert len(group_members(marker)) >= 4
         for request_id in sleepers:
             cmd.cancel(request_id)
+        expired = cmd.reply(fifth, 10)
+        assert expired["type"] == "error" and "expired unstarted" in expired["message"]
+        assert "request_deadline_s = 1 s" in expired["message"]
         assert cmd.run("echo after")["data"]["output"] == "after\n"  # a worker is free
         assert not ran.exists()
         log = cmd.proc.log()
@@ -3059,18 +3159,41 @@ class TestRequests:
 ###############################################################################
 
 
+class Queues:
+    """An Outbox and a SampleQueue on one doorbell, as the agent has them,
+    and the writer's order of taking from them (Link._send_one)."""
+
+    def __init__(self, capacity, spool=None, reply_keep_s=300.0):
+        doorbell = threading.Event()
+        self.outbox = agent.Outbox(doorbell, reply_keep_s)
+        self.samples = agent.SampleQueue(doorbell, capacity, spool)
+
+    def take(self):
+        """(the queue, its item) of the next message the writer sends, or None."""
+        for source in (self.outbox, self.samples):
+            item = source.take()
+            if item is not None:
+                return source, item
+        return None
+
+    def connection_lost(self):
+        self.outbox.connection_lost()
+        self.samples.connection_lost()
+
+
 def taken(box):
     """The next message the writer would send, decoded (and reported sent)."""
-    item = box.take(0)
-    if item is None:
+    taking = box.take()
+    if taking is None:
         return None
-    box.sent()
-    return json.loads(item[1])
+    source, (_, payload) = taking
+    source.sent()
+    return json.loads(payload)
 
 
 def taken_samples(box, count):
     """The data of the next `count` samples the writer is handed, pings aside
-    (the first sample of a connection is followed by a ping: see Delivery)."""
+    (the first sample of a connection is followed by a ping: see SampleQueue)."""
     found = []
     while len(found) < count:
         message = taken(box)
@@ -3080,173 +3203,178 @@ def taken_samples(box, count):
     return found
 
 
-class TestDelivery:
+class TestOutboxAndSamples:
     def test_samples_oldest_first_and_acknowledged_in_order(self):
-        box = agent.Delivery(10)
+        box = Queues(10)
         for i in range(3):
-            box.add_sample({"n": i})
+            box.samples.add({"n": i})
         assert [d["n"] for d in taken_samples(box, 3)] == [0, 1, 2]
-        assert box.counts() == (0, 3)
-        box.acknowledged()
+        assert box.samples.counts() == (0, 3)
+        box.samples.acknowledged()
         box.connection_lost()
-        assert box.counts() == (2, 0)
+        assert box.samples.counts() == (2, 0)
         assert [d["n"] for d in taken_samples(box, 2)] == [1, 2]
 
     def test_samples_carry_the_server_id_of_their_connection(self):
-        box = agent.Delivery(10)
-        box.add_sample({"n": 0})
-        box.add_sample({"n": 1})
-        box.use_server_id("s-1")
+        box = Queues(10)
+        box.samples.add({"n": 0})
+        box.samples.add({"n": 1})
+        box.samples.use_server_id("s-1")
         assert taken_samples(box, 1) == [{"server_id": "s-1", "n": 0}]
-        box.use_server_id(None)  # an API that gave none (or an unusable one)
+        box.samples.use_server_id(None)  # an API that gave none (or an unusable one)
         assert taken_samples(box, 1) == [{"n": 1}]
 
     def test_replies_go_before_samples(self):
-        box = agent.Delivery(10)
-        box.add_sample({"n": 0})
-        box.put({"type": "pong"})
+        box = Queues(10)
+        box.samples.add({"n": 0})
+        box.outbox.put({"type": "pong"})
         assert taken(box) == {"type": "pong"}
 
     def test_overflow_drops_oldest_and_logs_count(self, caplog):
-        box = agent.Delivery(5)
+        box = Queues(5)
         with caplog.at_level("WARNING", logger="chatops-agent"):
             for i in range(8):
-                box.add_sample({"n": i})
-        assert box.dropped_total == 3
+                box.samples.add({"n": i})
+        assert box.samples.dropped_total == 3
         assert [d["n"] for d in taken_samples(box, 5)] == [3, 4, 5, 6, 7]
         assert "dropped the 1 oldest" in caplog.text
 
     def test_what_a_failed_send_took_goes_back_in_front(self):
         """The writer took it, the send failed, the connection is lost: a reply
         or a sample is sent again on the next connection, first."""
-        box = agent.Delivery(10)
-        box.put({"type": "command_result", "request_id": "r1", "data": {}})
-        box.put({"type": "command_result", "request_id": "r2", "data": {}})
-        box.add_sample({"n": 0})
-        assert box.take(0)[0] == "command_result"  # no sent(): the send failed
+        box = Queues(10)
+        box.outbox.put({"type": "command_result", "request_id": "r1", "data": {}})
+        box.outbox.put({"type": "command_result", "request_id": "r2", "data": {}})
+        box.samples.add({"n": 0})
+        assert box.take()[1][0] == "command_result"  # no sent(): the send failed
         box.connection_lost()
         assert [taken(box)["request_id"] for _ in range(2)] == ["r1", "r2"]
-        box.ack_mode = box.NO_ACKS  # sent is delivered: only the failed send counts
-        box.take(0)
+        # Sent is delivered: only the failed send counts.
+        box.samples.ack_mode = box.samples.NO_ACKS
+        box.take()
         box.connection_lost()
         assert taken_samples(box, 1) == [{"n": 0}]
 
     def test_a_reply_waits_for_a_reconnect_a_pong_does_not(self):
-        box = agent.Delivery(10, reply_keep_s=300)
-        box.put({"type": "pong"})
-        box.put({"type": "error", "request_id": "r1", "message": "bad"})
-        box.put({"type": "command_output", "request_id": "r2", "data": {}})
-        box.put({"type": "command_result", "request_id": "r3", "data": {}},
+        box = Queues(10, reply_keep_s=300)
+        box.outbox.put({"type": "pong"})
+        box.outbox.put({"type": "error", "request_id": "r1", "message": "bad"})
+        box.outbox.put({"type": "command_output", "request_id": "r2", "data": {}})
+        box.outbox.put({"type": "command_result", "request_id": "r3", "data": {}},
                 keep_until=time.monotonic() - 1)  # the API gave up on it long ago
         box.connection_lost()
         assert taken(box)["type"] == "error"
         assert taken(box) is None
 
     def test_bare_pongs_are_coalesced(self):
-        box = agent.Delivery(10)
+        box = Queues(10)
         for _ in range(1000):
-            box.put({"type": "pong"})
-        box.put({"type": "pong", "request_id": "p1"})  # a reply: kept apart
+            box.outbox.put({"type": "pong"})
+        box.outbox.put({"type": "pong", "request_id": "p1"})  # a reply: kept apart
         assert taken(box) == {"type": "pong"}
         assert taken(box) == {"type": "pong", "request_id": "p1"}
         assert taken(box) is None
-        box.put({"type": "pong"})
+        box.outbox.put({"type": "pong"})
         assert taken(box) == {"type": "pong"}
 
     def test_waiting_messages_are_bounded_oldest_non_replies_first(self, caplog):
-        box = agent.Delivery(10)
+        box = Queues(10)
         limit = agent.MAX_WAITING_MESSAGES
         with caplog.at_level("WARNING", logger="chatops-agent"):
-            box.put({"type": "command_result", "request_id": "keep", "data": {}})
+            box.outbox.put({"type": "command_result", "request_id": "keep", "data": {}})
             for n in range(2 * limit):
                 chunk = {"type": "command_output", "request_id": "s", "data": {"n": n}}
-                box.put(chunk)
+                box.outbox.put(chunk)
         waiting = [taken(box) for _ in range(limit + 1)]
         assert waiting[-1] is None and waiting[0]["request_id"] == "keep"
         assert waiting[1]["data"]["n"] == limit + 1  # the oldest chunks went first
-        assert box.message_drops.total == limit + 1
+        assert box.outbox.drops.total == limit + 1
         assert "the API is not reading" in caplog.text
         big = "x" * (agent.MAX_WAITING_BYTES // 4)
         for n in range(6):
-            box.put({"type": "command_result", "request_id": f"b{n}", "output": big})
+            box.outbox.put(
+                {"type": "command_result", "request_id": f"b{n}", "output": big})
         kept = [m["request_id"] for m in iter(lambda: taken(box), None)]
         assert kept == ["b3", "b4", "b5"]  # the oldest replies go when nothing else
 
     def test_each_connection_learns_the_ack_mode_afresh(self):
-        box = agent.Delivery(10)
-        box.add_sample({"n": 0})
+        box = Queues(10)
+        box.samples.add({"n": 0})
         taken(box)
-        box.acknowledged()
-        assert box.ack_mode == box.ACKS
+        box.samples.acknowledged()
+        assert box.samples.ack_mode == box.samples.ACKS
         box.connection_lost()
-        assert box.ack_mode == box.UNKNOWN
+        assert box.samples.ack_mode == box.samples.UNKNOWN
 
     def test_api_that_never_acks_counts_sent_as_delivered(self):
-        box = agent.Delivery(10)
-        box.add_sample({"n": 0})
+        box = Queues(10)
+        box.samples.add({"n": 0})
         assert taken(box)["type"] == "metrics"
         assert taken(box) == {"type": "ping"}  # its pong tells whether acks come
-        box.add_sample({"n": 1})
+        box.samples.add({"n": 1})
         assert taken(box)["type"] == "metrics"
-        box.pong_received()
-        assert box.ack_mode == box.NO_ACKS and box.counts() == (0, 0)
+        box.samples.pong_received()
+        assert box.samples.ack_mode == box.samples.NO_ACKS
+        assert box.samples.counts() == (0, 0)
         box.connection_lost()
-        assert box.counts() == (0, 0)
+        assert box.samples.counts() == (0, 0)
 
     def test_ack_before_pong_means_acks(self):
-        box = agent.Delivery(10)
-        box.add_sample({"n": 0})
+        box = Queues(10)
+        box.samples.add({"n": 0})
         taken(box)
         assert taken(box) == {"type": "ping"}
-        box.acknowledged()
-        box.pong_received()
-        assert box.ack_mode == box.ACKS and taken(box) is None  # no second probe
+        box.samples.acknowledged()
+        box.samples.pong_received()
+        assert box.samples.ack_mode == box.samples.ACKS
+        assert taken(box) is None  # no second probe
 
     def test_a_heartbeat_ping_counts_for_the_probe(self):
         """A pong answers the pings in order: the heartbeat's before the probe's
         says nothing about samples sent after it."""
-        box = agent.Delivery(10)
-        assert box.ping() == agent.PING_MESSAGE  # the heartbeat's, no sample yet
-        box.add_sample({"n": 0})
+        box = Queues(10)
+        # The heartbeat's, before any sample.
+        assert box.samples.ping() == agent.PING_MESSAGE
+        box.samples.add({"n": 0})
         taken(box)
         assert taken(box) == {"type": "ping"}
-        box.pong_received()  # the heartbeat's pong
-        assert box.ack_mode == box.UNKNOWN
-        box.pong_received()  # the probe's
-        assert box.ack_mode == box.NO_ACKS
+        box.samples.pong_received()  # the heartbeat's pong
+        assert box.samples.ack_mode == box.samples.UNKNOWN
+        box.samples.pong_received()  # the probe's
+        assert box.samples.ack_mode == box.samples.NO_ACKS
 
     def test_waiting_for_acks_is_timed(self):
-        box = agent.Delivery(10)
-        assert box.unacknowledged_for() == 0.0
-        box.add_sample({"n": 0})
+        box = Queues(10)
+        assert box.samples.unacknowledged_for() == 0.0
+        box.samples.add({"n": 0})
         taken(box)
-        wait_until(lambda: box.unacknowledged_for() > 0.05, 2, "time to pass")
-        box.acknowledged()
-        assert box.unacknowledged_for() == 0.0
+        wait_until(lambda: box.samples.unacknowledged_for() > 0.05, 2, "time to pass")
+        box.samples.acknowledged()
+        assert box.samples.unacknowledged_for() == 0.0
 
     def test_window_limits_unacknowledged(self):
-        box = agent.Delivery(1000)
+        box = Queues(1000)
         for i in range(agent.METRICS_WINDOW + 5):
-            box.add_sample({"n": i})
+            box.samples.add({"n": i})
         sent = [taken(box) for _ in range(agent.METRICS_WINDOW + 5)]
         assert sum(m is not None and m["type"] == "metrics" for m in sent) == \
             agent.METRICS_WINDOW
-        box.acknowledged()
+        box.samples.acknowledged()
         assert taken_samples(box, 1)[0]["n"] == agent.METRICS_WINDOW
 
 
 def spool_at(directory):
-    """A Delivery with a spool in `directory`, opened as at the agent's start."""
-    box = agent.Delivery(100, spool=agent.Spool(str(directory)))
-    box.open()
+    """Queues with a spool in `directory`, opened as at the agent's start."""
+    box = Queues(100, spool=agent.Spool(str(directory)))
+    box.samples.open()
     return box
 
 
 def killed(box):
     """As if the agent were killed: the spool's descriptors closed by the
     kernel, nothing synced or written at the end."""
-    os.close(box.spool._fd)
-    os.close(box.spool._dir)
+    os.close(box.samples.spool._fd)
+    os.close(box.samples.spool._dir)
 
 
 def spool_records(path):
@@ -3270,21 +3398,21 @@ class TestSpool:
     def test_what_was_not_delivered_survives_a_crash(self, tmp_path):
         box = spool_at(tmp_path)
         for n in range(5):
-            box.add_sample({"n": n})
+            box.samples.add({"n": n})
         taken_samples(box, 2)
-        box.acknowledged()  # sample 0 is delivered; the spool learns at the next
-        box.add_sample({"n": 5})
+        box.samples.acknowledged()  # sample 0 is delivered; the spool learns next
+        box.samples.add({"n": 5})
         killed(box)  # what it wrote is in the page cache
         again = spool_at(tmp_path)
         assert [d["n"] for d in taken_samples(again, 5)] == [1, 2, 3, 4, 5]
-        again.add_sample({"n": 6})
+        again.samples.add({"n": 6})
         assert [d["n"] for d in taken_samples(again, 1)] == [6]  # numbered on
-        again.close()
+        again.samples.close()
         assert [d["n"] for d in spooled(tmp_path)] == [1, 2, 3, 4, 5, 6]
 
     def test_private_and_checked(self, tmp_path):
         state = tmp_path / "state"
-        spool_at(state).add_sample({"n": 0})
+        spool_at(state).samples.add({"n": 0})
         assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
         assert stat.S_IMODE(os.stat(state / "spool").st_mode) == 0o600
         os.chmod(state / "spool", 0o644)
@@ -3300,13 +3428,13 @@ class TestSpool:
         first = spool_at(tmp_path)
         second = agent.Spool(str(tmp_path))
         assert second.open(100) == ([], 0, 0) and "another agent uses" in second.problem
-        first.close()
+        first.samples.close()
 
     def test_a_torn_last_record_at_any_byte_is_skipped(self, tmp_path, caplog):
         box = spool_at(tmp_path / "whole")
         for n in range(3):
-            box.add_sample({"n": n, "pad": "x" * 40})
-        box.close()
+            box.samples.add({"n": n, "pad": "x" * 40})
+        box.samples.close()
         data = (tmp_path / "whole" / "spool").read_bytes()
         last = len(data) - len(agent.encode_record(
             b"S", 3, agent.to_json({"n": 2, "pad": "x" * 40})))
@@ -3321,14 +3449,14 @@ class TestSpool:
             assert [d["n"] for d in taken_samples(box, 2)] == [0, 1]
             assert taken(box) is None or taken(box) is None  # a probe ping at most
             assert caplog.text.count("damaged") == 1, caplog.text
-            box.close()
+            box.samples.close()
             assert len(spooled(state)) == 2  # rewritten clean: no warning again
 
     def test_random_bytes_in_the_middle_cost_only_what_they_hit(self, tmp_path, caplog):
         box = spool_at(tmp_path)
         for n in range(20):
-            box.add_sample({"n": n})
-        box.close()
+            box.samples.add({"n": n})
+        box.samples.close()
         path = tmp_path / "spool"
         data = bytearray(path.read_bytes())
         middle = len(data) // 2
@@ -3350,35 +3478,35 @@ class TestSpool:
         aside = [p.name for p in tmp_path.iterdir() if p.name.startswith("spool.")]
         assert len(aside) == 1 and "unknown format" in caplog.text
         assert (tmp_path / aside[0]).read_bytes().endswith(b"future records")
-        box.add_sample({"n": 0})
+        box.samples.add({"n": 0})
         assert [d["n"] for d in spooled(tmp_path)] == [0]
 
     def test_a_smaller_buffer_after_a_restart_keeps_the_newest(self, tmp_path,
                                                                caplog):
         box = spool_at(tmp_path)
         for n in range(10):
-            box.add_sample({"n": n})
-        box.close()
-        small = agent.Delivery(4, spool=agent.Spool(str(tmp_path)))
+            box.samples.add({"n": n})
+        box.samples.close()
+        small = Queues(4, spool=agent.Spool(str(tmp_path)))
         with caplog.at_level("WARNING", logger="chatops-agent"):
-            small.open()
+            small.samples.open()
         assert [d["n"] for d in taken_samples(small, 4)] == [6, 7, 8, 9]
         assert "dropped the 6 oldest" in caplog.text
 
     def test_a_header_cut_short_is_a_new_spool(self, tmp_path):
         (tmp_path / "spool").write_bytes(agent.SPOOL_HEADER[:7])
         (tmp_path / "spool").chmod(0o600)
-        spool_at(tmp_path).add_sample({"n": 0})
+        spool_at(tmp_path).samples.add({"n": 0})
         assert [p.name for p in tmp_path.iterdir()] == ["spool"]
         assert [d["n"] for d in spooled(tmp_path)] == [0]
 
     def test_delivered_records_are_compacted_away(self, tmp_path):
         box = spool_at(tmp_path)
         for n in range(2000):
-            box.add_sample({"n": n})
+            box.samples.add({"n": n})
             if n % 100 != 99:  # an API that acknowledges all but every 100th
                 taken_samples(box, 1)
-                box.acknowledged()
+                box.samples.acknowledged()
         size = (tmp_path / "spool").stat().st_size
         assert size < 200 * 60, size  # a few hundred records, not 4000
         assert len(spooled(tmp_path)) <= 25
@@ -3504,7 +3632,9 @@ def connect_once(url, **settings):
     """One connection attempt of the agent's Link, in this process."""
     flags = {"api_url": url, "api_key": KEY, **settings}
     config = agent.load_config({k: str(v) for k, v in flags.items()}, {})
-    link = agent.Link(config, agent.Delivery(10), agent.Dispatcher(lambda m: None),
+    box = Queues(10)
+    link = agent.Link(config, box.outbox, box.samples,
+                      agent.Dispatcher(config, box.outbox, box.samples, None),
                       {}, threading.Event())
     session = link._connect()
     session.kill()
@@ -3704,21 +3834,10 @@ HOSTILE_VALUES = [
     '"../../etc"', '""', '" "', '"echo ok"', '"web"', '"stop"', '"logs"', '"list"',
     '"inspect"', '"/tmp"', "1", "3", "0.5",
 ]
-API_MESSAGES = {
-    "auth_success": ["server_id", "message"], "metrics_received": ["status"],
-    "pong": [], "ping": [], "error": ["message"],
-    "execute_command": ["command", "timeout", "cwd", "stream", "requested_by"],
-    "command": ["command", "timeout", "cwd", "stream", "requested_by"],
-    "cancel_command": ["target_id"], "start_container": ["container_id"],
-    "stop_container": ["container_id", "timeout"],
-    "restart_container": ["container_id", "timeout"],
-    "pause_container": ["container_id"], "unpause_container": ["container_id"],
-    "get_container_logs": ["container_id", "tail", "since", "timestamps"],
-    "inspect_container": ["container_id"], "get_container_stats": ["container_id"],
-    "list_containers": [],
-    "docker_command": ["action", "container_id", "container", "timeout", "tail"],
-}
-NOT_REQUESTS = {"auth_success", "metrics_received", "pong", "error"}
+# The messages that get no reply: all that are handled at once but a ping.
+NOT_REQUESTS = {kind for kind, route in agent.REQUESTS.items()
+                if route.run is not None and route.lane is None
+                and route.parse is None and kind != "ping"}
 # Values that get a request past its first checks, so that later ones are hit.
 PLAUSIBLE = {
     "command": ['"echo ok"', '"echo abc"'], "timeout": ["1", "0.5"],
@@ -3737,10 +3856,11 @@ def hostile_frame(data, counter):
     value = st.one_of(st.sampled_from(HOSTILE_VALUES), st.integers().map(str),
                       st.floats().map(json.dumps),
                       st.text(max_size=30).map(json.dumps))
-    known = [json.dumps(k) for k in API_MESSAGES]
+    known = [json.dumps(k) for k in agent.REQUESTS]
     kind = data.draw(st.sampled_from(known * 2 + [None] * 3)) or data.draw(value)
     fields = {"type": kind}
-    for name in API_MESSAGES.get(json.loads(kind) if kind[:1] == '"' else None, []):
+    route = agent.REQUESTS.get(json.loads(kind)) if kind[:1] == '"' else None
+    for name in route.fields if route else ():
         plausible = st.sampled_from(PLAUSIBLE.get(name, ['"x"']))
         choice = data.draw(st.sampled_from(["plausible", "plausible", "hostile", None]))
         if choice:
@@ -3959,6 +4079,28 @@ class TestSignals:
         wait_until(lambda: api.closes, 5, "the close frame")
         assert api.closes[-1][0] == 1011
 
+    def test_a_stop_that_overruns_its_budget_has_its_own_status(self, api, tmp_path):
+        """A step of the shutdown that hangs (here the spool's sync, planted
+        by this test) does not hold the process: it ends at SHUTDOWN_S with
+        EXIT_SHUTDOWN_OVERRAN, not the status of a dead thread, and the log
+        names the step."""
+        script = (f"import sys, time; sys.path.insert(0, {os.path.dirname(AGENT)!r})\n"
+                  "import chatops_agent as a\n"
+                  "a.SampleQueue.close = lambda self: time.sleep(60)\n"
+                  "sys.exit(a.main())\n")
+        proc = AgentProcess(tmp_path, "--api-url", api.url, "--metrics-interval-s",
+                            "0.2", command=[sys.executable, "-c", script],
+                            env=clean_env(CHATOPS_API_KEY=KEY))
+        wait_until(api.metrics, 15, proc.log)
+        stopped = time.monotonic()
+        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.proc.wait(30) == agent.EXIT_SHUTDOWN_OVERRAN, proc.log()
+        took = time.monotonic() - stopped
+        assert agent.SHUTDOWN_S <= took < agent.SHUTDOWN_S + 5, took
+        assert "shutdown took more than 5 s (step 'spool' hung)" in proc.log()
+        assert api.closes and api.closes[-1][0] == 1000  # the connection closed first
+        proc.terminate()
+
 
 ###############################################################################
 # Hostile peers, round 2: the restart, the spool, the lanes, Docker, RFC 6455 #
@@ -3977,6 +4119,27 @@ def plant_modules(directory, marker):
     for name in PLANTED_MODULES:
         (directory / f"{name}.py").write_text(
             f"open({str(marker)!r}, 'a').write({name!r} + ' ')\n")
+
+
+class TestPlatform:
+    # As on a system without them (Windows): the module and the function gone.
+    WITHOUT_PWD_AND_GETEUID = (
+        "import os, runpy, sys; sys.modules['pwd'] = None; del os.geteuid; "
+        "sys.argv[0] = {agent!r}; runpy.run_path({agent!r}, run_name='__main__')"
+    )
+
+    @pytest.mark.parametrize("mode", [
+        ["--api-key", KEY, "--api-url", "http://127.0.0.1:9"], ["--once"], ["--check"],
+    ])
+    def test_an_unsupported_system_is_told_in_one_sentence(self, mode):
+        code = self.WITHOUT_PWD_AND_GETEUID.format(agent=AGENT)
+        proc = subprocess.run([sys.executable, "-c", code, *mode], capture_output=True,
+                              text=True, timeout=60, stdin=subprocess.DEVNULL)
+        assert proc.returncode == 2 and proc.stdout == "", proc
+        assert proc.stderr.count("\n") == 1, proc.stderr
+        assert proc.stderr.startswith("chatops-agent: error: this system (")
+        assert "cannot run the agent: this Python lacks pwd, os.geteuid." in proc.stderr
+        assert "README.md, Platforms" in proc.stderr
 
 
 class TestHostileStart:
@@ -4051,18 +4214,18 @@ class TestHostileSpool:
         outage were lost."""
         first = spool_at(tmp_path)
         for n in range(3):
-            first.add_sample({"n": n})
+            first.samples.add({"n": n})
         taken_samples(first, 3)
         for _ in range(3):
-            first.acknowledged()
-        first.close()  # the "done" records are written
+            first.samples.acknowledged()
+        first.samples.close()  # the "done" records are written
         outage = spool_at(tmp_path)  # nothing pending: a new run
         for n in range(3, 6):
-            outage.add_sample({"n": n})
-        outage.close()
+            outage.samples.add({"n": n})
+        outage.samples.close()
         after = spool_at(tmp_path)
         assert [d["n"] for d in taken_samples(after, 3)] == [3, 4, 5]
-        after.close()
+        after.samples.close()
 
     def test_the_spool_is_refused_under_a_directory_others_may_change(self, tmp_path):
         """A root agent whose state directory lies in a directory another user
@@ -4074,7 +4237,8 @@ class TestHostileSpool:
             os.chown(home, owner, -1)
             home.chmod(mode)
             box = spool_at(home / "state")
-            assert "others may change" in box.spool.problem, box.spool.problem
+            problem = box.samples.spool.problem
+            assert "others may change" in problem, problem
             assert not (home / "state" / "spool").exists()
             check = run_cli("--check", "--state-dir", str(home / "state"))
             assert "note spool: refused" in check.stdout
@@ -4093,13 +4257,13 @@ class TestHostileSpool:
         (base / "state" / "spool.new").symlink_to(victim)
         (base / "moved" / "spool.new").symlink_to(victim)  # and in the real one
         for n in range(600):  # acknowledged: compacted a few times
-            box.add_sample({"n": n})
+            box.samples.add({"n": n})
             taken_samples(box, 1)
-            box.acknowledged()
-        box.add_sample({"n": "last"})
+            box.samples.acknowledged()
+        box.samples.add({"n": "last"})
         assert victim.read_bytes() == b"precious"
         assert [d["n"] for d in spooled(base / "moved")] == ["last"]
-        box.close()
+        box.samples.close()
 
     def test_no_second_agent_takes_the_spool_while_it_is_rewritten(
             self, tmp_path, monkeypatch):
@@ -4112,22 +4276,23 @@ class TestHostileSpool:
 
         def replace_then_try(*args, **kwargs):
             replace(*args, **kwargs)
-            second = agent.Delivery(10, spool=agent.Spool(str(tmp_path)))
-            second.open()
-            tries.append(second.spool.problem or "the second agent got the spool")
-            second.close()
+            second = Queues(10, spool=agent.Spool(str(tmp_path)))
+            second.samples.open()
+            tries.append(second.samples.spool.problem
+                         or "the second agent got the spool")
+            second.samples.close()
 
         monkeypatch.setattr(os, "replace", replace_then_try)
         for n in range(300):
-            first.add_sample({"n": n})
+            first.samples.add({"n": n})
             taken_samples(first, 1)
-            first.acknowledged()
+            first.samples.acknowledged()
         monkeypatch.setattr(os, "replace", replace)
         assert tries and all("another agent uses" in t for t in tries), tries
-        first.add_sample({"n": "after"})
-        assert first.spool.problem is None
+        first.samples.add({"n": "after"})
+        assert first.samples.spool.problem is None
         assert [d["n"] for d in spooled(tmp_path)] == ["after"]
-        first.close()
+        first.samples.close()
 
     def test_a_huge_spool_under_a_memory_limit_is_set_aside(self, api, tmp_path):
         """A 1 GiB spool (sparse) under a 768 MiB address-space limit: it was
@@ -4162,7 +4327,7 @@ class TestHostileSpool:
         monkeypatch.setattr(agent.binascii, "crc32", crc32)
         assert taken(box) is None  # nothing sound in it
         assert spooled(tmp_path) == []  # rewritten clean
-        box.close()
+        box.samples.close()
 
 
 def agent_spool_header():
@@ -4233,10 +4398,12 @@ class TestHostileCancel:
             return reply
 
         requests = agent.Requests(config, lambda m, **k: replies.append(m), [
-            agent.Lane("command", 1, 1, execute_then_cancel)])
+            agent.Lane("command", 1, 1, runner)])
         requests.start()
         request = {"type": "execute_command", "request_id": "r", "command": "echo ran"}
-        requests.submit(runner.accept(request, agent.API))
+        job = parse_request(request, config)
+        job.route = job.route._replace(run=lambda owner, job: execute_then_cancel(job))
+        requests.submit(job)
         wait_until(lambda: replies, 10, "the reply")
         assert replies[0]["data"]["cancelled"] is False
         assert cancels[0][:2] == (False, "finished")
@@ -4251,13 +4418,13 @@ class TestHostileCancel:
         replies = {}
         requests = agent.Requests(
             config, lambda m, **k: replies.setdefault(m["request_id"], m),
-            [agent.Lane("command", 1, 1, runner.execute)])
+            [agent.Lane("command", 1, 1, runner)])
         requests.start()
         rng = random.Random(18)
         for n in range(100):
             request = {"type": "execute_command", "request_id": f"r{n}",
                        "command": "echo x"}
-            requests.submit(runner.accept(request, agent.API))
+            requests.submit(parse_request(request, config))
             time.sleep(rng.uniform(0, 0.004))  # the moment, not a wait
             cancelled, state, _ = requests.cancel(f"r{n}", "the test")
             wait_until(lambda n=n: f"r{n}" in replies, 10, f"reply {n}")

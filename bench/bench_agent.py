@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -184,13 +185,13 @@ def spool_costs(hours, workdir):
     result = {"sample_bytes": len(agent.to_json(sample))}
     for name in ("memory only", "spool"):
         directory = os.path.join(workdir, f"state-{name.replace(' ', '-')}")
-        box = agent.Delivery(720, spool=agent.Spool(directory) if name == "spool"
-                             else None)
+        box = agent.SampleQueue(threading.Event(), 720, spool=agent.Spool(directory)
+                                if name == "spool" else None)
         box.open()
         written, cpu = wchar(), time.process_time()
         for _ in range(720 * hours):
-            box.add_sample(sample)
-            box.take(0)
+            box.add(sample)
+            box.take()
             box.sent()
             box.acknowledged()
         cpu, written = time.process_time() - cpu, wchar() - written
