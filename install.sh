@@ -386,7 +386,7 @@ KillMode=mixed
 # (private) and the agent's own directories, cannot gain privileges (sudo and
 # setuid programs fail), and see no devices. Loosen it with a drop-in, e.g.
 #   systemctl edit chatops-agent  ->  [Service] ProtectSystem=full
-# (the README lists what each line forbids and the drop-in that undoes it).
+# (docs/install.md lists what each line forbids and the drop-in that undoes it).
 NoNewPrivileges=yes
 CapabilityBoundingSet=
 AmbientCapabilities=
