@@ -4481,6 +4481,10 @@ class Session:
         self.close_code = code
         self.closing.set()
 
+    def pong_due(self):
+        with self._lock:
+            return self._pong is not None
+
     def take_pong(self):
         with self._lock:
             payload, self._pong = self._pong, None
@@ -4535,6 +4539,10 @@ class Link:
         self._connecting = None  # the WebSocket being connected, for abort()
         self._flush_until = None  # at shutdown: when sending what waits ends
         self.thread = threading.Thread(target=self.run, name="receive", daemon=True)
+
+    def start(self):
+        """The receive thread, which runs `run()`; `stop()` ends it."""
+        self.thread.start()
 
     def run(self):
         """Connect, serve, reconnect, until the agent stops. Nothing that
@@ -4845,8 +4853,11 @@ class Link:
 
     def _send_next(self, session, timeout):
         """Send the next message, or wait up to `timeout` for one. The bell is
-        cleared before looking: what comes after the look rings it again."""
+        cleared before looking, at the queues and at what else rings it (the
+        connection's end, a ping to answer): a ring after the look is heard."""
         self.doorbell.clear()
+        if self._ending(session) or session.pong_due():
+            return
         if not self._send_one(session):
             self.doorbell.wait(timeout)
 
@@ -5041,7 +5052,7 @@ class Agent:
                 target=self.containers.run, name="docker", daemon=True
             ).start()
         self.metrics_thread.start()
-        self.link.thread.start()
+        self.link.start()
 
     def _metrics_loop(self):
         try:
