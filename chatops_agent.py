@@ -51,6 +51,10 @@ try:
     import fcntl
 except ImportError:
     fcntl = None
+try:
+    import zlib
+except ImportError:  # a Python built without it: frames go uncompressed
+    zlib = None
 
 
 ###############################################################################
@@ -88,7 +92,19 @@ FRAGMENT_BYTES = 65536  # larger messages go out in fragments of this size
 AUTH_TIMEOUT_S = 10.0  # how long the API may take to answer "auth"
 CONNECT_TIMEOUT_S = 10.0  # one read or write while connecting
 CONNECT_DEADLINE_S = 15.0  # the whole TCP, TLS and upgrade, however slow the peer
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # larger messages from the API are refused
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # larger messages from the API are refused,
+# compressed or inflated. permessage-deflate (RFC 7692), as the agent offers it:
+# first with the API's own compression reset at each message (the agent then
+# keeps no inflate state between messages), else as the API likes; either way
+# the API may cap the window of the agent's compressor.
+DEFLATE_OFFER = ("permessage-deflate; server_no_context_takeover; "
+                 "client_max_window_bits, permessage-deflate; client_max_window_bits")
+DEFLATE_PARAMS = ("server_no_context_takeover", "client_no_context_takeover",
+                  "server_max_window_bits", "client_max_window_bits")
+DEFLATE_WINDOW_BITS = 15  # 32 KiB: the previous frame is in reach (docs/performance.md)
+DEFLATE_MEM_LEVEL = 5  # with level 6: 212 B a frame, 30 us, 144 KiB of state
+DEFLATE_LEVEL = 6
+DEFLATE_TAIL = b"\x00\x00\xff\xff"  # the empty block each compressed message ends with
 FIRST_RETRY_CEILING = 0.25  # first reconnect delay: uniform in [0, 0.25] x the cap
 STEADY_RETRY_FLOOR = 0.8  # later reconnect delays: uniform in [0.8, 1] x the cap
 STABLE_AFTER_S = 30.0  # a connection up this long resets the backoff
@@ -199,6 +215,9 @@ SETTINGS = (
             "do not verify the API's TLS certificate (insecure; warned at connect)"),
     Setting("allow_plaintext", False, "bool",
             "allow http/ws to a host that is not loopback (the key goes in clear)"),
+    Setting("compression", True, "bool",
+            "offer permessage-deflate to the API and compress frames when it agrees "
+            "(a metrics frame about 40 times smaller); false: plain frames"),
     Setting("log_level", "info", "level",
             "one of " + ", ".join(LOG_LEVELS)),
     Setting("commands_enabled", True, "bool",
@@ -4336,6 +4355,100 @@ class Deadline:
         self._timer.cancel()
 
 
+def deflate_params(answer):
+    """{name: value or None} of the permessage-deflate an upgrade's answer
+    (its Sec-WebSocket-Extensions) agrees to; None when it names none.
+    ProtocolError for an answer the agent's offer does not allow: another
+    extension, two of them, an unknown or repeated parameter, a bad value."""
+    if not answer:
+        return None
+
+    def refuse(why):
+        return ProtocolError("the API agreed to an extension the agent did not "
+                             f"offer ({why}: {shown(answer, 120)})")
+
+    extensions = [e.strip() for e in answer.split(",") if e.strip()]
+    if len(extensions) != 1:
+        raise refuse("more than one")
+    name, *params = (part.strip() for part in extensions[0].split(";"))
+    if name.lower() != "permessage-deflate":
+        raise refuse("not permessage-deflate")
+    agreed = {}
+    for param in params:
+        key, has_value, value = (s.strip() for s in param.partition("="))
+        key, value = key.lower(), value.strip('"') if has_value else None
+        if key not in DEFLATE_PARAMS or key in agreed:
+            raise refuse(f"parameter {key!r}")
+        bits = key.endswith("_window_bits")
+        if bits != (value is not None) or bits and not (
+                value.isdigit() and 8 <= int(value) <= 15):
+            raise refuse(f"value of {key!r}")
+        agreed[key] = value
+    return agreed
+
+
+class Deflate:
+    """permessage-deflate (RFC 7692) on one connection, as the API agreed.
+
+    The agent's compressor keeps its context from message to message: a
+    metrics frame is then mostly a reference to the previous one, which its
+    32 KiB window reaches. What the API sends is inflated with a bound, so
+    that a few KB cannot become gigabytes (FrameReader).
+    """
+
+    def __init__(self, agreed):
+        self.window_bits = min(DEFLATE_WINDOW_BITS,
+                               int(agreed.get("client_max_window_bits") or 15))
+        self.keep_compressor = "client_no_context_takeover" not in agreed
+        self.keep_inflater = "server_no_context_takeover" not in agreed
+        # zlib's raw inflate reads any window up to its own size; 9 is its least
+        self.inflate_bits = max(9, int(agreed.get("server_max_window_bits") or 15))
+        self._compressor = self._inflater = None
+
+    def describe(self):
+        context = "kept" if self.keep_compressor else "reset at each message"
+        return (f"permessage-deflate, a window of {self.window_bits} bits, context "
+                f"{context}")
+
+    def compress(self, payload):
+        """The message deflated, without its tail (RFC 7692 section 7.2.1); None
+        when the API capped the window at 8 bits, which zlib cannot make: the
+        message then goes plain, as the extension allows."""
+        if self.window_bits < 9:
+            return None
+        compressor = self._compressor
+        if compressor is None:
+            compressor = zlib.compressobj(DEFLATE_LEVEL, zlib.DEFLATED,
+                                          -self.window_bits, DEFLATE_MEM_LEVEL)
+            if self.keep_compressor:
+                self._compressor = compressor
+        data = compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH)
+        return data[: -len(DEFLATE_TAIL)]
+
+    def inflater(self):
+        """The decompressor of a new message: the connection's, or a fresh
+        one when the API resets its context at each message."""
+        if not self.keep_inflater:
+            return zlib.decompressobj(-self.inflate_bits)
+        if self._inflater is None:
+            self._inflater = zlib.decompressobj(-self.inflate_bits)
+        return self._inflater
+
+
+def inflate(inflater, data, room):
+    """`data` inflated, at most `room` bytes of it: ProtocolError (1009) for
+    more, however little went in, and for data that is not deflate."""
+    try:
+        out = inflater.decompress(data, room + 1)
+    except zlib.error as e:
+        raise ProtocolError(f"a compressed message that does not inflate ({e})") \
+            from None
+    if len(out) > room:
+        raise ProtocolError(
+            f"a message that inflates to more than {MAX_MESSAGE_BYTES} bytes", 1009)
+    return out
+
+
 class FrameReader:
     """Reads the API's WebSocket frames (RFC 6455 section 5) from the socket.
 
@@ -4347,10 +4460,12 @@ class FrameReader:
     before it is read.
     """
 
-    def __init__(self, sock):
+    def __init__(self, sock, deflate=None):
         self.sock = sock
+        self.deflate = deflate  # a Deflate when the API agreed to compression
         self.buffer = bytearray()
-        self.parts = None  # (opcode, bytearray) while a fragmented message arrives
+        # (opcode, bytearray, its inflater or None) while a message arrives in parts
+        self.parts = None
 
     def next_message(self, deadline=None):
         """(opcode, payload) of the next data message or control frame, or None
@@ -4384,13 +4499,13 @@ class FrameReader:
         return True
 
     def _frame(self):
-        """(fin, opcode, payload) of the next whole frame in the buffer, or None."""
+        """(fin, opcode, payload, compressed) of the next whole frame in the
+        buffer, or None."""
         buf = self.buffer
         if len(buf) < 2:
             return None
         first, second = buf[0], buf[1]
-        if first & 0x70:
-            raise ProtocolError("a frame with reserved bits set")
+        compressed = self._compressed(first)
         if second & 0x80:
             raise ProtocolError("a masked frame from the server")
         length, start = second & 0x7F, 2
@@ -4406,9 +4521,23 @@ class FrameReader:
         with memoryview(buf) as view:
             payload = bytes(view[start:end])
         del buf[:end]  # cheap: a bytearray drops its front without copying
-        return bool(first & 0x80), first & 0x0F, payload
+        return bool(first & 0x80), first & 0x0F, payload, compressed
 
-    def _assemble(self, fin, opcode, payload):
+    def _compressed(self, first):
+        """Whether a frame's RSV1 marks a compressed message: only on the
+        first frame of a data message, only when compression was agreed."""
+        if first & 0x30:
+            raise ProtocolError("a frame with reserved bits set")
+        if not first & 0x40:
+            return False
+        if self.deflate is None:
+            raise ProtocolError("a compressed frame (RSV1), though no compression "
+                                "was agreed")
+        if (first & 0x0F) not in (OP_TEXT, OP_BINARY):
+            raise ProtocolError("RSV1 on a control or continuation frame")
+        return True
+
+    def _assemble(self, fin, opcode, payload, compressed):
         """A whole message or control frame, or None while fragments arrive."""
         if opcode >= 0x8:
             control = opcode in (OP_CLOSE, OP_PING, OP_PONG)
@@ -4419,11 +4548,16 @@ class FrameReader:
             raise ProtocolError(f"unknown opcode {opcode:#x}")
         if (opcode == OP_CONT) != (self.parts is not None):
             raise ProtocolError("fragments out of order")
-        if fin and opcode != OP_CONT:
+        if fin and opcode != OP_CONT and not compressed:
             return message(opcode, payload)  # the common case: one frame, no copy
         if opcode != OP_CONT:
-            self.parts = (opcode, bytearray())
-        kind, data = self.parts
+            inflater = self.deflate.inflater() if compressed else None
+            self.parts = (opcode, bytearray(), inflater)
+        kind, data, inflater = self.parts
+        if inflater is not None:
+            room = MAX_MESSAGE_BYTES - len(data)
+            payload = inflate(inflater, payload + DEFLATE_TAIL if fin else payload,
+                              room)
         self._check_size(len(data) + len(payload))
         data += payload
         if not fin:
@@ -4457,6 +4591,7 @@ class Session:
     def __init__(self, ws, reader, server_id, abnf):
         self.ws = ws
         self.reader = reader
+        self.deflate = reader.deflate  # compresses what is sent, when agreed
         self.abnf = abnf  # websocket-client's frame class
         self.server_id = server_id
         # When the API was last heard from, or seen reading (see Link._wait_for_room)
@@ -4491,22 +4626,26 @@ class Session:
         return payload
 
     def send(self, payload):
-        """One text message (UTF-8 bytes); a large one in fragments (RFC 6455
-        section 5.4).
+        """One text message (UTF-8 bytes), compressed when agreed (RSV1 on its
+        first frame); a large one in fragments (RFC 6455 section 5.4).
 
         websocket-client masks a frame by building several copies of it; for
         a 1 MiB command reply that made 5 MB of transient memory. Fragments
         of FRAGMENT_BYTES keep it small; the server reassembles them.
         """
-        if len(payload) <= FRAGMENT_BYTES:
+        body = self.deflate.compress(payload) if self.deflate else None
+        if body is None and len(payload) <= FRAGMENT_BYTES:
             self.ws.send(payload, opcode=OP_TEXT)
             return
-        view = memoryview(payload)
-        for start in range(0, len(payload), FRAGMENT_BYTES):
-            opcode = OP_TEXT if start == 0 else self.abnf.OPCODE_CONT
-            fin = start + FRAGMENT_BYTES >= len(payload)
+        rsv1, body = (0, payload) if body is None else (1, body)
+        view = memoryview(body)
+        for start in range(0, max(1, len(body)), FRAGMENT_BYTES):
+            first, fin = start == 0, start + FRAGMENT_BYTES >= len(body)
             part = bytes(view[start : start + FRAGMENT_BYTES])
-            self.ws.send_frame(self.abnf.create_frame(part, opcode, fin))
+            # By position: the mask's keyword differs between versions.
+            frame = self.abnf(int(fin), rsv1 if first else 0, 0, 0,
+                              OP_TEXT if first else self.abnf.OPCODE_CONT, 1, part)
+            self.ws.send_frame(frame)
 
     def kill(self):
         self.dead.set()
@@ -4601,7 +4740,7 @@ class Link:
         self._connecting = ws  # until authenticated, abort() breaks it off
         try:
             self._open(ws)
-            reader = FrameReader(ws.sock)
+            reader = FrameReader(ws.sock, self._deflate(ws))
             server_id = self._authenticate(ws, reader)
         except BaseException:
             ws.shutdown()
@@ -4610,8 +4749,32 @@ class Link:
             self._connecting = None
         ws.settimeout(max(1.0, self.config.heartbeat_interval_s))
         as_server = f" as server {server_id}" if server_id is not None else ""
-        LOG.info("connected to %s%s", self.url, as_server)
+        frames = reader.deflate.describe() if reader.deflate else "uncompressed"
+        LOG.info("connected to %s%s; frames: %s", self.url, as_server, frames)
         return Session(ws, reader, server_id, self.websocket.ABNF)
+
+    def _offer(self):
+        """The upgrade's extra headers: the offer of compression, if any."""
+        if not (self.config.compression and zlib):
+            return []
+        return [f"Sec-WebSocket-Extensions: {DEFLATE_OFFER}"]
+
+    def _deflate(self, ws):
+        """The Deflate the API agreed to in its answer to the upgrade, or None;
+        ProtocolError (the connection failed with 1002) for an answer that
+        agrees to what was not offered."""
+        headers = ws.getheaders() or {}
+        answer = next((str(v) for k, v in headers.items()
+                       if str(k).lower() == "sec-websocket-extensions"), None)
+        try:
+            if answer and not self._offer():
+                raise ProtocolError(f"the API agreed to an extension the agent did "
+                                    f"not offer: {shown(answer, 120)}")
+            agreed = deflate_params(answer)
+        except ProtocolError as e:
+            answer_close(ws, e.code)
+            raise
+        return Deflate(agreed) if agreed is not None else None
 
     def _sslopt(self):
         """websocket-client's TLS options: the agent's own context (tls_context)."""
@@ -4635,7 +4798,8 @@ class Link:
         deadline = Deadline(CONNECT_DEADLINE_S, abort_socket, ws)
         try:
             with deadline:
-                ws.connect(self.url, timeout=CONNECT_TIMEOUT_S, redirect_limit=0)
+                ws.connect(self.url, timeout=CONNECT_TIMEOUT_S, redirect_limit=0,
+                           header=self._offer())
             if ws.getstatus() != 101:  # 1.2.3 and 1.8.0 return a redirect as is
                 raise self.websocket.WebSocketException("the upgrade was refused")
         except Exception as e:  # a garbled answer raises anything: ValueError, ...

@@ -30,6 +30,7 @@ import time
 import urllib.parse
 import venv
 import zipfile
+import zlib
 
 import pytest
 
@@ -43,6 +44,7 @@ except ImportError:
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Response
 from websockets.datastructures import Headers
+from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.sync.server import serve
 
 # websockets 13 (the last for Python 3.8) has no keepalive pings to turn off.
@@ -125,17 +127,25 @@ def parse_ts(text):
 
 
 class FakeAPI:
-    """The ChatOps API's WebSocket side, as PROTOCOL.md describes it, on 127.0.0.1.
+    """The ChatOps API's WebSocket side, as docs/protocol.md describes it, on
+    127.0.0.1.
 
     Records every frame as (connection number, message). Can reject keys with
     close 1008, stop acknowledging, go silent, stop reading, drop connections,
     and stop and start again on the same port. Answers GET /health and
     /api/v1/api-keys/me. Misbehaves on demand: redirects, a raw auth answer,
     WebSocket pings, a key echoed in a 401.
+
+    `deflate`: "capped", websockets' own default (the client's window capped
+    at 12 bits); "uvicorn", as the ChatOps API's uvicorn configures it (no
+    cap, context kept both ways); None, no compression.
     """
 
-    def __init__(self, key=KEY, ack=True, ssl_context=None, port=0):
+    def __init__(self, key=KEY, ack=True, ssl_context=None, port=0, deflate="capped"):
         self.key = key
+        self.deflate = deflate
+        self.offers = []  # the extensions each upgrade offered (None: none)
+        self.extensions = []  # the extensions agreed on each connection, in order
         self.ack = ack
         self.silent = False  # reads frames but answers none
         self.hearing = threading.Event()  # cleared: stops reading frames at all
@@ -161,6 +171,10 @@ class FakeAPI:
     # -- lifecycle -------------------------------------------------------------
     def start(self):
         options = {"ping_interval": None} if SERVE_PINGS else {}
+        if self.deflate != "capped":
+            options["compression"] = None
+        if self.deflate == "uvicorn":
+            options["extensions"] = [ServerPerMessageDeflateFactory()]
         self.server = serve(
             self._handle,
             sock=self._listen(),
@@ -217,6 +231,8 @@ class FakeAPI:
     # -- the server ------------------------------------------------------------
     def _http(self, connection, request):
         if request.path == agent.WS_PATH:
+            with self.lock:
+                self.offers.append(request.headers.get("Sec-WebSocket-Extensions"))
             if self.redirect:
                 status, location = self.redirect
                 return self._json(status, {}, [("Location", location)])
@@ -259,6 +275,7 @@ class FakeAPI:
             number = len(self.connects)
             self.connects.append(time.monotonic())
             self.connections.append(conn)
+            self.extensions.append(list(conn.protocol.extensions))
         try:
             if not self._authenticate(conn, number):
                 return
@@ -413,12 +430,24 @@ def pump(source, sink, gate=None):
         sink.shutdown(socket.SHUT_WR)
 
 
-def upgrade_answer(request):
-    """The 101 answer a WebSocket server gives to `request`."""
+def upgrade_answer(request, extensions=None):
+    """The 101 answer a WebSocket server gives to `request`, agreeing to
+    `extensions` (a Sec-WebSocket-Extensions value) if given."""
     key = re.search(rb"(?i)sec-websocket-key: *(\S+)", request).group(1)
     accept = base64.b64encode(hashlib.sha1(key + WS_GUID.encode()).digest())
+    agreed = b"Sec-WebSocket-Extensions: %s\r\n" % extensions.encode() \
+        if extensions else b""
     return (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n" % accept)
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n%s\r\n"
+            % (accept, agreed))
+
+
+def deflated(data, compressor=None):
+    """`data` as a permessage-deflate message's payload (RFC 7692 7.2.1)."""
+    compressor = compressor or zlib.compressobj(6, zlib.DEFLATED, -15)
+    out = compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    assert out.endswith(agent.DEFLATE_TAIL)
+    return out[:-4]
 
 
 def ws_frame(payload, opcode=0x1, fin=True, rsv=0, length=None, mask=False):
@@ -4566,14 +4595,17 @@ def read_client_frame(conn):
     return first & 0x0F, bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
-def after_auth(*chunks, closes):
-    """An answer for RawPeer: the upgrade, auth_success, then `chunks`; the
-    code of the close frame the agent sends is appended to `closes` (None if
-    it sends none within 3 s)."""
+def after_auth(*chunks, closes, extensions=None, before=None):
+    """An answer for RawPeer: the upgrade (agreeing to `extensions`),
+    auth_success, `before()` if given, then `chunks`; the code of the close
+    frame the agent sends is appended to `closes` (None if it sends none
+    within 3 s)."""
     def answer(conn, request):
-        conn.sendall(upgrade_answer(request))
+        conn.sendall(upgrade_answer(request, extensions))
         read_client_frame(conn)  # auth
         conn.sendall(ws_frame(json.dumps({"type": "auth_success"})))
+        if before is not None:
+            before()
         for chunk in chunks:
             conn.sendall(chunk)
         conn.settimeout(3)
@@ -4625,6 +4657,214 @@ class TestHostileClose:
         errors = api.messages("error")
         assert any("not UTF-8" in m["message"] for m in errors)
         assert len(api.connects) == 1
+
+
+class TestConnectionCompressed:
+    """permessage-deflate (RFC 7692), offered and used when the API agrees
+    (issue 20): against the API's own settings, a capped window, a server
+    that declines, and with the offer turned off."""
+
+    @pytest.mark.parametrize("deflate, window", [("uvicorn", 15), ("capped", 12)])
+    def test_the_api_agrees_and_both_ways_are_compressed(self, run_agent, deflate,
+                                                        window):
+        api = FakeAPI(deflate=deflate).start()
+        try:
+            proc = run_agent(api.url)
+            wait_until(lambda: len(api.metrics()) >= 3, 10, proc.log)
+            agreed = api.extensions[0]
+            assert len(agreed) == 1 and agreed[0].remote_max_window_bits == window
+            assert f"permessage-deflate, a window of {window} bits" in proc.log()
+            cmd = Commander(api, proc)  # the API's requests come compressed too
+            assert cmd.run("echo squeezed")["data"]["output"] == "squeezed\n"
+            big = cmd.run("head -c 300000 /dev/zero | tr '\\0' x")["data"]
+            assert big["output_bytes"] == 300000 and len(big["output"]) == 300000
+        finally:
+            api.stop()
+
+    def test_a_server_that_declines_gets_plain_frames(self, run_agent):
+        api = FakeAPI(deflate=None).start()
+        try:
+            proc = run_agent(api.url)
+            wait_until(lambda: len(api.metrics()) >= 2, 10, proc.log)
+            assert api.extensions[0] == [] and "frames: uncompressed" in proc.log()
+        finally:
+            api.stop()
+
+    def test_the_offer_can_be_turned_off(self, run_agent):
+        api = FakeAPI(deflate="uvicorn").start()
+        try:
+            proc = run_agent(api.url, "--compression", "false")
+            wait_until(lambda: len(api.metrics()) >= 2, 10, proc.log)
+            assert api.extensions[0] == [] and "frames: uncompressed" in proc.log()
+            assert api.offers == [None]
+        finally:
+            api.stop()
+
+    @pytest.mark.parametrize("answer, agreed", [
+        ("permessage-deflate", {}),
+        ("Permessage-Deflate; server_no_context_takeover; client_max_window_bits=9",
+         {"server_no_context_takeover": None, "client_max_window_bits": "9"}),
+        ('permessage-deflate; server_max_window_bits="10"; client_no_context_takeover',
+         {"server_max_window_bits": "10", "client_no_context_takeover": None}),
+    ])
+    def test_answers_the_offer_allows(self, answer, agreed):
+        assert agent.deflate_params(answer) == agreed
+
+    @pytest.mark.parametrize("answer", [
+        "x-webkit-deflate-frame", "permessage-deflate, permessage-deflate",
+        "permessage-deflate; x_custom=1", "permessage-deflate; client_max_window_bits",
+        "permessage-deflate; client_max_window_bits=16",
+        "permessage-deflate; server_max_window_bits=7",
+        "permessage-deflate; server_no_context_takeover=1",
+        "permessage-deflate; server_no_context_takeover; server_no_context_takeover",
+    ])
+    def test_answers_the_offer_does_not_allow(self, answer):
+        with pytest.raises(agent.ProtocolError, match="did not offer"):
+            agent.deflate_params(answer)
+
+    def test_compressed_messages_fragmented_and_split_anywhere(self):
+        """Property test of the frame reader: compressed messages (context
+        kept, as the API keeps it), cut into fragments anywhere and read a
+        byte at a time, come out whole; plain control frames between
+        fragments pass through."""
+        hypothesis = need_module("hypothesis")
+        st = hypothesis.strategies
+
+        @hypothesis.settings(max_examples=60, deadline=None)
+        @hypothesis.given(st.lists(st.tuples(
+            st.text(max_size=3000), st.lists(st.integers(0, 4000), max_size=4),
+            st.booleans()), min_size=1, max_size=5), st.sampled_from([1, 7, 65536]))
+        def check(messages, chunk):
+            compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+            stream = b""
+            for text, cuts, with_ping in messages:
+                body = deflated(json.dumps({"type": "x", "t": text}).encode(),
+                                compressor)
+                stream += fragments(body, sorted(set(c % (len(body) + 1)
+                                                     for c in cuts)), with_ping)
+            reader = agent.FrameReader(Trickle(stream, chunk), agent.Deflate({}))
+            got = []
+            while len(got) < len(messages):
+                opcode, payload = reader.next_message()
+                if opcode == agent.OP_TEXT:
+                    got.append(json.loads(payload)["t"])
+            assert got == [text for text, _, _ in messages]
+
+        check()
+
+
+class Trickle:
+    """A socket that hands out `data` `chunk` bytes at a time, then EOF."""
+
+    def __init__(self, data, chunk):
+        self.data, self.chunk = memoryview(data), chunk
+
+    def settimeout(self, timeout):
+        pass
+
+    def recv(self, size):
+        piece = bytes(self.data[: min(size, self.chunk)])
+        self.data = self.data[len(piece):]
+        return piece
+
+
+def fragments(body, cuts, with_ping=False):
+    """A compressed message as frames cut at `cuts`: RSV1 on the first only,
+    a ping (never compressed) after the first if asked."""
+    bounds = [0, *[c for c in cuts if 0 < c < len(body)], len(body)]
+    parts = [body[a:b] for a, b in zip(bounds, bounds[1:])] or [b""]
+    frames = b""
+    for n, part in enumerate(parts):
+        frames += ws_frame(part, 0x1 if n == 0 else 0x0, fin=n == len(parts) - 1,
+                           rsv=4 if n == 0 else 0)
+        if n == 0 and with_ping:
+            frames += ws_frame(b"", 0x9)
+    return frames
+
+
+class TestHostileCompression:
+    """What a peer can do to the agent once compression is agreed, or
+    pretending it is (issue 20)."""
+
+    AGREED = "permessage-deflate"
+
+    def test_each_breach_of_rfc_7692_is_a_protocol_error(self, api, run_agent):
+        """RSV1 on a control frame, RSV1 when nothing was agreed, RSV1 on a
+        continuation frame, corrupt deflate data, and an answer to the
+        upgrade that agrees to what was not offered: each ends the connection
+        with 1002, and the agent connects again."""
+        closes = []
+        head = deflated(b'{"type":"ping","request_id":"p"}')
+        cases = [
+            (after_auth(ws_frame(b"", 0x9, rsv=4), closes=closes,
+                        extensions=self.AGREED), 1002),
+            (after_auth(ws_frame(head, rsv=4), closes=closes), 1002),
+            (after_auth(ws_frame(head[:5], fin=False, rsv=4)
+                        + ws_frame(head[5:], 0x0, rsv=4), closes=closes,
+                        extensions=self.AGREED), 1002),
+            (after_auth(ws_frame(b"\xff\xfe\xfd\xfc not deflate", rsv=4),
+                        closes=closes, extensions=self.AGREED), 1002),
+            (agreeing("permessage-deflate; x_custom=1", closes), 1002),
+            (agreeing("permessage-deflate; client_max_window_bits=16", closes), 1002),
+        ]
+        peer = RawPeer([answer for answer, _ in cases], upstream=api.port)
+        try:
+            proc = run_agent(peer.url, "--reconnect-max-delay-s", "0.5")
+            wait_until(api.metrics, 30, lambda: f"the agent back; closes {closes}")
+            assert closes == [code for _, code in cases], proc.log()
+            assert proc.log().count("the API agreed to an extension the agent did "
+                                    "not offer") == 2
+        finally:
+            peer.close()
+
+    def test_a_deflate_bomb_ends_the_connection_and_costs_no_memory(
+            self, api, run_agent):
+        """256 KiB that inflate to 256 MiB: the message cap (4 MiB) applies to
+        what it inflates to, so the connection ends with 1009 and the agent's
+        peak memory grows by less than 8 MiB."""
+        bomb = deflated(bytes(256 * 2**20), zlib.compressobj(9, zlib.DEFLATED, -15))
+        assert len(bomb) < 300 * 1024
+        closes, measured = [], {}
+        started = threading.Event()
+
+        def reset_peak():  # once connected: the peak from here on
+            started.wait(10)
+            pid = started.pid
+            pathlib.Path(f"/proc/{pid}/clear_refs").write_text("5")
+            measured["rss"] = proc_status_kib(pid, "VmRSS")
+
+        peer = RawPeer([after_auth(ws_frame(bomb, rsv=4), closes=closes,
+                                   extensions=self.AGREED, before=reset_peak)],
+                       upstream=api.port)
+        try:
+            proc = run_agent(peer.url, "--reconnect-max-delay-s", "0.5")
+            started.pid = proc.proc.pid
+            started.set()
+            wait_until(api.metrics, 30, lambda: f"the agent back; closes {closes}")
+            grown_kib = proc_status_kib(proc.proc.pid, "VmHWM") - measured["rss"]
+            assert closes == [1009], proc.log()
+            assert grown_kib < 8 * 1024, grown_kib
+            assert "inflates to more than 4194304 bytes" in proc.log()
+        finally:
+            peer.close()
+
+
+def agreeing(extensions, closes):
+    """An answer for RawPeer: an upgrade that agrees to `extensions`; the code
+    of the agent's first frame, if it is a close, goes to `closes`."""
+    def answer(conn, request):
+        conn.sendall(upgrade_answer(request, extensions))
+        conn.settimeout(3)
+        frame = read_client_frame(conn)
+        closes.append(frame and frame[0] == 0x8
+                      and int.from_bytes(frame[1][:2], "big"))
+
+    return answer
+
+
+def proc_status_kib(pid, field):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 class TestHostileOperator:

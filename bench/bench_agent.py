@@ -12,6 +12,7 @@ ever fails on a number.
 """
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -254,9 +255,9 @@ def counting_docker(directory):
 AGENT_PYTHON = [sys.executable]  # --agent-python may name another interpreter
 
 
-def start_agent(api, *args, env=None):
-    cmd = [AGENT_PYTHON[0], os.path.join(REPO, "chatops_agent.py"), "--api-url", api.url,
-           *args]
+def start_agent(api, *args, env=None, url=None):
+    cmd = [AGENT_PYTHON[0], os.path.join(REPO, "chatops_agent.py"), "--api-url",
+           url or api.url, *args]
     environ = harness.clean_env(CHATOPS_API_KEY=KEY, **(env or {}))
     return subprocess.Popen(cmd, env=environ, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -333,9 +334,10 @@ def idle_cpu_percent(pid, windows, window_s):
 
 def idle_run(windows, window_s, containers, workdir):
     """The agent at the default 5 s interval, every process listed, the
-    containers: CPU % of one core (median of the windows), memory at steady
-    state, bytes per frame, docker CLI calls."""
-    api = harness.FakeAPI(key=KEY).start()
+    containers, against an API configured as the ChatOps API's uvicorn (so
+    compression's state and CPU are counted): CPU % of one core (median of
+    the windows), memory at steady state, bytes per frame, docker CLI calls."""
+    api = harness.FakeAPI(key=KEY, deflate="uvicorn").start()
     shim, calls = counting_docker(workdir)
     args = (
         ["--docker-binary", shim]
@@ -376,6 +378,99 @@ def idle_run(windows, window_s, containers, workdir):
     return result
 
 
+class CountingRelay:
+    """A TCP relay on 127.0.0.1 to an API's port that counts the bytes the
+    agent sends: the frames as they are on the wire, headers included."""
+
+    def __init__(self, upstream):
+        self.upstream = upstream
+        self.sent = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.listener.accept()
+                up = socket.create_connection(("127.0.0.1", self.upstream))
+                threading.Thread(target=self._pump, args=(conn, up, True),
+                                 daemon=True).start()
+                threading.Thread(target=self._pump, args=(up, conn, False),
+                                 daemon=True).start()
+
+    def _pump(self, source, sink, counted):
+        with contextlib.suppress(OSError):
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                if counted:
+                    self.sent += len(data)
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def close(self):
+        self.listener.close()
+
+
+WIRE_CASES = (  # name, the API's permessage-deflate, the agent's flags
+    ("compressed, API as uvicorn", "uvicorn", ()),
+    ("compressed, websockets' capped default", "capped", ()),
+    ("uncompressed", "uvicorn", ("--compression", "false")),
+)
+
+
+def wire_bytes(window_s, interval_s):
+    """Bytes the agent sends per metrics frame at steady state, every process
+    listed, compressed and not, side by side: three agents at once, each
+    through a counting relay to its own API, over the same `window_s`. And
+    the CPU the agent's compressor spends per frame, on those frames."""
+    runs = []
+    try:
+        for name, deflate, flags in WIRE_CASES:
+            api = harness.FakeAPI(key=KEY, deflate=deflate).start()
+            relay = CountingRelay(api.port)
+            runs.append((name, api, relay, None))
+            proc = start_agent(api, "--metrics-interval-s", str(interval_s),
+                               "--docker-enabled", "false", *flags, url=relay.url)
+            runs[-1] = (name, api, relay, proc)
+        for _, api, _, _ in runs:  # steady state: past the first frames
+            harness.wait_until(lambda api=api: len(api.metrics()) >= 3,
+                               10 + 4 * interval_s, "three frames")
+        before = [(relay.sent, len(api.metrics())) for _, api, relay, _ in runs]
+        time.sleep(window_s)  # the window being measured, not a wait for an event
+        result = {}
+        for (name, api, relay, _), (sent, frames) in zip(runs, before):
+            count = len(api.metrics()) - frames
+            last = api.metrics()[-1]
+            result[name] = {"frame_bytes": (relay.sent - sent) / max(1, count),
+                            "frames": count,
+                            "processes": len(last["processes"])}
+        result["deflate_us_per_frame"] = deflate_cpu_us(runs[0][1])
+        return result
+    finally:
+        for _, api, relay, proc in runs:
+            if proc is not None:
+                stop(proc)
+            api.stop()
+            relay.close()
+
+
+def deflate_cpu_us(api):
+    """Median CPU us the agent's compressor (context kept, window as the
+    uvicorn-like API agreed) spends on each of the frames `api` received."""
+    frames = [agent.to_json(m) for m in api.messages("metrics")]
+    deflate = agent.Deflate({})
+    costs = []
+    for frame in frames:
+        start = time.process_time_ns()
+        deflate.compress(frame)
+        costs.append((time.process_time_ns() - start) / 1000)
+    return median(costs[1:] or costs)
+
+
 def once_wall_s(runs):
     times = []
     for _ in range(runs):
@@ -393,7 +488,7 @@ def once_wall_s(runs):
 
 
 def command_round_trips(count, throughput_count):
-    api = harness.FakeAPI(key=KEY).start()
+    api = harness.FakeAPI(key=KEY, deflate="uvicorn").start()
     proc = start_agent(api, "--docker-enabled", "false")
     try:
         harness.wait_until(api.metrics, 10, "the agent")
@@ -548,6 +643,7 @@ TARGETS = {
     "command round trip over bare sh -c": "<= 1 ms p50, 3 p99",
     "200 MB output, peak RSS growth": "<= 10 MB",
     "metrics frame": "<= 100 B per process",
+    "metrics frame on the wire": "<= 15 B per process",
     "docker CLI spawns at rest": "0 per minute",
     "docker request round trip": "inspect < 2 s behind commands",
     "spool": "report",
@@ -595,11 +691,28 @@ def rows(r):
          f"{idle['frame_bytes'] * DAY_S / 5 / 1e6:.1f} MB per agent per day; "
          f"{FLEET} agents: {idle['frame_bytes'] * FLEET / 5 * 8 / 1e6:.1f} Mbit/s into the API",
          idle["frame_bytes"] <= 100 * max(1, idle["processes_in_frame"])),
+        wire_row(r["wire"]),
         ("docker CLI spawns at rest", "n/a (no Docker engine)" if docker_calls is None else
          f"{docker_calls:.2f} per minute", None if docker_calls is None else docker_calls == 0),
         docker_row(r.get("docker")),
         spool_row(r["spool"]),
     ]
+
+
+def wire_row(w):
+    """Compressed (as the ChatOps API agrees) against the goal, with the
+    capped server's and the uncompressed figures beside it, from one run."""
+    def figures(name):
+        c = w[name]
+        per_process = c["frame_bytes"] / max(1, c["processes"])
+        day = c["frame_bytes"] * DAY_S / 5 / 1e6
+        return (f"{name}: {c['frame_bytes']:.0f} B a frame, {per_process:.1f} B a "
+                f"process, {day:.1f} MB a day", per_process)
+    texts = [figures(name) for name, _, _ in WIRE_CASES]
+    return ("metrics frame on the wire", "; ".join(t for t, _ in texts)
+            + f" ({w[WIRE_CASES[0][0]]['processes']} processes, no containers; a "
+            f"day at 5 s); compressing costs {w['deflate_us_per_frame']:.0f} us a "
+            "frame", texts[0][1] <= 15)
 
 
 def idle_cpu_row(idle, window_s):
@@ -728,6 +841,8 @@ def main():
             "ticks": lambda: tick_costs(200 if args.quick else 1000,
                                         cache.snapshot if cache else None),
             "once_s": lambda: once_wall_s(3 if args.quick else 10),
+            "wire": lambda: wire_bytes(30 if args.quick else 300,
+                                       1 if args.quick else 5),
             "docker": lambda: docker_round_trips(containers, 10 if args.quick else 30),
             "peers": lambda: peers(20 if args.quick else 60, workdir),
         }
