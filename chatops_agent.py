@@ -3408,8 +3408,14 @@ class DropCounter:
 # (`coalesce`) is never queued twice: one answers any number of pings.
 Waiting = collections.namedtuple("Waiting", "kind payload keep_until coalesce")
 
-# A metrics sample: its number (for the spool) and its `data` as JSON.
-Sample = collections.namedtuple("Sample", "number data")
+class Sample:
+    """A metrics sample: its number (for the spool), its `data` as JSON, and
+    whether it is written to the spool yet."""
+
+    __slots__ = ("number", "data", "spooled")
+
+    def __init__(self, number, data, spooled=False):
+        self.number, self.data, self.spooled = number, data, spooled
 
 
 class Outbox:
@@ -3541,10 +3547,16 @@ class SampleQueue:
     a pong with no acknowledgement before it means it never acknowledges, and
     from then on a sample is delivered when sent.
 
-    At most `capacity` samples and MAX_SAMPLE_BYTES are kept, so that a
-    restart loses none (when a state directory is in use); the oldest go
-    first. All file work happens in the metrics thread (`add`) and at the
-    end (`close`), never in the receive loop.
+    At most `capacity` samples and MAX_SAMPLE_BYTES are kept; the oldest go
+    first. The spool (when a state directory is in use) is written only for
+    samples that may need it, so that a healthy API costs no disk writes at
+    all: a sample is written when it is taken while the link is down, or
+    when the next one comes and it is still undelivered, and at a clean stop
+    whatever is undelivered; a "done" record follows only a sample that was
+    written. So a restart loses none, and SIGKILL loses at most the samples
+    of the last interval that the API had not acknowledged. All file work
+    happens in the metrics thread (`add`) and at the end (`close`), never in
+    the receive loop.
     """
 
     UNKNOWN, ACKS, NO_ACKS = "unknown", "acks", "no acks"
@@ -3561,6 +3573,8 @@ class SampleQueue:
         self._numbers = itertools.count(1)
         self._done = []  # numbers delivered or dropped, not yet in the spool
         self._sending = None  # the sample the writer took, until sent()
+        self._linked = False  # a connection is up (between link_up and its loss)
+        self._spooled_bytes = 0  # of the samples in the spool, undelivered
         self._server_id = b""  # '"server_id":ID,' put in each sample sent
         self._pings = self._pongs = 0  # on this connection
         self._probe = None  # number of the ping whose pong tells whether acks come
@@ -3582,35 +3596,56 @@ class SampleQueue:
         found, last, dropped = self.spool.open(self.capacity)
         with self._lock:
             for number, data in found:
-                self._samples.append(Sample(number, data))
+                self._samples.append(Sample(number, data, spooled=True))
                 self._bytes += len(data)
+                self._spooled_bytes += len(data)
             self._numbers = itertools.count(last + 1)
         self.drops.add(dropped)
         self.drops.log()
 
     def add(self, data):
-        """A new sample (the metrics thread): queued, and written to the spool
-        with what was delivered since the last one."""
+        """A new sample (the metrics thread): queued. The spool gets what is
+        due (see the class), with the deliveries of samples it holds."""
         sample = Sample(next(self._numbers), to_json(data))
         with self._lock:
             self._samples.append(sample)
             self._bytes += len(sample.data)
             self._make_room()
-            done, self._done = self._done, []
-            live_bytes = self._bytes
+            due = self._to_spool(everything=not self._linked)
         self.doorbell.set()
         self.drops.log()
-        if self.spool is not None:
-            self.spool.append([sample], done)
-            self.spool.compact(self.pending, live_bytes)
+        self._write(*due)
 
     def close(self):
-        """At the end: the spool learns what was delivered, and syncs."""
+        """At the end: every undelivered sample in the spool, the deliveries
+        recorded, and the file synced: a clean stop loses nothing."""
         if self.spool is not None:
             with self._lock:
-                done, self._done = self._done, []
-            self.spool.append([], done)
+                due = self._to_spool(everything=True)
+            self._write(*due)
             self.spool.close()
+
+    def _to_spool(self, everything):
+        """(samples, done numbers, the spool's live bytes) to write now: the
+        undelivered samples not in the spool yet, but the newest unless
+        `everything`. They are always the newest ones (older ones went in
+        when the sample after theirs came), so the look starts at the end."""
+        newest = self._samples[-1] if self._samples else None
+        samples = []
+        for sample in reversed(self._samples):
+            if sample.spooled:
+                break
+            if everything or sample is not newest:
+                sample.spooled = True
+                self._spooled_bytes += len(sample.data)
+                samples.append((sample.number, sample.data))
+        done, self._done = self._done, []
+        return samples[::-1], done, self._spooled_bytes
+
+    def _write(self, samples, done, live_bytes):
+        if self.spool is not None and (samples or done):
+            self.spool.append(samples, done)
+            self.spool.compact(self._spooled_pending, live_bytes)
 
     def _make_room(self):
         while len(self._samples) > self.capacity or (
@@ -3628,14 +3663,22 @@ class SampleQueue:
             self.drops.add()
 
     def _forget(self, sample):
-        """A sample delivered or dropped: the spool learns it with the next."""
+        """A sample delivered or dropped: the spool learns it with the next
+        write, if it holds it."""
         self._bytes -= len(sample.data)
-        self._done.append(sample.number)
+        if sample.spooled:
+            self._spooled_bytes -= len(sample.data)
+            self._done.append(sample.number)
 
     def pending(self):
         """[(number, JSON)] of every sample not yet delivered, oldest first."""
         with self._lock:
-            return [tuple(s) for s in self._samples]
+            return [(s.number, s.data) for s in self._samples]
+
+    def _spooled_pending(self):
+        """What a rewrite of the spool keeps: the samples it holds, undelivered."""
+        with self._lock:
+            return [(s.number, s.data) for s in self._samples if s.spooled]
 
     def counts(self):
         """(unsent, sent and unacknowledged) samples."""
@@ -3643,6 +3686,13 @@ class SampleQueue:
             return len(self._samples) - self._in_flight, self._in_flight
 
     # -- the writer ------------------------------------------------------------
+    def link_up(self, server_id):
+        """A connection is up: samples taken from now on wait a sample's time
+        before they are written (see the class)."""
+        with self._lock:
+            self._linked = True
+        self.use_server_id(server_id)
+
     def use_server_id(self, server_id):
         """Samples sent from now on carry this server id (None: the API gave
         none), set at each connection and by a later auth_success."""
@@ -3735,6 +3785,7 @@ class SampleQueue:
         and a window waiting for acks that never come would stop metrics
         altogether."""
         with self._lock:
+            self._linked = False
             self._in_flight = 0
             self._sending = None
             self._pings = self._pongs = 0
@@ -4892,7 +4943,7 @@ class Link:
 
     def _serve(self, session):
         self.session = session
-        self.samples.use_server_id(session.server_id)
+        self.samples.link_up(session.server_id)
         writer = threading.Thread(
             target=self._write_loop, args=(session,), name="writer", daemon=True
         )

@@ -3422,6 +3422,77 @@ def spooled(directory):
     return [json.loads(data) for _, data in pending]
 
 
+class TestQuietSpool:
+    """The spool is written only for samples that may need it (issue 20):
+    none while the API acknowledges each sample before the next."""
+
+    def test_a_healthy_api_costs_no_disk_writes(self, tmp_path):
+        box = spool_at(tmp_path)
+        box.samples.link_up("s-1")
+        for n in range(50):
+            box.samples.add({"n": n})
+            taken_samples(box, 1)
+            box.samples.acknowledged()
+        assert (tmp_path / "spool").stat().st_size == len(agent.SPOOL_HEADER)
+        box.samples.close()
+        assert (tmp_path / "spool").stat().st_size == len(agent.SPOOL_HEADER)
+
+    def test_an_api_that_never_acknowledges_costs_none_either(self, tmp_path):
+        box = spool_at(tmp_path)
+        box.samples.link_up(None)
+        box.samples.add({"n": 0})
+        taken(box)
+        assert taken(box) == {"type": "ping"}  # the probe: its pong says no acks
+        box.samples.pong_received()
+        for n in range(1, 20):
+            box.samples.add({"n": n})
+            taken_samples(box, 1)
+        assert (tmp_path / "spool").stat().st_size == len(agent.SPOOL_HEADER)
+
+    def test_a_sample_undelivered_when_the_next_comes_is_written_with_it(
+            self, tmp_path):
+        box = spool_at(tmp_path)
+        box.samples.link_up(None)
+        box.samples.add({"n": 0})
+        taken_samples(box, 1)  # sent, not acknowledged
+        assert spooled(tmp_path) == []
+        box.samples.add({"n": 1})
+        assert [d["n"] for d in spooled(tmp_path)] == [0]
+        box.samples.acknowledged()  # 0 delivered; 1 never sent
+        box.samples.add({"n": 2})
+        assert [d["n"] for d in spooled(tmp_path)] == [1]
+
+    def test_samples_taken_while_the_link_is_down_are_written_at_once(
+            self, tmp_path):
+        box = spool_at(tmp_path)
+        box.samples.link_up(None)
+        box.samples.add({"n": 0})
+        box.connection_lost()
+        box.samples.add({"n": 1})
+        assert [d["n"] for d in spooled(tmp_path)] == [0, 1]
+
+    def test_a_clean_stop_writes_what_is_undelivered(self, tmp_path):
+        box = spool_at(tmp_path)
+        box.samples.link_up(None)
+        box.samples.add({"n": 0})
+        box.samples.close()
+        assert [d["n"] for d in taken_samples(spool_at(tmp_path), 1)] == [0]
+
+    def test_a_running_agent_writes_nothing_while_the_api_acknowledges(
+            self, api, run_agent, tmp_path):
+        state = tmp_path / "state"
+        args = ("--metrics-interval-s", "0.5", "--state-dir", str(state))
+        proc = run_agent(api.url, *args)
+        wait_until(lambda: len(api.metrics()) >= 8, 15, proc.log)
+        assert (state / "spool").stat().st_size == len(agent.SPOOL_HEADER)
+        assert proc.terminate() == 0
+        delivered = len(api.metrics())
+        run_agent(api.url, *args)
+        wait_until(lambda: len(api.metrics()) >= delivered + 3, 15, "the restart")
+        stamps = [m["timestamp"] for m in api.metrics()]
+        assert len(set(stamps)) == len(stamps)  # nothing sent twice, nothing lost
+
+
 class TestSpool:
     def test_what_was_not_delivered_survives_a_crash(self, tmp_path):
         box = spool_at(tmp_path)
@@ -3582,7 +3653,9 @@ class TestSpoolThroughRestarts:
 
     def test_a_full_disk_means_memory_only_not_a_crash(self, api, tmp_path):
         """A file size limit (as a full disk) on the agent: the spool stops with
-        one warning; metrics go on from memory."""
+        one warning; metrics go on from memory. The API acknowledges nothing,
+        so that each sample is written (a healthy API costs no writes)."""
+        api.silent = True
         proc = agent_under_limit(tmp_path, "-f 64", "--api-url", api.url,
                                  "--metrics-interval-s", "0.1",
                                  "--state-dir", str(tmp_path / "state"))
@@ -3917,6 +3990,8 @@ def hostile_frame(data, counter):
 
 
 STALL_COMMAND = "head -c 1048576 /dev/zero | tr '\\0' '\\1'"  # 6 MiB as JSON
+# Their frames must stay that large: compressed, they would be a few KB.
+STALL_FLAGS = ("--compression", "false")
 
 
 def unsent_bytes(port):
@@ -3956,7 +4031,7 @@ def stalled(api, run_agent):
 
     def start(*args):
         proc = run_agent(relay.url, "--command-grace-s", "1",
-                         "--reconnect-max-delay-s", "0.5", *args)
+                         "--reconnect-max-delay-s", "0.5", *STALL_FLAGS, *args)
         wait_until(api.metrics, 6, "the agent to connect")
         cmd = Commander(api, proc)
         return cmd, relay, stall(relay, cmd)
@@ -4042,7 +4117,7 @@ def agent_in_state(request, api, run_agent):
     relay = RawPeer(upstream=api.port, rcvbuf=65536)
     request.addfinalizer(relay.close)
     request.addfinalizer(relay.reading.set)
-    proc = run_agent(relay.url, *args)
+    proc = run_agent(relay.url, *args, *STALL_FLAGS)
     wait_until(api.metrics, 6, "the agent to connect")
     if state == "command-running":
         Commander(api, proc).send(f"sleep {RUNNING} & sleep {RUNNING}")
