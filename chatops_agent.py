@@ -139,7 +139,9 @@ SHUTDOWN_S = 5.0  # a stop takes at most this (Agent.shutdown); then the process
 SHUTDOWN_KILL_AT_S = 1.0  # points in it: commands get TERM, and KILL at this one;
 SHUTDOWN_REPLIES_AT_S = 1.5  # their replies are queued by this one;
 SHUTDOWN_CLOSED_AT_S = 4.0  # and the connection closed by this one, after
-SHUTDOWN_CLOSE_WAIT_S = 1.5  # sending what waits, then waiting this long at most
+SHUTDOWN_CLOSE_WAIT_S = 1.5  # sending what waits, then waiting this long at most;
+SHUTDOWN_METRICS_AT_S = 4.5  # the metrics loop is waited for until this one, so
+# that a hung statvfs leaves the spool's sync the rest of SHUTDOWN_S
 EXIT_THREAD_DIED = 70  # EX_SOFTWARE: a thread died; the service manager restarts us
 EXIT_SHUTDOWN_OVERRAN = 75  # EX_TEMPFAIL: a stop took more than SHUTDOWN_S
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")  # each stops the agent cleanly,
@@ -3408,6 +3410,7 @@ class DropCounter:
 # (`coalesce`) is never queued twice: one answers any number of pings.
 Waiting = collections.namedtuple("Waiting", "kind payload keep_until coalesce")
 
+
 class Sample:
     """A metrics sample: its number (for the spool), its `data` as JSON, and
     whether it is written to the spool yet."""
@@ -3669,11 +3672,6 @@ class SampleQueue:
         if sample.spooled:
             self._spooled_bytes -= len(sample.data)
             self._done.append(sample.number)
-
-    def pending(self):
-        """[(number, JSON)] of every sample not yet delivered, oldest first."""
-        with self._lock:
-            return [(s.number, s.data) for s in self._samples]
 
     def _spooled_pending(self):
         """What a rewrite of the spool keeps: the samples it holds, undelivered."""
@@ -4406,11 +4404,12 @@ class Deadline:
         self._timer.cancel()
 
 
-def deflate_params(answer):
+def deflate_params(answer, offered=True):
     """{name: value or None} of the permessage-deflate an upgrade's answer
     (its Sec-WebSocket-Extensions) agrees to; None when it names none.
-    ProtocolError for an answer the agent's offer does not allow: another
-    extension, two of them, an unknown or repeated parameter, a bad value."""
+    ProtocolError for an answer the agent's offer does not allow: any, when
+    nothing was `offered`; another extension, two of them, an unknown or
+    repeated parameter, a bad value."""
     if not answer:
         return None
 
@@ -4418,6 +4417,8 @@ def deflate_params(answer):
         return ProtocolError("the API agreed to an extension the agent did not "
                              f"offer ({why}: {shown(answer, 120)})")
 
+    if not offered:
+        raise refuse("none was offered")
     extensions = [e.strip() for e in answer.split(",") if e.strip()]
     if len(extensions) != 1:
         raise refuse("more than one")
@@ -4818,10 +4819,7 @@ class Link:
         answer = next((str(v) for k, v in headers.items()
                        if str(k).lower() == "sec-websocket-extensions"), None)
         try:
-            if answer and not self._offer():
-                raise ProtocolError(f"the API agreed to an extension the agent did "
-                                    f"not offer: {shown(answer, 120)}")
-            agreed = deflate_params(answer)
+            agreed = deflate_params(answer, offered=bool(self._offer()))
         except ProtocolError as e:
             answer_close(ws, e.code)
             raise
@@ -5350,7 +5348,8 @@ class Agent:
            (a docker CLI call in flight); their replies are queued.
         2. connection, by SHUTDOWN_CLOSED_AT_S: what waits is sent, then a
            close frame, and the API's close is waited for.
-        3. metrics: the metrics loop ends, by SHUTDOWN_S.
+        3. metrics: the metrics loop ends, or is left hung, by
+           SHUTDOWN_METRICS_AT_S.
         4. spool: it learns what was delivered, and is synced.
 
         A step still running at SHUTDOWN_S ends the process at once, with
@@ -5365,7 +5364,7 @@ class Agent:
             self._stopping = "connection"
             self.link.stop(start + SHUTDOWN_CLOSED_AT_S)
             self._stopping = "metrics"
-            self._stop_metrics(start + SHUTDOWN_S)
+            self._stop_metrics(start + SHUTDOWN_METRICS_AT_S)
             self._stopping = "spool"
             self.samples.close()
 
@@ -5793,13 +5792,12 @@ def flags_given(args):
 def main(argv=None, environ=None, as_script=False):
     environ = os.environ if environ is None else environ
     args = build_parser().parse_args(argv)
-    problem = platform_problem()
-    if problem:
-        print(f"chatops-agent: error: {problem}", file=sys.stderr)
-        return PlatformError.exit_code
-    if as_script and not (args.once or args.check or args.print_config):
-        run_as_import()  # the agent's long run; the short ones do not care
     try:
+        problem = platform_problem()
+        if problem:
+            raise PlatformError(problem)
+        if as_script and not (args.once or args.check or args.print_config):
+            run_as_import()  # the agent's long run; the short ones do not care
         config = load_config(flags_given(args), environ)
         setup_logging(config.log_level, config.api_key)
         if config.sources["api_key"] == "flag":

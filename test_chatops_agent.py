@@ -1334,6 +1334,26 @@ def parse_request(message, config=None):
     return route.parse(message, route, config or agent.load_config({}, {}))
 
 
+class Recording(dict):
+    """A message that notes every field a parser reads."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.read = set()
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        self.read.add(key)
+        return super().__contains__(key)
+
+
 class TestDispatcher:
     def make(self, monkeypatch=None):
         outbox = KeptReplies()
@@ -1389,31 +1409,17 @@ class TestDispatcher:
         """The table's `fields` are what the tests' hostile frames fill in:
         a parser reading another would go untested."""
         config = agent.load_config({"command_allow_cwd": "true"}, {})
+        values = {"command": "ls", "timeout": 5, "cwd": "/tmp", "stream": True,
+                  "requested_by": "a", "target_id": "t", "container_id": "web",
+                  "container": "web", "tail": 3, "since": "10m",
+                  "timestamps": True, "action": "logs"}
         for kind, route in agent.REQUESTS.items():
             if route.parse is None:
                 continue
-            read = set()
-
-            class Recording(dict):
-                def get(self, key, default=None):
-                    read.add(key)
-                    return super().get(key, default)
-
-                def __getitem__(self, key):
-                    read.add(key)
-                    return super().__getitem__(key)
-
-                def __contains__(self, key):
-                    read.add(key)
-                    return super().__contains__(key)
-
-            values = {"command": "ls", "timeout": 5, "cwd": "/tmp", "stream": True,
-                      "requested_by": "a", "target_id": "t", "container_id": "web",
-                      "container": "web", "tail": 3, "since": "10m",
-                      "timestamps": True, "action": "logs"}
             message = Recording(values, type=kind, request_id="r", command_id="c")
             with contextlib.suppress(agent.RequestError):
                 route.parse(message, route, config)
+            read = message.read
             assert read - {"type", *agent.ID_FIELDS} <= set(route.fields), kind
 
     def test_any_text_is_survived(self):
