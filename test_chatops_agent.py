@@ -4638,6 +4638,7 @@ logs) exec sleep {logs};;
 """)
         proc = run_agent(api.url, "--docker-binary", shim)
         wait_until(lambda: group_members(listing), 10, "the hanging docker ps")
+        wait_until(api.metrics, 10, "the agent, connected")  # else the request is lost
         send(api, "get_container_logs", "logs-1", container_id="web")
         wait_until(lambda: group_members(logs), 10, "the hanging docker logs")
         proc.proc.send_signal(signal.SIGTERM)
