@@ -269,7 +269,7 @@ SETTINGS = (
             "container, short enough for the reply to beat the API's 10 s wait",
             0, 3600),
     Setting("docker_refresh_s", 300.0, "float",
-            "safety re-read of the container list; events trigger the others",
+            "safety re-read of the whole container list; events keep it current",
             1, DAY_S),
     Setting("docker_check_s", 30.0, "float",
             "while Docker is unavailable, how often to look again", 0.5, DAY_S),
@@ -2336,6 +2336,7 @@ LOG_REPLY_MAX_BYTES = 1024 * 1024
 MAX_STOP_TIMEOUT_S = 3600
 MAX_PORTS_LISTED = 1000  # of one container, in the metrics
 MAX_EVENT_BYTES = 65536  # one line of docker events, read at most
+MAX_REPLAYED = 10000  # events kept to apply again after a read; beyond, a re-read
 # The container events that can change what `docker ps` prints. Others, such
 # as the exec_create, exec_start and exec_die of every health check, cannot,
 # and must not cost a re-read of the list.
@@ -2346,6 +2347,22 @@ LIST_EVENTS = ("create", "start", "restart", "die", "stop", "pause", "unpause",
 PS_FORMAT = ('{"id":{{json .ID}},"names":{{json .Names}},"image":{{json .Image}},'
              '"status":{{json .Status}},"state":{{json .State}},'
              '"created":{{json .CreatedAt}},"ports":{{json .Ports}}}')
+# `docker container inspect`, one line a container: the state each sample's
+# status is worded from, the ports it publishes, and what its next start or
+# death will do (the ports it will publish, a restart, a health check).
+# `index`, because the CLI fails the whole call on a key the JSON leaves out
+# (ExposedPorts and Healthcheck, when there are none).
+INSPECT_FORMAT = (
+    '{"id":{{json .Id}},"state":{{json .State}},'
+    '"ports":{{json (index .NetworkSettings "Ports")}},'
+    '"network":{{json (index .HostConfig "NetworkMode")}},'
+    '"exposed":{{json (index .Config "ExposedPorts")}},'
+    '"bindings":{{json (index .HostConfig "PortBindings")}},'
+    '"publish_all":{{json (index .HostConfig "PublishAllPorts")}},'
+    '"restart":{{json (index .HostConfig "RestartPolicy")}},'
+    '"healthcheck":{{json (index .Config "Healthcheck")}}}')
+# Network modes in which a container publishes no port, whatever it exposes.
+NO_PORT_NETWORKS = ("none", "host")
 PORT_SPEC = re.compile(
     r"(?:(?P<ip>[0-9A-Fa-f.:\[\]]*):(?P<public>\d+(?:-\d+)?)->)?"
     r"(?P<private>\d+(?:-\d+)?)/(?P<type>\w+)"
@@ -2496,10 +2513,11 @@ def human_duration(seconds):
 
 
 # What the status text is worded from: docker inspect's State, its times
-# parsed once, at the re-read of the list, not at every sample.
+# parsed once, then changed by each event, not re-read at every sample.
 ContainerState = collections.namedtuple(
     "ContainerState",
     "running paused restarting dead removing exit_code health started finished")
+CREATED = ContainerState(False, False, False, False, False, 0, None, None, None)
 
 
 def container_state(state):
@@ -2545,6 +2563,18 @@ def status_text(state, now):
     return f"Exited ({state.exit_code}) {human_duration(now - state.finished)} ago"
 
 
+def state_word(state):
+    """docker ps's STATE of a ContainerState (container/state.go, StateString)."""
+    if state.running:
+        return "paused" if state.paused else (
+            "restarting" if state.restarting else "running")
+    if state.removing:
+        return "removing"
+    if state.dead:
+        return "dead"
+    return "created" if state.started is None else "exited"
+
+
 def container_row(row):
     """One line of docker ps (PS_FORMAT) in the shape of docs/protocol.md, Metrics;
     ValueError for a line not of that shape (the CLI may print anything)."""
@@ -2557,6 +2587,118 @@ def container_row(row):
     return {"id": row["id"][:12], "name": row["names"].split(",")[0].lstrip("/"),
             "image": row["image"], "status": row["status"], "state": row["state"],
             "created": rfc3339(row["created"]), "ports": parse_ports(ports)}
+
+
+# What a container's configuration decides when it starts or dies, from
+# `docker inspect`: `restart`, its restart policy's name; `ports`, the ports
+# it publishes while it runs (None: the engine picks them at start); and
+# whether it has a health check (then a start words it "health: starting").
+ContainerConfig = collections.namedtuple("ContainerConfig", "restart ports healthcheck")
+Inspected = collections.namedtuple("Inspected", "id state ports config")
+
+
+def inspected(info):
+    """An Inspected from one line of INSPECT_FORMAT; ValueError for what is
+    not of that shape (the CLI may print anything)."""
+    if not isinstance(info, dict) or not isinstance(info.get("id"), str):
+        raise ValueError("not a container")
+    state = container_state(info.get("state"))
+    ports = live_ports(info.get("ports")) if state.running else []
+    return Inspected(info["id"][:12], state, ports, container_config(info))
+
+
+def container_config(info):
+    restart = info.get("restart")
+    restart = restart.get("Name") if isinstance(restart, dict) else None
+    test = info.get("healthcheck")
+    test = test.get("Test") if isinstance(test, dict) else None
+    return ContainerConfig(restart if isinstance(restart, str) else "unknown",
+                           ports_when_running(info),
+                           isinstance(test, list) and test not in ([], ["NONE"]))
+
+
+def may_restart(config, exit_code):
+    """Whether the engine may restart a container that died with `exit_code`
+    (by its restart policy; an unknown policy may). docker stop kills
+    without a restart, but its death's event does not say so."""
+    if config is None:
+        return True
+    if config.restart == "on-failure":
+        return exit_code != 0
+    return config.restart not in ("", "no")
+
+
+def live_ports(mapping):
+    """inspect's NetworkSettings.Ports ({"80/tcp": [{"HostPort": "8080"}],
+    "81/tcp": null}) as the API wants them, by docker ps's parser."""
+    if not isinstance(mapping, dict):
+        return []
+    specs = []
+    for port, bindings in mapping.items():
+        bindings = bindings if isinstance(bindings, list) else []
+        specs += [f":{b.get('HostPort')}->{port}" for b in bindings
+                  if isinstance(b, dict)] or [port]
+    return parse_ports(", ".join(specs))
+
+
+def ports_when_running(info):
+    """The ports a container will publish once started, from its
+    configuration; None when the engine picks them at start (a random host
+    port) or the configuration cannot be read."""
+    network, publish_all = info.get("network"), info.get("publish_all")
+    exposed, bindings = info.get("exposed") or {}, info.get("bindings") or {}
+    if not (isinstance(network, str) and isinstance(exposed, dict)
+            and isinstance(bindings, dict)):
+        return None
+    if network in NO_PORT_NETWORKS or network.startswith("container:"):
+        return []
+    specs = []
+    for port in sorted(set(exposed) | set(bindings)):
+        chosen = bindings.get(port) or []
+        if not isinstance(chosen, list) or (not chosen and publish_all is not False):
+            return None
+        for binding in chosen:
+            host_port = binding.get("HostPort") if isinstance(binding, dict) else None
+            if not (isinstance(host_port, str) and host_port.isdigit()):
+                return None  # none, or a range: the engine picks one at start
+            specs.append(f":{host_port}->{port}")
+        specs += [] if chosen else [port]
+    return parse_ports(", ".join(specs))
+
+
+# One record of `docker events`, as the list is changed by it: `detail` is
+# the exit code of a death and the word of a health_status.
+ContainerEvent = collections.namedtuple("ContainerEvent",
+                                        "action id name image detail when")
+
+
+def container_event(line):
+    """A ContainerEvent from a line of `docker events --format '{{json .}}'`,
+    or None for one the agent cannot read (the CLI may print anything)."""
+    try:
+        event = json.loads(line)
+        action, _, detail = event["Action"].partition(": ")  # health_status: healthy
+        attributes, nanos = event["Actor"]["Attributes"], event["timeNano"]
+        container_id, name, image = (event["Actor"]["ID"], attributes["name"],
+                                     attributes["image"])
+        if action == "die":
+            detail = int(attributes["exitCode"])
+    except (ValueError, RecursionError, KeyError, TypeError, AttributeError):
+        return None
+    if not (all(isinstance(t, str) for t in (container_id, name, image))
+            and isinstance(nanos, int)
+            and 0 < nanos < 2**62 and len(container_id) >= 12):
+        return None
+    return ContainerEvent(action, container_id[:12], name, image, detail, nanos / 1e9)
+
+
+def created_row(event):
+    """The row of a container its create event tells of. Its time is the
+    event's, a few milliseconds after docker's own."""
+    return {"id": event.id, "name": event.name, "image": event.image,
+            "status": "Created", "state": "created",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(event.when)),
+            "ports": []}
 
 
 class DockerCLI:
@@ -2607,21 +2749,20 @@ class DockerCLI:
                 LOG.debug("docker ps: skipped a row (%s): %s", e, shown(line))
         return rows
 
-    def container_states(self, ids):
-        """{12-character id: ContainerState}: what the status text of each
-        sample is worded from. A container removed meanwhile is left
-        out (the CLI then fails, but still prints the others)."""
+    def inspect(self, ids):
+        """{12-character id: Inspected} of the containers `ids`. One removed
+        meanwhile, or garbled, is left out (the CLI then fails, but still
+        prints the others)."""
         if not ids:
             return {}
-        _, out, _ = self._call(["container", "inspect", "--format",
-                                "{{.Id}} {{json .State}}", "--", *ids],
-                               self.timeout_s, DOCKER_MAX_OUTPUT)
-        states = {}
+        _, out, _ = self._call(["container", "inspect", "--format", INSPECT_FORMAT,
+                                "--", *ids], self.timeout_s, DOCKER_MAX_OUTPUT)
+        found = {}
         for line in out.decode("utf-8", "replace").splitlines():
-            container_id, _, state = line.partition(" ")
             with contextlib.suppress(ValueError, RecursionError):  # a garbled line
-                states[container_id[:12]] = container_state(json.loads(state))
-        return states
+                item = inspected(json.loads(line))
+                found[item.id] = item
+        return found
 
     def check(self):
         """(status, detail): is there a CLI, and a daemon it may talk to?"""
@@ -2636,13 +2777,19 @@ class DockerCLI:
 class ContainerCache:
     """The container list for metrics, kept current by one `docker events` process.
 
-    Only the events that can change the list (LIST_EVENTS) mark it stale, not
-    the execs of health checks. A metrics sample that finds it stale has it
-    re-read first (one `docker ps` and one `docker container inspect`): at
-    most once per sample however fast events come, and every
-    docker_refresh_s as a safety net. At rest it starts no process. When
-    the CLI or daemon is missing, the status says why and is checked again
-    every docker_check_s; a daemon that comes back is noticed.
+    Each event that can change the list (LIST_EVENTS, not the execs of
+    health checks) is applied to it as it comes, with no process started: a
+    create adds a row, a start or a death changes its state, a rename its
+    name, a destroy takes it away. What an event does not tell is read with
+    one `docker container inspect` of the containers concerned, at most once
+    per sample: the ports and health check of a container created since the
+    last read, when it starts, and whether one with a restart policy is
+    restarting, when it dies. The whole list is read (`docker ps` and an
+    inspect of all) at start, when the events process starts again, after
+    an event the agent cannot read or apply, and every docker_refresh_s as
+    a safety net. When the CLI or daemon is missing, the status says why
+    and is checked again every docker_check_s; a daemon that comes back is
+    noticed.
     """
 
     def __init__(self, config, cli):
@@ -2650,24 +2797,27 @@ class ContainerCache:
         self.cli = cli
         self.stop = threading.Event()  # set by stop_watching()
         self.status, self.detail = "starting", ""
-        self.containers = []
-        self._states = {}  # id -> ContainerState, for the status text
+        self._rows = {}  # id -> row, the newest first as in docker ps
+        self._states = {}  # id -> ContainerState: the status text's words
+        self._configs = {}  # id -> ContainerConfig: what a start or death does
+        self._doubts = set()  # ids an event left uncertain: inspected next
+        self._stale = True  # the whole list is read next
+        self._replay = None  # during a read, the events that came meanwhile
         self._lock = threading.Lock()
-        self._read = threading.Condition(self._lock)  # a re-read ended
+        self._read = threading.Condition(self._lock)  # a read ended
         self._wake = threading.Event()
-        self._stale = True
-        self._asked = self._answered = 0  # re-reads samples asked for, done
+        self._asked = self._answered = 0  # reads samples asked for, done
         self._events = None
 
     def snapshot(self, wait_s=1.0):
-        """(containers, status) for a metrics sample. If an event made the
-        list stale, it is re-read first, by a re-read that begins after the
-        sample asked (waiting at most `wait_s`), so that the sample shows the
-        change: the one re-read a sample may cost."""
+        """(containers, status) for a metrics sample. If events left the list
+        uncertain, it is read first, by a read that begins after the sample
+        asked (waiting at most `wait_s`), so that the sample shows the
+        change: the one read a sample may cost."""
         if not self.config.docker_enabled:
             return [], {"status": "disabled"}
         with self._lock:
-            if self.status == "ok" and self._stale:
+            if self.status == "ok" and (self._stale or self._doubts):
                 self._asked += 1
                 asked = self._asked
                 self._wake.set()
@@ -2678,15 +2828,18 @@ class ContainerCache:
                 status["detail" if self.status != "ok" else "server_version"] = (
                     self.detail
                 )
-            return self._current(self.containers, self._states), status
+            return self._current(), status
 
-    @staticmethod
-    def _current(rows, states):
-        """The rows with the status text as `docker ps` would print it now
-        ("Up 37 seconds"): the list itself is re-read only on events."""
-        now = time.time()
-        return [dict(row, status=status_text(states[row["id"]], now))
-                if row["id"] in states else row for row in rows]
+    def _current(self):
+        """The rows, each with its status and state as `docker ps` would
+        print them now ("Up 37 seconds"): the words are derived at each
+        sample, from the state the reads and events left."""
+        now, rows = time.time(), []
+        for container_id, row in self._rows.items():
+            state = self._states.get(container_id)
+            rows.append(row if state is None else dict(
+                row, status=status_text(state, now), state=state_word(state)))
+        return rows
 
     def read_once(self):
         """Check and list once, without watching (for --once)."""
@@ -2700,10 +2853,6 @@ class ContainerCache:
             except DockerError as e:
                 self._set_status(e.status or "error", str(e))
         return self.snapshot(wait_s=0)
-
-    def mark_stale(self):
-        """The list may have changed: the next sample has it re-read."""
-        self._stale = True
 
     def run(self):
         """The docker thread: check, watch events, refresh; again when they fail."""
@@ -2731,14 +2880,15 @@ class ContainerCache:
         return backoff.next_delay()
 
     def _watch(self):
-        """Follow events and refresh the list until the events process ends
-        (or is ended by shutdown(), from another thread)."""
+        """Follow events and read what they leave uncertain until the events
+        process ends (or is ended by stop_watching(), from another thread)."""
         try:
             events = self._start_events()
-            self.mark_stale()
+            self._stale = True  # events may have been missed before it started
             self._wake.set()  # the first list, at once
             while not self.stop.is_set() and events.poll() is None:
-                self._wake.wait(self.config.docker_refresh_s)
+                if not self._wake.wait(self.config.docker_refresh_s):
+                    self._stale = True  # the safety net
                 self._wake.clear()
                 if not self.stop.is_set():
                     self._refresh()
@@ -2749,15 +2899,104 @@ class ContainerCache:
             self._stop_events()
 
     def _refresh(self):
+        """Read the whole list if it is stale, else the containers in doubt.
+        The events that come meanwhile are applied again, in order, on top
+        of what was read: each sets what it tells, so the last one wins."""
         with self._lock:
+            whole, doubts = self._stale, sorted(self._doubts)
             self._stale = False
+            self._doubts.clear()
             answering = self._asked  # the samples that asked so far
-        rows = self.cli.list_containers()
-        states = self.cli.container_states([row["id"] for row in rows])
+            self._replay = []
+        try:
+            rows = self.cli.list_containers() if whole else None
+            found = self.cli.inspect([row["id"] for row in rows] if whole else doubts)
+        except BaseException:
+            with self._lock:
+                self._replay, self._stale = None, True
+            raise
         with self._lock:
-            self.containers, self._states = rows, states
+            self._install(rows, found)
+            replay, self._replay = self._replay, None
+            for event in replay:
+                self._apply(event)
             self._answered = answering
             self._read.notify_all()
+
+    def _install(self, rows, found):
+        """What a read found: the whole list (`rows` from docker ps), or the
+        containers in doubt (`rows` None), with what inspect said of each."""
+        if rows is not None:
+            self._rows = {row["id"]: row for row in rows}
+            self._states, self._configs = {}, {}
+        for container_id, item in found.items():
+            if container_id in self._rows:
+                self._states[container_id] = item.state
+                self._configs[container_id] = item.config
+                if rows is None:
+                    self._set_ports(container_id, item.ports)
+
+    def _on_event(self, event):
+        """One line of docker events, read (`event`) or not (None)."""
+        with self._lock:
+            if self._replay is not None and len(self._replay) < MAX_REPLAYED:
+                self._replay.append(event)
+            elif self._replay is not None:
+                self._stale = True  # too many to apply again: read it all after
+            self._apply(event)
+
+    def _apply(self, event):
+        """Change the list as `event` tells. One that cannot be applied (not
+        read, or of a container the list does not hold) makes it stale."""
+        if event is None:
+            self._stale = True
+        elif event.action == "create":
+            if event.id not in self._rows:  # else a read already found it
+                self._rows = {event.id: created_row(event), **self._rows}
+                self._states[event.id] = CREATED
+        elif event.action == "destroy":
+            for table in (self._rows, self._states, self._configs):
+                table.pop(event.id, None)
+            self._doubts.discard(event.id)
+        elif event.id not in self._states:
+            self._stale = True
+        else:
+            self._states[event.id] = self._changed(self._states[event.id], event)
+
+    def _changed(self, state, event):
+        """The state of a container the list holds after `event`; its row's
+        ports and name follow, and what the event leaves unknown is doubted."""
+        config, action = self._configs.get(event.id), event.action
+        if action == "start":
+            ports = config.ports if config else None
+            self._set_ports(event.id, ports or [])
+            if ports is None:  # new since the last read, or a random host port
+                self._doubts.add(event.id)
+            return state._replace(
+                running=True, paused=False, restarting=False, dead=False,
+                exit_code=0, started=event.when,
+                health="starting" if config and config.healthcheck else None)
+        if action == "die":
+            self._set_ports(event.id, [])
+            if may_restart(config, event.detail):  # then it shows "Restarting"
+                self._doubts.add(event.id)
+            return state._replace(running=False, paused=False, restarting=False,
+                                  exit_code=event.detail, finished=event.when)
+        if action == "pause":  # its health checks stop: the engine says
+            # "unhealthy" then, with no event, until the first after unpause
+            return state._replace(paused=True, health=state.health and "unhealthy")
+        if action == "unpause":
+            return state._replace(paused=False)
+        if action == "health_status":
+            return state._replace(health=event.detail)
+        if action == "rename":
+            self._rows[event.id] = dict(self._rows[event.id], name=event.name)
+        if action == "stop" and state.running:  # a restarting one, stopped
+            self._doubts.add(event.id)
+        return state  # a restart: its start said it all
+
+    def _set_ports(self, container_id, ports):
+        self._rows[container_id] = dict(self._rows[container_id], ports=ports)
 
     def _start_events(self):
         filters = [f"--filter=event={event}" for event in LIST_EVENTS]
@@ -2774,12 +3013,11 @@ class ContainerCache:
         return proc
 
     def _read_events(self, proc):
-        """Each event that can change the list marks it stale. Lines are read
-        in bounded pieces: the CLI may print anything."""
+        """Apply each event as it comes. Lines are read in bounded pieces:
+        the CLI may print anything."""
         with contextlib.suppress(OSError, ValueError):  # closed under us at the end
             for line in iter(lambda: proc.stdout.readline(MAX_EVENT_BYTES), b""):
-                if changes_list(line):
-                    self.mark_stale()
+                self._on_event(container_event(line))
         self._wake.set()  # the process ended: the daemon went away or restarted
 
     def _stop_events(self):
@@ -2794,7 +3032,8 @@ class ContainerCache:
             changed = status != self.status
             self.status, self.detail = status, detail
             if status != "ok":
-                self.containers = []
+                self._rows, self._states, self._configs = {}, {}, {}
+                self._doubts.clear()
             self._read.notify_all()
         if changed and status == "ok":
             LOG.info("docker: daemon %s reachable", detail)
@@ -2807,18 +3046,6 @@ class ContainerCache:
         self.stop.set()
         self._wake.set()
         self._stop_events()
-
-
-def changes_list(line):
-    """Whether a line of `docker events` is an event that can change the list
-    (its Action, or health_status's "health_status: healthy", in
-    LIST_EVENTS). The CLI is asked for those only; a line the agent cannot
-    read counts as one: a re-read costs little, at most one per sample."""
-    try:
-        action = json.loads(line).get("Action")
-    except (ValueError, RecursionError, AttributeError):
-        return True
-    return not isinstance(action, str) or action.split(":")[0] in LIST_EVENTS
 
 
 class DockerJob(Job):
@@ -2899,15 +3126,13 @@ class DockerActions:
     named as the docs' docker_command names it, each in a row of REQUESTS.
     A DockerError (a RequestError) becomes the request's error reply."""
 
-    def __init__(self, config, cli, cache):
+    def __init__(self, config, cli):
         self.config = config
         self.cli = cli
-        self.cache = cache
 
     def _simple(self, job, verb, done, *options, extra_s=0):
-        self.cli.run(verb, *options, "--", job.ref,
+        self.cli.run(verb, *options, "--", job.ref,  # its events change the list
                      timeout_s=self.config.docker_timeout_s + extra_s)
-        self.cache.mark_stale()
         return job.success(f"Container {done}")
 
     def start(self, job):
@@ -5224,7 +5449,7 @@ class Agent:
         self.containers = ContainerCache(config, self.docker_cli)
         self.collector = MetricsCollector.for_config(
             config, self.containers.snapshot, source)
-        self.docker = DockerActions(config, self.docker_cli, self.containers)
+        self.docker = DockerActions(config, self.docker_cli)
         self.commands = CommandRunner(config, self.outbox.put, self.children)
         self.requests = Requests(config, self.outbox.put, (
             Lane("command", config.command_workers, config.command_queue_size,

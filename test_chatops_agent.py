@@ -2708,6 +2708,68 @@ class TestDockerParsing:
         ]
         assert agent.parse_ports("") == []
 
+    def test_ports_a_start_will_publish(self):
+        def ports(network="default", exposed=None, bindings=None, publish_all=False):
+            return agent.ports_when_running({
+                "network": network, "exposed": exposed, "bindings": bindings,
+                "publish_all": publish_all})
+        fixed = {"80/tcp": [{"HostIp": "", "HostPort": "8080"}]}
+        assert ports(exposed={"80/tcp": {}, "81/udp": {}}, bindings=fixed) == [
+            {"private_port": 80, "type": "tcp", "public_port": 8080},
+            {"private_port": 81, "type": "udp"}]
+        assert ports(network="none", exposed={"80/tcp": {}}, bindings=fixed) == []
+        assert ports(network="container:web", bindings=fixed) == []
+        assert ports() == [] and ports(network="my-net") == []
+        # The engine picks the host port at start: only a read can tell it.
+        assert ports(bindings={"80/tcp": [{"HostPort": ""}]}) is None
+        assert ports(bindings={"80/tcp": [{"HostPort": "8000-8010"}]}) is None
+        assert ports(exposed={"80/tcp": {}}, publish_all=True) is None
+        assert ports(network=None) is None and ports(bindings=[1]) is None
+
+    def test_ports_a_container_publishes(self):
+        live = {"80/tcp": [{"HostIp": "0.0.0.0", "HostPort": "32768"},
+                           {"HostIp": "::", "HostPort": "32768"}], "81/tcp": None}
+        assert agent.live_ports(live) == [
+            {"private_port": 80, "type": "tcp", "public_port": 32768},
+            {"private_port": 81, "type": "tcp"}]
+        assert agent.live_ports({"1-4294967295/tcp": None, "x": [7]}) == []
+        assert agent.live_ports(None) == [] and agent.live_ports([]) == []
+
+    @pytest.mark.parametrize("restart, code, may", [
+        ("no", 1, False), ("", 1, False), ("always", 0, True),
+        ("unless-stopped", 0, True), ("on-failure", 0, False), ("on-failure", 1, True),
+        ("unknown", 0, True), (None, 0, True),
+    ])
+    def test_a_death_may_be_followed_by_a_restart(self, restart, code, may):
+        config = None if restart is None else agent.ContainerConfig(restart, [], False)
+        assert agent.may_restart(config, code) is may
+
+    def test_events_read(self):
+        line = json.dumps({
+            "Type": "container", "Action": "die", "timeNano": 1796441517715451927,
+            "Actor": {"ID": "485b5c3cdec6" + "0" * 52, "Attributes": {
+                "exitCode": "137", "image": "busybox", "name": "web"}}})
+        assert agent.container_event(line) == agent.ContainerEvent(
+            "die", "485b5c3cdec6", "web", "busybox", 137, 1796441517.7154520)
+        health = json.loads(line)
+        health["Action"] = "health_status: healthy"
+        assert agent.container_event(json.dumps(health)).detail == "healthy"
+
+    @pytest.mark.parametrize("change", [
+        {"timeNano": float("nan")}, {"timeNano": 1e30}, {"timeNano": 2**70},
+        {"timeNano": -5}, {"timeNano": "1"}, {"Action": 5}, {"Actor": None},
+        {"Actor": {"ID": "abc", "Attributes": {"name": "web", "image": "b"}}},
+        {"Actor": {"ID": "a" * 64, "Attributes": {"name": 5, "image": "b"}}},
+        {"Actor": {"ID": "a" * 64, "Attributes": {"name": "web", "image": "b",
+                                                   "exitCode": "NaN"}}},
+    ])
+    def test_events_the_agent_cannot_read(self, change):
+        event = {"Type": "container", "Action": "die", "timeNano": 1796441517715451927,
+                 "Actor": {"ID": "a" * 64, "Attributes": {
+                     "exitCode": "1", "image": "busybox", "name": "web"}}, **change}
+        assert agent.container_event(json.dumps(event)) is None
+        assert agent.container_event(b"\xff garbage") is None
+
     def test_sizes_and_times(self):
         assert agent.parse_pair("788KiB / 23.54GiB") == [806912, int(23.54 * 1024**3)]
         assert agent.parse_bytes("1.5GB") == 1_500_000_000
@@ -2833,8 +2895,195 @@ def listed(api, name):
     return next((c for c in latest if c["name"] == name), None)
 
 
+def ps_row(name):
+    """docker ps's fields of `name` (named: {{json .}} would compute sizes)."""
+    fields = ",".join(f'"{f}":{{{{json .{f}}}}}'
+                      for f in ("State", "Status", "Image", "Ports", "CreatedAt"))
+    out = docker("ps", "--all", "--filter", f"name=^{name}$", "--format",
+                 "{" + fields + "}").stdout
+    return json.loads(out) if out.strip() else None
+
+
+def soon_as_docker_ps(api, name):
+    """Whether the first or the second sample taken after now words `name` as
+    docker ps does (the second: a health check may change it in between)."""
+    count = len(api.metrics())
+    for fresh in (2, 3):  # the first to arrive may have been taken before now
+        wait_until(lambda fresh=fresh: len(api.metrics()) >= count + fresh, 5,
+                   "a fresh sample")
+        if same_as_docker_ps(api, name):
+            return True
+    return False
+
+
+def same_as_docker_ps(api, name):
+    """Whether the latest sample's row of `name` is as docker ps prints it
+    now: the same words, but for durations (the two are read moments apart),
+    and a creation time within the second."""
+    theirs, ours = ps_row(name), listed(api, name)
+    if theirs is None or ours is None:
+        return theirs is None and ours is None
+
+    def words(status):
+        return re.sub(r"Less than a second|About an? \w+|\d+ \w+", "T", status)
+
+    created = datetime.datetime.strptime(ours["created"], "%Y-%m-%dT%H:%M:%SZ")
+    their_created = datetime.datetime.strptime(theirs["CreatedAt"][:19],
+                                               "%Y-%m-%d %H:%M:%S")
+    return (ours["state"], words(ours["status"]), ours["image"], ours["ports"]) == (
+        theirs["State"], words(theirs["Status"]), theirs["Image"],
+        agent.parse_ports(theirs["Ports"])) and abs(
+        (created - their_created).total_seconds()) <= 1
+
+
 def send(api, kind, request_id, id_field="request_id", **fields):
     api.send_all(json.dumps({"type": kind, id_field: request_id, **fields}))
+
+
+class ScriptedDocker:
+    """What ContainerCache takes for the docker CLI, scripted: `rows` for
+    docker ps, `found` ({id: Inspected}) for inspect, and a `docker events`
+    whose lines the test writes with `event()`. Every read is recorded."""
+
+    binary = "docker"
+
+    def __init__(self, rows, found):
+        self.rows, self.found = rows, found
+        self.reads = []  # ("ps",) or ("inspect", ids), in order
+        self.while_listing = None  # runs inside the next docker ps
+        read, write = os.pipe()
+        self.stdout, self._events = os.fdopen(read, "rb"), os.fdopen(write, "wb", 0)
+        self.children = self
+
+    def check(self):
+        return "ok", "99.0"
+
+    def list_containers(self):
+        self.reads.append(("ps",))
+        hook, self.while_listing = self.while_listing, None
+        if hook:
+            hook()
+        return [dict(row) for row in self.rows]
+
+    def inspect(self, ids):
+        self.reads.append(("inspect", list(ids)))
+        return {i: self.found[i] for i in ids if i in self.found}
+
+    def spawn(self, args, **options):  # docker events
+        return self
+
+    def poll(self):
+        return 0 if self._events.closed else None
+
+    def finish(self, proc):
+        self._events.close()
+
+    def event(self, action, container_id, name="web", **attributes):
+        self._events.write(json.dumps({
+            "Type": "container", "Action": action, "timeNano": time.time_ns(),
+            "Actor": {"ID": container_id * 5, "Attributes": {
+                "name": name, "image": "busybox", **attributes}}}).encode() + b"\n")
+
+
+class TestContainerEvents:
+    """The list kept from events alone, on a scripted CLI: which event starts
+    which read, and what each event does to a row."""
+
+    WEB = "aaaaaaaaaaaa"
+    JOB = "bbbbbbbbbbbb"
+
+    @pytest.fixture
+    def cache(self):
+        row = {"id": self.WEB, "name": "web", "image": "busybox", "status": "Exited "
+               "(0) 1 hour ago", "state": "exited", "created": "2026-12-01T00:00:00Z",
+               "ports": []}
+        state = agent.ContainerState(False, False, False, False, False, 0, None,
+                                     time.time() - 7200, time.time() - 3600)
+        fixed = [{"private_port": 80, "type": "tcp", "public_port": 8080}]
+        web = agent.Inspected(self.WEB, state, [],
+                              agent.ContainerConfig("no", fixed, True))
+        cli = ScriptedDocker([row], {self.WEB: web})
+        cache = agent.ContainerCache(agent.load_config({}, {}), cli)
+        thread = threading.Thread(target=cache.run, daemon=True)
+        thread.start()
+        wait_until(lambda: row_of(cache, "web"), 5, "the first read")
+        yield cache, cli
+        cache.stop_watching()
+        thread.join(5)
+
+    def test_events_of_a_known_container_start_no_read(self, cache):
+        cache, cli = cache
+        reads = len(cli.reads)
+        cli.event("start", self.WEB[:8] + "0000")  # another container: not it
+        wait_until(lambda: cache.snapshot() and len(cli.reads) > reads, 5,
+                   "a sample that reads the whole list")
+        reads = len(cli.reads)
+        steps = [("start", {}, "running", "Up Less than a second (health: starting)"),
+                 ("health_status: healthy", {}, "running",
+                  "Up Less than a second (healthy)"),
+                 ("pause", {}, "paused", "Up Less than a second (Paused)"),
+                 ("unpause", {}, "running", "Up Less than a second (unhealthy)"),
+                 ("rename", {"name": "web2"}, "running",
+                  "Up Less than a second (unhealthy)"),
+                 ("die", {"exitCode": "3"}, "exited",
+                  "Exited (3) Less than a second ago"),
+                 ("stop", {}, "exited", "Exited (3) Less than a second ago")]
+        for action, attributes, state, status in steps:
+            name = attributes.pop("name", None) or row_of(cache, "web", "web2")["name"]
+            cli.event(action, self.WEB, name, **attributes)
+
+            def words(name=name, status=status):
+                return (row_of(cache, name) or {}).get("status") == status
+
+            wait_until(words, 5, f"{status!r} after {action}")
+            assert row_of(cache, name)["state"] == state
+        assert cli.reads[reads:] == []
+        cli.event("destroy", self.WEB, "web2")
+        wait_until(lambda: cache.snapshot()[0] == [], 5, "the row gone")
+
+    def test_a_new_container_is_read_once_when_it_starts(self, cache):
+        cache, cli = cache
+        reads = len(cli.reads)
+        cli.event("create", self.JOB, "job")
+        wait_until(lambda: row_of(cache, "job"), 5, "the created row")
+        assert row_of(cache, "job")["status"] == "Created"
+        names = [row["name"] for row in cache.snapshot()[0]]
+        assert names == ["job", "web"]  # the newest first, as docker ps
+        cli.event("start", self.JOB, "job")
+        wait_until(lambda: row_of(cache, "job")["state"] == "running", 5, "the start")
+        assert cli.reads[reads:] == [("inspect", [self.JOB])]  # its ports, its health
+        cli.event("die", self.JOB, "job", exitCode="0")
+        cli.event("destroy", self.JOB, "job")
+        wait_until(lambda: not row_of(cache, "job"), 5, "the row gone")
+        assert cli.reads[reads:] == [("inspect", [self.JOB])]
+
+    def test_events_during_a_read_are_applied_after_it(self, cache):
+        """A destroy that comes while docker ps runs (and still lists it)."""
+        cache, cli = cache
+
+        def destroyed_meanwhile():
+            cli.event("destroy", self.WEB)
+            wait_until(lambda: cache._replay, 5, "the event, during the read")
+
+        cli.while_listing = destroyed_meanwhile
+        cli.event("start", "cccccccccccc", "stranger")  # unknown: a whole read
+        wait_until(lambda: cache.snapshot() and cli.while_listing is None, 5,
+                   "a sample that reads the whole list")
+        wait_until(lambda: cache.snapshot()[0] == [], 5, "web gone after the read")
+
+    def test_an_event_the_agent_cannot_read_costs_one_read(self, cache):
+        cache, cli = cache
+        reads = len(cli.reads)
+        cli._events.write(b"garbage\n" * 100)
+        wait_until(lambda: cache.snapshot() and cli.reads[reads:] == [
+            ("ps",), ("inspect", [self.WEB])], 5, "one read of the whole list")
+        cache.snapshot()
+        assert cli.reads[reads:] == [("ps",), ("inspect", [self.WEB])]
+
+
+def row_of(cache, *names):
+    rows = cache.snapshot(wait_s=1)[0]
+    return next((row for row in rows if row["name"] in names), None)
 
 
 class TestDocker:
@@ -2883,6 +3132,44 @@ class TestDocker:
             wait_until(seconds_up, 15, "a sample 3 s after the start saying so")
         rereads = calls.read_text().split().count("ps") - reads
         assert rereads <= others.count + 1  # none of its own: the text is derived
+
+    def test_each_event_words_the_row_as_docker_ps(self, api, run_agent, container,
+                                                   tmp_path):
+        """After each kind of event the samples word the container as docker
+        ps then does, and no docker process is started for a container the
+        agent knows: one inspect when the new container starts (its ports
+        and health check), nothing else. (Other containers' events, any
+        test's, cost no list either.)"""
+        calls, shim = tmp_path / "calls", tmp_path / "docker"
+        shim.write_text(f'#!/bin/sh\necho "$*" >> {calls}\nexec docker "$@"\n')
+        shim.chmod(0o755)
+        run_agent(api.url, "--docker-binary", str(shim))
+        wait_until(api.metrics, 10, "the agent")
+        name = container("sleep 600", start=False, options=(
+            "--health-cmd", "true", "--health-interval", "3s"))
+        container_id = docker("container", "inspect", "--format", "{{.Id}}",
+                              name).stdout[:12]
+        before = len(calls.read_text().splitlines())
+        renamed = f"{name}-renamed"
+        steps = [("create", None), ("start", ("start", name)),
+                 ("health_status", None), ("pause", ("pause", name)),
+                 ("unpause", ("unpause", name)), ("rename", ("rename", name, renamed)),
+                 ("kill", ("kill", "--signal", "KILL", renamed)),
+                 ("start again", ("start", renamed)),
+                 ("stop", ("stop", "--time", "0", renamed)),
+                 ("destroy", ("rm", renamed))]
+        for step, command in steps:
+            if command:
+                docker(*command)
+            if step == "health_status":
+                wait_until(lambda: "healthy" in ps_row(name)["Status"], 15, "healthy")
+            current = renamed if step not in ("create", "start", "health_status",
+                                             "pause", "unpause") else name
+            assert soon_as_docker_ps(api, current), (
+                f"after {step}: {listed(api, current)}, docker ps {ps_row(current)}")
+        calls = calls.read_text().splitlines()[before:]
+        assert [c for c in calls if c.startswith("ps")] == []
+        assert len([c for c in calls if container_id in c]) == 1, calls
 
     def test_actions_through_the_api(self, api, run_agent, container):
         name = container("sleep 600")
@@ -4605,11 +4892,16 @@ container) ;;
         garbage, and a StartedAt that is a number: the good row is listed and
         Docker is "ok" (one such row emptied the list, status "error")."""
         rows = [GOOD_ROW,
-                GOOD_ROW.replace("good", "ranges").replace(
+                GOOD_ROW.replace("good", "ranges").replace("0123", "fedc").replace(
                     "0.0.0.0:8080->80/tcp", "0.0.0.0:1-4294967295->1-4294967295/tcp"),
                 '{"id":["x"],"names":1}', "garbage", "[" * 5000, "null"]
-        states = ['0123456789ab0000 {"Running":true,"StartedAt":1234,"Health":"x",'
-                  '"ExitCode":"nine"}', "ffffffffffff []", "eeeeeeeeeeee [[["]
+        states = ['{"id":"0123456789ab0000","state":{"Running":true,"StartedAt":1234,'
+                  '"Health":"x","ExitCode":"nine"},"ports":{"80/tcp":"x"},'
+                  '"network":5,"exposed":[],"bindings":"x","publish_all":"yes",'
+                  '"restart":7,"healthcheck":{"Test":"CMD"}}',
+                  '{"id":"fedc456789ab0000","state":{"Running":true},'
+                  '"restart":{"Name":["x"]},"ports":{"1-4294967295/tcp":null}}',
+                  '{"id":"ffffffffffff","state":[]}', "[[[", '{"id":5}']
         shim = fake_docker(tmp_path, f"""
 version) echo 99.0;;
 events) exec sleep 3600;;
@@ -4622,6 +4914,7 @@ container) printf '%s\\n' {" ".join(shlex_quote(s) for s in states)};;
         assert listed(api, "good")["ports"] == [
             {"private_port": 80, "public_port": 8080, "type": "tcp"}]
         assert listed(api, "ranges")["ports"] == []
+        assert listed(api, "good")["status"].startswith("Up")  # from its state
         names = [c["name"] for c in api.metrics()[-1]["containers"]]
         assert names == ["good", "ranges"]
 

@@ -581,6 +581,101 @@ def docker_round_trips(containers, count):
     }
 
 
+class Churn:
+    """Container events at a steady rate, made by hand as an operator or a CI
+    runner would: each cycle runs a short `docker run --rm` job (create,
+    attach, start, die, destroy), pauses and unpauses one container, and
+    restarts another (kill, die, stop, start, restart): 12 events, one cycle
+    every `cycle_s`. Counted by the engine's own `docker events`, all
+    container events (not only those the agent asks for)."""
+
+    def __init__(self, containers, cycle_s):
+        self.paused, self.restarted = containers.names[1], containers.names[2]
+        self.cycle_s = cycle_s
+        self.on = threading.Event()  # set: make events
+        self.idle = threading.Event()  # set: no step under way
+        self.done = threading.Event()
+        self.events = []
+
+    def __enter__(self):
+        self.watch = subprocess.Popen(
+            ["docker", "events", "--filter", "type=container", "--format",
+             "{{.Action}}"], stdout=subprocess.PIPE, text=True)
+        threading.Thread(target=self._count, daemon=True).start()
+        self.maker = threading.Thread(target=self._make, daemon=True)
+        self.maker.start()
+        return self
+
+    def _count(self):
+        for line in self.watch.stdout:
+            self.events.append((time.monotonic(), line.strip()))
+
+    def _make(self):
+        steps = [("run", "--rm", "--network", "none", harness.TEST_IMAGE, "sh", "-c",
+                  "true"),
+                 ("pause", self.paused), ("unpause", self.paused),
+                 ("restart", "--time", "0", self.restarted)]
+        while not self.done.is_set():
+            for step in steps:
+                if not self.on.is_set():
+                    self.idle.set()
+                    self.on.wait()
+                    self.idle.clear()
+                started = time.monotonic()
+                harness.docker(*step, check=False)
+                # paced: the cycle's events spread over it, as a steady rate
+                self.done.wait(max(0, self.cycle_s / len(steps)
+                                   - (time.monotonic() - started)))
+
+    def rate_per_min(self, t0, t1):
+        return sum(t0 <= t for t, _ in self.events if t <= t1) * 60 / (t1 - t0)
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.on.set()
+        self.maker.join(60)
+        self.watch.terminate()
+        self.watch.wait(10)
+
+
+def churn_cpu(containers, windows, window_s, workdir):
+    """The agent's CPU, children included, in windows with container events
+    about 60 a minute, and in quiet windows between them, in one agent
+    process: % of one core (medians), events a minute, docker CLI calls a
+    minute."""
+    if not containers.available:
+        return None
+    api = harness.FakeAPI(key=KEY, deflate="uvicorn").start()
+    shim, calls = counting_docker(workdir)
+    proc = start_agent(api, "--docker-binary", shim)
+    figures = {"quiet": [], "churn": [], "events_per_min": [], "calls_per_min": []}
+    try:
+        harness.wait_until(lambda: len(api.metrics()) >= 2, 15, "two frames")
+        with Churn(containers, cycle_s=12.0) as churn:
+            for _ in range(windows):
+                figures["quiet"] += idle_cpu_percent(proc.pid, 1, window_s)
+                churn.on.set()
+                with open(calls) as f:
+                    calls0 = len(f.read().split())
+                t0 = time.monotonic()
+                figures["churn"] += idle_cpu_percent(proc.pid, 1, window_s)
+                t1 = time.monotonic()
+                with open(calls) as f:
+                    calls1 = len(f.read().split())
+                churn.on.clear()
+                churn.idle.wait(60)  # the quiet window starts after the last step
+                figures["events_per_min"].append(churn.rate_per_min(t0, t1))
+                figures["calls_per_min"].append((calls1 - calls0) * 60 / (t1 - t0))
+    finally:
+        stop(proc)
+        api.stop()
+    return {"quiet_cpu_percent": median(figures["quiet"]),
+            "churn_cpu_percent": median(figures["churn"]),
+            "events_per_min": median(figures["events_per_min"]),
+            "docker_calls_per_min": median(figures["calls_per_min"]),
+            "windows": figures}
+
+
 ###############################################################################
 # Peers #######################################################################
 ###############################################################################
@@ -658,6 +753,7 @@ TARGETS = {
     "metrics frame on the wire": "<= 15 B per process",
     "docker CLI spawns at rest": "0 per minute",
     "docker request round trip": "inspect < 2 s behind commands",
+    "CPU with 60 container events/min": "<= 0.1 % of one core",
     "spool": "0 B an hour, healthy API",
 }
 
@@ -707,6 +803,7 @@ def rows(r):
         ("docker CLI spawns at rest", "n/a (no Docker engine)" if docker_calls is None else
          f"{docker_calls:.2f} per minute", None if docker_calls is None else docker_calls == 0),
         docker_row(r.get("docker")),
+        churn_row(r.get("churn"), r["window_s"]),
         spool_row(r["spool"]),
     ]
 
@@ -759,6 +856,19 @@ def docker_row(d):
             f"run: p50 {d['inspect_behind_commands_p50_ms']:.0f} ms, max "
             f"{d['inspect_behind_commands_max_ms']:.0f} ms",
             d["inspect_behind_commands_max_ms"] < 2000)
+
+
+def churn_row(c, window_s):
+    figure = "CPU with 60 container events/min"
+    if c is None:
+        return figure, "n/a (no Docker engine)", None
+    windows = len(c["windows"]["churn"])
+    calls = c["docker_calls_per_min"]
+    return (figure, f"{c['churn_cpu_percent']:.3f} % of one core, children included "
+            f"({c['events_per_min']:.0f} events a minute, {calls:.1f} docker CLI "
+            f"calls a minute); quiet in the same run "
+            f"{c['quiet_cpu_percent']:.3f} %; medians of {windows} windows of "
+            f"{window_s} s each", c["churn_cpu_percent"] <= 0.1)
 
 
 def spool_row(d):
@@ -856,6 +966,8 @@ def main():
             "wire": lambda: wire_bytes(15 if args.quick else 300,
                                        1 if args.quick else 5),
             "docker": lambda: docker_round_trips(containers, 10 if args.quick else 30),
+            "churn": lambda: churn_cpu(containers, 1 if args.quick else 4, window,
+                                       workdir),
             "peers": lambda: peers(20 if args.quick else 60, workdir),
         }
         for name in args.only or parts:
