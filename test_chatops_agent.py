@@ -3005,7 +3005,10 @@ class TestContainerEvents:
         fixed = [{"private_port": 80, "type": "tcp", "public_port": 8080}]
         web = agent.Inspected(self.WEB, state, [],
                               agent.ContainerConfig("no", fixed, True))
-        cli = ScriptedDocker([row], {self.WEB: web})
+        job = agent.Inspected(
+            self.JOB, agent.CREATED._replace(running=True, started=time.time()), [],
+            agent.ContainerConfig("no", [], False))
+        cli = ScriptedDocker([row], {self.WEB: web, self.JOB: job})  # JOB: once created
         cache = agent.ContainerCache(agent.load_config({}, {}), cli)
         thread = threading.Thread(target=cache.run, daemon=True)
         thread.start()
@@ -3777,10 +3780,14 @@ class TestQuietSpool:
     def test_a_running_agent_writes_nothing_while_the_api_acknowledges(
             self, api, run_agent, tmp_path):
         state = tmp_path / "state"
-        args = ("--metrics-interval-s", "0.5", "--state-dir", str(state))
+        args = ("--metrics-interval-s", "1", "--state-dir", str(state))
         proc = run_agent(api.url, *args)
-        wait_until(lambda: len(api.metrics()) >= 8, 15, proc.log)
-        assert (state / "spool").stat().st_size == len(agent.SPOOL_HEADER)
+        # A sample taken before the connection was up is written: it is the
+        # ones after, each acknowledged within its second, that must not be.
+        wait_until(lambda: len(api.metrics()) >= 2, 15, proc.log)
+        settled = (state / "spool").stat().st_size
+        wait_until(lambda: len(api.metrics()) >= 7, 15, proc.log)
+        assert (state / "spool").stat().st_size == settled
         assert proc.terminate() == 0
         delivered = len(api.metrics())
         run_agent(api.url, *args)
