@@ -5738,7 +5738,7 @@ def build_parser():
         help="print the effective configuration (key redacted) and exit",
     )
     parser.add_argument(
-        "--version", action="version", version="%(prog)s " + __version__
+        "--version", action="version", version="chatops-agent " + __version__
     )
     return parser
 

@@ -5,6 +5,7 @@
 #   curl -fsSL BASE_URL/install.sh | sh -s -- --api-url https://chatops.example.com --api-key-file key.txt
 #   curl -fsSL BASE_URL/install.sh | CHATOPS_API_KEY=KEY sh
 #   sh install.sh --offline DIR ...           # from a bundle, no network
+#   sh install.sh --version 0.1.0 ...         # exactly that release
 #   sh install.sh --prepare-offline DIR       # make that bundle (needs network)
 #   sh install.sh --uninstall [--purge]
 #   sh install.sh --help
@@ -13,7 +14,9 @@
 # short runs nothing.
 set -eu
 
-# Where the agent is downloaded from when it is not beside this script.
+# Where the agent is downloaded from when it is not beside this script: the
+# newest release at BASE_URL/chatops_agent.py, each release X at
+# BASE_URL/X/chatops_agent.py, each with a .sha256 beside it.
 DEFAULT_BASE_URL="https://chatops.example.com/agent"
 
 NAME=chatops-agent
@@ -46,6 +49,9 @@ Usage: install.sh [options]
   --offline DIR         install from a bundle made by --prepare-offline (env CHATOPS_OFFLINE)
   --prepare-offline DIR write such a bundle (on a connected machine) and exit
   --base-url URL        where to download the agent (env CHATOPS_BASE_URL)
+  --version X           install exactly release X (env CHATOPS_VERSION): from the
+                        bundle or the file beside this script if it is X, else
+                        from BASE_URL/X/; default: the newest
   --no-start            install, but do not enable or start the service (env CHATOPS_NO_START=1)
   --docker-access       let the service use Docker (root-equivalent!) (env CHATOPS_DOCKER_ACCESS=1)
   --dry-run             print what would be done, change nothing
@@ -63,6 +69,7 @@ parse_args() {
     API_KEY_FILE=${CHATOPS_API_KEY_FILE:-}
     OFFLINE=${CHATOPS_OFFLINE:-}
     BASE_URL=${CHATOPS_BASE_URL:-$DEFAULT_BASE_URL}
+    VERSION=${CHATOPS_VERSION:-}
     NO_START=${CHATOPS_NO_START:-0}
     DOCKER_ACCESS=${CHATOPS_DOCKER_ACCESS:-0}
     ROOT=${CHATOPS_ROOT:-}
@@ -77,6 +84,7 @@ parse_args() {
         --offline) need_value "$@" && OFFLINE=$2 && shift ;;
         --prepare-offline) need_value "$@" && PREPARE_DIR=$2 && MODE=prepare && shift ;;
         --base-url) need_value "$@" && BASE_URL=$2 && shift ;;
+        --version) need_value "$@" && VERSION=$2 && shift ;;
         --root) need_value "$@" && ROOT=$2 && shift ;;
         --no-start) NO_START=1 ;;
         --docker-access) DOCKER_ACCESS=1 ;;
@@ -91,6 +99,9 @@ parse_args() {
         esac
         shift
     done
+    case $VERSION in
+    *[!0-9A-Za-z.+-]* | [!0-9]*) die "$E_USAGE" "--version $VERSION is not a version (like 0.1.0)" ;;
+    esac
     if [ -n "$API_KEY_FILE" ]; then
         [ -r "$API_KEY_FILE" ] || die "$E_USAGE" "cannot read the key file $API_KEY_FILE"
         API_KEY=$(tr -d ' \t\r\n' <"$API_KEY_FILE")
@@ -201,24 +212,48 @@ fetch_agent() {
     here=$(script_dir)
     if [ -n "$OFFLINE" ]; then
         cp "$OFFLINE/chatops_agent.py" "$dest"
-    elif [ -n "$here" ] && [ -f "$here/chatops_agent.py" ]; then
+        check_version "$dest" "the bundle in $OFFLINE" \
+            "make a bundle of it: sh install.sh --version $VERSION --prepare-offline DIR"
+    elif [ -n "$here" ] && [ -f "$here/chatops_agent.py" ] &&
+        { [ -z "$VERSION" ] || [ "$(agent_version "$here/chatops_agent.py")" = "$VERSION" ]; }; then
         info "using chatops_agent.py beside install.sh"
         cp "$here/chatops_agent.py" "$dest"
     else
-        info "downloading $BASE_URL/chatops_agent.py"
-        download "$BASE_URL/chatops_agent.py" "$dest" ||
-            die "$E_SOURCE" "cannot download $BASE_URL/chatops_agent.py"
-        if download "$BASE_URL/chatops_agent.py.sha256" "$dest.sha256" 2>/dev/null; then
-            want=$(cut -d' ' -f1 <"$dest.sha256")
-            have=$(sha256sum "$dest" | cut -d' ' -f1)
-            [ "$want" = "$have" ] || die "$E_SOURCE" "checksum mismatch for chatops_agent.py:" \
-                "expected $want, got $have; the download is damaged or altered"
-            info "checksum verified"
-        else
-            warn "no checksum published at $BASE_URL/chatops_agent.py.sha256; not verified"
-        fi
+        download_agent "$BASE_URL${VERSION:+/$VERSION}" "$dest"
     fi
     head -n 1 "$dest" | grep -q python3 || die "$E_SOURCE" "what was fetched is not chatops_agent.py"
+    info "chatops-agent $(agent_version "$dest")"
+}
+
+download_agent() {
+    url=$1/chatops_agent.py
+    hint=
+    [ -n "$VERSION" ] && hint=": is $VERSION a release (see CHANGELOG.md)? Without --version the newest is installed"
+    info "downloading $url"
+    download "$url" "$2" || die "$E_SOURCE" "cannot download $url$hint"
+    if download "$url.sha256" "$2.sha256" 2>/dev/null; then
+        want=$(cut -d' ' -f1 <"$2.sha256")
+        have=$(sha256sum "$2" | cut -d' ' -f1)
+        [ "$want" = "$have" ] || die "$E_SOURCE" "checksum mismatch for chatops_agent.py:" \
+            "expected $want, got $have; the download is damaged or altered"
+        info "checksum verified"
+    else
+        warn "no checksum published at $url.sha256; not verified"
+    fi
+    check_version "$2" "$url" "ask whoever publishes $BASE_URL"
+}
+
+# The version a copy of the agent says it is.
+agent_version() {
+    sed -n 's/^__version__ = "\(.*\)"$/\1/p' "$1"
+}
+
+# check_version FILE WHERE FIX: with --version X, FILE must be release X.
+check_version() {
+    [ -z "$VERSION" ] && return
+    found=$(agent_version "$1")
+    [ "$found" = "$VERSION" ] ||
+        die "$E_SOURCE" "$2 holds chatops-agent ${found:-of no version}, not $VERSION; $3"
 }
 
 download() {

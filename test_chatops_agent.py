@@ -9,7 +9,9 @@ import bisect
 import collections
 import contextlib
 import datetime
+import functools
 import hashlib
+import http.server
 import inspect
 import itertools
 import json
@@ -873,7 +875,8 @@ class TestConfiguration:
 
     def test_version_and_help(self):
         version = run_cli("--version")
-        assert version.returncode == 0 and agent.__version__ in version.stdout
+        assert version.returncode == 0
+        assert version.stdout == f"chatops-agent {agent.__version__}\n"
         usage = run_cli("--help")
         assert usage.returncode == 0
         for flag in ("--api-key", "--api-url", "--config", "--once", "--check"):
@@ -5351,6 +5354,28 @@ def need_bundle():
     return bundle
 
 
+class FileServer:
+    """Serves a directory over HTTP on 127.0.0.1, in a thread; `with` gives
+    its base URL."""
+
+    def __init__(self, directory):
+        handler = functools.partial(QuietFiles, directory=str(directory))
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+
+    def __enter__(self):
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class QuietFiles(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
 def installer(*args, env=None, stdin=None, script=INSTALLER):
     return subprocess.run(["sh", script, *args], capture_output=True, text=True,
                           timeout=300, input=stdin, env=env or clean_env())
@@ -5506,6 +5531,53 @@ class TestInstaller:
         assert result.returncode == 8 and "no API key" in result.stderr
         assert "not root: installing for nobody only" in result.stderr
         assert "sudo sh" in result.stderr
+
+    def test_version_from_a_bundle_only_if_it_is_that_release(self, system_root):
+        bundle, root = need_bundle(), system_root
+        common = ["--offline", bundle, "--root", str(root),
+                  "--api-url", "https://chatops.example.com"]
+        env = clean_env(CHATOPS_API_KEY=KEY)
+        other = installer(*common, "--version", "9.9.9", env=env)
+        assert other.returncode == 5, other.stderr
+        assert (f"holds chatops-agent {agent.__version__}, not 9.9.9; make a "
+                "bundle of it: sh install.sh --version 9.9.9 --prepare-offline"
+                ) in other.stderr
+        assert not (root / "opt").exists()  # refused before any change
+        same = installer(*common, "--version", agent.__version__, env=env)
+        assert same.returncode == 0, same.stderr
+        assert f"info: chatops-agent {agent.__version__}\n" in same.stderr
+        assert installer("--version", "../1").returncode == 2
+
+    def test_version_downloaded_from_its_own_path(self, tmp_path):
+        """Each release X at BASE_URL/X/, checked against its .sha256 and
+        against what it says it is; a copy beside the script that is another
+        release is passed over."""
+        served = tmp_path / "served"
+        release = AGENT_BYTES.replace(f'__version__ = "{agent.__version__}"'.encode(),
+                                      b'__version__ = "9.9.9"')
+        for version, text in (("9.9.9", release), ("9.9.7", AGENT_BYTES)):
+            (served / version).mkdir(parents=True)
+            (served / version / "chatops_agent.py").write_bytes(text)
+            digest = hashlib.sha256(text).hexdigest()
+            (served / version / "chatops_agent.py.sha256").write_text(
+                f"{digest}  chatops_agent.py\n")
+        with FileServer(served) as base_url:
+            def install(version):
+                return installer("--dry-run", "--base-url", base_url, "--version",
+                                 version, "--api-url", "https://chatops.example.com",
+                                 env=clean_env(CHATOPS_API_KEY=KEY))
+            got = install("9.9.9")
+            assert got.returncode == 0, got.stderr
+            assert f"downloading {base_url}/9.9.9/chatops_agent.py" in got.stderr
+            assert "checksum verified" in got.stderr
+            assert "info: chatops-agent 9.9.9\n" in got.stderr
+            missing = install("9.9.8")
+            assert missing.returncode == 5
+            assert "is 9.9.8 a release (see CHANGELOG.md)?" in missing.stderr
+            mislabelled = install("9.9.7")
+            assert mislabelled.returncode == 5
+            assert f"holds chatops-agent {agent.__version__}, not 9.9.7" in (
+                mislabelled.stderr)
 
     def test_help(self):
         result = installer("--help")
@@ -5692,3 +5764,4 @@ class TestSystemd:
         wait_until(lambda: self.main_pid(box) not in ("", "0", pid), 15,
                    "a restart after SIGKILL")
         assert time.monotonic() - killed < 5 + 3  # RestartSec=5, and a little
+
