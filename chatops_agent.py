@@ -2361,6 +2361,8 @@ INSPECT_FORMAT = (
     '"publish_all":{{json (index .HostConfig "PublishAllPorts")}},'
     '"restart":{{json (index .HostConfig "RestartPolicy")}},'
     '"healthcheck":{{json (index .Config "Healthcheck")}}}')
+# What a health_status event may say (and docker ps print in brackets).
+HEALTH_WORDS = ("starting", "healthy", "unhealthy")
 # Network modes in which a container publishes no port, whatever it exposes.
 NO_PORT_NETWORKS = ("none", "host")
 PORT_SPEC = re.compile(
@@ -2688,6 +2690,10 @@ def container_event(line):
     if not (all(isinstance(t, str) for t in (container_id, name, image))
             and isinstance(nanos, int)
             and 0 < nanos < 2**62 and len(container_id) >= 12):
+        return None
+    if action == "die" and not -2**31 <= detail < 2**31:  # an int32 in the engine
+        return None
+    if action == "health_status" and detail not in HEALTH_WORDS:
         return None
     return ContainerEvent(action, container_id[:12], name, image, detail, nanos / 1e9)
 
