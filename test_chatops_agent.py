@@ -2411,9 +2411,10 @@ class TestCommands:
         background job, and reaps it when it ends: no zombie even where PID 1
         would not reap (a container whose PID 1 is the agent)."""
         cmd = commander()
-        reply = cmd.run("sleep 1.2345 & echo started")
+        marker = f"sleep 1.{os.getpid()}"  # this pytest's only
+        reply = cmd.run(f"{marker} & echo started")
         assert reply["data"]["output"] == "started\n"
-        orphan = group_members("sleep 1.2345")
+        orphan = group_members(marker)
         assert orphan, "the background job should still run"
         with open(f"/proc/{orphan[0][0]}/stat") as f:
             parent = int(f.read().rsplit(")", 1)[1].split()[1])
@@ -2460,9 +2461,9 @@ class TestCommands:
         assert data["output"] == "a\u2400b\n" and data["output_bytes"] == 4
 
     def test_long_commands_do_not_block_the_receive_loop(self, commander):
-        cmd = commander()
-        sleepers = [cmd.send("sleep 60") for _ in range(4)]
-        wait_until(lambda: group_running("sleep 60"), 5, "the sleepers to run")
+        cmd, marker = commander(), f"60.{os.getpid()}"  # this pytest's only
+        sleepers = [cmd.send(f"sleep {marker}") for _ in range(4)]
+        wait_until(lambda: group_running(marker), 5, "the sleepers to run")
         sent = time.monotonic()
         cmd.api.send_all(json.dumps({"type": "ping"}))
         wait_until(lambda: cmd.api.messages("pong"), 2, "a pong")
@@ -2484,9 +2485,9 @@ class TestCommands:
         assert cmd.reply(queued)["data"]["cancelled"]
 
     def test_cancel(self, commander):
-        cmd = commander()
-        target = cmd.send("echo before; sleep 60")
-        wait_until(lambda: group_running("sleep 60"), 5, "the command to run")
+        cmd, marker = commander(), f"60.{os.getpid()}"
+        target = cmd.send(f"echo before; sleep {marker}")
+        wait_until(lambda: group_running(marker), 5, "the command to run")
         answer = cmd.cancel(target)
         assert answer["type"] == "cancel_result"
         assert answer["data"]["cancelled"] and answer["data"]["target_id"] == target
@@ -2559,8 +2560,8 @@ class TestCommands:
             request_id = cmd.send(**fields)
             reply = cmd.reply(request_id)
             assert reply["type"] == "error" and reply["request_id"] == request_id
-        first = cmd.send("sleep 60", request_id="dup")
-        wait_until(lambda: group_running("sleep 60"), 5, "the first to run")
+        first = cmd.send(f"sleep 60.{os.getpid()}", request_id="dup")
+        wait_until(lambda: group_running(f"60.{os.getpid()}"), 5, "the first to run")
         second = cmd.run(f"touch {marker}", request_id="dup")
         assert second["type"] == "error" and "already running" in second["message"]
         cmd.cancel(first)
@@ -2576,8 +2577,9 @@ class TestCommands:
 
     def test_reply_waits_for_the_reconnect(self, commander):
         cmd = commander("--reconnect-max-delay-s", "1")
-        request_id = cmd.send("sleep 1; echo done")
-        wait_until(lambda: group_running("sleep 1"), 5, "the command to run")
+        marker = f"1.{os.getpid()}"
+        request_id = cmd.send(f"sleep {marker}; echo done")
+        wait_until(lambda: group_running(marker), 5, "the command to run")
         cmd.api.drop()
         reply = cmd.reply(request_id)
         assert reply["data"]["output"] == "done\n"
@@ -2585,13 +2587,13 @@ class TestCommands:
         assert number >= 1  # sent on a later connection
 
     def test_sigterm_kills_running_commands_and_exits_in_time(self, commander):
-        cmd = commander()
+        cmd, marker = commander(), f"777.{os.getpid()}"  # this pytest's only
         for _ in range(3):
-            cmd.send("sleep 777.25 & sleep 777.25")
+            cmd.send(f"sleep {marker} & sleep {marker}")
         pgids = wait_until(
             lambda: {pg for pg, members in process_groups().items()
-                     if any("777.25" in c for _, _, c in members)}
-            if len(group_members("777.25")) >= 6 else None,
+                     if any(marker in c for _, _, c in members)}
+            if len(group_members(marker)) >= 6 else None,
             5, "three commands to run")
         stopped = time.monotonic()
         cmd.proc.proc.send_signal(signal.SIGTERM)
@@ -2768,6 +2770,9 @@ class TestDockerParsing:
         {"Actor": {"ID": "a" * 64, "Attributes": {"name": 5, "image": "b"}}},
         {"Actor": {"ID": "a" * 64, "Attributes": {"name": "web", "image": "b",
                                                    "exitCode": "NaN"}}},
+        {"Actor": {"ID": "a" * 64, "Attributes": {"name": "web", "image": "b",
+                                                   "exitCode": "9" * 40}}},
+        {"Action": "health_status: " + "x" * 1000},
     ])
     def test_events_the_agent_cannot_read(self, change):
         event = {"Type": "container", "Action": "die", "timeNano": 1796441517715451927,
