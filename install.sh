@@ -278,7 +278,10 @@ install_python_deps() {
         use_distro_packages
         return
     fi
-    [ -x "$VENV/bin/python" ] || run python3 -m venv "$VENV"
+    if [ ! -x "$VENV/bin/python" ]; then
+        CHANGED=1
+        run python3 -m venv "$VENV"
+    fi
     # Only websocket-client: on Linux the agent reads its metrics from /proc.
     pip_install websocket-client || die "$E_SOURCE" "cannot install websocket-client"
     PYTHON=$VENV/bin/python
@@ -332,6 +335,7 @@ create_user() {
         return
     fi
     id "$NAME" >/dev/null 2>&1 && return
+    CHANGED=1
     info "creating the system user $NAME (no login shell, no home)"
     if command -v useradd >/dev/null 2>&1; then
         run useradd --system --home-dir /nonexistent --no-create-home \
@@ -481,9 +485,9 @@ start_service() {
     run systemctl enable "$NAME.service" >&2
     if [ "$CHANGED" = 1 ] || ! systemctl is-active --quiet "$NAME.service"; then
         run systemctl restart "$NAME.service"
+        [ "$DRY_RUN" = 1 ] && return
+        sleep 2 # an agent that refuses its settings exits within this
     fi
-    [ "$DRY_RUN" = 1 ] && return
-    sleep 2
     if ! systemctl is-active --quiet "$NAME.service"; then
         journalctl -u "$NAME.service" -n 30 --no-pager >&2 || true
         die "$E_SERVICE" "the service did not start; its log is above"
@@ -512,6 +516,9 @@ do_install() {
     write_config
     write_unit
     start_service
+    # The last line says whether this run changed anything (Ansible's role
+    # reads it): the program, its venv, the user, the config or the unit.
+    if [ "$CHANGED" = 1 ]; then info "changed"; else info "nothing changed"; fi
 }
 
 do_uninstall() {

@@ -5715,6 +5715,7 @@ class TestSystemd:
         docker("cp", need_bundle(), f"{box}:/bundle")
         installed = self.install(box, api)
         assert installed.returncode == 0, installed.stderr
+        assert installed.stderr.endswith("info: changed\n")
         active = in_box(box, "systemctl", "is-active", "chatops-agent").stdout
         assert active == "active\n"
         wait_until(api.metrics, 30, "the service to connect")
@@ -5724,6 +5725,7 @@ class TestSystemd:
         again = self.install(box, api)  # nothing new: nothing changes, no restart
         assert again.returncode == 0, again.stderr
         assert self.main_pid(box) == pid and "restart" not in again.stderr
+        assert again.stderr.endswith("info: nothing changed\n")
         purged = in_box(box, "sh", "/bundle/install.sh", "--uninstall", "--purge")
         assert purged.returncode == 0, purged.stderr
         left = in_box(box, "sh", "-c", "ls -d /opt/chatops-agent /etc/chatops-agent "
@@ -5770,3 +5772,209 @@ class TestSystemd:
                    "a restart after SIGKILL")
         assert time.monotonic() - killed < 5 + 3  # RestartSec=5, and a little
 
+
+
+###############################################################################
+# A fleet, through the Ansible role ###########################################
+###############################################################################
+
+
+ANSIBLE_DIR = os.path.join(os.path.dirname(AGENT), "deploy", "ansible")
+
+
+def need_ansible():
+    """The bin directory of a venv with ansible and ansible-lint (.ci/run
+    makes one, from PyPI)."""
+    bin_dir = os.environ.get("CHATOPS_TEST_ANSIBLE", "")
+    require(os.access(os.path.join(bin_dir, "ansible-playbook"), os.X_OK),
+            "no Ansible (CHATOPS_TEST_ANSIBLE, a venv's bin with ansible and "
+            "ansible-lint; .ci/run makes one)")
+    return bin_dir
+
+
+def bundle_of(version, bundle, directory):
+    """A copy of the offline bundle whose agent says it is `version`, with
+    its SHA256SUMS made again: a release made for the test."""
+    shutil.copytree(bundle, directory)
+    program = os.path.join(directory, "chatops_agent.py")
+    with open(program) as f:
+        text = f.read().replace(f'__version__ = "{agent.__version__}"',
+                                f'__version__ = "{version}"')
+    with open(program, "w") as f:
+        f.write(text)
+    sums = []
+    for root, _, files in os.walk(directory):
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            if name != "SHA256SUMS":
+                with open(path, "rb") as f:
+                    digest = hashlib.sha256(f.read()).hexdigest()
+                sums.append(f"{digest}  {os.path.relpath(path, directory)}")
+    with open(os.path.join(directory, "SHA256SUMS"), "w") as f:
+        f.write("\n".join(sorted(sums, key=lambda s: s.split("  ")[1])) + "\n")
+    return str(directory)
+
+
+@pytest.fixture
+def fleet(image):
+    """Four hosts: the Debian image booted with systemd, as systemd_box."""
+    names = [f"chatops-fleet-{os.getpid()}-{n}" for n in range(1, 5)]
+    try:
+        for name in names:
+            docker("run", "-d", "--name", name, "--cap-add", "SYS_ADMIN",
+                   "-v", "/sys/fs/cgroup:/sys/fs/cgroup:rw", "--tmpfs", "/run",
+                   "--tmpfs", "/run/lock", "--network", "host", image,
+                   "/lib/systemd/systemd")
+        def booted(name):
+            state = in_box(name, "systemctl", "is-system-running").stdout.strip()
+            return state in ("running", "degraded")
+
+        for name in names:
+            wait_until(lambda name=name: booted(name), 60, f"systemd to boot in {name}")
+        yield names
+    finally:
+        docker("rm", "-f", *names, check=False)
+
+
+class Uptime:
+    """Watches which hosts' agents are connected to their API, every 50 ms,
+    and keeps each host's times without one."""
+
+    def __init__(self, apis):
+        self.apis = apis
+        self.down = {host: [] for host in apis}  # host -> [[from, to or None]]
+        self.stop = threading.Event()
+
+    def __enter__(self):
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+        return self
+
+    def _watch(self):
+        while not self.stop.wait(0.05):
+            now = time.monotonic()
+            for host, api in self.apis.items():
+                spans = self.down[host]
+                up = any(conn.protocol.state.name == "OPEN"
+                         for conn in list(api.connections))
+                if not up and not (spans and spans[-1][1] is None):
+                    spans.append([now, None])
+                elif up and spans and spans[-1][1] is None:
+                    spans[-1][1] = now
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(5)
+
+    def most_down_at_once(self):
+        edges = sorted((t, step) for spans in self.down.values() for start, end in spans
+                       for t, step in ((start, 1), (end or time.monotonic(), -1)))
+        most = now = 0
+        for _, step in edges:
+            now += step
+            most = max(most, now)
+        return most
+
+
+class TestFleet:
+    """The role deploy/ansible/roles/chatops_agent on four systemd hosts,
+    reached through Ansible's community.docker.docker connection, each agent
+    with a test API of its own on 127.0.0.1."""
+
+    def test_lint_production(self):
+        lint = subprocess.run(
+            [os.path.join(need_ansible(), "ansible-lint"), "--profile", "production",
+             "playbook.yml", "roles/chatops_agent"], cwd=ANSIBLE_DIR,
+            capture_output=True, text=True, timeout=120)
+        assert lint.returncode == 0, lint.stdout + lint.stderr
+        assert "Profile 'production' was required, and it passed" in lint.stderr
+
+    def play(self, inventory, extra=None):
+        """ansible-playbook with the example playbook; (rc, {host: changed}, output)."""
+        extra_file = inventory.parent / "extra.json"
+        extra_file.write_text(json.dumps(extra or {}))
+        started = time.monotonic()
+        result = subprocess.run(
+            [os.path.join(need_ansible(), "ansible-playbook"), "-i", str(inventory),
+             "-e", f"@{extra_file}", os.path.join(ANSIBLE_DIR, "playbook.yml")],
+            capture_output=True, text=True, timeout=600,
+            env=clean_env(ANSIBLE_NOCOLOR="1", ANSIBLE_PIPELINING="True",
+                          ANSIBLE_ROLES_PATH=os.path.join(ANSIBLE_DIR, "roles")))
+        print(f"ansible-playbook {extra or ''}: exit {result.returncode} in "
+              f"{time.monotonic() - started:.1f} s")
+        recap = {m.group(1): int(m.group(2)) for m in re.finditer(
+            r"^(\S+)\s+: ok=\d+\s+changed=(\d+)", result.stdout, re.M)}
+        print(result.stdout[result.stdout.find("PLAY RECAP"):])
+        return result.returncode, recap, result.stdout
+
+    def versions(self, fleet):
+        return [in_box(host, "sed", "-n", 's/^__version__ = "\\(.*\\)"$/\\1/p',
+                       "/opt/chatops-agent/chatops_agent.py").stdout.strip()
+                for host in fleet]
+
+    def test_install_again_upgrade_stop_at_a_bad_key_and_purge(self, fleet,
+                                                                 tmp_path):
+        bundle = need_bundle()
+        apis = {host: FakeAPI(key=KEY).start() for host in fleet}
+        inventory = tmp_path / "inventory.json"
+        hosts = {host: {"chatops_agent_api_url": apis[host].url} for host in fleet}
+
+        shared = {
+            "ansible_connection": "community.docker.docker", "ansible_user": "root",
+            "ansible_become": False, "ansible_python_interpreter": "/usr/bin/python3",
+            "chatops_agent_api_key": KEY, "chatops_agent_health_timeout_s": 12,
+            "chatops_agent_settings": {"metrics_interval_s": 1}}
+
+        def write_inventory():
+            inventory.write_text(json.dumps(
+                {"chatops_agents": {"hosts": hosts, "vars": shared}}))
+
+        write_inventory()
+        old = bundle_of(agent.__version__, bundle, tmp_path / "old")
+        try:
+            rc, first, _ = self.play(inventory, {"chatops_agent_bundle": old})
+            assert rc == 0 and all(first[host] > 0 for host in fleet), first
+            for host in fleet:
+                wait_until(apis[host].metrics, 30, f"{host} to connect")
+            rc, second, _ = self.play(inventory, {"chatops_agent_bundle": old})
+            assert rc == 0 and second == {host: 0 for host in fleet}, second
+
+            new = bundle_of("9.0.1", bundle, tmp_path / "new")
+            with Uptime(apis) as uptime:
+                started = time.monotonic()
+                rc, upgrade, _ = self.play(inventory, {"chatops_agent_bundle": new})
+            assert rc == 0 and all(upgrade[host] > 0 for host in fleet), upgrade
+            assert self.versions(fleet) == ["9.0.1"] * 4
+            assert uptime.most_down_at_once() <= 1, uptime.down
+            went = sorted((spans[0][0] - started, host)
+                          for host, spans in uptime.down.items() if spans)
+            print("upgraded, in order:", [(host, f"{t:.1f} s") for t, host in went])
+            assert [host for _, host in went] == fleet  # one at a time, in order
+
+            newer = bundle_of("9.0.2", bundle, tmp_path / "newer")
+            hosts[fleet[2]]["chatops_agent_api_key"] = "not-the-key"
+            write_inventory()
+            rc, bad, output = self.play(inventory, {"chatops_agent_bundle": newer})
+            assert rc != 0 and "is not active and connected" in output
+            assert "not-the-key" not in output and KEY not in output
+            assert self.versions(fleet) == ["9.0.2", "9.0.2", "9.0.2", "9.0.1"]
+            assert fleet[3] not in bad  # never reached
+            frames = len(apis[fleet[3]].metrics())
+            wait_until(lambda: len(apis[fleet[3]].metrics()) > frames, 10,
+                       "the last host's agent, untouched, still reporting")
+
+            rc, purged, _ = self.play(inventory, {
+                "chatops_agent_bundle": old, "chatops_agent_state": "absent",
+                "chatops_agent_purge": True})
+            assert rc == 0 and all(purged[host] > 0 for host in fleet), purged
+            for host in fleet:
+                left = in_box(host, "sh", "-c",
+                              "ls -d /opt/chatops-agent /etc/chatops-agent "
+                              "/var/lib/chatops-agent /var/tmp/chatops-agent-install "
+                              "/etc/systemd/system/chatops-agent.service* 2>/dev/null; "
+                              "getent passwd chatops-agent; "
+                              "systemctl list-units --all --no-legend 'chatops-agent*'")
+                assert left.stdout.strip() == "", (host, left.stdout)
+        finally:
+            for api in apis.values():
+                api.stop()
