@@ -5945,6 +5945,9 @@ class TestFleet:
                 rc, upgrade, _ = self.play(inventory, {"chatops_agent_bundle": new})
             assert rc == 0 and all(upgrade[host] > 0 for host in fleet), upgrade
             assert self.versions(fleet) == ["9.0.1"] * 4
+            for host in fleet:  # each connected again, and reporting as the new one
+                wait_until(lambda host=host: apis[host].metrics()[-1]["agent_version"]
+                           == "9.0.1", 10, f"{host}'s agent 9.0.1 reporting")
             assert uptime.most_down_at_once() <= 1, uptime.down
             went = sorted((spans[0][0] - started, host)
                           for host, spans in uptime.down.items() if spans)
