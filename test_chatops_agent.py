@@ -5912,6 +5912,7 @@ class TestFleet:
                        "/opt/chatops-agent/chatops_agent.py").stdout.strip()
                 for host in fleet]
 
+    @pytest.mark.timeout(480)  # five playbook runs over four hosts: ~3 min here
     def test_install_again_upgrade_stop_at_a_bad_key_and_purge(self, fleet,
                                                                  tmp_path):
         bundle = need_bundle()
