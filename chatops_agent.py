@@ -3643,13 +3643,14 @@ Waiting = collections.namedtuple("Waiting", "kind payload keep_until coalesce")
 
 
 class Sample:
-    """A metrics sample: its number (for the spool), its `data` as JSON, and
-    whether it is written to the spool yet."""
+    """A metrics sample: its number (for the spool), its `data` as JSON, when
+    it was queued (monotonic seconds), and whether it is in the spool yet."""
 
-    __slots__ = ("number", "data", "spooled")
+    __slots__ = ("number", "data", "queued_at", "spooled")
 
-    def __init__(self, number, data, spooled=False):
+    def __init__(self, number, data, queued_at, spooled=False):
         self.number, self.data, self.spooled = number, data, spooled
+        self.queued_at = queued_at
 
 
 class Outbox:
@@ -3785,20 +3786,25 @@ class SampleQueue:
     first. The spool (when a state directory is in use) is written only for
     samples that may need it, so that a healthy API costs no disk writes at
     all: a sample is written when it is taken while the link is down, or
-    when the next one comes and it is still undelivered, and at a clean stop
-    whatever is undelivered; a "done" record follows only a sample that was
-    written. So a restart loses none, and SIGKILL loses at most the samples
-    of the last interval that the API had not acknowledged. All file work
+    when a later one comes at least `grace_s` after it (half the metrics
+    interval) and it is still undelivered, and at a clean stop whatever is
+    undelivered; a "done" record follows only a sample that was written. The
+    grace is there because ticks can bunch: a tick that ran late under load
+    is followed by one on time, and the API has not answered in between. So
+    a restart loses none, and SIGKILL loses at most the samples of the last
+    interval or two that the API had not acknowledged. All file work
     happens in the metrics thread (`add`) and at the end (`close`), never in
     the receive loop.
     """
 
     UNKNOWN, ACKS, NO_ACKS = "unknown", "acks", "no acks"
 
-    def __init__(self, doorbell, capacity, spool=None):
+    def __init__(self, doorbell, capacity, spool=None, grace_s=0.0):
         self.doorbell = doorbell  # an Event the writer waits on: set, it looks
         self.capacity = capacity
         self.spool = spool
+        self.grace_s = grace_s  # how long a sample may wait unwritten (see above)
+        self.clock = time.monotonic
         self.ack_mode = self.UNKNOWN
         self._lock = threading.Lock()
         self._samples = collections.deque()  # of Sample, oldest first
@@ -3830,7 +3836,7 @@ class SampleQueue:
         found, last, dropped = self.spool.open(self.capacity)
         with self._lock:
             for number, data in found:
-                self._samples.append(Sample(number, data, spooled=True))
+                self._samples.append(Sample(number, data, 0.0, spooled=True))
                 self._bytes += len(data)
                 self._spooled_bytes += len(data)
             self._numbers = itertools.count(last + 1)
@@ -3840,7 +3846,7 @@ class SampleQueue:
     def add(self, data):
         """A new sample (the metrics thread): queued. The spool gets what is
         due (see the class), with the deliveries of samples it holds."""
-        sample = Sample(next(self._numbers), to_json(data))
+        sample = Sample(next(self._numbers), to_json(data), self.clock())
         with self._lock:
             self._samples.append(sample)
             self._bytes += len(sample.data)
@@ -3861,15 +3867,17 @@ class SampleQueue:
 
     def _to_spool(self, everything):
         """(samples, done numbers, the spool's live bytes) to write now: the
-        undelivered samples not in the spool yet, but the newest unless
-        `everything`. They are always the newest ones (older ones went in
-        when the sample after theirs came), so the look starts at the end."""
+        undelivered samples not in the spool yet, unless `everything` only
+        those queued at least the grace before the newest. They are always
+        the newest ones (older ones went in when a sample came late enough
+        after theirs), so the look starts at the end."""
         newest = self._samples[-1] if self._samples else None
+        due_before = newest.queued_at - self.grace_s if newest else 0.0
         samples = []
         for sample in reversed(self._samples):
             if sample.spooled:
                 break
-            if everything or sample is not newest:
+            if everything or (sample is not newest and sample.queued_at <= due_before):
                 sample.spooled = True
                 self._spooled_bytes += len(sample.data)
                 samples.append((sample.number, sample.data))
@@ -5449,7 +5457,8 @@ class Agent:
         self.exit_code = 0
         doorbell = threading.Event()  # rung by both: the writer has to look
         self.outbox = Outbox(doorbell, config.reply_keep_s)
-        self.samples = SampleQueue(doorbell, config.buffer_size, spool_for(config))
+        self.samples = SampleQueue(doorbell, config.buffer_size, spool_for(config),
+                                   grace_s=config.metrics_interval_s / 2)
         self.children = Children()
         self.docker_cli = DockerCLI(config, self.children)
         self.containers = ContainerCache(config, self.docker_cli)
