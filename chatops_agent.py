@@ -1615,6 +1615,7 @@ ALLOW_MATCH = ("import json,re,sys;c,p=json.load(sys.stdin);"
                "sys.exit(0 if any(re.fullmatch(x,c) for x in p) else 1)")
 ALLOW_MATCH_TIMEOUT_S = 2.0
 PR_SET_CHILD_SUBREAPER = 36
+PR_SET_PDEATHSIG = 1
 JOB_TAG = "CHATOPS_JOB"  # in each command's environment: AGENT_PID.N
 
 
@@ -1632,6 +1633,26 @@ def linux_libc():
         return ctypes.CDLL(None, use_errno=True)
     except (ImportError, OSError):
         return None
+
+
+def death_signal_setter():
+    """For Popen's preexec_fn: the child gets SIGKILL when the thread that
+    started it ends (PR_SET_PDEATHSIG; the thread, not the process, is the
+    kernel's parent). None off Linux or without ctypes: there a killed agent
+    leaves it behind. It runs in the child between fork and exec, so it only
+    calls what is ready: the function looked up here, and getppid to catch
+    a parent that died before the signal was set."""
+    libc = linux_libc()
+    if libc is None:
+        return None
+    prctl, parent, kill = libc.prctl, os.getpid(), int(signal.SIGKILL)
+
+    def set_death_signal():
+        prctl(PR_SET_PDEATHSIG, kill, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return set_death_signal
 
 
 class Children:
@@ -1675,23 +1696,29 @@ class Children:
         except (OSError, AttributeError) as e:
             LOG.debug("cannot become a child subreaper: %s", e)
 
-    def spawn(self, argv, **popen_args):
+    def spawn(self, argv, die_with_agent=False, **popen_args):
         """A Popen, started in a session of its own; OSError once stop()
-        has run."""
+        has run. `die_with_agent`: the child is killed when the thread that
+        starts it ends, so also when the agent is killed (SIGKILL, the OOM
+        killer), which nothing else could clean up after; for processes that
+        would never end on their own (`docker events`), or not in time."""
+        preexec = death_signal_setter() if die_with_agent else None
         with self._lock:
             if self._closed:
                 raise OSError("not started: the agent is shutting down")
-            proc = subprocess.Popen(argv, start_new_session=True, **popen_args)
+            proc = subprocess.Popen(argv, start_new_session=True,
+                                    preexec_fn=preexec, **popen_args)
             self._owned[proc.pid] = proc
         return proc
 
     def call(self, argv, timeout_s, max_bytes, env=None, data=b""):
         """(returncode, stdout, stderr) of a short-lived program given `data`
         on its stdin, or None when it did not end within `timeout_s` (it is
-        killed then); OSError when it cannot start. Each output keeps its last
-        max_bytes (see read_pipes)."""
+        killed then, and with the agent if that comes first); OSError when it
+        cannot start. Each output keeps its last max_bytes (see read_pipes)."""
         deadline = time.monotonic() + timeout_s
-        proc = self.spawn(argv, stdin=subprocess.PIPE if data else subprocess.DEVNULL,
+        proc = self.spawn(argv, die_with_agent=True,
+                          stdin=subprocess.PIPE if data else subprocess.DEVNULL,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         try:
             fed = feed(proc.stdin, data, deadline) if data else True
@@ -3009,7 +3036,7 @@ class ContainerCache:
         try:
             proc = self._events = self.cli.children.spawn(
                 [self.cli.binary, "events", "--format", "{{json .}}",
-                 "--filter=type=container", *filters],
+                 "--filter=type=container", *filters], die_with_agent=True,
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL, env=docker_environment())
         except OSError as e:

@@ -4976,6 +4976,24 @@ logs) exec sleep {logs};;
         reply = one_reply_each(api, {"logs-1"})["logs-1"][0]
         assert reply["type"] == "error" and "killed" in reply["message"]
 
+    def test_cli_processes_die_with_a_killed_agent(self, api, run_agent, tmp_path):
+        """SIGKILL leaves the agent no time to end anything: `docker events`
+        (which never ends on its own) and a hung call die with it all the same."""
+        events, listing = f"763.{os.getpid()}", f"764.{os.getpid()}"
+        shim = fake_docker(tmp_path, f"""
+version) echo 99.0;;
+events) exec sleep {events};;
+ps) exec sleep {listing};;
+*) echo "Error: No such container: x" >&2; exit 1;;
+""")
+        proc = run_agent(api.url, "--docker-binary", shim)
+        wait_until(lambda: group_members(listing) and group_members(events), 10,
+                   "the docker events process and the hanging docker ps")
+        proc.proc.kill()
+        proc.proc.wait(10)
+        wait_until(lambda: not group_members(listing) and not group_members(events),
+                   5, "no docker CLI left running")
+
 
 def shlex_quote(text):
     return "'" + text.replace("'", "'\\''") + "'"
