@@ -850,7 +850,8 @@ def validate(config):
         raise ConfigError(
             f"refusing plaintext URL {config.api_url}: the API key would cross the "
             "network in clear. Use https:// (or wss://), or if this network is "
-            "trusted pass --allow-plaintext (CHATOPS_ALLOW_PLAINTEXT=true)"
+            "trusted pass --allow-plaintext (CHATOPS_ALLOW_PLAINTEXT=true, or "
+            '"allow_plaintext": true in the config file; install.sh --allow-plaintext)'
         )
     if config.commands_enabled and not os.path.isdir(config.command_cwd):
         raise ConfigError(
@@ -4487,9 +4488,14 @@ def check_private(info, path, is_kind):
         raise SpoolRefused(f"the spool's {path} is not a {kind}: remove it, or set "
                            "state_dir")
     if info.st_uid != os.geteuid():
+        # Never advise a chown: the spool is most likely the service's, and
+        # this is someone else (root, running --check) looking at it.
+        names = UserNames()
+        owner, me = names(info.st_uid), names(os.geteuid())
         raise SpoolRefused(
-            f"the spool {path} belongs to uid {info.st_uid}, not to this agent's "
-            f"user ({os.geteuid()}): chown it to the agent's user, or set state_dir"
+            f"the spool {path} belongs to {owner}, and this agent runs as {me}: "
+            f"run the agent (and --check) as {owner}, e.g. runuser -u {owner} -- "
+            "..., or give this one a state_dir of its own"
         )
     if stat.S_IMODE(info.st_mode) & 0o077:
         mode = "700" if stat.S_ISDIR(info.st_mode) else "600"

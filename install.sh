@@ -52,6 +52,9 @@ Usage: install.sh [options]
   --version X           install exactly release X (env CHATOPS_VERSION): from the
                         bundle or the file beside this script if it is X, else
                         from BASE_URL/X/; default: the newest
+  --allow-plaintext     let the agent send its key over http:// or ws:// to a host that
+                        is not loopback (env CHATOPS_ALLOW_PLAINTEXT=true); kept by a
+                        re-run only while the API URL stays the same
   --no-start            install, but do not enable or start the service (env CHATOPS_NO_START=1)
   --docker-access       let the service use Docker (root-equivalent!) (env CHATOPS_DOCKER_ACCESS=1)
   --dry-run             print what would be done, change nothing
@@ -71,6 +74,10 @@ parse_args() {
     BASE_URL=${CHATOPS_BASE_URL:-$DEFAULT_BASE_URL}
     VERSION=${CHATOPS_VERSION:-}
     NO_START=${CHATOPS_NO_START:-0}
+    case ${CHATOPS_ALLOW_PLAINTEXT:-} in
+    true | 1) ALLOW_PLAINTEXT=1 ;;
+    *) ALLOW_PLAINTEXT=0 ;;
+    esac
     DOCKER_ACCESS=${CHATOPS_DOCKER_ACCESS:-0}
     ROOT=${CHATOPS_ROOT:-}
     DRY_RUN=0
@@ -87,6 +94,7 @@ parse_args() {
         --version) need_value "$@" && VERSION=$2 && shift ;;
         --root) need_value "$@" && ROOT=$2 && shift ;;
         --no-start) NO_START=1 ;;
+        --allow-plaintext) ALLOW_PLAINTEXT=1 ;;
         --docker-access) DOCKER_ACCESS=1 ;;
         --dry-run) DRY_RUN=1 ;;
         --uninstall) MODE=uninstall ;;
@@ -189,11 +197,61 @@ check_system() {
     fi
 }
 
+# No key given and none in a config.json: said before anything is fetched.
 check_key() {
-    if [ -z "$API_KEY" ] && ! [ -f "$CONFIG" ] && [ "$NO_START" = 0 ]; then
-        die "$E_CONFIG" "no API key: give --api-key-file FILE, CHATOPS_API_KEY, or --api-key" \
-            "(or --no-start to install without one)"
+    if [ -z "$API_KEY" ] && ! grep -qs '"api_key"' "$CONFIG" && [ "$NO_START" = 0 ]; then
+        no_key
     fi
+}
+
+no_key() {
+    die "$E_CONFIG" "no API key: give --api-key-file FILE, CHATOPS_API_KEY, or --api-key" \
+        "(a key is made in the ChatOps web UI, under API Keys; or --no-start to" \
+        "install without one)"
+}
+
+# The config this run will install, made in $WORK before anything changes:
+# the values given now replace those of an existing config.json, the others
+# are kept; allow_plaintext is kept only while api_url stays the same (a new
+# URL must ask for it again). Then the agent itself checks it, so that a
+# setting it would refuse changes nothing.
+prepare_config() {
+    NEW_CONFIG=$WORK/config.json
+    has_key=$(CHATOPS_NEW_URL=$API_URL CHATOPS_NEW_KEY=$API_KEY CHATOPS_NEW_STATE=$STATE_DIR \
+        CHATOPS_NEW_PLAINTEXT=$ALLOW_PLAINTEXT python3 - "$CONFIG" "$NEW_CONFIG" <<'PY'
+import json, os, sys
+old, new = sys.argv[1], sys.argv[2]
+config = {}
+if os.path.exists(old):
+    try:
+        with open(old) as f:
+            config = json.load(f)
+        assert isinstance(config, dict), "not a JSON object"
+    except (ValueError, AssertionError) as e:
+        sys.exit(f"{old} is not a valid config ({e}): fix it, or remove it and re-run")
+url = os.environ["CHATOPS_NEW_URL"]
+if url and url != config.get("api_url"):
+    config.pop("allow_plaintext", None)
+if url:
+    config["api_url"] = url
+if os.environ["CHATOPS_NEW_KEY"]:
+    config["api_key"] = os.environ["CHATOPS_NEW_KEY"]
+if os.environ["CHATOPS_NEW_PLAINTEXT"] == "1":
+    config["allow_plaintext"] = True
+if os.environ["CHATOPS_NEW_STATE"]:  # the operator's own choice stays
+    config.setdefault("state_dir", os.environ["CHATOPS_NEW_STATE"])
+with open(os.open(new, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+    json.dump(config, f, indent=2)
+    f.write("\n")
+print("yes" if config.get("api_key") else "no")
+PY
+    ) || die "$E_CONFIG" "nothing was changed"
+    [ "$has_key" = no ] && [ "$NO_START" = 0 ] && no_key
+    # As the service will run it: no CHATOPS_ variables, only the file.
+    refusal=$(env -i PATH="$PATH" HOME="$HOME" python3 -I "$WORK/chatops_agent.py" \
+        --config "$NEW_CONFIG" --print-config 2>&1 >/dev/null) ||
+        die "$E_CONFIG" "the agent refuses this configuration, so nothing was changed:" \
+            "${refusal#chatops-agent: error: }"
 }
 
 # -- the agent and its dependencies ----------------------------------------------------
@@ -280,6 +338,7 @@ install_python_deps() {
     fi
     if [ ! -x "$VENV/bin/python" ]; then
         CHANGED=1
+        [ -d "$VENV" ] || made "$VENV"
         run python3 -m venv "$VENV"
     fi
     # Only websocket-client: on Linux the agent reads its metrics from /proc.
@@ -313,6 +372,69 @@ use_distro_packages() {
     fi
 }
 
+# -- undoing a failed install ----------------------------------------------------------
+# Each change is written down as it is made ($WORK/undo, newest last), so that
+# a failure after the first change puts the machine back as it was before the
+# run: a fresh install leaves nothing, an upgrade the previous install,
+# running again if it ran. Nothing is written down under --dry-run.
+
+# make_dir DIR: mkdir -p, writing down the first directory it makes.
+make_dir() {
+    first=$1
+    while ! [ -d "$(dirname "$first")" ]; do
+        first=$(dirname "$first")
+    done
+    [ -d "$1" ] || made "$first"
+    run mkdir -p "$1"
+}
+
+made() { # made PATH: this run creates PATH (a file or a directory)
+    [ "$DRY_RUN" = 1 ] || printf 'M - %s\n' "$1" >>"$WORK/undo"
+}
+
+replaced() { # replaced FILE: this run is about to replace FILE; a copy is kept
+    [ "$DRY_RUN" = 1 ] && return
+    saved=$WORK/saved.$(wc -l <"$WORK/undo")
+    cp -p "$1" "$saved"
+    printf 'R %s %s\n' "$saved" "$1" >>"$WORK/undo"
+}
+
+undo_on_failure() {
+    status=$?
+    [ "$status" = 0 ] || undo
+    rm -rf "$WORK"
+}
+
+undo() {
+    [ -s "$WORK/undo" ] || return 0
+    warn "putting back what this run changed"
+    if [ "$SYSTEMD" = 1 ]; then # the service first, while its unit is there
+        if [ "$WAS_ENABLED" = 0 ]; then
+            systemctl disable --now "$NAME.service" 2>/dev/null || true
+        elif [ "$WAS_ACTIVE" = 0 ]; then
+            systemctl stop "$NAME.service" || true
+        fi
+    fi
+    # Newest first (sed reverses the lines).
+    sed -n '1!G;h;$p' "$WORK/undo" | while read -r kind saved path; do
+        case $kind in
+        M) rm -rf "$path" || true ;;
+        R) cp -p "$saved" "$path" || true ;;
+        U) if [ -n "$ROOT" ]; then userdel --root "$ROOT" "$NAME"; else userdel "$NAME"; fi ||
+            true ;;
+        esac
+    done
+    if [ "$SYSTEMD" = 1 ]; then
+        systemctl daemon-reload || true
+        [ "$WAS_ACTIVE" = 1 ] && { systemctl restart "$NAME.service" || true; }
+    fi
+    if [ "$FRESH" = 1 ]; then
+        warn "nothing of chatops-agent is left installed"
+    else
+        warn "the previous install is back as it was"
+    fi
+}
+
 # -- files --------------------------------------------------------------------------
 
 # install_file SRC DEST MODE: replace DEST if it differs, keeping DEST.bak; CHANGED=1 then.
@@ -321,7 +443,13 @@ install_file() {
         return
     fi
     CHANGED=1
-    [ -f "$2" ] && run cp -p "$2" "$2.bak"
+    if [ -f "$2" ]; then
+        replaced "$2"
+        if [ -f "$2.bak" ]; then replaced "$2.bak"; else made "$2.bak"; fi
+        run cp -p "$2" "$2.bak"
+    else
+        made "$2"
+    fi
     run install -m "$3" "$1" "$2"
 }
 
@@ -332,11 +460,13 @@ create_user() {
         [ -f "$ROOT/etc/passwd" ] || return 0 # a bare directory tree: files stay root's
         run useradd --root "$ROOT" --system --home-dir /nonexistent --no-create-home \
             --shell /usr/sbin/nologin "$NAME"
+        [ "$DRY_RUN" = 1 ] || echo "U - $NAME" >>"$WORK/undo"
         return
     fi
     id "$NAME" >/dev/null 2>&1 && return
     CHANGED=1
     info "creating the system user $NAME (no login shell, no home)"
+    [ "$DRY_RUN" = 1 ] || echo "U - $NAME" >>"$WORK/undo"
     if command -v useradd >/dev/null 2>&1; then
         run useradd --system --home-dir /nonexistent --no-create-home \
             --shell /usr/sbin/nologin "$NAME"
@@ -349,8 +479,10 @@ create_user() {
 # (numbers: under --root the host may not know the name).
 owner() {
     ids=
-    if [ "$SYSTEM" = 1 ]; then
-        ids=$(awk -F: -v n="$NAME" '$1 == n { print $3 ":" $4 }' "$ROOT/etc/passwd" 2>/dev/null)
+    if [ "$SYSTEM" = 1 ] && [ -f "$ROOT/etc/passwd" ]; then
+        ids=$(awk -F: -v n="$NAME" '$1 == n { print $3 ":" $4 }' "$ROOT/etc/passwd")
+        # Under --dry-run the user may be one this run would have made.
+        [ -z "$ids" ] && [ "$DRY_RUN" = 1 ] && ids=$NAME:$NAME
     fi
     echo "${ids:-$(id -u):$(id -g)}"
 }
@@ -360,43 +492,40 @@ owner() {
 # machines without systemd, where the agent is run by hand.
 make_state_dir() {
     [ "$SYSTEM" = 1 ] || return 0
-    run mkdir -p "$ROOT$STATE_DIR"
+    make_dir "$ROOT$STATE_DIR"
     run chmod 0700 "$ROOT$STATE_DIR"
-    [ "$DRY_RUN" = 1 ] || chown "$(owner)" "$ROOT$STATE_DIR"
+    run chown "$(owner)" "$ROOT$STATE_DIR"
 }
 
-# The config: a JSON object holding the key, mode 0600, owned by the service user.
-# Values given now replace those in an existing file; the others are kept.
-write_config() {
-    run mkdir -p "$CONF_DIR"
-    [ "$SYSTEM" = 1 ] && run chmod 0750 "$CONF_DIR"
-    [ "$DRY_RUN" = 1 ] && return
-    new=$(mktemp "$CONF_DIR/.config.XXXXXX")
-    CHATOPS_NEW_URL=$API_URL CHATOPS_NEW_KEY=$API_KEY CHATOPS_NEW_STATE=$STATE_DIR \
-        "$PYTHON" - "$CONFIG" "$new" <<'PY'
-import json, os, sys
-old, new = sys.argv[1], sys.argv[2]
-config = {}
-if os.path.exists(old):
-    with open(old) as f:
-        config = json.load(f)
-for key, env in (("api_url", "CHATOPS_NEW_URL"), ("api_key", "CHATOPS_NEW_KEY")):
-    if os.environ.get(env):
-        config[key] = os.environ[env]
-if os.environ.get("CHATOPS_NEW_STATE"):  # the operator's own choice stays
-    config.setdefault("state_dir", os.environ["CHATOPS_NEW_STATE"])
-with open(new, "w") as f:
-    json.dump(config, f, indent=2)
-    f.write("\n")
-PY
-    chmod 0600 "$new"
-    [ "$SYSTEM" = 1 ] && chown "$(owner)" "$new" "$CONF_DIR"
-    if [ -f "$CONFIG" ] && cmp -s "$new" "$CONFIG"; then
-        rm -f "$new"
-    else
-        mv -f "$new" "$CONFIG"
-        CHANGED=1
+# The config prepare_config made: mode 0600, owned by the service user, in a
+# directory of the service user's (0750), replaced in one rename.
+install_config() {
+    make_dir "$CONF_DIR"
+    if [ "$SYSTEM" = 1 ]; then
+        run chmod 0750 "$CONF_DIR"
+        run chown "$(owner)" "$CONF_DIR"
     fi
+    if [ -f "$CONFIG" ] && cmp -s "$NEW_CONFIG" "$CONFIG"; then
+        return
+    fi
+    CHANGED=1
+    keys=$(python3 -c 'import json, sys; print(", ".join(json.load(open(sys.argv[1]))))' \
+        "$NEW_CONFIG")
+    if [ "$DRY_RUN" = 1 ]; then
+        printf 'dry-run: write %s (mode 600, owner %s): %s\n' "$CONFIG" "$(owner)" "$keys" >&2
+        return
+    fi
+    if [ -f "$CONFIG" ]; then
+        cp -p "$CONFIG" "$CONFIG.bak"
+        replaced "$CONFIG"
+    else
+        made "$CONFIG"
+    fi
+    new=$(mktemp "$CONF_DIR/.config.XXXXXX")
+    cat "$NEW_CONFIG" >"$new"
+    chmod 0600 "$new"
+    [ "$SYSTEM" = 1 ] && chown "$(owner)" "$new"
+    mv -f "$new" "$CONFIG"
 }
 
 write_unit() {
@@ -421,6 +550,8 @@ ExecStart=$PYTHON_PATH /opt/$NAME/chatops_agent.py --config /etc/$NAME/config.js
 Restart=always
 RestartSec=5
 KillMode=mixed
+# Journal lines read chatops-agent[PID], not python[PID].
+SyslogIdentifier=$NAME
 # Hardening. It binds remote commands too: they cannot write outside /tmp
 # (private) and the agent's own directories, cannot gain privileges (sudo and
 # setuid programs fail), and see no devices. Loosen it with a drop-in, e.g.
@@ -455,7 +586,7 @@ $JOURNAL_ACCESS
 [Install]
 WantedBy=multi-user.target
 EOF
-    run mkdir -p "$UNIT_DIR"
+    make_dir "$UNIT_DIR"
     install_file "$tmp" "$UNIT_DIR/$NAME.service" 0644
     dropin=$UNIT_DIR/$NAME.service.d/docker.conf
     if [ "$DOCKER_ACCESS" = 1 ] && ! grep -q '^docker:' "$ROOT/etc/group" 2>/dev/null; then
@@ -464,7 +595,7 @@ EOF
         warn "--docker-access: the agent (and every remote command) joins the docker group," \
             "which is root-equivalent on this machine"
         printf '[Service]\nSupplementaryGroups=docker\n' >"$WORK/docker.conf"
-        run mkdir -p "${dropin%/*}"
+        make_dir "${dropin%/*}"
         install_file "$WORK/docker.conf" "$dropin" 0644
     fi
 }
@@ -472,27 +603,39 @@ EOF
 start_service() {
     if [ "$SYSTEM" = 0 ]; then
         info "installed for $(id -un); run it with:"
-        info "  $PYTHON_PATH $APP_DIR/chatops_agent.py --config $CONFIG"
+        info "  $(agent_command)"
         return
     fi
     if [ "$NO_START" = 1 ] || [ "$SYSTEMD" = 0 ]; then
         [ "$SYSTEMD" = 0 ] && [ "$NO_START" = 0 ] && warn "systemd is not running here"
         info "to run the agent by hand:"
-        info "  runuser -u $NAME -- $PYTHON_PATH /opt/$NAME/chatops_agent.py --config /etc/$NAME/config.json"
+        info "  $(agent_command)"
         return
     fi
     run systemctl daemon-reload
     run systemctl enable "$NAME.service" >&2
     if [ "$CHANGED" = 1 ] || ! systemctl is-active --quiet "$NAME.service"; then
+        since=$(date +%s)
         run systemctl restart "$NAME.service"
         [ "$DRY_RUN" = 1 ] && return
         sleep 2 # an agent that refuses its settings exits within this
     fi
     if ! systemctl is-active --quiet "$NAME.service"; then
-        journalctl -u "$NAME.service" -n 30 --no-pager >&2 || true
+        # This run's lines only: the journal keeps those of earlier installs.
+        journalctl -u "$NAME.service" --since "@${since:-0}" -n 30 --no-pager >&2 || true
         die "$E_SERVICE" "the service did not start; its log is above"
     fi
     info "chatops-agent is running: systemctl status $NAME"
+}
+
+# The agent's command line as the service runs it, as its user: by hand, or
+# with --check to see what it sees (agent_command --check).
+agent_command() {
+    if [ "$SYSTEM" = 1 ]; then
+        printf 'runuser -u %s -- ' "$NAME"
+    fi
+    printf '%s %s/chatops_agent.py%s --config %s\n' "$PYTHON_PATH" "${APP_DIR#"$ROOT"}" \
+        "${1:+ $1}" "${CONFIG#"$ROOT"}"
 }
 
 # -- modes ----------------------------------------------------------------------------
@@ -505,20 +648,43 @@ do_install() {
     WORK=$(mktemp -d)
     trap 'rm -rf "$WORK"' EXIT
     fetch_agent "$WORK/chatops_agent.py"
+    prepare_config
+    # Everything is checked: from here on each change is written down, and
+    # any failure puts back what was changed (undo).
+    note_before
+    : >"$WORK/undo"
+    trap undo_on_failure EXIT
     create_user
-    run mkdir -p "$APP_DIR"
+    make_dir "$APP_DIR"
     install_file "$WORK/chatops_agent.py" "$APP_DIR/chatops_agent.py" 0755
     install_python_deps
     # What the unit runs, as seen from inside the installed system.
     PYTHON_PATH=${PYTHON#"$ROOT"}
     [ "$PYTHON" = python3 ] && PYTHON_PATH=$(command -v python3)
     make_state_dir
-    write_config
+    install_config
     write_unit
     start_service
+    info "to see what the agent sees (the API, the key, the spool), as it runs:"
+    info "  $(agent_command --check)"
     # The last line says whether this run changed anything (Ansible's role
     # reads it): the program, its venv, the user, the config or the unit.
     if [ "$CHANGED" = 1 ]; then info "changed"; else info "nothing changed"; fi
+}
+
+# What there was before this run, for undo.
+note_before() {
+    FRESH=1
+    for path in "$APP_DIR" "$CONFIG" "$UNIT_DIR/$NAME.service"; do
+        [ -n "$path" ] && [ -e "$path" ] && FRESH=0
+    done
+    WAS_ACTIVE=0
+    WAS_ENABLED=0
+    if [ "$SYSTEMD" = 1 ]; then
+        systemctl is-active --quiet "$NAME.service" && WAS_ACTIVE=1
+        systemctl is-enabled --quiet "$NAME.service" 2>/dev/null && WAS_ENABLED=1
+    fi
+    return 0
 }
 
 do_uninstall() {
@@ -542,28 +708,49 @@ do_uninstall() {
 }
 
 # --prepare-offline DIR: the agent, this script, the wheels for the common Linux
-# platforms, and SHA256SUMS.
+# platforms, and SHA256SUMS. Made in a directory beside DIR and renamed into
+# place at the end, so that a failure leaves no partial bundle.
 do_prepare() {
-    command -v python3 >/dev/null 2>&1 || die "$E_PYTHON" "python3 is needed to prepare a bundle"
-    run mkdir -p "$PREPARE_DIR/wheels"
-    WORK=$(mktemp -d)
+    command -v python3 >/dev/null 2>&1 ||
+        die "$E_PYTHON" "python3 is needed to prepare a bundle (apt-get install python3)"
+    python3 -m pip --version >/dev/null 2>&1 ||
+        die "$E_PYTHON" "python3 has no pip, which fetches the websocket-client wheel:" \
+            "apt-get install python3-pip (Debian/Ubuntu; dnf install python3-pip on" \
+            "Fedora/RHEL), then re-run"
+    if [ -e "$PREPARE_DIR" ] && ! [ -f "$PREPARE_DIR/SHA256SUMS" ] &&
+        [ -n "$(ls -A "$PREPARE_DIR" 2>/dev/null)" ]; then
+        die "$E_USAGE" "$PREPARE_DIR is not empty and not a bundle: name a new directory"
+    fi
+    parent=$(dirname "$PREPARE_DIR")
+    if ! [ -d "$parent" ] || ! [ -w "$parent" ]; then
+        die "$E_USAGE" "cannot write a bundle in $parent: name a directory you can write"
+    fi
+    WORK=$(mktemp -d "$parent/.chatops-bundle.XXXXXX")
     trap 'rm -rf "$WORK"' EXIT
-    fetch_agent "$WORK/chatops_agent.py"
-    run cp "$WORK/chatops_agent.py" "$PREPARE_DIR/chatops_agent.py"
+    bundle=$WORK/bundle
+    mkdir -p "$bundle/wheels"
+    fetch_agent "$bundle/chatops_agent.py"
     here=$(script_dir)
     if [ -n "$here" ] && [ -f "$here/install.sh" ]; then
-        run cp "$here/install.sh" "$PREPARE_DIR/install.sh"
+        cp "$here/install.sh" "$bundle/install.sh"
     else
-        download "$BASE_URL/install.sh" "$PREPARE_DIR/install.sh" ||
-            die "$E_SOURCE" "cannot download install.sh"
+        download "$BASE_URL/install.sh" "$bundle/install.sh" ||
+            die "$E_SOURCE" "cannot download $BASE_URL/install.sh"
     fi
     # The newest websocket-client that still runs on Python 3.8 (pure Python).
-    run python3 -m pip download -q --disable-pip-version-check --no-deps \
-        --only-binary=:all: --python-version 3.8 -d "$PREPARE_DIR/wheels" websocket-client
-    [ "$DRY_RUN" = 1 ] && return
-    (cd "$PREPARE_DIR" && find . -type f ! -name SHA256SUMS | LC_ALL=C sort |
-        sed 's#^\./##' | xargs sha256sum) >"$WORK/SHA256SUMS"
-    mv "$WORK/SHA256SUMS" "$PREPARE_DIR/SHA256SUMS"
+    python3 -m pip download -q --disable-pip-version-check --no-deps \
+        --only-binary=:all: --python-version 3.8 -d "$bundle/wheels" websocket-client >&2 ||
+        die "$E_SOURCE" "pip could not download the websocket-client wheel (see above):" \
+            "this needs PyPI, or pip's own index settings"
+    (cd "$bundle" && find . -type f | LC_ALL=C sort | sed 's#^\./##' |
+        xargs sha256sum) >"$WORK/SHA256SUMS"
+    mv "$WORK/SHA256SUMS" "$bundle/SHA256SUMS"
+    if [ "$DRY_RUN" = 1 ]; then
+        printf 'dry-run: write the bundle to %s\n' "$PREPARE_DIR" >&2
+        return
+    fi
+    rm -rf "$PREPARE_DIR"
+    mv "$bundle" "$PREPARE_DIR"
     info "bundle ready in $PREPARE_DIR: copy it over and run sh install.sh --offline DIR"
 }
 

@@ -17,6 +17,7 @@ import itertools
 import json
 import os
 import pathlib
+import pwd
 import random
 import re
 import shutil
@@ -3849,7 +3850,11 @@ class TestSpool:
         os.chown(state / "spool", 65534, -1)
         refused = agent.Spool(str(state))
         assert refused.open(100) == ([], 0, 0)
-        assert "belongs to uid 65534" in refused.problem
+        owner = pwd.getpwuid(65534).pw_name  # nobody
+        me = pwd.getpwuid(os.geteuid()).pw_name
+        assert f"belongs to {owner}, and this agent runs as {me}: run the agent " \
+            f"(and --check) as {owner}, e.g. runuser -u {owner}" in refused.problem
+        assert "chown" not in refused.problem  # which would take it from the service
 
     def test_one_agent_per_spool(self, tmp_path):
         first = spool_at(tmp_path)
@@ -5381,6 +5386,7 @@ PROMISED_UNIT_LINES = (
     "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK",
     "SystemCallArchitectures=native", "ProtectClock=yes", "ProtectHostname=yes",
     "RestrictRealtime=yes", "RemoveIPC=yes", "UMask=0077",
+    "SyslogIdentifier=chatops-agent",
     "ExecStart=/opt/chatops-agent/venv/bin/python /opt/chatops-agent/chatops_agent.py "
     "--config /etc/chatops-agent/config.json",
 )
@@ -5419,6 +5425,25 @@ class QuietFiles(http.server.SimpleHTTPRequestHandler):
 def installer(*args, env=None, stdin=None, script=INSTALLER):
     return subprocess.run(["sh", script, *args], capture_output=True, text=True,
                           timeout=300, input=stdin, env=env or clean_env())
+
+
+CHECK_LINE = ("runuser -u chatops-agent -- /opt/chatops-agent/venv/bin/python "
+              "/opt/chatops-agent/chatops_agent.py --check "
+              "--config /etc/chatops-agent/config.json")
+
+
+def tree(root, contents=False):
+    """Every path under `root` with its mode and owner (and its bytes; the
+    account files' always), but for the backups and lock that useradd and
+    userdel leave (/etc/passwd-, /etc/.pwd.lock), as on any system."""
+    def entry(path):
+        st = path.lstat()
+        data = path.read_bytes() if path.is_file() and (
+            contents or path.parent == root / "etc") else None
+        return str(path.relative_to(root)), st.st_mode, st.st_uid, st.st_gid, data
+
+    return sorted(entry(p) for p in root.rglob("*")
+                  if not re.fullmatch(r"etc/(\.pwd\.lock|\w+-)", str(p.relative_to(root))))
 
 
 def mode_owner(path):
@@ -5484,6 +5509,7 @@ class TestInstaller:
         text = unit.read_text()
         assert all(line in text.splitlines() for line in PROMISED_UNIT_LINES)
         assert KEY not in text and KEY not in first.stderr
+        assert CHECK_LINE in first.stderr  # how to see what the service sees
         venv_python = root / "opt/chatops-agent/venv/bin/python"
         check = subprocess.run([str(venv_python), "-c", "import websocket, psutil"],
                                capture_output=True, text=True)
@@ -5528,14 +5554,102 @@ class TestInstaller:
         assert not config.parent.exists() and service_ids(root) is None
         assert not state.exists()
 
-    def test_dry_run_changes_nothing(self, system_root):
+    def test_dry_run_changes_nothing_and_lists_every_change(self, system_root):
         bundle, root = need_bundle(), system_root
-        before = sorted(p.name for p in root.rglob("*"))
+        before = tree(root)
         result = installer("--offline", bundle, "--root", str(root), "--dry-run",
                            "--api-key", "k")
         assert result.returncode == 0, result.stderr
-        assert "dry-run: " in result.stderr
-        assert sorted(p.name for p in root.rglob("*")) == before
+        assert tree(root) == before
+        owner = "chatops-agent:chatops-agent"  # the user it would make
+        for change in (
+                f"useradd --root {root} --system",
+                f"install -m 0755 ", f"{root}/opt/chatops-agent/chatops_agent.py",
+                f"python3 -m venv {root}/opt/chatops-agent/venv",
+                f"chown {owner} {root}/var/lib/chatops-agent",
+                f"chown {owner} {root}/etc/chatops-agent\n",
+                f"write {root}/etc/chatops-agent/config.json (mode 600, owner {owner}): "
+                "api_key, state_dir\n",
+                f"{root}/etc/systemd/system/chatops-agent.service"):
+            assert change in result.stderr
+
+    def test_a_bundle_without_pip_or_pypi_is_one_clear_error_and_no_bundle(
+            self, tmp_path):
+        no_pip = tmp_path / "no-pip"
+        venv.create(no_pip, with_pip=False)  # a python3 without pip, as Debian's
+        target = tmp_path / "bundle"
+        result = installer("--prepare-offline", str(target),
+                           env=clean_env(PATH=f"{no_pip}/bin:{os.environ['PATH']}"))
+        assert result.returncode == 4, result.stderr
+        assert "error: python3 has no pip" in result.stderr
+        assert "apt-get install python3-pip" in result.stderr
+        empty = tmp_path / "no-wheels"
+        empty.mkdir()
+        result = installer("--prepare-offline", str(target),
+                           env=clean_env(PIP_NO_INDEX="1", PIP_FIND_LINKS=str(empty)))
+        assert result.returncode == 5, result.stderr
+        assert "error: pip could not download the websocket-client wheel" in (
+            result.stderr)
+        assert sorted(os.listdir(tmp_path)) == ["no-pip", "no-wheels"]  # nothing half-made
+
+    def test_a_url_the_agent_refuses_changes_nothing(self, system_root):
+        bundle, root = need_bundle(), system_root
+        before = tree(root)
+        result = installer("--offline", bundle, "--root", str(root),
+                           "--api-url", "http://192.0.2.2:8000", "--api-key", "k")
+        assert result.returncode == 8, result.stderr
+        assert ("error: the agent refuses this configuration, so nothing was changed: "
+                "refusing plaintext URL http://192.0.2.2:8000") in result.stderr
+        assert "install.sh --allow-plaintext" in result.stderr
+        assert tree(root) == before
+
+    def test_plaintext_is_an_option_a_rerun_takes_back(self, system_root):
+        bundle, root = need_bundle(), system_root
+        config = root / "etc/chatops-agent/config.json"
+        common = ("--offline", bundle, "--root", str(root))
+        remote = "http://192.0.2.2:8000"
+        allowed = installer(*common, "--api-url", remote, "--api-key", "k",
+                            "--allow-plaintext")
+        assert allowed.returncode == 0, allowed.stderr
+        assert json.loads(config.read_text())["allow_plaintext"] is True
+        kept = installer(*common)  # an upgrade: the same URL, the choice kept
+        assert kept.returncode == 0, kept.stderr
+        assert json.loads(config.read_text())["allow_plaintext"] is True
+        local = installer(*common, "--api-url", "http://127.0.0.1:8000")
+        assert local.returncode == 0, local.stderr
+        assert "allow_plaintext" not in json.loads(config.read_text())
+        before = config.read_bytes()
+        again = installer(*common, "--api-url", remote)  # must be asked for again
+        assert again.returncode == 8 and "--allow-plaintext" in again.stderr
+        assert config.read_bytes() == before
+
+    def test_a_failed_install_leaves_nothing_and_a_failed_upgrade_the_old_one(
+            self, system_root, tmp_path):
+        """pip cannot install websocket-client (the bundle has no wheel): the
+        run fails after it made the user, the program and the venv."""
+        bundle, root = need_bundle(), system_root
+        broken = tmp_path / "broken"
+        shutil.copytree(bundle, broken)
+        for wheel in (broken / "wheels").iterdir():
+            wheel.unlink()
+        with open(broken / "chatops_agent.py", "a") as f:
+            f.write("# newer\n")
+        sign_bundle(broken)
+        before = tree(root)
+        failed = installer("--offline", str(broken), "--root", str(root),
+                           "--api-key", "k")
+        assert failed.returncode == 5, failed.stderr
+        assert "warn: nothing of chatops-agent is left installed" in failed.stderr
+        assert tree(root) == before and service_ids(root) is None
+        good = installer("--offline", bundle, "--root", str(root), "--api-key", "k")
+        assert good.returncode == 0, good.stderr
+        shutil.rmtree(root / "opt/chatops-agent/venv")  # so that the upgrade needs pip
+        installed = tree(root, contents=True)
+        upgrade = installer("--offline", str(broken), "--root", str(root),
+                            "--api-key", "k2")
+        assert upgrade.returncode == 5, upgrade.stderr
+        assert "warn: the previous install is back as it was" in upgrade.stderr
+        assert tree(root, contents=True) == installed
 
     def test_a_truncated_download_runs_nothing(self, system_root):
         script = pathlib.Path(INSTALLER).read_bytes()
@@ -5837,6 +5951,11 @@ def bundle_of(version, bundle, directory):
                                 f'__version__ = "{version}"')
     with open(program, "w") as f:
         f.write(text)
+    return sign_bundle(directory)
+
+
+def sign_bundle(directory):
+    """The bundle in `directory` with its SHA256SUMS made again."""
     sums = []
     for root, _, files in os.walk(directory):
         for name in sorted(files):
