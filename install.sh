@@ -30,6 +30,7 @@ E_SOURCE=5
 E_BUNDLE=6
 E_SERVICE=7
 E_CONFIG=8
+E_STEP=9 # a command failed unforeseen; its own message is above
 
 info() { printf 'info: %s\n' "$*" >&2; }
 warn() { printf 'warn: %s\n' "$*" >&2; }
@@ -399,10 +400,21 @@ replaced() { # replaced FILE: this run is about to replace FILE; a copy is kept
     printf 'R %s %s\n' "$saved" "$1" >>"$WORK/undo"
 }
 
-undo_on_failure() {
+# At every exit: a failure nobody foresaw (a command that stopped set -e) gets
+# its own status, what the run changed is put back, the work directory goes.
+on_exit() {
     status=$?
-    [ "$status" = 0 ] || undo
-    rm -rf "$WORK"
+    case $status in
+    0 | "$E_USAGE" | "$E_UNSUPPORTED" | "$E_PYTHON" | "$E_SOURCE" | "$E_BUNDLE" | \
+        "$E_SERVICE" | "$E_CONFIG") ;;
+    *)
+        printf 'error: a step failed (status %s; its own message is above)\n' "$status" >&2
+        status=$E_STEP
+        ;;
+    esac
+    [ "$status" = 0 ] || [ "$UNDO" = 0 ] || undo
+    [ -z "$WORK" ] || rm -rf "$WORK"
+    exit "$status"
 }
 
 undo() {
@@ -616,9 +628,10 @@ start_service() {
     run systemctl enable "$NAME.service" >&2
     if [ "$CHANGED" = 1 ] || ! systemctl is-active --quiet "$NAME.service"; then
         since=$(date +%s)
-        run systemctl restart "$NAME.service"
+        # A start that fails is judged below, with its journal, not by set -e.
+        run systemctl restart "$NAME.service" || true
         [ "$DRY_RUN" = 1 ] && return
-        sleep 2 # an agent that refuses its settings exits within this
+        sleep 2 # an agent that fails at start exits within this
     fi
     if ! systemctl is-active --quiet "$NAME.service"; then
         # This run's lines only: the journal keeps those of earlier installs.
@@ -646,14 +659,13 @@ do_install() {
     [ -n "$OFFLINE" ] && check_bundle
     CHANGED=0
     WORK=$(mktemp -d)
-    trap 'rm -rf "$WORK"' EXIT
     fetch_agent "$WORK/chatops_agent.py"
     prepare_config
     # Everything is checked: from here on each change is written down, and
-    # any failure puts back what was changed (undo).
+    # any failure puts back what was changed (undo, from on_exit).
     note_before
     : >"$WORK/undo"
-    trap undo_on_failure EXIT
+    UNDO=1
     create_user
     make_dir "$APP_DIR"
     install_file "$WORK/chatops_agent.py" "$APP_DIR/chatops_agent.py" 0755
@@ -726,7 +738,6 @@ do_prepare() {
         die "$E_USAGE" "cannot write a bundle in $parent: name a directory you can write"
     fi
     WORK=$(mktemp -d "$parent/.chatops-bundle.XXXXXX")
-    trap 'rm -rf "$WORK"' EXIT
     bundle=$WORK/bundle
     mkdir -p "$bundle/wheels"
     fetch_agent "$bundle/chatops_agent.py"
@@ -755,6 +766,9 @@ do_prepare() {
 }
 
 main() {
+    WORK=
+    UNDO=0
+    trap on_exit EXIT
     parse_args "$@"
     set_paths
     case $MODE in

@@ -5442,8 +5442,9 @@ def tree(root, contents=False):
             contents or path.parent == root / "etc") else None
         return str(path.relative_to(root)), st.st_mode, st.st_uid, st.st_gid, data
 
+    leftovers = re.compile(r"etc/(\.pwd\.lock|\w+-)")
     return sorted(entry(p) for p in root.rglob("*")
-                  if not re.fullmatch(r"etc/(\.pwd\.lock|\w+-)", str(p.relative_to(root))))
+                  if not leftovers.fullmatch(str(p.relative_to(root))))
 
 
 def mode_owner(path):
@@ -5564,12 +5565,12 @@ class TestInstaller:
         owner = "chatops-agent:chatops-agent"  # the user it would make
         for change in (
                 f"useradd --root {root} --system",
-                f"install -m 0755 ", f"{root}/opt/chatops-agent/chatops_agent.py",
+                "install -m 0755 ", f"{root}/opt/chatops-agent/chatops_agent.py",
                 f"python3 -m venv {root}/opt/chatops-agent/venv",
                 f"chown {owner} {root}/var/lib/chatops-agent",
                 f"chown {owner} {root}/etc/chatops-agent\n",
-                f"write {root}/etc/chatops-agent/config.json (mode 600, owner {owner}): "
-                "api_key, state_dir\n",
+                f"write {root}/etc/chatops-agent/config.json (mode 600, owner "
+                f"{owner}): api_key, state_dir\n",
                 f"{root}/etc/systemd/system/chatops-agent.service"):
             assert change in result.stderr
 
@@ -5590,7 +5591,26 @@ class TestInstaller:
         assert result.returncode == 5, result.stderr
         assert "error: pip could not download the websocket-client wheel" in (
             result.stderr)
-        assert sorted(os.listdir(tmp_path)) == ["no-pip", "no-wheels"]  # nothing half-made
+        # Nothing half-made: no bundle, no work directory beside it.
+        assert sorted(os.listdir(tmp_path)) == ["no-pip", "no-wheels"]
+
+    def test_a_step_that_fails_unforeseen_has_its_status_and_is_undone(
+            self, system_root, tmp_path):
+        bundle, root = need_bundle(), system_root
+        tools = tmp_path / "bin"
+        tools.mkdir()
+        (tools / "python3").write_text(  # python3 -m venv fails; the rest works
+            f'#!/bin/sh\ncase "$*" in "-m venv {root}/"*) echo "venv: no space left '
+            f'on device" >&2; exit 1;; esac\nexec {shutil.which("python3")} "$@"\n')
+        (tools / "python3").chmod(0o755)
+        before = tree(root)
+        result = installer("--offline", bundle, "--root", str(root), "--api-key", "k",
+                           env=clean_env(PATH=f"{tools}:{os.environ['PATH']}"))
+        assert result.returncode == 9, result.stderr
+        assert "venv: no space left on device\nerror: a step failed (status 1; its " \
+            "own message is above)\n" in result.stderr
+        assert "nothing of chatops-agent is left installed" in result.stderr
+        assert tree(root) == before
 
     def test_a_url_the_agent_refuses_changes_nothing(self, system_root):
         bundle, root = need_bundle(), system_root
@@ -5868,6 +5888,12 @@ class TestSystemd:
         active = in_box(box, "systemctl", "is-active", "chatops-agent").stdout
         assert active == "active\n"
         wait_until(api.metrics, 30, "the service to connect")
+        assert installed.stderr.endswith(f"info:   {CHECK_LINE}\ninfo: changed\n")
+        checked = in_box(box, "sh", "-c", CHECK_LINE)  # as the installer says
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        assert "spool: /var/lib/chatops-agent/spool" in checked.stdout
+        journal = in_box(box, "journalctl", "-u", "chatops-agent", "--no-pager").stdout
+        assert re.search(r" chatops-agent\[\d+\]: .* connected to ", journal), journal
         self.check_hardening(box, Commander(api, None))
         self.check_stop_and_restart(box)
         pid = self.main_pid(box)
@@ -5883,6 +5909,29 @@ class TestSystemd:
                       "getent passwd chatops-agent; "
                       "systemctl list-units --all --no-legend 'chatops-agent*'")
         assert left.stdout.strip() == ""
+        self.check_a_failed_start(box, api)
+
+    def check_a_failed_start(self, box, api):
+        """A service that cannot start (an operator's drop-in breaks it): the
+        journal shown is this run's, and the first install is undone."""
+        in_box(box, "sh", "-c", "mkdir -p /etc/systemd/system/chatops-agent.service.d"
+               " && printf '[Service]\\nExecStartPre=/bin/false\\n' > "
+               "/etc/systemd/system/chatops-agent.service.d/broken.conf")
+        failed = self.install(box, api)
+        assert failed.returncode == 7, failed.stderr
+        excerpt, _, after = failed.stderr.partition(
+            "error: the service did not start; its log is above")
+        assert "ExecStartPre" in excerpt or "status=1/FAILURE" in excerpt, excerpt
+        assert " connected to " not in excerpt  # the lines of the earlier install
+        assert "warn: nothing of chatops-agent is left installed" in after
+        left = in_box(box, "sh", "-c", "ls -d /opt/chatops-agent /etc/chatops-agent "
+                      "/var/lib/chatops-agent "
+                      "/etc/systemd/system/chatops-agent.service "
+                      "2>/dev/null; getent passwd chatops-agent; "
+                      "systemctl is-enabled chatops-agent 2>&1")
+        assert left.stdout.strip() in ("", "Failed to get unit file state for "
+                                       "chatops-agent.service: No such file or "
+                                       "directory"), left.stdout
 
     def check_hardening(self, box, cmd):
         """What the unit allows commands, and what it forbids them."""
