@@ -2,8 +2,8 @@
 # Install chatops-agent as a hardened systemd service (as root), or for the
 # current user (without root).
 #
-#   curl -fsSL BASE_URL/install.sh | sh -s -- --api-url https://chatops.example.com --api-key-file key.txt
-#   curl -fsSL BASE_URL/install.sh | CHATOPS_API_KEY=KEY sh
+#   sh install.sh --api-url URL --api-key-file KEYFILE     # from a checkout
+#   curl -fsSL BASE_URL/install.sh | sh -s -- --base-url BASE_URL --api-url URL --api-key-file KEYFILE
 #   sh install.sh --offline DIR ...           # from a bundle, no network
 #   sh install.sh --version 0.1.0 ...         # exactly that release
 #   sh install.sh --prepare-offline DIR       # make that bundle (needs network)
@@ -14,10 +14,11 @@
 # short runs nothing.
 set -eu
 
-# Where the agent is downloaded from when it is not beside this script: the
-# newest release at BASE_URL/chatops_agent.py, each release X at
-# BASE_URL/X/chatops_agent.py, each with a .sha256 beside it.
-DEFAULT_BASE_URL="https://chatops.example.com/agent"
+# Where the agent is downloaded from when it is not beside this script
+# (--base-url; there is no default: the files are published by whoever runs
+# the ChatOps platform, e.g. a bundle made by --prepare-offline served over
+# HTTPS): the newest release at BASE_URL/chatops_agent.py, each release X at
+# BASE_URL/X/chatops_agent.py, each with a .sha256 or a SHA256SUMS beside it.
 
 NAME=chatops-agent
 PYTHON_MIN_MINOR=8 # Python 3.8 or newer
@@ -49,7 +50,8 @@ Usage: install.sh [options]
   --api-key-file FILE   prefer this (env CHATOPS_API_KEY_FILE), or the variable
   --offline DIR         install from a bundle made by --prepare-offline (env CHATOPS_OFFLINE)
   --prepare-offline DIR write such a bundle (on a connected machine) and exit
-  --base-url URL        where to download the agent (env CHATOPS_BASE_URL)
+  --base-url URL        where the agent is published, when it is not beside this
+                        script: the address install.sh came from (env CHATOPS_BASE_URL)
   --version X           install exactly release X (env CHATOPS_VERSION): from the
                         bundle or the file beside this script if it is X, else
                         from BASE_URL/X/; default: the newest
@@ -72,7 +74,7 @@ parse_args() {
     API_KEY=${CHATOPS_API_KEY:-}
     API_KEY_FILE=${CHATOPS_API_KEY_FILE:-}
     OFFLINE=${CHATOPS_OFFLINE:-}
-    BASE_URL=${CHATOPS_BASE_URL:-$DEFAULT_BASE_URL}
+    BASE_URL=${CHATOPS_BASE_URL:-}
     VERSION=${CHATOPS_VERSION:-}
     NO_START=${CHATOPS_NO_START:-0}
     case ${CHATOPS_ALLOW_PLAINTEXT:-} in
@@ -285,21 +287,35 @@ fetch_agent() {
 }
 
 download_agent() {
+    need_base_url
     url=$1/chatops_agent.py
     hint=
     [ -n "$VERSION" ] && hint=": is $VERSION a release (see CHANGELOG.md)? Without --version the newest is installed"
     info "downloading $url"
     download "$url" "$2" || die "$E_SOURCE" "cannot download $url$hint"
+    # The checksum: a .sha256 beside it, or the SHA256SUMS of a published bundle.
     if download "$url.sha256" "$2.sha256" 2>/dev/null; then
         want=$(cut -d' ' -f1 <"$2.sha256")
+    elif download "$1/SHA256SUMS" "$2.sums" 2>/dev/null; then
+        want=$(awk '$2 == "chatops_agent.py" { print $1 }' "$2.sums")
+    else
+        want=
+    fi
+    if [ -n "$want" ]; then
         have=$(sha256sum "$2" | cut -d' ' -f1)
         [ "$want" = "$have" ] || die "$E_SOURCE" "checksum mismatch for chatops_agent.py:" \
             "expected $want, got $have; the download is damaged or altered"
         info "checksum verified"
     else
-        warn "no checksum published at $url.sha256; not verified"
+        warn "no checksum published at $url.sha256 or $1/SHA256SUMS; not verified"
     fi
     check_version "$2" "$url" "ask whoever publishes $BASE_URL"
+}
+
+need_base_url() {
+    [ -n "$BASE_URL" ] || die "$E_USAGE" "chatops_agent.py is not beside install.sh:" \
+        "give --base-url, the address where it is published (where install.sh came" \
+        "from), or run install.sh from a checkout of chatops-agent or a bundle"
 }
 
 # The version a copy of the agent says it is.
@@ -745,6 +761,7 @@ do_prepare() {
     if [ -n "$here" ] && [ -f "$here/install.sh" ]; then
         cp "$here/install.sh" "$bundle/install.sh"
     else
+        need_base_url
         download "$BASE_URL/install.sh" "$bundle/install.sh" ||
             die "$E_SOURCE" "cannot download $BASE_URL/install.sh"
     fi
