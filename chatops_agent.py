@@ -6050,10 +6050,20 @@ def check_websocket():
 
 
 def check_docker(config):
+    """What Docker gives the web UI's container list, which looks the same
+    (empty) whether Docker is missing, out of reach, or has no containers."""
+    empty = "the web UI's container list stays empty"
     if not config.docker_enabled:
-        return "docker: disabled (docker_enabled)"
-    status, detail = DockerCLI(config, Children()).check()
-    return f"docker: {status} ({detail})"
+        return f"docker: disabled (docker_enabled): {empty}"
+    cli = DockerCLI(config, Children())
+    status, detail = cli.check()
+    if status != "ok":
+        return f"docker: {status} ({detail}): {empty}"
+    try:
+        out, _ = cli.run("ps", "--all", "--quiet", timeout_s=min(cli.timeout_s, 15))
+    except DockerError as e:
+        return f"docker: daemon {detail} reachable; listing its containers failed: {e}"
+    return f"docker: daemon {detail} reachable, {len(out.split())} containers"
 
 
 def flags_given(args):

@@ -1852,6 +1852,20 @@ class TestConnection:
         assert "FAIL API key rejected: HTTP 401 Invalid API key" in result.stdout
         assert wrong not in result.stdout + result.stderr
 
+    def test_check_tells_no_docker_from_no_containers(self, tmp_path):
+        # The web UI shows both as the same empty list.
+        def docker_line(shim):
+            result = run_cli("--check", "--api-url", "http://127.0.0.1:9",
+                             "--docker-binary", shim, env=clean_env())
+            return result.stdout.splitlines()[-2]
+
+        assert docker_line(str(tmp_path / "none")) == (
+            f"note docker: not installed (the docker CLI ({tmp_path}/none) was not "
+            "found: install Docker (e.g. apt-get install docker.io) or set "
+            "docker_binary): the web UI's container list stays empty")
+        empty = fake_docker(tmp_path, "version) echo 99.0;;\nps) exit 0;;")
+        assert docker_line(empty) == "note docker: daemon 99.0 reachable, 0 containers"
+
     def test_check_reports_each_diagnostic(self, api):
         result = run_cli(
             "--check", "--api-url", api.url, env=clean_env(CHATOPS_API_KEY=KEY)
@@ -5612,6 +5626,21 @@ class TestInstaller:
         assert "nothing of chatops-agent is left installed" in result.stderr
         assert tree(root) == before
 
+    def test_without_the_agent_beside_it_it_asks_where_it_is_published(
+            self, system_root):
+        """install.sh alone (piped from curl) and no --base-url: there is no
+        default host to try, and nothing changes."""
+        before = tree(system_root)
+        with open(INSTALLER) as script:
+            result = subprocess.run(
+                ["sh", "-s", "--", "--root", str(system_root), "--api-key", "k"],
+                stdin=script, capture_output=True, text=True, timeout=60,
+                env=clean_env())
+        assert result.returncode == 2, result.stderr
+        assert "error: chatops_agent.py is not beside install.sh: give --base-url, " \
+            "the address where it is published" in result.stderr
+        assert tree(system_root) == before
+
     def test_a_url_the_agent_refuses_changes_nothing(self, system_root):
         bundle, root = need_bundle(), system_root
         before = tree(root)
@@ -5813,37 +5842,6 @@ class TestFreshDebian:
         assert "systemd is not running" in result.stderr  # and it says how to run it
         assert KEY not in result.stdout + result.stderr
 
-    def test_curl_pipe_sh_from_a_local_server(self, image, tmp_path):
-        """The agent and its checksum from an HTTP server on 127.0.0.1; the wheels
-        from the bundle (pip's own settings), so nothing leaves the machine."""
-        bundle = need_bundle()
-        site = tmp_path / "site"
-        site.mkdir()
-        shutil.copy(INSTALLER, site / "install.sh")
-        shutil.copy(AGENT, site / "chatops_agent.py")
-        digest = hashlib.sha256(AGENT_BYTES).hexdigest()
-        (site / "chatops_agent.py.sha256").write_text(digest + "  chatops_agent.py\n")
-        server = subprocess.Popen([sys.executable, "-u", "-m", "http.server", "--bind",
-                                   "127.0.0.1", "0", "--directory", str(site)],
-                                  stdout=subprocess.PIPE, text=True)
-        try:
-            banner = server.stdout.readline()  # "Serving HTTP on 127.0.0.1 port N ..."
-            port = re.search(r"port (\d+)", banner).group(1)
-            url = f"http://127.0.0.1:{port}"
-            result = docker("run", "--rm", "--network", "host",
-                            "-v", f"{bundle}/wheels:/wheels:ro",
-                            "-e", "PIP_NO_INDEX=1", "-e", "PIP_FIND_LINKS=/wheels",
-                            image, "sh", "-c",
-                            f"curl -fsSL {url}/install.sh | sh -s -- --base-url {url} "
-                            f"--api-url https://chatops.example.com --api-key {KEY} && "
-                            + self.CHECKS, check=False)
-        finally:
-            server.kill()
-            server.wait()
-        assert result.returncode == 0, result.stdout + result.stderr
-        self.check_installed(result.stdout)
-        assert "checksum verified" in result.stderr
-
 
 def in_box(name, *command, env=None):
     """A command in container `name`, as root."""
@@ -5894,6 +5892,10 @@ class TestSystemd:
         assert "spool: /var/lib/chatops-agent/spool" in checked.stdout
         journal = in_box(box, "journalctl", "-u", "chatops-agent", "--no-pager").stdout
         assert re.search(r" chatops-agent\[\d+\]: .* connected to ", journal), journal
+        shown = in_box(box, "ps", "-ww", "-o", "args=", "-p", self.main_pid(box)).stdout
+        assert shown.startswith("/opt/chatops-agent/venv/bin/python -c import sys;")
+        assert shown.endswith(" /opt/chatops-agent /opt/chatops-agent/chatops_agent.py "
+                              "--config /etc/chatops-agent/config.json\n")  # as README
         self.check_hardening(box, Commander(api, None))
         self.check_stop_and_restart(box)
         pid = self.main_pid(box)
