@@ -651,6 +651,8 @@ start_service() {
     fi
     if ! systemctl is-active --quiet "$NAME.service"; then
         # This run's lines only: the journal keeps those of earlier installs.
+        # --sync first, so that what the service and systemd just logged is in.
+        journalctl --sync 2>/dev/null || true
         journalctl -u "$NAME.service" --since "@${since:-0}" -n 30 --no-pager >&2 || true
         die "$E_SERVICE" "the service did not start; its log is above"
     fi
