@@ -537,14 +537,13 @@ install_config() {
         return
     fi
     CHANGED=1
-    keys=$(python3 -c 'import json, sys; print(", ".join(json.load(open(sys.argv[1]))))' \
-        "$NEW_CONFIG")
-    if [ "$DRY_RUN" = 1 ]; then
+    if [ "$DRY_RUN" = 1 ]; then # the settings' names, never their values
+        keys=$(python3 -c 'import json, sys; print(", ".join(json.load(open(sys.argv[1]))))' \
+            "$NEW_CONFIG")
         printf 'dry-run: write %s (mode 600, owner %s): %s\n' "$CONFIG" "$(owner)" "$keys" >&2
         return
     fi
     if [ -f "$CONFIG" ]; then
-        cp -p "$CONFIG" "$CONFIG.bak"
         replaced "$CONFIG"
     else
         made "$CONFIG"
