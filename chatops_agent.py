@@ -2360,6 +2360,7 @@ DOCKER_SINCE = re.compile(
 MAX_LOG_LINES = 10000
 DEFAULT_LOG_LINES = 500
 DOCKER_MAX_OUTPUT = 8 * 1024 * 1024  # per stream of one CLI call
+DOCKER_CHECK_S = 15.0  # at most, for the calls that only ask whether Docker works
 LOG_REPLY_MAX_BYTES = 1024 * 1024
 MAX_STOP_TIMEOUT_S = 3600
 MAX_PORTS_LISTED = 1000  # of one container, in the metrics
@@ -2802,10 +2803,16 @@ class DockerCLI:
         """(status, detail): is there a CLI, and a daemon it may talk to?"""
         try:
             out, _ = self.run("version", "--format", "{{.Server.Version}}",
-                              timeout_s=min(self.timeout_s, 15))
+                              timeout_s=min(self.timeout_s, DOCKER_CHECK_S))
         except DockerError as e:
             return e.status or "error", str(e)
         return "ok", out.strip()
+
+    def count_containers(self):
+        """How many containers the daemon has, running or not (DockerError)."""
+        out, _ = self.run("ps", "--all", "--quiet",
+                          timeout_s=min(self.timeout_s, DOCKER_CHECK_S))
+        return len(out.split())
 
 
 class ContainerCache:
@@ -6060,10 +6067,10 @@ def check_docker(config):
     if status != "ok":
         return f"docker: {status} ({detail}): {empty}"
     try:
-        out, _ = cli.run("ps", "--all", "--quiet", timeout_s=min(cli.timeout_s, 15))
+        count = cli.count_containers()
     except DockerError as e:
         return f"docker: daemon {detail} reachable; listing its containers failed: {e}"
-    return f"docker: daemon {detail} reachable, {len(out.split())} containers"
+    return f"docker: daemon {detail} reachable, {count} containers"
 
 
 def flags_given(args):
