@@ -1060,6 +1060,20 @@ def sample(source, **kwargs):
     return collector.collect()
 
 
+def samples_together(*sources):
+    """One sample of each source over the same CPU window: primed and
+    collected back to back, with no process table read to stand between
+    them (under load, two windows one after the other differ widely)."""
+    collectors = [agent.MetricsCollector(source, top_processes=0) for source in sources]
+    for collector in collectors:
+        collector.prime()
+    start = collectors[0].source.cpu_times()[0][1]
+    wait_until(
+        lambda: collectors[0].source.cpu_times()[0][1] > start + 0.5, 5, "a CPU window"
+    )
+    return [collector.collect() for collector in collectors]
+
+
 class TestMetrics:
     @pytest.mark.parametrize("source", sources(), ids=lambda s: s.name)
     def test_values_match_the_machine(self, source):
@@ -1191,7 +1205,7 @@ class TestMetrics:
 
     def test_proc_source_agrees_with_psutil(self):
         require(psutil is not None, "psutil is not installed")
-        proc, ps = sample(agent.ProcSource()), sample(agent.PsutilSource(psutil))
+        proc, ps = samples_together(agent.ProcSource(), agent.PsutilSource(psutil))
         for key in ("total_gb", "swap_total_gb"):
             assert proc["memory"][key] == ps["memory"][key]
         assert abs(proc["memory"]["used_gb"] - ps["memory"]["used_gb"]) < 0.1
