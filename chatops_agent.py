@@ -105,6 +105,9 @@ DEFLATE_WINDOW_BITS = 15  # 32 KiB: the previous frame is in reach (docs/perform
 DEFLATE_MEM_LEVEL = 5  # with level 6: 212 B a frame, 30 us, 144 KiB of state
 DEFLATE_LEVEL = 6
 DEFLATE_TAIL = b"\x00\x00\xff\xff"  # the empty block each compressed message ends with
+WINDOW_BITS = re.compile("[0-9]{1,2}")  # a _window_bits value: ASCII digits
+INFLATE_STEP = 64 * 1024  # inflated at a time, each step checked against the cap
+MAX_DEFLATE_STREAMS = 16  # deflate streams ended in one message (RFC 7692 7.2.3.3)
 FIRST_RETRY_CEILING = 0.25  # first reconnect delay: uniform in [0, 0.25] x the cap
 STEADY_RETRY_FLOOR = 0.8  # later reconnect delays: uniform in [0.8, 1] x the cap
 STABLE_AFTER_S = 30.0  # a connection up this long resets the backoff
@@ -4688,7 +4691,8 @@ def deflate_params(answer, offered=True):
     (its Sec-WebSocket-Extensions) agrees to; None when it names none.
     ProtocolError for an answer the agent's offer does not allow: any, when
     nothing was `offered`; another extension, two of them, an unknown or
-    repeated parameter, a bad value."""
+    repeated parameter, a bad value (a window's bits in ASCII digits: `²`
+    is a digit to str.isdigit(), and no number to int())."""
     if not answer:
         return None
 
@@ -4712,29 +4716,30 @@ def deflate_params(answer, offered=True):
             raise refuse(f"parameter {key!r}")
         bits = key.endswith("_window_bits")
         if bits != (value is not None) or bits and not (
-                value.isdigit() and 8 <= int(value) <= 15):
+                WINDOW_BITS.fullmatch(value) and 8 <= int(value) <= 15):
             raise refuse(f"value of {key!r}")
         agreed[key] = value
     return agreed
 
 
 class Deflate:
-    """permessage-deflate (RFC 7692) on one connection, as the API agreed.
+    """permessage-deflate (RFC 7692) on one connection, as the API agreed:
+    the agent's compressor, and the `inflater` of what the API sends.
 
     The agent's compressor keeps its context from message to message: a
     metrics frame is then mostly a reference to the previous one, which its
-    32 KiB window reaches. What the API sends is inflated with a bound, so
-    that a few KB cannot become gigabytes (FrameReader).
+    32 KiB window reaches.
     """
 
     def __init__(self, agreed):
         self.window_bits = min(DEFLATE_WINDOW_BITS,
                                int(agreed.get("client_max_window_bits") or 15))
         self.keep_compressor = "client_no_context_takeover" not in agreed
-        self.keep_inflater = "server_no_context_takeover" not in agreed
         # zlib's raw inflate reads any window up to its own size; 9 is its least
-        self.inflate_bits = max(9, int(agreed.get("server_max_window_bits") or 15))
-        self._compressor = self._inflater = None
+        self.inflater = Inflater(
+            max(9, int(agreed.get("server_max_window_bits") or 15)),
+            keep="server_no_context_takeover" not in agreed)
+        self._compressor = None
 
     def describe(self):
         context = "kept" if self.keep_compressor else "reset at each message"
@@ -4756,28 +4761,110 @@ class Deflate:
         data = compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH)
         return data[: -len(DEFLATE_TAIL)]
 
-    def inflater(self):
-        """The decompressor of a new message: the connection's, or a fresh
-        one when the API resets its context at each message."""
-        if not self.keep_inflater:
-            return zlib.decompressobj(-self.inflate_bits)
-        if self._inflater is None:
-            self._inflater = zlib.decompressobj(-self.inflate_bits)
-        return self._inflater
+
+class Inflater:
+    """The API's compressed messages, inflated as their bytes arrive, with a
+    bound: at most MAX_MESSAGE_BYTES of each, checked INFLATE_STEP at a time,
+    so that a few KB cannot become gigabytes, and a message over the bound
+    is refused before the rest of it is read.
+
+    The context goes on from message to message unless the API resets it
+    (`keep`). A deflate stream may end inside the connection: RFC 7692
+    section 7.2.3.3 lets a sender end a message with a block whose BFINAL
+    bit is set. zlib then takes no more input (it would pile every later
+    byte up in unused_data and inflate nothing), so a new stream begins,
+    seeded with the last window of output, which later data may still
+    refer back to.
+    """
+
+    def __init__(self, window_bits, keep):
+        self.window_bits = window_bits
+        self.keep = keep
+        self._zlib = None
+        self._history = b""  # the last window of earlier messages' output, if kept
+        self._fresh = False  # a new stream that has had no input yet
+        self._streams = 0  # streams this message began
+
+    def begin(self):
+        """A new message."""
+        self._streams = 0
+        if self._zlib is None or not self.keep:
+            self._zlib, self._history = zlib.decompressobj(-self.window_bits), b""
+
+    def feed(self, data, out):
+        """`data`, the next part of the message, inflated onto `out` (a
+        bytearray). ProtocolError: 1009 once `out` would pass
+        MAX_MESSAGE_BYTES, 1002 for what does not inflate."""
+        while data:
+            room = MAX_MESSAGE_BYTES - len(out)
+            try:
+                piece = self._zlib.decompress(data, min(INFLATE_STEP, room + 1))
+            except zlib.error as e:
+                raise ProtocolError(
+                    f"a compressed message that does not inflate ({e})") from None
+            if len(piece) > room:
+                raise ProtocolError(f"a message that inflates to more than "
+                                    f"{MAX_MESSAGE_BYTES} bytes", 1009)
+            out += piece
+            self._fresh = False
+            if self._zlib.eof:  # a final block: what follows is a new stream
+                data = self._zlib.unused_data
+                self._new_stream(out)
+            else:
+                data = self._zlib.unconsumed_tail
+
+    def end(self, out):
+        """The message is whole: the empty block the sender left out (RFC 7692
+        section 7.2.2), unless its stream ended just there."""
+        if not self._fresh:
+            self.feed(DEFLATE_TAIL, out)
+        if self.keep:
+            self._history = last_window(self._history, out, 1 << self.window_bits)
+
+    def _new_stream(self, out):
+        self._streams += 1
+        if self._streams > MAX_DEFLATE_STREAMS:  # each costs a window's copy
+            raise ProtocolError(f"a compressed message of more than "
+                                f"{MAX_DEFLATE_STREAMS} deflate streams")
+        seed = last_window(self._history, out, 1 << self.window_bits)
+        self._zlib = zlib.decompressobj(-self.window_bits, **(
+            {"zdict": seed} if seed else {}))
+        self._fresh = True
 
 
-def inflate(inflater, data, room):
-    """`data` inflated, at most `room` bytes of it: ProtocolError (1009) for
-    more, however little went in, and for data that is not deflate."""
-    try:
-        out = inflater.decompress(data, room + 1)
-    except zlib.error as e:
-        raise ProtocolError(f"a compressed message that does not inflate ({e})") \
-            from None
-    if len(out) > room:
-        raise ProtocolError(
-            f"a message that inflates to more than {MAX_MESSAGE_BYTES} bytes", 1009)
-    return out
+def last_window(history, out, window):
+    """The last `window` bytes of `history` followed by `out`, without
+    copying more of `out` than that."""
+    tail = bytes(out[-window:])
+    if len(tail) >= window:
+        return tail
+    return history[len(history) - (window - len(tail)):] + tail
+
+
+class Parts:
+    """A data message arriving in frames: its bytes so far, inflated as they
+    come when it came compressed."""
+
+    __slots__ = ("opcode", "data", "inflater", "received")
+
+    def __init__(self, opcode, inflater):
+        self.opcode, self.inflater = opcode, inflater
+        self.data = bytearray()
+        self.received = 0  # bytes of payload, compressed or not
+        if inflater is not None:
+            inflater.begin()
+
+    def add(self, chunk):
+        self.received += len(chunk)
+        if self.inflater is None:
+            self.data += chunk
+        else:
+            self.inflater.feed(chunk, self.data)
+
+    def end(self):
+        if self.inflater is not None:
+            self.inflater.end(self.data)
+        return message(self.opcode, self.data)
 
 
 class FrameReader:
@@ -4787,16 +4874,19 @@ class FrameReader:
     receive call, under the send lock: a writer stuck on a peer that stopped
     reading then froze the receive loop too. It also buffers a frame of any
     announced length. Here receiving only receives: a ping is handed to the
-    writer, and a message larger than MAX_MESSAGE_BYTES ends the connection
-    before it is read.
+    writer. A data frame's payload is taken as it arrives, and inflated then
+    if compressed: no frame is held whole beside what it becomes, and a
+    message larger than MAX_MESSAGE_BYTES (announced, received or inflated)
+    ends the connection as soon as that shows.
     """
 
     def __init__(self, sock, deflate=None):
         self.sock = sock
         self.deflate = deflate  # a Deflate when the API agreed to compression
         self.buffer = bytearray()
-        # (opcode, bytearray, its inflater or None) while a message arrives in parts
-        self.parts = None
+        self.parts = None  # the data message under way, a Parts
+        self.left = 0  # of the data frame under way: payload bytes to come,
+        self.fin = False  # and whether it ends its message
 
     def next_message(self, deadline=None):
         """(opcode, payload) of the next data message or control frame, or None
@@ -4805,14 +4895,11 @@ class FrameReader:
         out. LinkError when the connection ended or the API broke the
         protocol; OSError from the socket."""
         while True:
-            frame = self._frame()
-            if frame is None:
-                if not self._fill(deadline):
-                    return None
-                continue
-            message = self._assemble(*frame)
+            message = self._next()
             if message is not None:
                 return message
+            if not self._fill(deadline):
+                return None
 
     def _fill(self, deadline):
         if deadline is not None:
@@ -4829,9 +4916,39 @@ class FrameReader:
         self.buffer += data
         return True
 
-    def _frame(self):
-        """(fin, opcode, payload, compressed) of the next whole frame in the
-        buffer, or None."""
+    def _next(self):
+        """A whole message or control frame from the buffer, or None until
+        more is read. A data frame's payload is handed on as it comes."""
+        while True:
+            if self.left:
+                self._take_payload()
+                if self.left:
+                    return None  # the buffer is empty
+                if self.fin:
+                    return self._finish()
+            head = self._head()
+            if head is None:
+                return None
+            fin, opcode, compressed, start, length = head
+            if opcode >= 0x8:  # a control frame: whole, 125 bytes at most
+                if len(self.buffer) < start + length:
+                    return None
+                return opcode, self._cut(start, length)
+            if fin and opcode != OP_CONT and not compressed and \
+                    len(self.buffer) >= start + length:
+                return message(opcode, self._cut(start, length))  # the common case
+            del self.buffer[:start]
+            if opcode != OP_CONT:
+                inflater = self.deflate.inflater if compressed else None
+                self.parts = Parts(opcode, inflater)
+            self.left, self.fin = length, fin
+            if fin and not length:
+                return self._finish()
+
+    def _head(self):
+        """(fin, opcode, compressed, start of payload, its length) of the frame
+        at the buffer's front, once its header is in; ProtocolError for a
+        frame the API may not send."""
         buf = self.buffer
         if len(buf) < 2:
             return None
@@ -4845,14 +4962,17 @@ class FrameReader:
             if len(buf) < start:
                 return None
             length = int.from_bytes(buf[2:start], "big")
-        self._check_size(length)
-        end = start + length
-        if len(buf) < end:
-            return None
-        with memoryview(buf) as view:
-            payload = bytes(view[start:end])
-        del buf[:end]  # cheap: a bytearray drops its front without copying
-        return bool(first & 0x80), first & 0x0F, payload, compressed
+        fin, opcode = bool(first & 0x80), first & 0x0F
+        so_far = self.parts.received if opcode == OP_CONT and self.parts else 0
+        self._check_size(so_far + length)
+        if opcode >= 0x8:
+            if not (opcode in (OP_CLOSE, OP_PING, OP_PONG) and fin and length <= 125):
+                raise ProtocolError(f"a bad control frame ({opcode:#x})")
+        elif opcode not in (OP_CONT, OP_TEXT, OP_BINARY):
+            raise ProtocolError(f"unknown opcode {opcode:#x}")
+        elif (opcode == OP_CONT) != (self.parts is not None):
+            raise ProtocolError("fragments out of order")
+        return fin, opcode, compressed, start, length
 
     def _compressed(self, first):
         """Whether a frame's RSV1 marks a compressed message: only on the
@@ -4868,33 +4988,25 @@ class FrameReader:
             raise ProtocolError("RSV1 on a control or continuation frame")
         return True
 
-    def _assemble(self, fin, opcode, payload, compressed):
-        """A whole message or control frame, or None while fragments arrive."""
-        if opcode >= 0x8:
-            control = opcode in (OP_CLOSE, OP_PING, OP_PONG)
-            if not (control and fin and len(payload) <= 125):
-                raise ProtocolError(f"a bad control frame ({opcode:#x})")
-            return opcode, payload
-        if opcode not in (OP_CONT, OP_TEXT, OP_BINARY):
-            raise ProtocolError(f"unknown opcode {opcode:#x}")
-        if (opcode == OP_CONT) != (self.parts is not None):
-            raise ProtocolError("fragments out of order")
-        if fin and opcode != OP_CONT and not compressed:
-            return message(opcode, payload)  # the common case: one frame, no copy
-        if opcode != OP_CONT:
-            inflater = self.deflate.inflater() if compressed else None
-            self.parts = (opcode, bytearray(), inflater)
-        kind, data, inflater = self.parts
-        if inflater is not None:
-            room = MAX_MESSAGE_BYTES - len(data)
-            payload = inflate(inflater, payload + DEFLATE_TAIL if fin else payload,
-                              room)
-        self._check_size(len(data) + len(payload))
-        data += payload
-        if not fin:
-            return None
-        self.parts = None
-        return message(kind, bytes(data))
+    def _cut(self, start, length):
+        """The payload at `start` of the buffer, which then drops the frame."""
+        end = start + length
+        with memoryview(self.buffer) as view:
+            payload = bytes(view[start:end])
+        del self.buffer[:end]  # cheap: a bytearray drops its front without copying
+        return payload
+
+    def _take_payload(self):
+        """What the buffer holds of the data frame under way, to its message."""
+        take = min(self.left, len(self.buffer))
+        with memoryview(self.buffer) as view:
+            self.parts.add(view[:take])
+        del self.buffer[:take]
+        self.left -= take
+
+    def _finish(self):
+        parts, self.parts = self.parts, None
+        return parts.end()
 
     @staticmethod
     def _check_size(length):
@@ -4908,7 +5020,7 @@ def message(opcode, payload):
     that is not UTF-8 fails the connection (RFC 6455 section 8.1); a binary
     one is the dispatcher's to judge."""
     if opcode != OP_TEXT:
-        return opcode, payload
+        return opcode, bytes(payload)
     try:
         return opcode, payload.decode("utf-8")
     except UnicodeDecodeError:

@@ -5058,7 +5058,7 @@ def read_client_frame(conn):
 
 def after_auth(*chunks, closes, extensions=None, before=None):
     """An answer for RawPeer: the upgrade (agreeing to `extensions`),
-    auth_success, `before()` if given, then `chunks`; the code of the close
+    auth_success, `before(conn)` if given, then `chunks`; the code of the close
     frame the agent sends is appended to `closes` (None if it sends none
     within 3 s)."""
     def answer(conn, request):
@@ -5066,7 +5066,7 @@ def after_auth(*chunks, closes, extensions=None, before=None):
         read_client_frame(conn)  # auth
         conn.sendall(ws_frame(json.dumps({"type": "auth_success"})))
         if before is not None:
-            before()
+            before(conn)
         for chunk in chunks:
             conn.sendall(chunk)
         conn.settimeout(3)
@@ -5178,6 +5178,9 @@ class TestConnectionCompressed:
         "permessage-deflate; server_max_window_bits=7",
         "permessage-deflate; server_no_context_takeover=1",
         "permessage-deflate; server_no_context_takeover; server_no_context_takeover",
+        # digits to str.isdigit(), not to int() (issue 26, defect 5)
+        "permessage-deflate; client_max_window_bits=\u00b2",
+        "permessage-deflate; server_max_window_bits=\u0661\u0665",
     ])
     def test_answers_the_offer_does_not_allow(self, answer):
         with pytest.raises(agent.ProtocolError, match="did not offer"):
@@ -5187,20 +5190,24 @@ class TestConnectionCompressed:
         """Property test of the frame reader: compressed messages (context
         kept, as the API keeps it), cut into fragments anywhere and read a
         byte at a time, come out whole; plain control frames between
-        fragments pass through."""
+        fragments pass through. Any message may end its deflate stream with
+        a final block (RFC 7692 section 7.2.3.3), with or without the empty
+        block the RFC's example puts after it: later ones, which may refer
+        back across it, still come out whole (issue 26, defect 2)."""
         hypothesis = need_module("hypothesis")
         st = hypothesis.strategies
 
-        @hypothesis.settings(max_examples=60, deadline=None)
+        @hypothesis.settings(max_examples=80, deadline=None)
         @hypothesis.given(st.lists(st.tuples(
             st.text(max_size=3000), st.lists(st.integers(0, 4000), max_size=4),
-            st.booleans()), min_size=1, max_size=5), st.sampled_from([1, 7, 65536]))
+            st.booleans(), st.sampled_from(["sync", "final", "final+00"])),
+            min_size=1, max_size=5), st.sampled_from([1, 7, 65536]))
         def check(messages, chunk):
-            compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+            sender = ContextSender()
             stream = b""
-            for text, cuts, with_ping in messages:
-                body = deflated(json.dumps({"type": "x", "t": text}).encode(),
-                                compressor)
+            for text, cuts, with_ping, ending in messages:
+                body = sender.body(json.dumps({"type": "x", "t": text}).encode(),
+                                   ending)
                 stream += fragments(body, sorted(set(c % (len(body) + 1)
                                                      for c in cuts)), with_ping)
             reader = agent.FrameReader(Trickle(stream, chunk), agent.Deflate({}))
@@ -5209,9 +5216,91 @@ class TestConnectionCompressed:
                 opcode, payload = reader.next_message()
                 if opcode == agent.OP_TEXT:
                     got.append(json.loads(payload)["t"])
-            assert got == [text for text, _, _ in messages]
+            assert got == [text for text, _, _, _ in messages]
 
         check()
+
+    def test_a_stream_ended_by_a_final_block_leaves_later_messages_whole(
+            self, api, run_agent):
+        """An API that keeps its compression context and ends a message with
+        a final block (RFC 7692 section 7.2.3.3): each later request, which
+        refers back across that end, is still read and answered, where it
+        was answered "not JSON" and lost (issue 26, defect 2)."""
+        sender = ContextSender()
+        requests = [{"type": "ping", "request_id": f"bf-{n}", "pad": "chatops " * 40}
+                    for n in range(4)]
+        endings = ["final", "sync", "final+00", "sync"]
+        frames = b"".join(
+            ws_frame(sender.body(json.dumps(r).encode(), e), rsv=4)
+            for r, e in zip(requests, endings))
+        replies = []
+
+        def answer(conn, request):
+            conn.sendall(upgrade_answer(request, "permessage-deflate"))
+            read_client_frame(conn)  # auth
+            conn.sendall(ws_frame(json.dumps({"type": "auth_success"})) + frames)
+            conn.settimeout(10)
+            inflater = zlib.decompressobj(-15)  # the agent keeps its context
+            while len(replies) < len(requests):
+                frame = read_client_frame(conn)
+                if frame is None:
+                    return
+                if frame[0] == 0x1:
+                    text = inflater.decompress(frame[1] + agent.DEFLATE_TAIL)
+                    if b"request_id" in text:
+                        replies.append(json.loads(text)["request_id"])
+
+        peer = RawPeer([answer], upstream=api.port)
+        try:
+            proc = run_agent(peer.url)
+            wait_until(lambda: len(replies) == len(requests), 10,
+                       lambda: f"the replies (got {replies}); {proc.log()}")
+            assert replies == [r["request_id"] for r in requests]
+            assert "not JSON" not in proc.log()
+        finally:
+            peer.close()
+
+
+    def test_a_message_of_many_deflate_streams_is_refused(self):
+        """Each stream that ends costs a window's copy to seed the next: more
+        than MAX_DEFLATE_STREAMS ended in one message is refused with 1002,
+        however few bytes they take."""
+        empty_final = zlib.compressobj(6, zlib.DEFLATED, -15).flush()  # 2 bytes
+        for ended, refused in ((agent.MAX_DEFLATE_STREAMS, False),
+                               (agent.MAX_DEFLATE_STREAMS + 1, True)):
+            body = empty_final * ended + deflated(b'{"type":"x"}')
+            reader = agent.FrameReader(Trickle(ws_frame(body, rsv=4), 65536),
+                                       agent.Deflate({}))
+            if refused:
+                with pytest.raises(agent.ProtocolError, match="deflate streams"):
+                    reader.next_message()
+            else:
+                assert reader.next_message() == (agent.OP_TEXT, '{"type":"x"}')
+
+
+class ContextSender:
+    """A peer that compresses with its context kept from message to message,
+    and may end a message's deflate stream with a final block (then its next
+    stream starts from the window it had), with or without the empty stored
+    block RFC 7692's example sends after it (section 7.2.3.3)."""
+
+    def __init__(self):
+        self.compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+        self.history = b""
+
+    def body(self, data, ending="sync"):
+        """`data` as a message's payload, its stream ended as `ending` says:
+        sync (the usual flush, its tail removed), final, or final+00."""
+        self.history = (self.history + data)[-32768:]
+        out = self.compressor.compress(data)
+        if ending == "sync":
+            out += self.compressor.flush(zlib.Z_SYNC_FLUSH)
+            assert out.endswith(agent.DEFLATE_TAIL)
+            return out[:-4]
+        out += self.compressor.flush(zlib.Z_FINISH)
+        self.compressor = zlib.compressobj(6, zlib.DEFLATED, -15,
+                                           zdict=self.history)
+        return out + (b"\x00" if ending == "final+00" else b"")
 
 
 class Trickle:
@@ -5267,6 +5356,9 @@ class TestHostileCompression:
                         closes=closes, extensions=self.AGREED), 1002),
             (agreeing("permessage-deflate; x_custom=1", closes), 1002),
             (agreeing("permessage-deflate; client_max_window_bits=16", closes), 1002),
+            # a digit to str.isdigit(), no number to int() (issue 26, defect 5)
+            (agreeing("permessage-deflate; client_max_window_bits=\u00b2", closes),
+             1002),
         ]
         peer = RawPeer([answer for answer, _ in cases], upstream=api.port)
         try:
@@ -5274,28 +5366,35 @@ class TestHostileCompression:
             wait_until(api.metrics, 30, lambda: f"the agent back; closes {closes}")
             assert closes == [code for _, code in cases], proc.log()
             assert proc.log().count("the API agreed to an extension the agent did "
-                                    "not offer") == 2
+                                    "not offer") == 3
+            assert "unexpectedly" not in proc.log()
         finally:
             peer.close()
 
+    @pytest.mark.parametrize("split", [False, True], ids=["one frame", "fragments"])
     def test_a_deflate_bomb_ends_the_connection_and_costs_no_memory(
-            self, api, run_agent):
-        """256 KiB that inflate to 256 MiB: the message cap (4 MiB) applies to
-        what it inflates to, so the connection ends with 1009 and the agent's
-        peak memory grows by less than 8 MiB."""
-        bomb = deflated(bytes(256 * 2**20), zlib.compressobj(9, zlib.DEFLATED, -15))
-        assert len(bomb) < 300 * 1024
+            self, api, run_agent, gigabyte_bomb, split):
+        """1 MiB that inflates to 1 GiB, in one frame or in fragments of 64
+        KiB: the message cap (4 MiB) applies to what it inflates to, so the
+        connection ends with 1009, and the agent's peak memory grows by less
+        than 8 MiB: the message is refused while it is inflated, without its
+        compressed and inflated copies held at once (issue 26, defect 8)."""
+        bomb = gigabyte_bomb
+        frames = fragments(bomb, range(65536, len(bomb), 65536)) if split else \
+            ws_frame(bomb, rsv=4)
         closes, measured = [], {}
         started = threading.Event()
 
-        def reset_peak():  # once connected: the peak from here on
-            started.wait(10)
+        def reset_peak(conn):  # the peak from the second sample on: start-up
+            started.wait(10)  # and the first sample's memory trim are over
+            read_client_frame(conn)
+            read_client_frame(conn)
             pid = started.pid
             pathlib.Path(f"/proc/{pid}/clear_refs").write_text("5")
             measured["rss"] = proc_status_kib(pid, "VmRSS")
 
-        peer = RawPeer([after_auth(ws_frame(bomb, rsv=4), closes=closes,
-                                   extensions=self.AGREED, before=reset_peak)],
+        peer = RawPeer([after_auth(frames, closes=closes, extensions=self.AGREED,
+                                   before=reset_peak)],
                        upstream=api.port)
         try:
             proc = run_agent(peer.url, "--reconnect-max-delay-s", "0.5")
@@ -5308,6 +5407,18 @@ class TestHostileCompression:
             assert "inflates to more than 4194304 bytes" in proc.log()
         finally:
             peer.close()
+
+
+@pytest.fixture(scope="session")
+def gigabyte_bomb():
+    """A permessage-deflate payload of about 1 MiB that inflates to 1 GiB of
+    zeros, made without holding the GiB."""
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+    zeros = bytes(2**20)
+    body = b"".join(compressor.compress(zeros) for _ in range(1024))
+    body += compressor.flush(zlib.Z_SYNC_FLUSH)
+    assert body.endswith(agent.DEFLATE_TAIL) and len(body) < 2**21
+    return body[:-4]
 
 
 def agreeing(extensions, closes):
