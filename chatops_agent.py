@@ -113,7 +113,8 @@ STEADY_RETRY_FLOOR = 0.8  # later reconnect delays: uniform in [0.8, 1] x the ca
 STABLE_AFTER_S = 30.0  # a connection up this long resets the backoff
 AUTH_RETRY_FIRST_S = 60.0  # a rejected key is retried slowly: 1, 2, 4, ... min
 AUTH_RETRY_MAX_S = 900.0
-METRICS_WINDOW = 32  # metrics frames sent but not yet acknowledged
+METRICS_WINDOW = 32  # metrics frames sent but not yet shown read
+MAX_UNANSWERED_PINGS = 1024  # pings noted for the pongs that prove samples read
 MAX_KEPT_REPLIES = 256  # replies waiting for a reconnect
 MAX_ID_CHARS = 200  # a request id or server id longer than this is not used
 NUL_STAND_IN = "\u2400"  # U+2400 SYMBOL FOR NULL, sent in place of a NUL byte
@@ -3811,14 +3812,17 @@ class SampleQueue:
     """The metrics samples not yet delivered, oldest first, in memory and in
     the spool; and how far this connection's delivery has got.
 
-    With an API that acknowledges metrics (`metrics_received`, in order, no
-    id) a sample is delivered when acknowledged: the first `_in_flight`
-    samples are sent and unacknowledged, at most METRICS_WINDOW, and go out
-    again on the next connection if the link drops. Whether the API
-    acknowledges is learnt on each connection: after the first sample goes
-    out, `take()` hands out a ping; the server handles messages in order, so
-    a pong with no acknowledgement before it means it never acknowledges, and
-    from then on a sample is delivered when sent.
+    A sample is delivered only when the API has shown that it read it. The
+    first `_in_flight` samples are sent and not yet shown read, at most
+    METRICS_WINDOW; they go out again on the next connection if the link
+    drops, however it drops (a link that dies silently swallows whatever
+    is written into it). What shows a sample read: its acknowledgement
+    (`metrics_received`, in order, no id), from an API that acknowledges;
+    else the pong to a ping sent after it, because the API handles messages
+    in order. So after samples go out, `take()` hands out a ping, unless
+    the API acknowledges. Whether it does is learnt on each connection: a
+    pong that answers a ping sent after a sample, with no acknowledgement
+    before it, means it never does.
 
     At most `capacity` samples and MAX_SAMPLE_BYTES are kept; the oldest go
     first. The spool (when a state directory is in use) is written only for
@@ -3854,8 +3858,10 @@ class SampleQueue:
         self._linked = False  # a connection is up (between link_up and its loss)
         self._spooled_bytes = 0  # of the samples in the spool, undelivered
         self._server_id = b""  # '"server_id":ID,' put in each sample sent
-        self._pings = self._pongs = 0  # on this connection
-        self._probe = None  # number of the ping whose pong tells whether acks come
+        self._last_sent = 0  # number of the last sample sent on this connection
+        # For each ping sent on this connection and not yet answered, oldest
+        # first: the number of the last sample sent before it (0: none).
+        self._pings = collections.deque()
         self._waiting_since = None  # when in-flight samples last saw progress
         self.drops = DropCounter(
             f"offline buffer full ({capacity} samples or "
@@ -3978,20 +3984,21 @@ class SampleQueue:
             self._server_id = stamp
 
     def ping(self):
-        """The heartbeat's ping, counted: its pong may tell whether acks come."""
+        """The heartbeat's ping, noted: its pong shows what was sent before it read."""
         with self._lock:
             self._ping_taken()
         return PING_MESSAGE
 
     def take(self):
-        """(type, payload) of the probe's ping or of the next sample the window
-        lets out, or None; `sent()` follows a sample."""
+        """(type, payload) of the next sample the window lets out, else of a
+        ping whose pong will show the samples sent so far read; or None.
+        `sent()` follows a sample."""
         with self._lock:
-            if self._probe_needed():
+            if not self._ready():
+                if not self._proof_due():
+                    return None
                 self._ping_taken()
                 return "ping", PING_MESSAGE
-            if not self._ready():
-                return None
             sample = self._sending = self._samples[self._in_flight]
             stamp = self._server_id
         # The sample's JSON goes out as it was made, the server id put in front.
@@ -4003,25 +4010,26 @@ class SampleQueue:
             if sample is None or len(self._samples) <= self._in_flight or \
                     self._samples[self._in_flight] is not sample:
                 return  # dropped while it was being sent
-            if self.ack_mode == self.NO_ACKS:
-                self._forget(self._samples.popleft())  # sent is delivered
-                return
             if not self._in_flight:
                 self._waiting_since = time.monotonic()
             self._in_flight += 1
+            self._last_sent = sample.number
 
     def _ready(self):
-        window_open = self.ack_mode == self.NO_ACKS or self._in_flight < METRICS_WINDOW
-        return window_open and len(self._samples) > self._in_flight
+        return self._in_flight < METRICS_WINDOW and len(self._samples) > self._in_flight
 
-    def _probe_needed(self):
-        """True when a ping now would tell whether this API acknowledges."""
-        return self.ack_mode == self.UNKNOWN and self._in_flight and self._probe is None
+    def _proof_due(self):
+        """True when samples went out since the last ping, and only a pong
+        can show them read (the API is not known to acknowledge)."""
+        last_pinged = self._pings[-1] if self._pings else 0
+        return self.ack_mode != self.ACKS and self._last_sent > last_pinged
 
     def _ping_taken(self):
-        self._pings += 1
-        if self._probe_needed():
-            self._probe = self._pings
+        # Not noted once the API acknowledges: its pongs then prove nothing.
+        # Nor beyond a bound, for an API that never answers pings: a later
+        # pong is then matched to an older ping, which proves less, never more.
+        if self.ack_mode != self.ACKS and len(self._pings) < MAX_UNANSWERED_PINGS:
+            self._pings.append(self._last_sent)
 
     # -- the receiver -------------------------------------------------------------
     def acknowledged(self):
@@ -4033,25 +4041,31 @@ class SampleQueue:
             self._waiting_since = time.monotonic() if self._in_flight else None
         self.doorbell.set()
 
-    def unacknowledged_for(self):
-        """Seconds the oldest in-flight sample has waited without any ack coming."""
+    def unread_for(self):
+        """Seconds the samples in flight have waited with none shown read."""
         with self._lock:
             since = self._waiting_since
         return time.monotonic() - since if since is not None else 0.0
 
     def pong_received(self):
+        """A pong answers the oldest ping not yet answered: every sample sent
+        before that ping has been read. With no acknowledgement before it,
+        the API does not acknowledge, and the pong delivers them."""
         with self._lock:
-            self._pongs += 1
-            if self.ack_mode != self.UNKNOWN or self._probe is None or \
-                    self._pongs < self._probe:
+            if not self._pings:
+                return  # a pong to a heartbeat while the API acknowledges
+            shown_read = self._pings.popleft()
+            if self.ack_mode == self.ACKS or not shown_read:
                 return
+            learnt = self.ack_mode == self.UNKNOWN
             self.ack_mode = self.NO_ACKS
-            for _ in range(self._in_flight):  # no acknowledgements: sent is delivered
+            while self._in_flight and self._samples[0].number <= shown_read:
                 self._forget(self._samples.popleft())
-            self._in_flight = 0
-            self._waiting_since = None
-        LOG.info("the API does not acknowledge metrics; a sample counts as "
-                 "delivered when sent")
+                self._in_flight -= 1
+            self._waiting_since = time.monotonic() if self._in_flight else None
+        if learnt:
+            LOG.info("the API does not acknowledge metrics; a sample counts as "
+                     "delivered when the pong to a ping sent after it comes")
         self.doorbell.set()
 
     def connection_lost(self):
@@ -4063,8 +4077,8 @@ class SampleQueue:
             self._linked = False
             self._in_flight = 0
             self._sending = None
-            self._pings = self._pongs = 0
-            self._probe = None
+            self._last_sent = 0
+            self._pings.clear()
             self._waiting_since = None
             self.ack_mode = self.UNKNOWN
 
@@ -5485,11 +5499,12 @@ class Link:
                 f"nothing heard from the API for {now - session.last_rx:.1f} s "
                 "(two heartbeats)"
             )
-        waited = self.samples.unacknowledged_for()
+        waited = self.samples.unread_for()
         if waited > limit:
             return (
-                f"the API has acknowledged no metrics for {waited:.1f} s "
-                "(two heartbeats) though it answers; sending them again"
+                f"the API has shown no metrics read for {waited:.1f} s (two "
+                "heartbeats: no acknowledgement, no pong to a ping after them) "
+                "though it answers; sending them again"
             )
         return None
 

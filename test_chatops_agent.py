@@ -421,14 +421,16 @@ class RawPeer:
             pump(conn, up, self.reading)
 
 
-def pump(source, sink, gate=None):
-    """Copy bytes until either side closes; while `gate` is clear, read nothing."""
+def pump(source, sink, gate=None, dead=None):
+    """Copy bytes until either side closes; while `gate` is clear, read
+    nothing; once `dead` is set, read and drop."""
     with contextlib.suppress(OSError):
         while gate is None or gate.wait():
             data = source.recv(65536)
             if not data:
                 break
-            sink.sendall(data)
+            if dead is None or not dead.is_set():
+                sink.sendall(data)
     with contextlib.suppress(OSError):
         sink.shutdown(socket.SHUT_WR)
 
@@ -1693,7 +1695,7 @@ class TestConnection:
         )
         wait_until(lambda: len(api.metrics()) >= 3, 6, "metrics")
         api.ack = False  # still answers pings
-        proc.wait_log("the API has acknowledged no metrics for", 5)
+        proc.wait_log("the API has shown no metrics read for", 5)
         wait_until(lambda: len(api.connects) >= 2, 5, "a reconnect")
         proc.wait_log("does not acknowledge metrics", 5)
         stalled_at = parse_ts(agent.utc_now())
@@ -3557,7 +3559,7 @@ def taken(box):
 
 def taken_samples(box, count):
     """The data of the next `count` samples the writer is handed, pings aside
-    (the first sample of a connection is followed by a ping: see SampleQueue)."""
+    (samples are followed by a ping until the API acknowledges: see SampleQueue)."""
     found = []
     while len(found) < count:
         message = taken(box)
@@ -3613,7 +3615,6 @@ class TestOutboxAndSamples:
         assert box.take()[1][0] == "command_result"  # no sent(): the send failed
         box.connection_lost()
         assert [taken(box)["request_id"] for _ in range(2)] == ["r1", "r2"]
-        # Sent is delivered: only the failed send counts.
         box.samples.ack_mode = box.samples.NO_ACKS
         box.take()
         box.connection_lost()
@@ -3670,18 +3671,62 @@ class TestOutboxAndSamples:
         box.connection_lost()
         assert box.samples.ack_mode == box.samples.UNKNOWN
 
-    def test_api_that_never_acks_counts_sent_as_delivered(self):
+    def test_api_that_never_acks_delivers_by_the_pong_to_a_later_ping(self):
+        """Without acknowledgements a sample is delivered when the pong to a
+        ping sent after it comes (the API handles messages in order), never
+        when merely sent: a link that dies silently swallows what is written
+        into it (issue 26, defect 1)."""
         box = Queues(10)
         box.samples.add({"n": 0})
         assert taken(box)["type"] == "metrics"
-        assert taken(box) == {"type": "ping"}  # its pong tells whether acks come
+        assert taken(box) == {"type": "ping"}  # its pong shows sample 0 read
         box.samples.add({"n": 1})
         assert taken(box)["type"] == "metrics"
+        assert taken(box) == {"type": "ping"}
         box.samples.pong_received()
         assert box.samples.ack_mode == box.samples.NO_ACKS
+        assert box.samples.counts() == (0, 1)  # sample 1 went after that ping
+        box.samples.add({"n": 2})
+        assert taken_samples(box, 1) == [{"n": 2}]
+        box.connection_lost()  # the second ping's pong never came
+        assert box.samples.counts() == (2, 0)
+        assert [d["n"] for d in taken_samples(box, 2)] == [1, 2]
+        assert taken(box) == {"type": "ping"}
+        box.samples.pong_received()  # a new connection learns afresh
         assert box.samples.counts() == (0, 0)
-        box.connection_lost()
+
+    def test_pongs_are_matched_to_pings_in_order(self):
+        """A pong proves only what was sent before its own ping: the
+        heartbeat's, sent before a sample, proves nothing of it; a pong no
+        ping asked for proves nothing at all."""
+        box = Queues(10)
+        box.samples.pong_received()  # unasked
+        box.samples.ping()  # the heartbeat's, before any sample
+        box.samples.add({"n": 0})
+        assert [taken(box)["type"] for _ in range(2)] == ["metrics", "ping"]
+        box.samples.pong_received()  # the heartbeat's
+        assert box.samples.counts() == (0, 1)
+        assert box.samples.ack_mode == box.samples.UNKNOWN
+        box.samples.add({"n": 1})
+        box.samples.add({"n": 2})
+        assert [taken(box)["type"] for _ in range(3)] == ["metrics", "metrics", "ping"]
+        box.samples.pong_received()  # to the ping after sample 0
+        assert box.samples.ack_mode == box.samples.NO_ACKS
+        assert box.samples.counts() == (0, 2)  # 0 shown read; 1 and 2 not yet
+        box.samples.pong_received()
         assert box.samples.counts() == (0, 0)
+        box.samples.pong_received()  # unasked
+        assert box.samples.counts() == (0, 0)
+
+    def test_a_backlog_goes_a_window_at_a_time_with_a_ping_after_each(self):
+        box = Queues(1000)
+        for n in range(agent.METRICS_WINDOW + 5):
+            box.samples.add({"n": n})
+        kinds = [m["type"] for m in iter(lambda: taken(box), None)]
+        assert kinds == ["metrics"] * agent.METRICS_WINDOW + ["ping"]
+        box.samples.pong_received()  # no acknowledgement came: the window moves
+        kinds = [m["type"] for m in iter(lambda: taken(box), None)]
+        assert kinds == ["metrics"] * 5 + ["ping"]
 
     def test_ack_before_pong_means_acks(self):
         box = Queues(10)
@@ -3709,12 +3754,12 @@ class TestOutboxAndSamples:
 
     def test_waiting_for_acks_is_timed(self):
         box = Queues(10)
-        assert box.samples.unacknowledged_for() == 0.0
+        assert box.samples.unread_for() == 0.0
         box.samples.add({"n": 0})
         taken(box)
-        wait_until(lambda: box.samples.unacknowledged_for() > 0.05, 2, "time to pass")
+        wait_until(lambda: box.samples.unread_for() > 0.05, 2, "time to pass")
         box.samples.acknowledged()
-        assert box.samples.unacknowledged_for() == 0.0
+        assert box.samples.unread_for() == 0.0
 
     def test_window_limits_unacknowledged(self):
         box = Queues(1000)
@@ -3776,14 +3821,27 @@ class TestQuietSpool:
     def test_an_api_that_never_acknowledges_costs_none_either(self, tmp_path):
         box = spool_at(tmp_path)
         box.samples.link_up(None)
-        box.samples.add({"n": 0})
-        taken(box)
-        assert taken(box) == {"type": "ping"}  # the probe: its pong says no acks
-        box.samples.pong_received()
-        for n in range(1, 20):
+        for n in range(20):
             box.samples.add({"n": n})
-            taken_samples(box, 1)
+            assert taken(box)["type"] == "metrics"
+            assert taken(box) == {"type": "ping"}  # its pong shows the sample read
+            box.samples.pong_received()
+        assert box.samples.ack_mode == box.samples.NO_ACKS
         assert (tmp_path / "spool").stat().st_size == len(agent.SPOOL_HEADER)
+
+    def test_without_acks_a_sample_no_pong_showed_read_is_written(self, tmp_path):
+        """A link that dies silently: the pong to the ping after a sample
+        never comes, so the sample is written when the next one comes, as
+        an unacknowledged one is (issue 26, defect 1)."""
+        box = spool_at(tmp_path)
+        box.samples.link_up(None)
+        box.samples.add({"n": 0})
+        assert [taken(box)["type"] for _ in range(2)] == ["metrics", "ping"]
+        box.samples.pong_received()  # NO_ACKS: sample 0 delivered
+        box.samples.add({"n": 1})
+        taken_samples(box, 1)  # into the dead link
+        box.samples.add({"n": 2})
+        assert [d["n"] for d in spooled(tmp_path)] == [1]
 
     def test_a_sample_undelivered_when_the_next_comes_is_written_with_it(
             self, tmp_path):
@@ -4447,6 +4505,137 @@ class TestStalledPeer:
         assert growth_mib < 16, f"RSS grew by {growth_mib:.1f} MiB"
 
 
+class SilentDeath:
+    """A relay on 127.0.0.1 to a FakeAPI whose links can die silently, as
+    when a NAT entry is dropped or a firewall black-holes: after `cut()`,
+    nothing passes either way on the links it carries, and nothing closes.
+    What the agent writes into a cut link goes nowhere; the relay keeps the
+    messages (`swallowed`). Links made after a cut pass. It reads the
+    agent's frames one by one, so they must come uncompressed
+    (--compression false)."""
+
+    def __init__(self, upstream):
+        self.upstream = upstream
+        self.swallowed = []  # messages the agent wrote into cut links
+        self.cut_links = []  # an Event per link: set, the link is dead
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen()
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def cut(self):
+        for dead in self.cut_links:
+            dead.set()
+
+    def close(self):
+        self.listener.close()
+
+    def _accept(self):
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.listener.accept()
+                threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        dead = threading.Event()
+        self.cut_links.append(dead)
+        with conn, socket.create_connection(("127.0.0.1", self.upstream)) as up:
+            with contextlib.suppress(OSError):
+                self._pass_head(conn, up)
+                self._pass_head(up, conn)
+                threading.Thread(target=pump, args=(up, conn, None, dead),
+                                 daemon=True).start()
+                while True:
+                    frame = read_client_frame(conn, raw=True)
+                    if frame is None:
+                        return
+                    opcode, payload, raw = frame
+                    if not dead.is_set():
+                        up.sendall(raw)
+                    elif opcode == 0x1:
+                        self.swallowed.append(json.loads(payload))
+
+    @staticmethod
+    def _pass_head(source, sink):
+        """An HTTP head (the upgrade or its answer), byte by byte: nothing of
+        what follows it is taken."""
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            byte = source.recv(1)
+            if not byte:
+                raise OSError("closed")
+            head += byte
+        sink.sendall(head)
+
+
+class TestSilentLink:
+    """A link that stops carrying bytes both ways without closing, with an
+    API that never acknowledges metrics: what the agent wrote into it is no
+    more delivered than what it wrote into a link that closed (issue 26,
+    defect 1)."""
+
+    FLAGS = ("--compression", "false", "--metrics-interval-s", "0.25",
+             "--reconnect-max-delay-s", "0.5")
+
+    @pytest.fixture
+    def no_acks(self):
+        api = FakeAPI(ack=False, deflate=None).start()
+        relay = SilentDeath(api.port)
+        yield api, relay
+        relay.close()
+        api.stop()
+
+    @staticmethod
+    def stamps(api):
+        return {m["timestamp"] for m in api.metrics()}
+
+    def swallow(self, api, relay, proc, count):
+        """Once the agent knows the API never acknowledges: cut the link,
+        and wait until `count` samples went into it."""
+        proc.wait_log("the API does not acknowledge metrics", 10)
+        relay.cut()
+        wait_until(lambda: len(metrics_in(relay.swallowed)) >= count, 10,
+                   lambda: f"{count} samples into the dead link; {proc.log()}")
+        return metrics_in(relay.swallowed)
+
+    def test_what_went_into_the_dead_link_is_sent_again(self, no_acks, run_agent):
+        api, relay = no_acks
+        proc = run_agent(relay.url, *self.FLAGS, "--heartbeat-interval-s", "1")
+        lost_in_link = self.swallow(api, relay, proc, 4)
+        proc.wait_log("nothing heard from the API", 10)
+        wait_until(lambda: set(lost_in_link) <= self.stamps(api), 10,
+                   lambda: f"{sorted(set(lost_in_link) - self.stamps(api))} "
+                           f"delivered after the reconnect; {proc.log()}")
+
+    def test_sigkill_in_the_dead_link_loses_at_most_two(self, no_acks, run_agent,
+                                                       tmp_path):
+        """The last interval or two, as with an API that acknowledges: each
+        sample that no pong showed read is written to the spool when the
+        next one comes."""
+        api, relay = no_acks
+        state = ("--state-dir", str(tmp_path / "state"))
+        # Two 2 s heartbeats: the agent is still in the dead link at the kill.
+        args = (*self.FLAGS, *state, "--heartbeat-interval-s", "2")
+        proc = run_agent(relay.url, *args)
+        self.swallow(api, relay, proc, 6)
+        proc.proc.kill()
+        proc.proc.wait()
+        lost_in_link = metrics_in(relay.swallowed)
+        assert "nothing heard" not in proc.log()
+        before = len(api.metrics())
+        again = run_agent(relay.url, *args)
+        wait_until(lambda: len(api.metrics()) >= before + len(lost_in_link) + 4, 15,
+                   again.log)
+        lost = sorted(set(lost_in_link) - self.stamps(api))
+        assert len(lost) <= 2, (lost, lost_in_link)
+
+
+def metrics_in(messages):
+    """The timestamps of the metrics among `messages`."""
+    return [m["data"]["timestamp"] for m in messages if m.get("type") == "metrics"]
+
+
 RUNNING = f"765.{os.getpid()}"  # what the command-running state runs: sleep RUNNING
 
 
@@ -5032,9 +5221,10 @@ def shlex_quote(text):
     return "'" + text.replace("'", "'\\''") + "'"
 
 
-def read_client_frame(conn):
+def read_client_frame(conn, raw=False):
     """(opcode, payload) of the next frame the agent sends (masked, RFC 6455
-    section 5.3), or None at the end of the connection."""
+    section 5.3), or None at the end of the connection; with `raw`, its bytes
+    as they came too."""
     def exactly(n):
         data = b""
         while len(data) < n:
@@ -5045,15 +5235,17 @@ def read_client_frame(conn):
         return data
 
     try:
-        first, second = exactly(2)
-        length = second & 0x7F
+        head = exactly(2)
+        length = head[1] & 0x7F
         if length >= 126:
-            length = int.from_bytes(exactly(2 if length == 126 else 8), "big")
+            extended = exactly(2 if length == 126 else 8)
+            head, length = head + extended, int.from_bytes(extended, "big")
         mask = exactly(4)
         payload = exactly(length)
     except (EOFError, OSError):
         return None
-    return first & 0x0F, bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    frame = head[0] & 0x0F, bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return (*frame, head + mask + payload) if raw else frame
 
 
 def after_auth(*chunks, closes, extensions=None, before=None):

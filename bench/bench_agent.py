@@ -184,10 +184,10 @@ SPOOL_CASES = ("healthy API", "API that does not acknowledge", "API away")
 def spool_costs(hours, workdir):
     """An hour of samples at 5 s (720) through the sample queue and its
     spool, in three cases: an API that acknowledges each sample before the
-    next, one that never acknowledges (a sample is delivered when sent), and
-    an API that is away (every sample is written). The bytes the spool
-    writes (write() calls, compactions included, from /proc/self/io) and the
-    CPU per sample."""
+    next, one that never acknowledges (a sample is delivered by the pong to
+    the ping after it), and an API that is away (every sample is written).
+    The bytes the spool writes (write() calls, compactions included, from
+    /proc/self/io) and the CPU per sample."""
     sample = agent.MetricsCollector(agent.pick_source()).collect()
     result = {"sample_bytes": len(agent.to_json(sample))}
     for name in SPOOL_CASES:
@@ -201,12 +201,12 @@ def spool_costs(hours, workdir):
             box.add(sample)
             if name == "API away":
                 continue
-            while box.take() is not None:  # the sample, and the probe's ping
+            while box.take() is not None:  # the sample, and a ping after it
                 box.sent()
             if name == "healthy API":
                 box.acknowledged()
-            elif box.ack_mode == box.UNKNOWN:
-                box.pong_received()  # the probe's pong: no acknowledgements here
+            else:
+                box.pong_received()  # to the ping after the sample: delivered
         cpu, written = time.process_time() - cpu, wchar() - written
         box.close()
         result[name] = {"cpu_us_per_sample": cpu / (720 * hours) * 1e6,
