@@ -2370,6 +2370,8 @@ MAX_STOP_TIMEOUT_S = 3600
 MAX_PORTS_LISTED = 1000  # of one container, in the metrics
 MAX_EVENT_BYTES = 65536  # one line of docker events, read at most
 MAX_REPLAYED = 10000  # events kept to apply again after a read; beyond, a re-read
+MAX_EVENT_ROWS = 256  # rows create events may add between reads; beyond, a re-read
+MAX_CONTAINERS_LISTED = 1000  # in a sample, the newest first; docker.omitted: the rest
 # The container events that can change what `docker ps` prints. Others, such
 # as the exec_create, exec_start and exec_die of every health check, cannot,
 # and must not cost a re-read of the list.
@@ -2842,7 +2844,10 @@ class ContainerCache:
         self.cli = cli
         self.stop = threading.Event()  # set by stop_watching()
         self.status, self.detail = "starting", ""
-        self._rows = {}  # id -> row, the newest first as in docker ps
+        # id -> row, the oldest first: a create adds at the end, without a
+        # copy. Samples list them the newest first, as docker ps does.
+        self._rows = {}
+        self._added = 0  # rows create events added since the whole list was read
         self._states = {}  # id -> ContainerState: the status text's words
         self._configs = {}  # id -> ContainerConfig: what a start or death does
         self._doubts = set()  # ids an event left uncertain: inspected next
@@ -2873,15 +2878,19 @@ class ContainerCache:
                 status["detail" if self.status != "ok" else "server_version"] = (
                     self.detail
                 )
+            if len(self._rows) > MAX_CONTAINERS_LISTED:
+                status["omitted"] = len(self._rows) - MAX_CONTAINERS_LISTED
             return self._current(), status
 
     def _current(self):
-        """The rows, each with its status and state as `docker ps` would
-        print them now ("Up 37 seconds"): the words are derived at each
-        sample, from the state the reads and events left."""
+        """The rows, the newest first and at most MAX_CONTAINERS_LISTED, each
+        with its status and state as `docker ps` would print them now ("Up
+        37 seconds"): the words are derived at each sample, from the state
+        the reads and events left."""
         now, rows = time.time(), []
-        for container_id, row in self._rows.items():
-            state = self._states.get(container_id)
+        for container_id in itertools.islice(reversed(self._rows),
+                                             MAX_CONTAINERS_LISTED):
+            row, state = self._rows[container_id], self._states.get(container_id)
             rows.append(row if state is None else dict(
                 row, status=status_text(state, now), state=state_word(state)))
         return rows
@@ -2972,8 +2981,8 @@ class ContainerCache:
         """What a read found: the whole list (`rows` from docker ps), or the
         containers in doubt (`rows` None), with what inspect said of each."""
         if rows is not None:
-            self._rows = {row["id"]: row for row in rows}
-            self._states, self._configs = {}, {}
+            self._rows = {row["id"]: row for row in reversed(rows)}
+            self._states, self._configs, self._added = {}, {}, 0
         for container_id, item in found.items():
             if container_id in self._rows:
                 self._states[container_id] = item.state
@@ -2991,14 +3000,21 @@ class ContainerCache:
             self._apply(event)
 
     def _apply(self, event):
-        """Change the list as `event` tells. One that cannot be applied (not
-        read, or of a container the list does not hold) makes it stale."""
+        """Change the list as `event` tells, in a time that does not grow
+        with the list. One that cannot be applied (not read, of a container
+        the list does not hold, or a create beyond MAX_EVENT_ROWS since the
+        last read: a flood, which a read sets right) makes it stale."""
         if event is None:
             self._stale = True
         elif event.action == "create":
-            if event.id not in self._rows:  # else a read already found it
-                self._rows = {event.id: created_row(event), **self._rows}
+            if event.id in self._rows:
+                pass  # a read already found it
+            elif self._added >= MAX_EVENT_ROWS:
+                self._stale = True
+            else:
+                self._rows[event.id] = created_row(event)
                 self._states[event.id] = CREATED
+                self._added += 1
         elif event.action == "destroy":
             for table in (self._rows, self._states, self._configs):
                 table.pop(event.id, None)

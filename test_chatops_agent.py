@@ -9,6 +9,7 @@ import bisect
 import collections
 import contextlib
 import datetime
+import fcntl
 import functools
 import hashlib
 import http.server
@@ -25,9 +26,11 @@ import signal
 import socket
 import stat
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import threading
 import time
 import urllib.parse
@@ -3124,6 +3127,51 @@ class TestContainerEvents:
             ("ps",), ("inspect", [self.WEB])], 5, "one read of the whole list")
         cache.snapshot()
         assert cli.reads[reads:] == [("ps",), ("inspect", [self.WEB])]
+
+
+    def test_a_flood_of_creates_stays_bounded_and_is_read_over(self, cache):
+        """20,000 creates of containers that docker ps never lists (as a
+        hostile CLI prints them): the list never holds more than
+        MAX_EVENT_ROWS of them beside the one docker ps lists, a sample costs
+        at most one read, and each create is applied without a copy of the
+        table (it was 50,954 rows and 6.8 MB frames; issue 26, defect 3)."""
+        cache, cli = cache
+        reads, sizes = len(cli.reads), []
+        flooding = threading.Event()
+
+        def sample():  # a sample every 20 ms, as fast as a metrics loop may go
+            while not flooding.is_set():
+                sizes.append(len(cache.snapshot()[0]))
+                time.sleep(0.02)  # the sampling pace, not a wait
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        for n in range(20000):
+            cli.event("create", f"{n + 1:012x}", f"flood-{n}")
+        wait_until(lambda: unread_bytes(cli.stdout) == 0, 10, "the flood read")
+        flooding.set()
+        sampler.join(5)
+        sizes.append(len(cache.snapshot()[0]))
+        assert max(sizes) <= 1 + agent.MAX_EVENT_ROWS, max(sizes)
+        assert len(cli.reads[reads:]) <= 2 * len(sizes)  # a ps and an inspect each
+        assert ("ps",) in cli.reads[reads:]  # the flood made the list stale
+
+    def test_a_sample_lists_at_most_so_many_containers(self):
+        rows = [{"id": f"{n:012x}", "name": f"c{n}", "image": "busybox",
+                 "status": "Created", "state": "created",
+                 "created": "2026-12-01T00:00:00Z", "ports": []}
+                for n in range(agent.MAX_CONTAINERS_LISTED + 500, 0, -1)]
+        cache = agent.ContainerCache(agent.load_config({}, {}), ScriptedDocker(rows, {}))
+        listed, status = cache.read_once()
+        assert len(listed) == agent.MAX_CONTAINERS_LISTED
+        assert listed[0]["name"] == f"c{agent.MAX_CONTAINERS_LISTED + 500}"  # newest
+        assert status["omitted"] == 500
+
+
+def unread_bytes(pipe):
+    """Bytes written to `pipe` that its reader has not read yet."""
+    return struct.unpack("i", fcntl.ioctl(pipe.fileno(), termios.FIONREAD,
+                                          b"\0\0\0\0"))[0]
 
 
 def row_of(cache, *names):
