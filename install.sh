@@ -294,9 +294,9 @@ download_agent() {
     info "downloading $url"
     download "$url" "$2" || die "$E_SOURCE" "cannot download $url$hint"
     # The checksum: a .sha256 beside it, or the SHA256SUMS of a published bundle.
-    if download "$url.sha256" "$2.sha256" 2>/dev/null; then
+    if download "$url.sha256" "$2.sha256" quiet; then
         want=$(cut -d' ' -f1 <"$2.sha256")
-    elif download "$1/SHA256SUMS" "$2.sums" 2>/dev/null; then
+    elif download "$1/SHA256SUMS" "$2.sums" quiet; then
         want=$(awk '$2 == "chatops_agent.py" { print $1 }' "$2.sums")
     else
         want=
@@ -331,14 +331,67 @@ check_version() {
         die "$E_SOURCE" "$2 holds chatops-agent ${found:-of no version}, not $VERSION; $3"
 }
 
+# download URL FILE [quiet]: URL's body into FILE, or status 1 (said, unless
+# quiet: the caller has another way). Once at https, never in clear: a
+# redirect from https to anything else ends the run (curl's --proto-redir;
+# GNU wget follows redirects one at a time, only to https; BusyBox's wget,
+# which follows any, is not used for https).
 download() {
+    case $1 in
+    https://*) SECURE=1 ;;
+    *) SECURE=0 ;;
+    esac
     if command -v curl >/dev/null 2>&1; then
-        curl -fsSL --proto '=https,http' -o "$2" "$1"
+        download_with_curl "$@"
     elif command -v wget >/dev/null 2>&1; then
-        wget -q -O "$2" "$1"
+        download_with_wget "$@"
     else
-        die "$E_SOURCE" "neither curl nor wget is installed"
+        die "$E_SOURCE" "neither curl nor wget is installed: install one (Debian:" \
+            "apt-get install curl), or install from a bundle with --offline DIR"
     fi
+}
+
+download_with_curl() {
+    allowed='=https,http'
+    [ "$SECURE" = 1 ] && allowed='=https'
+    said=$(curl -fsSL --proto "$allowed" --proto-redir "$allowed" -o "$2" "$1" 2>&1) &&
+        return 0
+    # Status 1, from https: a redirect to a protocol not allowed.
+    [ $? = 1 ] && [ "$SECURE" = 1 ] && refuse_redirect "$1"
+    [ -n "${3:-}" ] || printf '%s\n' "$said" >&2
+    return 1
+}
+
+download_with_wget() {
+    if [ "$SECURE" = 0 ]; then
+        wget -q -O "$2" "$1" 2>/dev/null && return 0
+        [ -n "${3:-}" ] || warn "wget could not download $1"
+        return 1
+    fi
+    wget --version 2>/dev/null | grep -q '^GNU Wget' ||
+        die "$E_SOURCE" "this wget (BusyBox's) follows any redirect, so it cannot" \
+            "keep $1 on https: install curl (or GNU wget)"
+    url=$1 hops=0
+    while [ "$hops" -le 5 ]; do
+        said=$(wget -q -S --max-redirect=0 -O "$2" "$url" 2>&1) && return 0
+        location=$(printf '%s\n' "$said" | sed -n 's/^ *[Ll]ocation: *//p' | tail -n 1 | tr -d '\r')
+        case $location in
+        "") break ;;
+        https://*) url=$location ;;
+        /*) url=$(printf '%s\n' "$url" | sed 's#^\(https://[^/]*\).*#\1#')$location ;;
+        *) refuse_redirect "$url" "$location" ;;
+        esac
+        hops=$((hops + 1))
+    done
+    [ -n "${3:-}" ] || warn "wget could not download $1:" \
+        "$(printf '%s\n' "$said" | grep -m 1 'HTTP/' || echo 'no answer')"
+    return 1
+}
+
+refuse_redirect() {
+    die "$E_SOURCE" "$1 redirected to ${2:-an address that is not https}, which" \
+        "the installer refuses: once at https it never goes on in clear. Give" \
+        "--base-url the https address where the files are"
 }
 
 check_bundle() {

@@ -5801,6 +5801,56 @@ class QuietFiles(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+class Redirector:
+    """An HTTPS server on 127.0.0.1 (a test CA's certificate) that answers
+    every GET with a 302 to the same path under `target`; `with` gives its
+    base URL."""
+
+    def __init__(self, target, context):
+        class Redirect(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 -- http.server's name
+                self.send_response(302)
+                self.send_header("Location", target + self.path)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+
+    def __enter__(self):
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"https://127.0.0.1:{self.server.server_address[1]}"
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class TLSFileServer(FileServer):
+    def __init__(self, directory, context):
+        super().__init__(directory)
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+
+    def __enter__(self):
+        return "https" + super().__enter__()[4:]
+
+
+def path_without(tmp_path, *programs):
+    """A PATH that finds what this one does, but for `programs`."""
+    bin_dir = tmp_path / ("bin-without-" + "-".join(programs))
+    bin_dir.mkdir()
+    for directory in os.environ["PATH"].split(os.pathsep):
+        with contextlib.suppress(OSError):
+            for name in os.listdir(directory):
+                link = bin_dir / name
+                if name not in programs and not link.exists():
+                    link.symlink_to(os.path.join(directory, name))
+    return str(bin_dir)
+
+
 def installer(*args, env=None, stdin=None, script=INSTALLER):
     return subprocess.run(["sh", script, *args], capture_output=True, text=True,
                           timeout=300, input=stdin, env=env or clean_env())
@@ -6146,6 +6196,49 @@ class TestInstaller:
             assert mislabelled.returncode == 5
             assert f"holds chatops-agent {agent.__version__}, not 9.9.7" in (
                 mislabelled.stderr)
+
+    @pytest.mark.parametrize("tool", ["curl", "wget"])
+    def test_once_at_https_a_download_never_goes_on_in_clear(self, tmp_path, tool):
+        """A 302 from the https base URL to http:// is refused, with curl
+        (--proto-redir) and with GNU wget (it follows redirects to https
+        only, one at a time), though the agent and its checksum wait there;
+        one to another https address is followed (issue 26, defect 4)."""
+        require(shutil.which(tool), f"{tool} is not installed (apt-get install {tool})")
+        trustme = need_module("trustme")
+        ca = trustme.CA()
+        context = __import__("ssl").create_default_context(
+            __import__("ssl").Purpose.CLIENT_AUTH)
+        ca.issue_cert("127.0.0.1").configure_cert(context)
+        ca_file = tmp_path / "ca.pem"
+        ca.cert_pem.write_to_path(str(ca_file))
+        (tmp_path / "wgetrc").write_text(f"ca_certificate = {ca_file}\n")
+        served = tmp_path / "served"
+        served.mkdir()
+        (served / "chatops_agent.py").write_bytes(AGENT_BYTES)
+        (served / "chatops_agent.py.sha256").write_text(
+            hashlib.sha256(AGENT_BYTES).hexdigest() + "  chatops_agent.py\n")
+        env = clean_env(CHATOPS_API_KEY=KEY, CURL_CA_BUNDLE=str(ca_file),
+                        WGETRC=str(tmp_path / "wgetrc"))
+        if tool == "wget":
+            env["PATH"] = path_without(tmp_path, "curl")
+
+        def install(base_url):
+            script = tmp_path / "alone" / "install.sh"  # no agent beside it
+            script.parent.mkdir(exist_ok=True)
+            shutil.copy(INSTALLER, script)
+            return installer("--dry-run", "--base-url", base_url, "--api-url",
+                             "https://chatops.example.com", env=env, script=str(script))
+
+        with FileServer(served) as plain, Redirector(plain, context) as https:
+            refused = install(https)
+        assert refused.returncode == 5, refused.stderr
+        assert f"{https}/chatops_agent.py redirected to " in refused.stderr
+        assert "never goes on in clear" in refused.stderr
+        assert "checksum verified" not in refused.stderr
+        with TLSFileServer(served, context) as secure, Redirector(secure, context) as https:
+            followed = install(https)
+        assert followed.returncode == 0, followed.stderr
+        assert "checksum verified" in followed.stderr
 
     def test_help(self):
         result = installer("--help")
