@@ -113,10 +113,6 @@ parse_args() {
     case $VERSION in
     *[!0-9A-Za-z.+-]* | [!0-9]*) die "$E_USAGE" "--version $VERSION is not a version (like 0.1.0)" ;;
     esac
-    if [ -n "$API_KEY_FILE" ]; then
-        [ -r "$API_KEY_FILE" ] || die "$E_USAGE" "cannot read the key file $API_KEY_FILE"
-        API_KEY=$(tr -d ' \t\r\n' <"$API_KEY_FILE")
-    fi
     if [ -n "$ROOT" ]; then
         NO_START=1
         ROOT=$(cd "$ROOT" && pwd) || die "$E_USAGE" "--root $ROOT is not a directory"
@@ -198,6 +194,42 @@ check_system() {
         running | degraded | starting) SYSTEMD=1 ;;
         esac
     fi
+}
+
+# The key from --api-key-file, read as the agent reads its own files: only a
+# small regular file holding one line. What the path names instead is
+# refused without waiting (a FIFO, a device) and without reading more than
+# 4 KiB (a link to some other file).
+read_key_file() {
+    [ -n "$API_KEY_FILE" ] || return 0
+    API_KEY=$(python3 - "$API_KEY_FILE" <<'PY'
+import os, stat, sys
+path = sys.argv[1]
+def refuse(why):
+    print(f"the key file {path} {why}; nothing was changed")
+    sys.exit(1)
+try:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        refuse("is not a regular file: give the file that holds the key (a key "
+               "from a pipe goes in CHATOPS_API_KEY instead)")
+    data = os.read(fd, 4097)
+except OSError as e:
+    refuse(f"cannot be read ({e.strerror})")
+if len(data) > 4096:
+    refuse("is larger than 4 KiB, and a key is one short line: is it the right file?")
+try:
+    key = data.decode("ascii").strip()
+except UnicodeDecodeError:
+    refuse("holds more than plain text: it must hold the key alone, on one line")
+if not key:
+    refuse("is empty: paste the key into it (the ChatOps web UI makes one, under API Keys)")
+if any(c.isspace() or not c.isprintable() for c in key):
+    refuse("holds more than one line, or spaces: it must hold the key alone, on one line")
+print(key)
+PY
+    ) || die "$E_USAGE" "$API_KEY"
 }
 
 # No key given and none in a config.json: said before anything is fetched.
@@ -725,6 +757,7 @@ agent_command() {
 
 do_install() {
     check_system
+    read_key_file
     check_key
     [ -n "$OFFLINE" ] && check_bundle
     CHANGED=0

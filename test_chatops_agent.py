@@ -6197,6 +6197,38 @@ class TestInstaller:
             assert f"holds chatops-agent {agent.__version__}, not 9.9.7" in (
                 mislabelled.stderr)
 
+    def test_the_key_file_is_only_a_small_regular_file_of_one_line(self, tmp_path):
+        """As the agent reads its own files: a FIFO is refused at once (it
+        blocked the installer for ever), a device or a directory too, and a
+        link to a larger file is not read whole (issue 26, defect 6)."""
+        secret = tmp_path / "secret"
+        secret.write_text("root:$y$j9T$not-a-key:19000:0:99999:7:::\n" * 400)
+        cases = {
+            "fifo": "is not a regular file", "/dev/zero": "is not a regular file",
+            "dir": "is not a regular file", "link": "is larger than 4 KiB",
+            "two-lines": "holds more than one line", "empty": "is empty",
+            "missing": "cannot be read",
+        }
+        os.mkfifo(tmp_path / "fifo")
+        (tmp_path / "dir").mkdir()
+        (tmp_path / "link").symlink_to(secret)
+        (tmp_path / "two-lines").write_text(KEY + "\n" + KEY + "\n")
+        (tmp_path / "empty").write_text("\n")
+        for name, said in cases.items():
+            path = name if name.startswith("/") else str(tmp_path / name)
+            result = installer("--dry-run", "--api-key-file", path, "--api-url",
+                               "https://chatops.example.com")
+            assert result.returncode == 2, (name, result.stderr)
+            assert f"the key file {path} {said}" in result.stderr, result.stderr
+            assert "nothing was changed" in result.stderr
+            assert "not-a-key" not in result.stderr + result.stdout
+        good = tmp_path / "key"
+        good.write_text(f"  {KEY}\r\n")
+        accepted = installer("--dry-run", "--api-key-file", str(good), "--api-url",
+                             "https://chatops.example.com")
+        assert accepted.returncode == 0, accepted.stderr
+        assert KEY not in accepted.stderr + accepted.stdout
+
     @pytest.mark.parametrize("tool", ["curl", "wget"])
     def test_once_at_https_a_download_never_goes_on_in_clear(self, tmp_path, tool):
         """A 302 from the https base URL to http:// is refused, with curl
