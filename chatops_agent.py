@@ -138,6 +138,7 @@ SPOOL_RESYNC_BYTES = 64 * 1024 * 1024  # and bytes of checksums that may fail
 CPU_PRIME_S = 0.25  # first sample's CPU window after start
 SLOW_REFRESH_S = 60.0  # the mount table and CPU frequency are re-read this often
 ONCE_CPU_WINDOW_S = 0.5  # CPU window of --once
+CHECK_LINE_S = 10.0  # a --check line that asks the API gives up after this
 CLOSE_REPLY_WAIT_S = 1.0  # how long the writer may take to answer the API's close
 SHUTDOWN_S = 5.0  # a stop takes at most this (Agent.shutdown); then the process ends
 SHUTDOWN_KILL_AT_S = 1.0  # points in it: commands get TERM, and KILL at this one;
@@ -6086,16 +6087,46 @@ def http_get(url, config, headers=None):
         return status, body.decode("utf-8", "replace")[:200], location
 
 
+def finished_within(seconds, work, *args):
+    """work(*args), or TimeoutError once it has taken `seconds`. It runs in a
+    thread of its own, left behind if it never returns (a server that
+    answers a byte at a time never lets a socket time out, and a name
+    lookup has no timeout at all): --check ends soon after anyway."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["result"] = work(*args)
+        except BaseException as e:  # handed to the caller
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run, name="check", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise TimeoutError(f"no answer within {seconds:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+KEY_NOT_CHECKED = "API key not checked: GET /health failed first"
+
+
 def check_api(config):
-    """Yields (ok, text) for the checks that talk to the API."""
+    """Yields (ok, text) for the checks that talk to the API: a line for
+    each, within CHECK_LINE_S each, whatever the API does."""
     base = http_base(config.api_url)
     try:
-        status, body, location = http_get(base + "/health", config)
+        status, body, location = finished_within(
+            CHECK_LINE_S, http_get, base + "/health", config)
     except (OSError, ssl.SSLError) as e:
         yield False, f"API not reachable at {base}/health: {unreachable(e)}"
+        yield False, KEY_NOT_CHECKED
         return
     if location is not None:
         yield False, not_followed(f"GET {base}/health", status, location)
+        yield False, KEY_NOT_CHECKED
         return
     yield status == 200, f"API reachable: GET {base}/health -> {status} {body}"
     if not config.api_key:
@@ -6106,7 +6137,8 @@ def check_api(config):
         return
     me = base + "/api/v1/api-keys/me"
     try:
-        status, body, location = http_get(me, config, {"X-API-Key": config.api_key})
+        status, body, location = finished_within(
+            CHECK_LINE_S, http_get, me, config, {"X-API-Key": config.api_key})
     except (OSError, ssl.SSLError) as e:
         yield False, f"API key not checked: GET {me} failed: {unreachable(e)}"
         return

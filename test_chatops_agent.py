@@ -1904,6 +1904,25 @@ class TestConnection:
             and "FAIL API key rejected: HTTP 401 Invalid API key" in bad.stdout
         )
 
+    def test_check_ends_in_time_whatever_the_api_does(self):
+        """A server that answers /health a byte a second never lets a read
+        time out: each line has its own deadline, and the run says which
+        check it could not finish (issue 26, defect 7)."""
+        slow = b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 600
+        peer = RawPeer([dripping(slow, 1.0)])
+        try:
+            started = time.monotonic()
+            result = run_cli("--check", "--api-url", peer.url,
+                             env=clean_env(CHATOPS_API_KEY=KEY), timeout=60)
+            took = time.monotonic() - started
+        finally:
+            peer.close()
+        assert result.returncode == 1
+        assert (f"FAIL API not reachable at {peer.url}/health: no answer within "
+                f"{agent.CHECK_LINE_S:g} s") in result.stdout
+        assert "FAIL API key not checked: GET /health failed first" in result.stdout
+        assert took < agent.CHECK_LINE_S + 30, took  # the docker note has its own
+
     def test_check_fails_when_api_down(self):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
