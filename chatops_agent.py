@@ -71,6 +71,18 @@ POSIX_NEEDS = (("pwd", pwd), ("fcntl", fcntl), ("os.geteuid", "geteuid"),
                ("dir_fd", os.open in os.supports_dir_fd))
 
 
+# The connection's TCP options, as websocket-client sets them on sockets of
+# its own: no Nagle delay for small frames, and keepalive that gives up on a
+# dead peer after about a minute, where the system has them.
+TCP_OPTIONS = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)] + [
+    (level, getattr(socket, name), value)
+    for level, name, value in ((socket.SOL_SOCKET, "SO_KEEPALIVE", 1),
+                               (socket.IPPROTO_TCP, "TCP_KEEPIDLE", 30),
+                               (socket.IPPROTO_TCP, "TCP_KEEPINTVL", 10),
+                               (socket.IPPROTO_TCP, "TCP_KEEPCNT", 3))
+    if hasattr(socket, name)]
+
+
 def platform_problem():
     """Why this system cannot run the agent, in one sentence; None if it can."""
     missing = [name for name, have in POSIX_NEEDS
@@ -92,6 +104,8 @@ FRAGMENT_BYTES = 65536  # larger messages go out in fragments of this size
 AUTH_TIMEOUT_S = 10.0  # how long the API may take to answer "auth"
 CONNECT_TIMEOUT_S = 10.0  # one read or write while connecting
 CONNECT_DEADLINE_S = 15.0  # the whole TCP, TLS and upgrade, however slow the peer
+MAX_HEAD_BYTES = 65536  # of an HTTP answer's head: the upgrade's, a proxy's
+PROXY_PORT = 1080  # of a proxy URL without one, as curl has it
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # larger messages from the API are refused,
 # compressed or inflated. permessage-deflate (RFC 7692), as the agent offers it:
 # first with the API's own compression reset at each message (the agent then
@@ -222,6 +236,11 @@ SETTINGS = (
             "do not verify the API's TLS certificate (insecure; warned at connect)"),
     Setting("allow_plaintext", False, "bool",
             "allow http/ws to a host that is not loopback (the key goes in clear)"),
+    Setting("proxy", None, "proxy",
+            "HTTP proxy to reach the API through (a CONNECT tunnel), "
+            "http://[USER:PASSWORD@]HOST:PORT; none: no proxy at all; unset: "
+            "https_proxy (or http_proxy for http/ws) and no_proxy decide, in "
+            "either case"),
     Setting("compression", True, "bool",
             "offer permessage-deflate to the API and compress frames when it agrees "
             "(a metrics frame about 40 times smaller); false: plain frames"),
@@ -303,6 +322,7 @@ BOOL_WORDS = {
     **dict.fromkeys(("0", "false", "no", "off"), False),
 }
 KIND_WORDS = {"str": "a string", "level": "a string", "url": "a URL (a string)",
+              "proxy": "a proxy URL (a string)",
               "key": "a string",
               "bool": "true or false",
               "int": "a whole number", "float": "a number",
@@ -447,6 +467,21 @@ def shown(value, limit=60):
     except (TypeError, ValueError, RecursionError):
         text = type(value).__name__
     return one_line(text[:limit])
+
+
+def bracketed(host):
+    """A host as it goes before a port: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
+def redact_proxy(url):
+    """A proxy URL as it may be shown: its password replaced."""
+    at = url.rfind("@")
+    if at < 0:
+        return url
+    start = url.find("://") + 3 if "://" in url[:at] else 0
+    user = url[start:at].partition(":")[0]
+    return f"{url[:start]}{user}:<redacted>{url[at:]}"
 
 
 def redact(text, secret):
@@ -643,6 +678,8 @@ class Config:
         for name, value in self.values.items():
             if name == "api_key" and value:
                 value = "<redacted>"
+            elif name == "proxy" and value:
+                value = redact_proxy(value)
             shown[name] = {"value": value, "source": self.sources[name]}
         return {"config_file": self.config_path, "settings": shown}
 
@@ -718,7 +755,8 @@ def as_url(raw, text):
     return as_str(raw, text).strip()  # a trailing newline from a file or variable
 
 
-CONVERTERS = {"str": as_str, "level": as_level, "url": as_url, "key": as_key,
+CONVERTERS = {"str": as_str, "level": as_level, "url": as_url, "proxy": as_url,
+              "key": as_key,
               "bool": as_bool,
               "int": as_number(int), "float": as_number(float),
               "regexes": as_regexes, "env": as_env}
@@ -731,6 +769,8 @@ def check_value(setting, value, origin):
     if setting.kind == "level" and value not in LOG_LEVELS:
         levels = ", ".join(LOG_LEVELS)
         raise ConfigError(f"{where} must be one of {levels}, got {value!r}")
+    if setting.kind == "proxy" and value != "none":
+        parse_proxy(value, where)  # ConfigError for what is no proxy
     for pattern in value if setting.kind == "regexes" else ():
         try:
             re.compile(pattern)
@@ -904,6 +944,34 @@ def split_api_url(api_url):
             "only its key, given with api_key: remove them"
         )
     return parts
+
+
+ProxyURL = collections.namedtuple("ProxyURL", "host port authorization name")
+
+
+def parse_proxy(url, origin):
+    """The parts of a proxy URL, http://[USER:PASSWORD@]HOST[:PORT] (port 1080
+    if none, as curl reads it), or ConfigError naming `origin`. The
+    credentials become `authorization` (Basic) only: `name` never shows them."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:
+        parts = port = None
+    if not parts or parts.scheme != "http" or not parts.hostname or \
+            URL_AMBIGUOUS.search(url) or parts.path not in ("", "/"):
+        raise ConfigError(
+            f"{origin} ({redact_proxy(url)}) is not a proxy the agent can use: "
+            "give http://HOST:PORT, or http://USER:PASSWORD@HOST:PORT")
+    authorization = None
+    if parts.username is not None:
+        user = urllib.parse.unquote(parts.username)
+        password = urllib.parse.unquote(parts.password or "")
+        authorization = binascii.b2a_base64(
+            f"{user}:{password}".encode(), newline=False).decode("ascii")
+    port = port or PROXY_PORT
+    return ProxyURL(parts.hostname, port, authorization,
+                    f"http://{bracketed(parts.hostname)}:{port}")
 
 
 def ws_url(api_url):
@@ -4652,7 +4720,7 @@ def describe_close(code, reason):
 
 def abort_socket(ws):
     """Shut a WebSocket's socket down from any thread: wakes a receive, fails a
-    send, breaks off a connect."""
+    send."""
     sock = getattr(ws, "sock", None)
     if sock is not None:
         with contextlib.suppress(OSError):
@@ -4715,6 +4783,269 @@ class Deadline:
 
     def __exit__(self, *exc_info):
         self._timer.cancel()
+
+
+# -- the way to the API: TCP, a proxy's tunnel, TLS ----------------------------
+
+
+class HeadRecorder:
+    """Keeps what a socket receives while its `head` is a bytearray.
+
+    websocket-client reads the answer to the upgrade itself and keeps only
+    the last line of each header; the agent must see them all, because two
+    Sec-WebSocket-Extensions lines are two extensions, as if on one line
+    (RFC 9110 section 5.3). It reads that answer a byte at a time and no
+    further, so what is recorded until the upgrade is done is the head.
+    """
+
+    head = None
+
+    def recv(self, *args):
+        data = super().recv(*args)
+        head = self.head
+        if head is not None and len(head) < MAX_HEAD_BYTES:
+            head += data
+        return data
+
+
+class RecordingSocket(HeadRecorder, socket.socket):
+    """A TCP socket that can record (HeadRecorder)."""
+
+
+class RecordingTLSSocket(HeadRecorder, ssl.SSLSocket):
+    """A TLS socket that can record; SSLContext.sslsocket_class makes it."""
+
+
+def connect_tcp(host, port, deadline, track):
+    """A TCP connection to host:port by `deadline` (monotonic), each address
+    the name resolves to tried in turn, IPv6 and IPv4 alike, with a share of
+    the time left. `track(sock)` is told of each socket, so that another
+    thread can shut it to break the attempt off."""
+    addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    error = None
+    for n, (family, kind, proto, _, address) in enumerate(addresses):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        sock = RecordingSocket(family, kind, proto)
+        track(sock)
+        try:
+            sock.settimeout(min(CONNECT_TIMEOUT_S, left / (len(addresses) - n)))
+            sock.connect(address)
+        except OSError as e:
+            sock.close()
+            error = e
+            continue
+        for option in TCP_OPTIONS:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(*option)
+        return sock
+    raise error or socket.timeout(f"no connection to {host} port {port} in time")
+
+
+def read_head(sock, deadline, limit=MAX_HEAD_BYTES):
+    """An HTTP head from `sock`, up to its blank line and no further (what
+    follows is the tunnel's), by `deadline`. OSError if it does not come."""
+    head = bytearray()
+    while not head.endswith(b"\r\n\r\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or len(head) > limit:
+            raise socket.timeout("no whole answer in time" if left <= 0 else
+                                 f"an answer longer than {limit} bytes")
+        sock.settimeout(left)
+        byte = sock.recv(1)
+        if not byte:
+            raise ConnectionResetError("it closed the connection")
+        head += byte
+    return bytes(head)
+
+
+def status_line(head):
+    """(status, reason) of an HTTP answer's head; (None, its first line) when
+    it is no HTTP."""
+    first = head.split(b"\r\n", 1)[0].decode("utf-8", "replace")
+    match = re.fullmatch(r"HTTP/\d\.\d (\d{3})(?: (.*))?", first)
+    if not match:
+        return None, one_line(first[:80])
+    return int(match.group(1)), one_line((match.group(2) or "")[:80])
+
+
+def header_values(head, name):
+    """Every value of the header `name` (lower case) in an HTTP head, in
+    order, each line on its own (RFC 9110 section 5.3: together, one list)."""
+    values = []
+    for line in head.decode("utf-8", "replace").split("\r\n")[1:]:
+        key, colon, value = line.partition(":")
+        if colon and key.strip().lower() == name:
+            values.append(value.strip())
+    return values
+
+
+class Proxy:
+    """An HTTP proxy the agent reaches the API through, with a CONNECT
+    tunnel, whatever the scheme: TLS then runs inside the tunnel, end to
+    end, and the proxy sees only the API's name and port. `origin` says
+    where it was set (parse_proxy)."""
+
+    def __init__(self, url, origin):
+        self.url, self.origin = url, origin  # the url may hold credentials
+        self.host, self.port, self.authorization, self.name = parse_proxy(url, origin)
+
+    def tunnel(self, host, port, deadline, track):
+        """A socket through which host:port is reached, or LinkError saying
+        what the proxy did instead."""
+        try:
+            sock = connect_tcp(self.host, self.port, deadline, track)
+        except OSError as e:
+            raise LinkError(f"cannot reach the proxy {self.name} ({self.origin}): "
+                            f"{e.strerror or e}") from None
+        target = f"{bracketed(host)}:{port}"
+        request = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n"
+        if self.authorization:
+            request += f"Proxy-Authorization: Basic {self.authorization}\r\n"
+        try:
+            sock.sendall(request.encode("ascii") + b"\r\n")
+            status, reason = status_line(read_head(sock, deadline))
+        except OSError as e:
+            sock.close()
+            raise LinkError(f"the proxy {self.name} did not answer CONNECT to "
+                            f"{target}: {e.strerror or e}") from None
+        if status == 200:
+            return sock
+        sock.close()
+        raise LinkError(self._refusal(status, reason, host, port))
+
+    def _refusal(self, status, reason, host, port):
+        said = f"{status} {reason}".strip() if status else f"not HTTP: {reason!r}"
+        refused = f"the proxy {self.name} refused CONNECT to {bracketed(host)}:{port} ({said})"
+        if status is None:
+            return f"{refused}: is {self.name} ({self.origin}) an HTTP proxy?"
+        if status in (401, 407) and self.authorization:
+            return f"{refused}: check the user and password in {self.origin}"
+        if status == 407:
+            return (f"{refused}: it wants a user and password; give them in "
+                    f"{self.origin}, http://USER:PASSWORD@{bracketed(self.host)}:"
+                    f"{self.port}")
+        if port == 443:
+            return f"{refused}: ask for {host} to be allowed"
+        return f"{refused}: ask for port {port} to be allowed, or serve the API on 443"
+
+
+def bypasses_proxy(host, no_proxy):
+    """Whether `host` is in `no_proxy`, read as curl reads it: a comma-separated
+    list of host names, each matching itself and the names under it
+    (`corp.example` and `.corp.example` match `a.corp.example`, never
+    `evilcorp.example`), IP addresses and CIDR ranges (IPv6 without
+    brackets), or `*` for every host. Case does not matter, nor ports."""
+    host = host.lower().strip("[]").rstrip(".")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    for entry in no_proxy.split(","):
+        entry = entry.strip().lower()
+        if entry == "*":
+            return True
+        if entry.startswith("["):  # [::1] or [::1]:8080
+            entry = entry[1:].partition("]")[0]
+        elif entry.count(":") == 1:  # host:port
+            entry = entry.partition(":")[0]
+        entry = entry.strip(".")
+        if not entry:
+            continue
+        if address is not None:
+            with contextlib.suppress(ValueError):
+                if address in ipaddress.ip_network(entry, strict=False):
+                    return True
+        elif host == entry or host.endswith("." + entry):
+            return True
+    return False
+
+
+def proxy_for(host, secure, config, environ):
+    """The Proxy to reach `host` through, or None: the `proxy` setting
+    ("none": none at all), else https_proxy (wss) or http_proxy (ws), in
+    either case, the lower first; unless `no_proxy` (either case) names the
+    host. Loopback is a host like any other, as curl has it: list it in
+    no_proxy to keep it direct. ConfigError for a value that is no proxy."""
+    if config.proxy == "none":
+        return None
+    if config.proxy:
+        url, origin = config.proxy, "the proxy setting"
+    else:
+        name = "https_proxy" if secure else "http_proxy"
+        found = [(environ.get(n), n) for n in (name, name.upper()) if environ.get(n)]
+        if not found:
+            return None
+        url, origin = found[0][0], f"the environment variable {found[0][1]}"
+    no_proxy = environ.get("no_proxy") or environ.get("NO_PROXY") or ""
+    if bypasses_proxy(host, no_proxy):
+        return None
+    return Proxy(url.strip(), origin)
+
+
+class Route:
+    """How the agent reaches the API, the same for the WebSocket and --check:
+    straight or through a proxy's tunnel, then TLS for wss. The API key
+    never crosses a proxy in clear: ws:// through a proxy is refused unless
+    allow_plaintext says otherwise."""
+
+    def __init__(self, url, config, environ):
+        parts = urllib.parse.urlsplit(url)
+        self.host, self.secure = parts.hostname, parts.scheme in ("wss", "https")
+        self.port = parts.port or (443 if self.secure else 80)
+        self.config = config
+        self.proxy = proxy_for(self.host, self.secure, config, environ)
+
+    def describe(self):
+        return f"through the proxy {self.proxy.name}" if self.proxy else "direct"
+
+    def open(self, deadline, track):
+        """A socket to the API, TLS done for wss, by `deadline` (monotonic);
+        `track` is told of each socket made (connect_tcp). LinkError, or
+        what the socket or TLS raised; nothing is left open then."""
+        if self.proxy is None:
+            sock = connect_tcp(self.host, self.port, deadline, track)
+        elif not self.secure and not self.config.allow_plaintext:
+            raise LinkError(
+                f"refusing to send the API key in clear through the proxy "
+                f"{self.proxy.name} ({self.proxy.origin}): use https://, or pass "
+                "--allow-plaintext if this network and that proxy are trusted")
+        else:
+            sock = self.proxy.tunnel(self.host, self.port, deadline, track)
+        try:
+            if not self.secure:
+                if self.proxy is None:
+                    check_plaintext_peer(sock.getpeername(),
+                                         self.config.allow_plaintext)
+                return sock
+            return self._tls(sock, deadline, track)
+        except BaseException:
+            sock.close()
+            raise
+
+    def _tls(self, sock, deadline, track):
+        """TLS over `sock`, the API's certificate checked (tls_context); the
+        handshake is tracked too, so that a deadline can break it off."""
+        try:
+            context = tls_context(self.config)
+        except (OSError, ssl.SSLError) as e:
+            raise LinkError(
+                f"cannot use the CA file {self.config.ca_file} ({e.strerror or e}); "
+                "put the PEM file of the API's CA back, or give another with --ca-file"
+            ) from None
+        context.sslsocket_class = RecordingTLSSocket
+        tls = context.wrap_socket(sock, server_hostname=self.host,
+                                  do_handshake_on_connect=False)
+        track(tls)
+        try:
+            tls.settimeout(max(0.001, min(CONNECT_TIMEOUT_S,
+                                          deadline - time.monotonic())))
+            tls.do_handshake()
+        except BaseException:
+            tls.close()
+            raise
+        return tls
 
 
 def deflate_params(answer, offered=True):
@@ -4823,11 +5154,11 @@ class Inflater:
             self._zlib, self._history = zlib.decompressobj(-self.window_bits), b""
 
     def feed(self, data, out):
-        """`data`, the next part of the message, inflated onto `out` (a
-        bytearray). ProtocolError: 1009 once `out` would pass
-        MAX_MESSAGE_BYTES, 1002 for what does not inflate."""
+        """`data`, the next part of the message, inflated onto `out` (Pieces).
+        ProtocolError: 1009 once `out` would pass MAX_MESSAGE_BYTES, 1002 for
+        what does not inflate."""
         while data:
-            room = MAX_MESSAGE_BYTES - len(out)
+            room = MAX_MESSAGE_BYTES - out.size
             try:
                 piece = self._zlib.decompress(data, min(INFLATE_STEP, room + 1))
             except zlib.error as e:
@@ -4836,7 +5167,7 @@ class Inflater:
             if len(piece) > room:
                 raise ProtocolError(f"a message that inflates to more than "
                                     f"{MAX_MESSAGE_BYTES} bytes", 1009)
-            out += piece
+            out.add(piece)
             self._fresh = False
             if self._zlib.eof:  # a final block: what follows is a new stream
                 data = self._zlib.unused_data
@@ -4850,26 +5181,55 @@ class Inflater:
         if not self._fresh:
             self.feed(DEFLATE_TAIL, out)
         if self.keep:
-            self._history = last_window(self._history, out, 1 << self.window_bits)
+            self._history = self._last_window(out)
 
     def _new_stream(self, out):
         self._streams += 1
         if self._streams > MAX_DEFLATE_STREAMS:  # each costs a window's copy
             raise ProtocolError(f"a compressed message of more than "
                                 f"{MAX_DEFLATE_STREAMS} deflate streams")
-        seed = last_window(self._history, out, 1 << self.window_bits)
+        seed = self._last_window(out)
         self._zlib = zlib.decompressobj(-self.window_bits, **(
             {"zdict": seed} if seed else {}))
         self._fresh = True
 
 
-def last_window(history, out, window):
-    """The last `window` bytes of `history` followed by `out`, without
-    copying more of `out` than that."""
-    tail = bytes(out[-window:])
-    if len(tail) >= window:
-        return tail
-    return history[len(history) - (window - len(tail)):] + tail
+    def _last_window(self, out):
+        """The last window of output: the end of `history`, then of `out`."""
+        window = 1 << self.window_bits
+        tail = out.tail(window)
+        if len(tail) >= window:
+            return tail
+        return self._history[len(self._history) - (window - len(tail)):] + tail
+
+
+class Pieces:
+    """A message's bytes as they come, kept in pieces: a buffer grown in
+    place may be copied whole at each step (glibc's realloc, once an
+    allocation lies after it), twice the message for a moment."""
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self):
+        self.parts, self.size = [], 0
+
+    def add(self, piece):
+        if piece:
+            self.parts.append(piece)
+            self.size += len(piece)
+
+    def tail(self, n):
+        """The last `n` bytes, or all of them if fewer."""
+        tail, size = [], 0
+        for piece in reversed(self.parts):
+            if size >= n:
+                break
+            tail.append(piece)
+            size += len(piece)
+        return b"".join(reversed(tail))[-n:]
+
+    def join(self):
+        return b"".join(self.parts)
 
 
 class Parts:
@@ -4880,7 +5240,7 @@ class Parts:
 
     def __init__(self, opcode, inflater):
         self.opcode, self.inflater = opcode, inflater
-        self.data = bytearray()
+        self.data = Pieces()
         self.received = 0  # bytes of payload, compressed or not
         if inflater is not None:
             inflater.begin()
@@ -4888,14 +5248,14 @@ class Parts:
     def add(self, chunk):
         self.received += len(chunk)
         if self.inflater is None:
-            self.data += chunk
+            self.data.add(bytes(chunk))
         else:
             self.inflater.feed(chunk, self.data)
 
     def end(self):
         if self.inflater is not None:
             self.inflater.end(self.data)
-        return message(self.opcode, self.data)
+        return message(self.opcode, self.data.join())
 
 
 class FrameReader:
@@ -5051,7 +5411,7 @@ def message(opcode, payload):
     that is not UTF-8 fails the connection (RFC 6455 section 8.1); a binary
     one is the dispatcher's to judge."""
     if opcode != OP_TEXT:
-        return opcode, bytes(payload)
+        return opcode, payload
     try:
         return opcode, payload.decode("utf-8")
     except UnicodeDecodeError:
@@ -5144,12 +5504,13 @@ class Link:
         self.agent_info = agent_info
         self.stop_event = stop  # set: the agent stops
         self.url = ws_url(config.api_url)
+        self.route = Route(self.url, config, os.environ)
         self.session = None
         self.close_code = 1000  # 1011 when the agent exits because a thread died
         self.backoff = reconnect_backoff(config.reconnect_max_delay_s)
         self.auth_backoff = Backoff(AUTH_RETRY_FIRST_S, AUTH_RETRY_MAX_S, floor=0.5)
         self.websocket = load_websocket()
-        self._connecting = None  # the WebSocket being connected, for abort()
+        self._connecting = None  # the socket being opened or authenticated, for abort()
         self._flush_until = None  # at shutdown: when sending what waits ends
         self.thread = threading.Thread(target=self.run, name="receive", daemon=True)
 
@@ -5206,15 +5567,10 @@ class Link:
                 "TLS certificate verification is OFF (tls_skip_verify): anyone "
                 "on the path can read the API key and the commands"
             )
-        ws = self.websocket.WebSocket(
-            sslopt=self._sslopt(),
-            skip_utf8_validation=True,
-            enable_multithread=True,
-        )
-        self._connecting = ws  # until authenticated, abort() breaks it off
+        ws = self.websocket.WebSocket(skip_utf8_validation=True, enable_multithread=True)
         try:
-            self._open(ws)
-            reader = FrameReader(ws.sock, self._deflate(ws))
+            head = self._open(ws)
+            reader = FrameReader(ws.sock, self._deflate(ws, head))
             server_id = self._authenticate(ws, reader)
         except BaseException:
             ws.shutdown()
@@ -5223,6 +5579,8 @@ class Link:
             self._connecting = None
         ws.settimeout(max(1.0, self.config.heartbeat_interval_s))
         as_server = f" as server {server_id}" if server_id is not None else ""
+        if self.route.proxy:
+            as_server = f" {self.route.describe()}{as_server}"
         frames = reader.deflate.describe() if reader.deflate else "uncompressed"
         LOG.info("connected to %s%s; frames: %s", self.url, as_server, frames)
         return Session(ws, reader, server_id, self.websocket.ABNF)
@@ -5233,13 +5591,11 @@ class Link:
             return []
         return [f"Sec-WebSocket-Extensions: {DEFLATE_OFFER}"]
 
-    def _deflate(self, ws):
-        """The Deflate the API agreed to in its answer to the upgrade, or None;
-        ProtocolError (the connection failed with 1002) for an answer that
-        agrees to what was not offered."""
-        headers = ws.getheaders() or {}
-        answer = next((str(v) for k, v in headers.items()
-                       if str(k).lower() == "sec-websocket-extensions"), None)
+    def _deflate(self, ws, head):
+        """The Deflate the API agreed to in its answer to the upgrade (`head`,
+        every line of it), or None; ProtocolError (the connection failed with
+        1002) for an answer that agrees to what was not offered."""
+        answer = ", ".join(header_values(head, "sec-websocket-extensions")) or None
         try:
             agreed = deflate_params(answer, offered=bool(self._offer()))
         except ProtocolError as e:
@@ -5247,34 +5603,34 @@ class Link:
             raise
         return Deflate(agreed) if agreed is not None else None
 
-    def _sslopt(self):
-        """websocket-client's TLS options: the agent's own context (tls_context)."""
-        if not self.url.startswith("wss:"):
-            return {}
-        try:
-            return {"context": tls_context(self.config)}
-        except (OSError, ssl.SSLError) as e:
-            raise LinkError(
-                f"cannot use the CA file {self.config.ca_file} ({e.strerror or e}); "
-                "put the PEM file of the API's CA back, or give another with --ca-file"
-            ) from None
-
     def _open(self, ws):
-        """Connect and upgrade `ws`, or LinkError / AuthError saying why not.
+        """Connect and upgrade `ws` on the route to the API; the head of the
+        API's answer. LinkError / AuthError saying why not.
 
-        No redirect is followed: the key must go only where api_url says (a
-        redirect may lead from wss:// to ws://, or to another host). The whole
-        attempt has a deadline, however slowly the peer answers.
+        The agent opens the socket itself (Route: TCP, a proxy's tunnel,
+        TLS), and websocket-client upgrades it. No redirect is followed: the
+        key must go only where api_url says (a redirect may lead from wss://
+        to ws://, or to another host). The whole attempt has a deadline,
+        however slowly the peer answers.
         """
-        deadline = Deadline(CONNECT_DEADLINE_S, abort_socket, ws)
+        deadline = Deadline(CONNECT_DEADLINE_S, self.stop_connecting)
         try:
             with deadline:
-                ws.connect(self.url, timeout=CONNECT_TIMEOUT_S, redirect_limit=0,
+                sock = self.route.open(time.monotonic() + CONNECT_DEADLINE_S,
+                                       self._track)
+                sock.settimeout(CONNECT_TIMEOUT_S)
+                sock.head = bytearray()
+                ws.connect(self.url, socket=sock, redirect_limit=0,
                            header=self._offer())
+                head, sock.head = bytes(sock.head), None
             if ws.getstatus() != 101:  # 1.2.3 and 1.8.0 return a redirect as is
                 raise self.websocket.WebSocketException("the upgrade was refused")
         except Exception as e:  # a garbled answer raises anything: ValueError, ...
             raise self._connect_error(ws, e, deadline.expired) from None
+        return head
+
+    def _track(self, sock):
+        self._connecting = sock
 
     def _connect_error(self, ws, error, expired):
         """The LinkError (or AuthError) that says what went wrong, and what to do."""
@@ -5286,6 +5642,8 @@ class Link:
                 f"the API at {self.url} did not complete the WebSocket upgrade "
                 f"within {CONNECT_DEADLINE_S:.0f} s"
             )
+        if isinstance(error, AgentError):  # the route's own, said already
+            return error
         if status in (401, 403):
             return AuthError(f"HTTP {status} on the WebSocket upgrade")
         if isinstance(status, int) and 300 <= status < 400:
@@ -5315,8 +5673,6 @@ class Link:
         only, and in clear only to a loopback address."""
         wsc = self.websocket
         try:
-            if self.url.startswith("ws:"):
-                check_plaintext_peer(ws.sock.getpeername(), self.config.allow_plaintext)
             auth = {"type": "auth", "api_key": self.config.api_key}
             ws.send(to_json(dict(auth, agent=self.agent_info)), opcode=OP_TEXT)
             deadline = time.monotonic() + AUTH_TIMEOUT_S
@@ -5548,7 +5904,10 @@ class Link:
     def stop_connecting(self):
         """Break off a connection not yet authenticated: at shutdown nothing
         waits to be sent on it."""
-        abort_socket(self._connecting)
+        sock = self._connecting
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def abort(self):
         """Break off what the receive thread waits for: a session, or a connect."""
@@ -6069,8 +6428,13 @@ def http_get(url, config, headers=None):
         def redirect_request(self, *args, **kwargs):
             return None  # urllib then raises HTTPError with the 3xx
 
+    # The proxy the WebSocket takes, decided by the agent (Route), never by
+    # urllib's own reading of the environment.
+    route = Route(url, config, os.environ)
+    proxies = {url.partition(":")[0]: route.proxy.url} if route.proxy else {}
     opener = urllib.request.build_opener(
-        NoRedirect, urllib.request.HTTPSHandler(context=tls_context(config))
+        NoRedirect, urllib.request.ProxyHandler(proxies),
+        urllib.request.HTTPSHandler(context=tls_context(config))
     )
     request = urllib.request.Request(
         url, headers=dict(headers or {}, **{"User-Agent": "chatops-agent"})
@@ -6136,6 +6500,12 @@ def check_api(config):
         )
         return
     me = base + "/api/v1/api-keys/me"
+    route = Route(me, config, os.environ)
+    if route.proxy and not route.secure and not config.allow_plaintext:
+        yield False, (f"API key not checked: it would cross the proxy {route.proxy.name} "
+                      "in clear; use https://, or --allow-plaintext if this network "
+                      "and that proxy are trusted")
+        return
     try:
         status, body, location = finished_within(
             CHECK_LINE_S, http_get, me, config, {"X-API-Key": config.api_key})

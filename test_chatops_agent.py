@@ -630,6 +630,23 @@ def run_agent(tmp_path):
         proc.terminate()
 
 
+@pytest.fixture
+def tls_api(tmp_path):
+    """A FakeAPI behind TLS, its certificate for 127.0.0.1 and localhost from
+    a test CA; and the CA's PEM file."""
+    trustme = need_module("trustme")
+    ca = trustme.CA()
+    context = __import__("ssl").create_default_context(
+        __import__("ssl").Purpose.CLIENT_AUTH
+    )
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    server = FakeAPI(ssl_context=context).start()
+    yield server, str(ca_file)
+    server.stop()
+
+
 def run_cli(*args, env=None, timeout=30):
     return subprocess.run(
         [sys.executable, AGENT, *args],
@@ -1932,20 +1949,6 @@ class TestConnection:
 
 
 class TestTLS:
-    @pytest.fixture
-    def tls_api(self, tmp_path):
-        trustme = need_module("trustme")
-        ca = trustme.CA()
-        context = __import__("ssl").create_default_context(
-            __import__("ssl").Purpose.CLIENT_AUTH
-        )
-        ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
-        ca_file = tmp_path / "ca.pem"
-        ca.cert_pem.write_to_path(str(ca_file))
-        server = FakeAPI(ssl_context=context).start()
-        yield server, str(ca_file)
-        server.stop()
-
     def test_accepted_with_ca_file(self, tls_api, run_agent):
         api, ca_file = tls_api
         proc = run_agent(api.url, "--ca-file", ca_file)
@@ -2006,6 +2009,192 @@ class TestTLS:
         proc = run_agent(api.url, "--tls-skip-verify")
         wait_until(api.metrics, 6, "metrics")
         assert "TLS certificate verification is OFF" in proc.log()
+
+
+class Tinyproxy:
+    """Debian's tinyproxy on 127.0.0.1, started for a test: CONNECT allowed
+    to `connect_ports` only (to any port if none), Basic auth if `auth`
+    (user, password) is given. Its log tells which CONNECTs it was asked."""
+
+    def __init__(self, tmp_path, connect_ports=(), auth=None):
+        require(shutil.which("tinyproxy"),
+                "tinyproxy is not installed (apt-get install tinyproxy)")
+        self.port = fresh_port()
+        lines = [f"Port {self.port}", "Listen 127.0.0.1", "Timeout 60",
+                 "LogLevel Connect", "MaxClients 50", "Allow 127.0.0.1",
+                 *[f"ConnectPort {p}" for p in connect_ports]]
+        if auth:
+            lines.append("BasicAuth {} {}".format(*auth))
+        config = tmp_path / f"tinyproxy-{self.port}.conf"
+        config.write_text("\n".join(lines) + "\n")
+        self.log_path = tmp_path / f"tinyproxy-{self.port}.log"
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(["tinyproxy", "-d", "-c", str(config)],
+                                         stdout=log, stderr=subprocess.STDOUT)
+        wait_until(self._listening, 10, lambda: self.log_path.read_text())
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def _listening(self):
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def connects(self):
+        """The targets of the CONNECTs it was asked, in order."""
+        return re.findall(r"Request \(file descriptor \d+\): CONNECT (\S+)",
+                          self.log_path.read_text())
+
+    def close(self):
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def tinyproxy(tmp_path):
+    started = []
+
+    def start(**options):
+        started.append(Tinyproxy(tmp_path, **options))
+        return started[-1]
+
+    yield start
+    for proxy in started:
+        proxy.close()
+
+
+class TestProxies:
+    """The agent reaches the API through an HTTP proxy's CONNECT tunnel, the
+    one the proxy setting or https_proxy / http_proxy names, unless no_proxy
+    names the host: its own decision, the same with every websocket-client
+    (issue 29, goal 1; and issue 26, defect 5: the agent opens the socket)."""
+
+    @pytest.mark.parametrize("how", ["https_proxy", "HTTPS_PROXY", "--proxy"])
+    def test_through_the_proxy_named(self, tls_api, tinyproxy, run_agent, how):
+        api, ca_file = tls_api
+        proxy = tinyproxy()
+        flags = ("--proxy", proxy.url) if how == "--proxy" else ()
+        env = {} if flags else {how: proxy.url}
+        proc = run_agent(api.url, "--ca-file", ca_file, *flags, **env)
+        wait_until(lambda: len(api.metrics()) >= 2, 15, proc.log)
+        assert proxy.connects() == [f"127.0.0.1:{api.port}"]
+        assert f"through the proxy {proxy.url}" in proc.log()
+
+    def test_no_proxy_keeps_a_host_direct(self, tls_api, tinyproxy, run_agent):
+        api, ca_file = tls_api
+        proxy = tinyproxy()
+        proc = run_agent(api.url, "--ca-file", ca_file, https_proxy=proxy.url,
+                         no_proxy="example.org, 127.0.0.0/8")
+        wait_until(lambda: len(api.metrics()) >= 2, 15, proc.log)
+        assert proxy.connects() == [] and "through the proxy" not in proc.log()
+        none = run_agent(api.url, "--ca-file", ca_file, "--proxy", "none",
+                         https_proxy=proxy.url)
+        wait_until(lambda: len(api.connects) >= 2, 15, none.log)
+        assert proxy.connects() == []
+
+    def test_a_refusal_says_what_the_proxy_said_and_what_to_ask(
+            self, tls_api, tinyproxy, run_agent):
+        api, ca_file = tls_api
+        proxy = tinyproxy(connect_ports=[443])
+        proc = run_agent(api.url, "--ca-file", ca_file, https_proxy=proxy.url)
+        proc.wait_log(f"the proxy {proxy.url} refused CONNECT to 127.0.0.1:"
+                      f"{api.port} (403 Access violation): ask for port "
+                      f"{api.port} to be allowed, or serve the API on 443", 15)
+        assert api.connects == []
+
+    def test_credentials_go_to_the_proxy_and_nowhere_else(
+            self, tls_api, tinyproxy, run_agent):
+        api, ca_file = tls_api
+        proxy = tinyproxy(auth=("chatops", "s3cret-pw"))
+        with_credentials = proxy.url.replace("//", "//chatops:s3cret-pw@")
+        good = run_agent(api.url, "--ca-file", ca_file,
+                         https_proxy=with_credentials, CHATOPS_LOG_LEVEL="debug")
+        wait_until(lambda: len(api.metrics()) >= 2, 15, good.log)
+        none = run_agent(api.url, "--ca-file", ca_file, https_proxy=proxy.url)
+        none.wait_log("it wants a user and password; give them in the environment "
+                      f"variable https_proxy, http://USER:PASSWORD@127.0.0.1:"
+                      f"{proxy.port}", 15)
+        wrong = run_agent(api.url, "--ca-file", ca_file, "--proxy",
+                          proxy.url.replace("//", "//chatops:wrong@"))
+        wrong.wait_log("check the user and password in the proxy setting", 15)
+        shown = run_cli("--print-config", "--proxy", with_credentials)
+        assert "chatops:<redacted>@127.0.0.1" in shown.stdout
+        for text in (good.log(), none.log(), wrong.log(), shown.stdout):
+            assert "s3cret-pw" not in text and "wrong" not in text
+
+    def test_the_key_never_crosses_a_proxy_in_clear(self, api, tinyproxy, run_agent):
+        proxy = tinyproxy()
+        refused = run_agent(api.url, http_proxy=proxy.url)
+        refused.wait_log("refusing to send the API key in clear through the proxy "
+                         f"{proxy.url} (the environment variable http_proxy)", 10)
+        assert proxy.connects() == [] and api.connects == []
+        allowed = run_agent(api.url, "--allow-plaintext", http_proxy=proxy.url)
+        wait_until(lambda: len(api.metrics()) >= 2, 15, allowed.log)
+        assert proxy.connects() == [f"127.0.0.1:{api.port}"]
+
+    def test_check_takes_the_same_proxy(self, tls_api, api, tinyproxy):
+        tls, ca_file = tls_api
+        proxy = tinyproxy()
+        env = clean_env(CHATOPS_API_KEY=KEY, https_proxy=proxy.url,
+                        http_proxy=proxy.url)
+        result = run_cli("--check", "--api-url", tls.url, "--ca-file", ca_file,
+                         env=env)
+        assert result.returncode == 0, result.stdout
+        assert proxy.connects() == [f"127.0.0.1:{tls.port}"] * 2  # health, key
+        plain = run_cli("--check", "--api-url", api.url, env=env)
+        assert "FAIL API key not checked: it would cross the proxy " \
+            f"{proxy.url} in clear" in plain.stdout
+        assert all("api-keys" not in path for path, _ in api.http_requests)
+
+    def test_a_value_that_is_no_proxy_is_refused_at_start(self, api):
+        for env, said in (
+                ({"CHATOPS_PROXY": "socks5://127.0.0.1:1080"}, "environment "
+                 "variable CHATOPS_PROXY: proxy (socks5://127.0.0.1:1080)"),
+                ({"CHATOPS_API_KEY": KEY, "http_proxy": "http://u:pw@:8080"},
+                 "the environment variable http_proxy (http://u:<redacted>@:8080)")):
+            result = run_cli("--api-url", api.url, env=clean_env(**env))
+            assert result.returncode == 2, result.stderr
+            assert f"{said} is not a proxy the agent can use" in result.stderr
+            assert ":pw@" not in result.stderr
+
+    @pytest.mark.parametrize("host, no_proxy, bypassed", [
+        ("a.corp.example", "corp.example", True),
+        ("a.corp.example", ".corp.example", True),
+        ("corp.example", ".corp.example", True),
+        ("evilcorp.example", "corp.example", False),
+        ("evilcorp.example", ".corp.example", False),
+        ("CORP.example", "corp.EXAMPLE.", True),
+        ("api.example", "x.example, api.example:8443", True),
+        ("www.ample.com", "ample.com", True),  # curl's own examples
+        ("ample.com", "ample.com", True),
+        ("www.example.com", "ample.com", False),
+        ("ample.com.org", "ample.com", False),
+        ("10.1.2.3", "10.0.0.0/8", True),
+        ("11.1.2.3", "10.0.0.0/8", False),
+        ("192.168.7.9", "192.168.7.9", True),
+        ("::1", "::1", True),
+        ("::1", "[::1]:8080", True),
+        ("2001:db8::5", "2001:db8::/32", True),
+        ("10.1.2.3", "::/0", False),
+        ("anything", "*", True),
+        ("anything", "", False),
+        ("localhost", "", False),  # loopback is a host like any other
+        ("127.0.0.1", "localhost", False),
+    ])
+    def test_no_proxy_is_read_as_curl_reads_it(self, host, no_proxy, bypassed):
+        assert agent.bypasses_proxy(host, no_proxy) is bypassed
+
+    def test_which_proxy(self):
+        config = agent.load_config({}, {})
+        env = {"https_proxy": "http://a:1", "HTTPS_PROXY": "http://b:2",
+               "http_proxy": "http://c:3", "NO_PROXY": "skip.example"}
+        assert agent.proxy_for("api.example", True, config, env).name == "http://a:1"
+        assert agent.proxy_for("api.example", False, config, env).name == "http://c:3"
+        assert agent.proxy_for("skip.example", True, config, env) is None
+        assert agent.proxy_for("api.example", True, config, {}) is None
+        set_here = agent.load_config({"proxy": "http://d"}, {})
+        found = agent.proxy_for("api.example", True, set_here, env)
+        assert (found.name, found.origin) == ("http://d:1080", "the proxy setting")
+        off = agent.load_config({"proxy": "none"}, {})
+        assert agent.proxy_for("api.example", True, off, env) is None
 
 
 class TestDependencies:
@@ -5618,6 +5807,9 @@ class TestHostileCompression:
             # a digit to str.isdigit(), no number to int() (issue 26, defect 5)
             (agreeing("permessage-deflate; client_max_window_bits=\u00b2", closes),
              1002),
+            # two lines are two extensions, as on one line (issue 26, defect 5)
+            (agreeing_twice("permessage-deflate", "permessage-deflate; "
+                            "client_max_window_bits=10", closes), 1002),
         ]
         peer = RawPeer([answer for answer, _ in cases], upstream=api.port)
         try:
@@ -5625,7 +5817,9 @@ class TestHostileCompression:
             wait_until(api.metrics, 30, lambda: f"the agent back; closes {closes}")
             assert closes == [code for _, code in cases], proc.log()
             assert proc.log().count("the API agreed to an extension the agent did "
-                                    "not offer") == 3
+                                    "not offer") == 4
+            assert '(more than one: "permessage-deflate, permessage-deflate; ' \
+                'client_max_window_bits=10")' in proc.log()
             assert "unexpectedly" not in proc.log()
         finally:
             peer.close()
@@ -5678,6 +5872,20 @@ def gigabyte_bomb():
     body += compressor.flush(zlib.Z_SYNC_FLUSH)
     assert body.endswith(agent.DEFLATE_TAIL) and len(body) < 2**21
     return body[:-4]
+
+
+def agreeing_twice(first, second, closes):
+    """As agreeing(), but with the answer on two Sec-WebSocket-Extensions lines."""
+    def answer(conn, request):
+        head = upgrade_answer(request, first)
+        conn.sendall(head[:-2] + b"Sec-WebSocket-Extensions: %s\r\n\r\n"
+                     % second.encode())
+        conn.settimeout(3)
+        frame = read_client_frame(conn)
+        closes.append(frame and frame[0] == 0x8
+                      and int.from_bytes(frame[1][:2], "big"))
+
+    return answer
 
 
 def agreeing(extensions, closes):
