@@ -4917,7 +4917,8 @@ class Proxy:
 
     def _refusal(self, status, reason, host, port):
         said = f"{status} {reason}".strip() if status else f"not HTTP: {reason!r}"
-        refused = f"the proxy {self.name} refused CONNECT to {bracketed(host)}:{port} ({said})"
+        target = f"{bracketed(host)}:{port}"
+        refused = f"the proxy {self.name} refused CONNECT to {target} ({said})"
         if status is None:
             return f"{refused}: is {self.name} ({self.origin}) an HTTP proxy?"
         if status in (401, 407) and self.authorization:
@@ -4984,7 +4985,7 @@ def proxy_for(host, secure, config, environ):
     return Proxy(url.strip(), origin)
 
 
-class Route:
+class Transport:
     """How the agent reaches the API, the same for the WebSocket and --check:
     straight or through a proxy's tunnel, then TLS for wss. The API key
     never crosses a proxy in clear: ws:// through a proxy is refused unless
@@ -5504,7 +5505,7 @@ class Link:
         self.agent_info = agent_info
         self.stop_event = stop  # set: the agent stops
         self.url = ws_url(config.api_url)
-        self.route = Route(self.url, config, os.environ)
+        self.transport = Transport(self.url, config, os.environ)
         self.session = None
         self.close_code = 1000  # 1011 when the agent exits because a thread died
         self.backoff = reconnect_backoff(config.reconnect_max_delay_s)
@@ -5567,7 +5568,8 @@ class Link:
                 "TLS certificate verification is OFF (tls_skip_verify): anyone "
                 "on the path can read the API key and the commands"
             )
-        ws = self.websocket.WebSocket(skip_utf8_validation=True, enable_multithread=True)
+        ws = self.websocket.WebSocket(skip_utf8_validation=True,
+                                      enable_multithread=True)
         try:
             head = self._open(ws)
             reader = FrameReader(ws.sock, self._deflate(ws, head))
@@ -5579,8 +5581,8 @@ class Link:
             self._connecting = None
         ws.settimeout(max(1.0, self.config.heartbeat_interval_s))
         as_server = f" as server {server_id}" if server_id is not None else ""
-        if self.route.proxy:
-            as_server = f" {self.route.describe()}{as_server}"
+        if self.transport.proxy:
+            as_server = f" {self.transport.describe()}{as_server}"
         frames = reader.deflate.describe() if reader.deflate else "uncompressed"
         LOG.info("connected to %s%s; frames: %s", self.url, as_server, frames)
         return Session(ws, reader, server_id, self.websocket.ABNF)
@@ -5604,10 +5606,10 @@ class Link:
         return Deflate(agreed) if agreed is not None else None
 
     def _open(self, ws):
-        """Connect and upgrade `ws` on the route to the API; the head of the
+        """Connect and upgrade `ws` on the transport to the API; the head of the
         API's answer. LinkError / AuthError saying why not.
 
-        The agent opens the socket itself (Route: TCP, a proxy's tunnel,
+        The agent opens the socket itself (Transport: TCP, a proxy's tunnel,
         TLS), and websocket-client upgrades it. No redirect is followed: the
         key must go only where api_url says (a redirect may lead from wss://
         to ws://, or to another host). The whole attempt has a deadline,
@@ -5616,7 +5618,7 @@ class Link:
         deadline = Deadline(CONNECT_DEADLINE_S, self.stop_connecting)
         try:
             with deadline:
-                sock = self.route.open(time.monotonic() + CONNECT_DEADLINE_S,
+                sock = self.transport.open(time.monotonic() + CONNECT_DEADLINE_S,
                                        self._track)
                 sock.settimeout(CONNECT_TIMEOUT_S)
                 sock.head = bytearray()
@@ -5638,11 +5640,12 @@ class Link:
         status, headers = upgrade_answer(ws, error)
         text = one_line(str(error))[:300] or type(error).__name__
         if expired:
+            via = f" ({self.transport.describe()})" if self.transport.proxy else ""
             return LinkError(
-                f"the API at {self.url} did not complete the WebSocket upgrade "
-                f"within {CONNECT_DEADLINE_S:.0f} s"
+                f"the API at {self.url}{via} did not complete the WebSocket "
+                f"upgrade within {CONNECT_DEADLINE_S:.0f} s"
             )
-        if isinstance(error, AgentError):  # the route's own, said already
+        if isinstance(error, AgentError):  # the transport's own, said already
             return error
         if status in (401, 403):
             return AuthError(f"HTTP {status} on the WebSocket upgrade")
@@ -6428,10 +6431,11 @@ def http_get(url, config, headers=None):
         def redirect_request(self, *args, **kwargs):
             return None  # urllib then raises HTTPError with the 3xx
 
-    # The proxy the WebSocket takes, decided by the agent (Route), never by
+    # The proxy the WebSocket takes, decided by the agent (Transport), never by
     # urllib's own reading of the environment.
-    route = Route(url, config, os.environ)
-    proxies = {url.partition(":")[0]: route.proxy.url} if route.proxy else {}
+    transport = Transport(url, config, os.environ)
+    scheme = url.partition(":")[0]
+    proxies = {scheme: transport.proxy.url} if transport.proxy else {}
     opener = urllib.request.build_opener(
         NoRedirect, urllib.request.ProxyHandler(proxies),
         urllib.request.HTTPSHandler(context=tls_context(config))
@@ -6500,11 +6504,11 @@ def check_api(config):
         )
         return
     me = base + "/api/v1/api-keys/me"
-    route = Route(me, config, os.environ)
-    if route.proxy and not route.secure and not config.allow_plaintext:
-        yield False, (f"API key not checked: it would cross the proxy {route.proxy.name} "
-                      "in clear; use https://, or --allow-plaintext if this network "
-                      "and that proxy are trusted")
+    transport = Transport(me, config, os.environ)
+    if transport.proxy and not transport.secure and not config.allow_plaintext:
+        yield False, (f"API key not checked: it would cross the proxy "
+                      f"{transport.proxy.name} in clear; use https://, or "
+                      "--allow-plaintext if this network and that proxy are trusted")
         return
     try:
         status, body, location = finished_within(

@@ -3369,7 +3369,8 @@ class TestContainerEvents:
                  "status": "Created", "state": "created",
                  "created": "2026-12-01T00:00:00Z", "ports": []}
                 for n in range(agent.MAX_CONTAINERS_LISTED + 500, 0, -1)]
-        cache = agent.ContainerCache(agent.load_config({}, {}), ScriptedDocker(rows, {}))
+        cli = ScriptedDocker(rows, {})
+        cache = agent.ContainerCache(agent.load_config({}, {}), cli)
         listed, status = cache.read_once()
         assert len(listed) == agent.MAX_CONTAINERS_LISTED
         assert listed[0]["name"] == f"c{agent.MAX_CONTAINERS_LISTED + 500}"  # newest
@@ -4796,21 +4797,21 @@ class SilentDeath:
     def _serve(self, conn):
         dead = threading.Event()
         self.cut_links.append(dead)
-        with conn, socket.create_connection(("127.0.0.1", self.upstream)) as up:
-            with contextlib.suppress(OSError):
-                self._pass_head(conn, up)
-                self._pass_head(up, conn)
-                threading.Thread(target=pump, args=(up, conn, None, dead),
-                                 daemon=True).start()
-                while True:
-                    frame = read_client_frame(conn, raw=True)
-                    if frame is None:
-                        return
-                    opcode, payload, raw = frame
-                    if not dead.is_set():
-                        up.sendall(raw)
-                    elif opcode == 0x1:
-                        self.swallowed.append(json.loads(payload))
+        with conn, socket.create_connection(("127.0.0.1", self.upstream)) as up, \
+                contextlib.suppress(OSError):
+            self._pass_head(conn, up)
+            self._pass_head(up, conn)
+            threading.Thread(target=pump, args=(up, conn, None, dead),
+                             daemon=True).start()
+            while True:
+                frame = read_client_frame(conn, raw=True)
+                if frame is None:
+                    return
+                opcode, payload, raw = frame
+                if not dead.is_set():
+                    up.sendall(raw)
+                elif opcode == 0x1:
+                    self.swallowed.append(json.loads(payload))
 
     @staticmethod
     def _pass_head(source, sink):
@@ -6007,16 +6008,20 @@ def need_bundle():
 
 
 class FileServer:
-    """Serves a directory over HTTP on 127.0.0.1, in a thread; `with` gives
-    its base URL."""
+    """Serves a directory over HTTP on 127.0.0.1 (HTTPS with a test CA's
+    `context`), in a thread; `with` gives its base URL."""
 
-    def __init__(self, directory):
-        handler = functools.partial(QuietFiles, directory=str(directory))
+    def __init__(self, directory, context=None, handler=None):
+        handler = handler or functools.partial(QuietFiles, directory=str(directory))
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.scheme = "https" if context else "http"
+        if context:
+            self.server.socket = context.wrap_socket(self.server.socket,
+                                                     server_side=True)
 
     def __enter__(self):
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+        return f"{self.scheme}://127.0.0.1:{self.server.server_address[1]}"
 
     def __exit__(self, *exc):
         self.server.shutdown()
@@ -6028,41 +6033,19 @@ class QuietFiles(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-class Redirector:
-    """An HTTPS server on 127.0.0.1 (a test CA's certificate) that answers
-    every GET with a 302 to the same path under `target`; `with` gives its
-    base URL."""
+class Redirector(FileServer):
+    """A FileServer that answers every GET with a 302 to the same path under
+    `target`."""
 
-    def __init__(self, target, context):
-        class Redirect(http.server.BaseHTTPRequestHandler):
+    def __init__(self, target, context=None):
+        class Redirect(QuietFiles):
             def do_GET(self):  # noqa: N802 -- http.server's name
                 self.send_response(302)
                 self.send_header("Location", target + self.path)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
-        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
-
-    def __enter__(self):
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return f"https://127.0.0.1:{self.server.server_address[1]}"
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-class TLSFileServer(FileServer):
-    def __init__(self, directory, context):
-        super().__init__(directory)
-        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
-
-    def __enter__(self):
-        return "https" + super().__enter__()[4:]
+        super().__init__(None, context, handler=Redirect)
 
 
 def path_without(tmp_path, *programs):
@@ -6494,7 +6477,8 @@ class TestInstaller:
         assert f"{https}/chatops_agent.py redirected to " in refused.stderr
         assert "never goes on in clear" in refused.stderr
         assert "checksum verified" not in refused.stderr
-        with TLSFileServer(served, context) as secure, Redirector(secure, context) as https:
+        with FileServer(served, context) as secure, \
+                Redirector(secure, context) as https:
             followed = install(https)
         assert followed.returncode == 0, followed.stderr
         assert "checksum verified" in followed.stderr
