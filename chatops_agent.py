@@ -4971,14 +4971,14 @@ def proxy_for(host, secure, config, environ):
     no_proxy to keep it direct. ConfigError for a value that is no proxy."""
     if config.proxy == "none":
         return None
-    if config.proxy:
-        url, origin = config.proxy, "the proxy setting"
-    else:
-        name = "https_proxy" if secure else "http_proxy"
-        found = [(environ.get(n), n) for n in (name, name.upper()) if environ.get(n)]
-        if not found:
-            return None
-        url, origin = found[0][0], f"the environment variable {found[0][1]}"
+    url, origin = config.proxy, "the proxy setting"
+    name = "https_proxy" if secure else "http_proxy"
+    for variable in () if url else (name, name.upper()):
+        url, origin = environ.get(variable), f"the environment variable {variable}"
+        if url:
+            break
+    if not url:
+        return None
     no_proxy = environ.get("no_proxy") or environ.get("NO_PROXY") or ""
     if bypasses_proxy(host, no_proxy):
         return None

@@ -3348,9 +3348,8 @@ class TestContainerEvents:
         flooding = threading.Event()
 
         def sample():  # a sample every 20 ms, as fast as a metrics loop may go
-            while not flooding.is_set():
+            while not flooding.wait(0.02):
                 sizes.append(len(cache.snapshot()[0]))
-                time.sleep(0.02)  # the sampling pace, not a wait
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
