@@ -4718,10 +4718,9 @@ def describe_close(code, reason):
     return f"{text}: {one_line(reason[:200])}" if reason else text
 
 
-def abort_socket(ws):
-    """Shut a WebSocket's socket down from any thread: wakes a receive, fails a
-    send."""
-    sock = getattr(ws, "sock", None)
+def shut_down(sock):
+    """Shut a socket (None: none) down from any thread: wakes a receive, fails
+    a send, breaks off a connect or a TLS handshake."""
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
@@ -5194,7 +5193,6 @@ class Inflater:
             {"zdict": seed} if seed else {}))
         self._fresh = True
 
-
     def _last_window(self, out):
         """The last window of output: the end of `history`, then of `out`."""
         window = 1 << self.window_bits
@@ -5484,7 +5482,7 @@ class Session:
 
     def kill(self):
         self.dead.set()
-        abort_socket(self.ws)
+        shut_down(self.ws.sock)
 
 
 class Link:
@@ -5907,10 +5905,7 @@ class Link:
     def stop_connecting(self):
         """Break off a connection not yet authenticated: at shutdown nothing
         waits to be sent on it."""
-        sock = self._connecting
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+        shut_down(self._connecting)
 
     def abort(self):
         """Break off what the receive thread waits for: a session, or a connect."""
