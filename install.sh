@@ -14,14 +14,24 @@
 # short runs nothing.
 set -eu
 
-# Where the agent is downloaded from when it is not beside this script
-# (--base-url; there is no default: the files are published by whoever runs
-# the ChatOps platform, e.g. a bundle made by --prepare-offline served over
-# HTTPS): the newest release at BASE_URL/chatops_agent.py, each release X at
-# BASE_URL/X/chatops_agent.py, each with a .sha256 or a SHA256SUMS beside it.
+# Where the agent comes from: a bundle (--offline DIR, made by
+# --prepare-offline); the copy beside this script (a checkout, or a bundle);
+# or a published directory (--base-url; there is no default: such a bundle,
+# served over HTTPS by whoever runs the ChatOps platform). A published
+# directory is downloaded whole (the agent and its websocket-client wheel)
+# and checked against its SHA256SUMS before anything changes: the newest
+# release at BASE_URL/, each release X at BASE_URL/X/.
+#
+# websocket-client comes from the bundle or the published directory; from
+# PyPI only from a checkout (there is no wheel beside it) or with --pypi.
 
 NAME=chatops-agent
 PYTHON_MIN_MINOR=8 # Python 3.8 or newer
+# The one websocket-client a bundle carries and --pypi installs: the version
+# CI tests the agent with (its run on 3.13 installs the bundle's wheel), the
+# newest that still runs on Python 3.8; pinned by its wheel's hash.
+WEBSOCKET_CLIENT_VERSION=1.8.0
+WEBSOCKET_CLIENT_SHA256=17b44cc997f5c498e809b22cdf2d9c7a9e71c02c8cc2b6c56e7c2d1239bfa526
 
 # Exit statuses, one per kind of failure.
 E_USAGE=2
@@ -43,7 +53,7 @@ die() {
 }
 
 usage() {
-    cat <<'EOF'
+    cat <<EOF
 Usage: install.sh [options]
   --api-url URL         ChatOps API URL (env CHATOPS_API_URL)
   --api-key KEY         API key (env CHATOPS_API_KEY); visible in the process list:
@@ -51,7 +61,14 @@ Usage: install.sh [options]
   --offline DIR         install from a bundle made by --prepare-offline (env CHATOPS_OFFLINE)
   --prepare-offline DIR write such a bundle (on a connected machine) and exit
   --base-url URL        where the agent is published, when it is not beside this
-                        script: the address install.sh came from (env CHATOPS_BASE_URL)
+                        script: the address install.sh came from (env CHATOPS_BASE_URL);
+                        the agent and its websocket-client wheel are taken from there
+  --pypi                take websocket-client $WEBSOCKET_CLIENT_VERSION from PyPI (hash-checked), not
+                        from the bundle or published directory (env CHATOPS_PYPI=1)
+  --config-file FILE    the service's whole configuration, a JSON object of the
+                        settings in docs/configuration.md (the key may be in it):
+                        replaces config.json, keeping its api_key and state_dir
+                        if FILE has none (env CHATOPS_CONFIG_FILE)
   --version X           install exactly release X (env CHATOPS_VERSION): from the
                         bundle or the file beside this script if it is X, else
                         from BASE_URL/X/; default: the newest
@@ -77,6 +94,8 @@ parse_args() {
     BASE_URL=${CHATOPS_BASE_URL:-}
     VERSION=${CHATOPS_VERSION:-}
     NO_START=${CHATOPS_NO_START:-0}
+    PYPI=${CHATOPS_PYPI:-0}
+    CONFIG_FILE=${CHATOPS_CONFIG_FILE:-}
     case ${CHATOPS_ALLOW_PLAINTEXT:-} in
     true | 1) ALLOW_PLAINTEXT=1 ;;
     *) ALLOW_PLAINTEXT=0 ;;
@@ -94,6 +113,8 @@ parse_args() {
         --offline) need_value "$@" && OFFLINE=$2 && shift ;;
         --prepare-offline) need_value "$@" && PREPARE_DIR=$2 && MODE=prepare && shift ;;
         --base-url) need_value "$@" && BASE_URL=$2 && shift ;;
+        --config-file) need_value "$@" && CONFIG_FILE=$2 && shift ;;
+        --pypi) PYPI=1 ;;
         --version) need_value "$@" && VERSION=$2 && shift ;;
         --root) need_value "$@" && ROOT=$2 && shift ;;
         --no-start) NO_START=1 ;;
@@ -234,7 +255,8 @@ PY
 
 # No key given and none in a config.json: said before anything is fetched.
 check_key() {
-    if [ -z "$API_KEY" ] && ! grep -qs '"api_key"' "$CONFIG" && [ "$NO_START" = 0 ]; then
+    if [ -z "$API_KEY" ] && [ -z "$CONFIG_FILE" ] && ! grep -qs '"api_key"' "$CONFIG" &&
+        [ "$NO_START" = 0 ]; then
         no_key
     fi
 }
@@ -248,22 +270,48 @@ no_key() {
 # The config this run will install, made in $WORK before anything changes:
 # the values given now replace those of an existing config.json, the others
 # are kept; allow_plaintext is kept only while api_url stays the same (a new
-# URL must ask for it again). Then the agent itself checks it, so that a
-# setting it would refuse changes nothing.
+# URL must ask for it again). --config-file replaces the settings whole (but
+# for api_key and state_dir, kept if it has none). Then the agent itself
+# checks it, so that a setting it would refuse changes nothing. The names of
+# the settings that change go to $WORK/config.changes (for --dry-run).
 prepare_config() {
     NEW_CONFIG=$WORK/config.json
     has_key=$(CHATOPS_NEW_URL=$API_URL CHATOPS_NEW_KEY=$API_KEY CHATOPS_NEW_STATE=$STATE_DIR \
-        CHATOPS_NEW_PLAINTEXT=$ALLOW_PLAINTEXT python3 - "$CONFIG" "$NEW_CONFIG" <<'PY'
-import json, os, sys
-old, new = sys.argv[1], sys.argv[2]
-config = {}
-if os.path.exists(old):
+        CHATOPS_NEW_PLAINTEXT=$ALLOW_PLAINTEXT CHATOPS_NEW_FILE=$CONFIG_FILE \
+        python3 - "$CONFIG" "$NEW_CONFIG" "$WORK/config.changes" <<'PY'
+import json, os, stat, sys
+old, new, changes = sys.argv[1:]
+
+def refuse(why):
+    print(why)  # said by die, below
+    sys.exit(1)
+
+def load(path, what):
+    """A JSON object from a small regular file, or the reason why not."""
     try:
-        with open(old) as f:
-            config = json.load(f)
-        assert isinstance(config, dict), "not a JSON object"
-    except (ValueError, AssertionError) as e:
-        sys.exit(f"{old} is not a valid config ({e}): fix it, or remove it and re-run")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                refuse(f"{what} {path} is not a regular file")
+            data = f.read(65537)
+        if len(data) > 65536:
+            refuse(f"{what} {path} is larger than 64 KiB: is it the right file?")
+        config = json.loads(data)
+    except OSError as e:
+        refuse(f"{what} {path} cannot be read ({e.strerror})")
+    except ValueError as e:
+        refuse(f"{what} {path} is not valid JSON ({e}): fix it, or remove it and re-run")
+    if not isinstance(config, dict):
+        refuse(f"{what} {path} is not a JSON object of settings")
+    return config
+
+before = load(old, "the existing config") if os.path.exists(old) else {}
+config = dict(before)
+if os.environ["CHATOPS_NEW_FILE"]:
+    config = load(os.environ["CHATOPS_NEW_FILE"], "--config-file")
+    for kept in ("api_key", "state_dir"):
+        if kept in before:
+            config.setdefault(kept, before[kept])
 url = os.environ["CHATOPS_NEW_URL"]
 if url and url != config.get("api_url"):
     config.pop("allow_plaintext", None)
@@ -275,12 +323,19 @@ if os.environ["CHATOPS_NEW_PLAINTEXT"] == "1":
     config["allow_plaintext"] = True
 if os.environ["CHATOPS_NEW_STATE"]:  # the operator's own choice stays
     config.setdefault("state_dir", os.environ["CHATOPS_NEW_STATE"])
+text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+if config == before:  # the same settings: the file as it is, not rewritten
+    with open(old) as f:
+        text = f.read()
 with open(os.open(new, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
-    json.dump(config, f, indent=2)
-    f.write("\n")
+    f.write(text)
+missing = object()
+with open(changes, "w") as f:
+    f.write(", ".join(sorted(name for name in set(before) | set(config)
+                             if before.get(name, missing) != config.get(name, missing))))
 print("yes" if config.get("api_key") else "no")
 PY
-    ) || die "$E_CONFIG" "nothing was changed"
+    ) || die "$E_CONFIG" "$has_key; nothing was changed"
     [ "$has_key" = no ] && [ "$NO_START" = 0 ] && no_key
     # As the service will run it: no CHATOPS_ variables, only the file.
     refusal=$(env -i PATH="$PATH" HOME="$HOME" python3 -I "$WORK/chatops_agent.py" \
@@ -311,37 +366,54 @@ fetch_agent() {
         { [ -z "$VERSION" ] || [ "$(agent_version "$here/chatops_agent.py")" = "$VERSION" ]; }; then
         info "using chatops_agent.py beside install.sh"
         cp "$here/chatops_agent.py" "$dest"
+        if [ -f "$here/SHA256SUMS" ]; then # a bundle, run without --offline
+            OFFLINE=$here
+            check_bundle
+        else
+            PYPI=1 # a checkout: there is no wheel beside it
+        fi
     else
-        download_agent "$BASE_URL${VERSION:+/$VERSION}" "$dest"
+        download_published "$BASE_URL${VERSION:+/$VERSION}" "$WORK/published"
+        OFFLINE=$WORK/published # from here on, as a bundle
+        cp "$OFFLINE/chatops_agent.py" "$dest"
+        check_version "$dest" "$BASE_URL${VERSION:+/$VERSION}" \
+            "ask whoever publishes $BASE_URL"
     fi
     head -n 1 "$dest" | grep -q python3 || die "$E_SOURCE" "what was fetched is not chatops_agent.py"
     info "chatops-agent $(agent_version "$dest")"
 }
 
-download_agent() {
+# download_published URL DIR: the published directory at URL, as much of it
+# as this run installs (the agent; its websocket-client wheel unless --pypi),
+# into DIR, each file checked against URL's SHA256SUMS.
+download_published() {
     need_base_url
-    url=$1/chatops_agent.py
-    hint=
+    hint=": --base-url names a directory made by install.sh --prepare-offline, published as it is"
     [ -n "$VERSION" ] && hint=": is $VERSION a release (see CHANGELOG.md)? Without --version the newest is installed"
-    info "downloading $url"
-    download "$url" "$2" || die "$E_SOURCE" "cannot download $url$hint"
-    # The checksum: a .sha256 beside it, or the SHA256SUMS of a published bundle.
-    if download "$url.sha256" "$2.sha256" quiet; then
-        want=$(cut -d' ' -f1 <"$2.sha256")
-    elif download "$1/SHA256SUMS" "$2.sums" quiet; then
-        want=$(awk '$2 == "chatops_agent.py" { print $1 }' "$2.sums")
-    else
-        want=
+    mkdir -p "$2/wheels"
+    info "downloading chatops-agent from $1"
+    download "$1/SHA256SUMS" "$2/SHA256SUMS.all" || die "$E_SOURCE" "cannot download $1/SHA256SUMS$hint"
+    # Only the files this run needs, by names this script knows: what
+    # SHA256SUMS lists is never taken as a path as it is.
+    wheel='wheels/websocket_client-[0-9][0-9A-Za-z.+_-]*[.]whl'
+    [ "$PYPI" = 1 ] && wheel=none
+    awk -v wheel="^$wheel\$" 'NF == 2 && $1 ~ /^[0-9a-f]+$/ && length($1) == 64 &&
+        ($2 == "chatops_agent.py" || $2 ~ wheel) { print $1 "  " $2 }' \
+        "$2/SHA256SUMS.all" >"$2/SHA256SUMS"
+    grep -q '  chatops_agent[.]py$' "$2/SHA256SUMS" ||
+        die "$E_SOURCE" "$1/SHA256SUMS lists no chatops_agent.py$hint"
+    if [ "$PYPI" = 0 ] && ! grep -q '  wheels/' "$2/SHA256SUMS"; then
+        die "$E_SOURCE" "$1 publishes no websocket-client wheel (an older publication?):" \
+            "publish a bundle made by install.sh --prepare-offline there, or give --pypi" \
+            "to take websocket-client $WEBSOCKET_CLIENT_VERSION from PyPI"
     fi
-    if [ -n "$want" ]; then
-        have=$(sha256sum "$2" | cut -d' ' -f1)
-        [ "$want" = "$have" ] || die "$E_SOURCE" "checksum mismatch for chatops_agent.py:" \
-            "expected $want, got $have; the download is damaged or altered"
-        info "checksum verified"
-    else
-        warn "no checksum published at $url.sha256 or $1/SHA256SUMS; not verified"
-    fi
-    check_version "$2" "$url" "ask whoever publishes $BASE_URL"
+    while read -r _ name; do
+        download "$1/$name" "$2/$name" || die "$E_SOURCE" "cannot download $1/$name"
+    done <"$2/SHA256SUMS"
+    (cd "$2" && sha256sum --quiet -c SHA256SUMS) >&2 ||
+        die "$E_SOURCE" "what $1 serves does not match its SHA256SUMS: the download is" \
+            "damaged or altered; nothing was changed"
+    info "checksums verified (SHA256SUMS)"
 }
 
 need_base_url() {
@@ -444,33 +516,42 @@ install_python_deps() {
         run python3 -m venv "$VENV"
     fi
     # Only websocket-client: on Linux the agent reads its metrics from /proc.
-    pip_install websocket-client || die "$E_SOURCE" "cannot install websocket-client"
+    pip_install || die "$E_SOURCE" "cannot install websocket-client (pip's message is above)"
     PYTHON=$VENV/bin/python
 }
 
+# websocket-client into the venv: the bundle's wheel, or with --pypi (and
+# from a checkout, which has none) the pinned version from PyPI, its wheel
+# checked against the pinned hash.
 pip_install() {
-    if [ -n "$OFFLINE" ]; then
+    if [ "$PYPI" = 0 ]; then
         run "$VENV/bin/pip" install -q --disable-pip-version-check --no-index \
-            --find-links "$OFFLINE/wheels" "$1"
-    else
-        run "$VENV/bin/pip" install -q --disable-pip-version-check "$1"
+            --find-links "$OFFLINE/wheels" websocket-client
+        return
     fi
+    info "websocket-client $WEBSOCKET_CLIENT_VERSION from PyPI (hash-checked)"
+    pinned_requirement >"$WORK/pinned.txt"
+    run "$VENV/bin/pip" install -q --disable-pip-version-check --only-binary=:all: \
+        --require-hashes -r "$WORK/pinned.txt"
+}
+
+pinned_requirement() {
+    printf 'websocket-client==%s --hash=sha256:%s\n' "$WEBSOCKET_CLIENT_VERSION" \
+        "$WEBSOCKET_CLIENT_SHA256"
 }
 
 use_distro_packages() {
     PYTHON=python3
     python3 -c 'import websocket' 2>/dev/null && return
-    if [ "$SYSTEM" = 1 ] && command -v apt-get >/dev/null 2>&1 && [ -z "$OFFLINE" ]; then
+    if [ -n "$OFFLINE" ] && ls "$OFFLINE"/wheels/websocket_client-*.whl >/dev/null 2>&1; then
+        info "no venv: the agent will import websocket-client from its wheel"
+        run cp "$OFFLINE"/wheels/websocket_client-*.whl "$APP_DIR/"
+    elif [ "$SYSTEM" = 1 ] && command -v apt-get >/dev/null 2>&1; then
         info "installing python3-websocket with apt-get"
         run apt-get install -y -q python3-websocket >&2 ||
             die "$E_PYTHON" "cannot install python3-websocket; install python3-venv and re-run"
-    elif [ -n "$OFFLINE" ]; then
-        ls "$OFFLINE"/wheels/websocket_client-*.whl >/dev/null 2>&1 ||
-            die "$E_BUNDLE" "the bundle has no websocket_client wheel"
-        info "no venv: the agent will import websocket-client from its wheel"
-        run cp "$OFFLINE"/wheels/websocket_client-*.whl "$APP_DIR/"
     else
-        die "$E_PYTHON" "no venv and no python3-websocket: apt-get install python3-venv, and re-run"
+        die "$E_PYTHON" "no venv and no websocket-client: install python3-venv, and re-run"
     fi
 }
 
@@ -622,10 +703,9 @@ install_config() {
         return
     fi
     CHANGED=1
-    if [ "$DRY_RUN" = 1 ]; then # the settings' names, never their values
-        keys=$(python3 -c 'import json, sys; print(", ".join(json.load(open(sys.argv[1]))))' \
-            "$NEW_CONFIG")
-        printf 'dry-run: write %s (mode 600, owner %s): %s\n' "$CONFIG" "$(owner)" "$keys" >&2
+    if [ "$DRY_RUN" = 1 ]; then # the names of the settings that change, never values
+        printf 'dry-run: write %s (mode 600, owner %s): %s\n' "$CONFIG" "$(owner)" \
+            "$(cat "$WORK/config.changes")" >&2
         return
     fi
     if [ -f "$CONFIG" ]; then
@@ -852,9 +932,11 @@ do_prepare() {
         download "$BASE_URL/install.sh" "$bundle/install.sh" ||
             die "$E_SOURCE" "cannot download $BASE_URL/install.sh"
     fi
-    # The newest websocket-client that still runs on Python 3.8 (pure Python).
-    python3 -m pip download -q --disable-pip-version-check --no-deps \
-        --only-binary=:all: --python-version 3.8 -d "$bundle/wheels" websocket-client >&2 ||
+    # The pinned websocket-client (pure Python: one wheel for every Python),
+    # checked against its pinned hash.
+    pinned_requirement >"$WORK/pinned.txt"
+    python3 -m pip download -q --disable-pip-version-check --no-deps --require-hashes \
+        --only-binary=:all: --python-version 3.8 -d "$bundle/wheels" -r "$WORK/pinned.txt" >&2 ||
         die "$E_SOURCE" "pip could not download the websocket-client wheel (see above):" \
             "this needs PyPI, or pip's own index settings"
     (cd "$bundle" && find . -type f | LC_ALL=C sort | sed 's#^\./##' |
@@ -866,7 +948,9 @@ do_prepare() {
     fi
     rm -rf "$PREPARE_DIR"
     mv "$bundle" "$PREPARE_DIR"
-    info "bundle ready in $PREPARE_DIR: copy it over and run sh install.sh --offline DIR"
+    info "bundle ready in $PREPARE_DIR: chatops-agent $(agent_version "$PREPARE_DIR/chatops_agent.py")" \
+        "and websocket-client $WEBSOCKET_CLIENT_VERSION (the version CI tests it with)."
+    info "Copy it over and run sh install.sh --offline DIR, or publish it for --base-url"
 }
 
 main() {

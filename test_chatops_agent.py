@@ -5981,6 +5981,10 @@ class TestHostileOperator:
 
 INSTALLER = os.path.join(os.path.dirname(AGENT), "install.sh")
 AGENT_BYTES = pathlib.Path(AGENT).read_bytes()
+# The websocket-client install.sh pins (a bundle carries it, --pypi installs it).
+BUNDLED_WEBSOCKET_CLIENT = re.search(
+    r"^WEBSOCKET_CLIENT_VERSION=(\S+)$", pathlib.Path(INSTALLER).read_text(),
+    re.M).group(1)
 SERVICE_USER = "chatops-agent"
 PROMISED_UNIT_LINES = (
     "User=chatops-agent", "Restart=always", "RestartSec=5", "KillMode=mixed",
@@ -6020,6 +6024,10 @@ class FileServer:
 
     def __enter__(self):
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self.url
+
+    @property
+    def url(self):
         return f"{self.scheme}://127.0.0.1:{self.server.server_address[1]}"
 
     def __exit__(self, *exc):
@@ -6045,6 +6053,49 @@ class Redirector(FileServer):
                 self.end_headers()
 
         super().__init__(None, context, handler=Redirect)
+
+
+class PackageIndex(FileServer):
+    """A stand-in for PyPI on 127.0.0.1 (a PEP 503 simple index serving
+    `wheels`) that records every path asked of it in `asked`: a test points
+    pip at it to see whether, and for what, PyPI would have been asked."""
+
+    def __init__(self, directory, *wheels):
+        self.asked, self.directory = [], pathlib.Path(directory)
+        (self.directory / "simple" / "websocket-client").mkdir(parents=True)
+        for wheel in wheels:
+            self.serve(wheel.name, wheel.read_bytes())
+        index = self
+
+        class Recording(QuietFiles):
+            def do_GET(self):  # noqa: N802 -- http.server's name
+                index.asked.append(self.path)
+                super().do_GET()
+
+        super().__init__(None, handler=functools.partial(
+            Recording, directory=str(self.directory)))
+
+    def __enter__(self):
+        super().__enter__()
+        return self
+
+    def serve(self, name, data):
+        project = self.directory / "simple" / "websocket-client"
+        (project / name).write_bytes(data)
+        links = "".join(f'<a href="{n}">{n}</a>' for n in sorted(os.listdir(project))
+                        if n.endswith(".whl"))
+        (project / "index.html").write_text(f"<html><body>{links}</body></html>")
+
+
+def pypi_out_of_reach(index=None, **extra):
+    """The environment of a host that cannot reach PyPI: pip's only index is
+    `index` (a PackageIndex that records what is asked of it), or a closed
+    port, and no configuration file or find-links of this machine's."""
+    env = clean_env(PIP_CONFIG_FILE=os.devnull, **extra)
+    for name in ("PIP_NO_INDEX", "PIP_FIND_LINKS", "PIP_EXTRA_INDEX_URL"):
+        env.pop(name, None)
+    env["PIP_INDEX_URL"] = (index.url if index else "http://127.0.0.1:9") + "/simple/"
+    return env
 
 
 def path_without(tmp_path, *programs):
@@ -6212,6 +6263,53 @@ class TestInstaller:
                 f"{root}/etc/systemd/system/chatops-agent.service"):
             assert change in result.stderr
 
+    def test_a_config_file_is_the_whole_configuration_in_one_step(
+            self, system_root, tmp_path):
+        """--config-file (how the Ansible role hands over the key and every
+        setting, never on a command line): it replaces the settings, keeps
+        the key and state_dir if it has none, is checked by the agent before
+        anything changes, and --dry-run names the settings it would change."""
+        bundle, root = need_bundle(), system_root
+        config = root / "etc/chatops-agent/config.json"
+        settings = tmp_path / "settings.json"
+
+        def install(values, *extra):
+            settings.write_text(json.dumps(values))
+            return installer("--offline", bundle, "--root", str(root),
+                             "--config-file", str(settings), *extra)
+
+        url = "https://chatops.example.com"
+        first = install({"api_url": url, "api_key": KEY, "metrics_interval_s": 10,
+                         "command_timeout_s": 60})
+        assert first.returncode == 0, first.stderr
+        assert json.loads(config.read_text()) == {
+            "api_url": url, "api_key": KEY, "metrics_interval_s": 10,
+            "command_timeout_s": 60, "state_dir": "/var/lib/chatops-agent"}
+        assert KEY not in first.stderr
+        installed = tree(root, contents=True)
+        preview = install({"api_url": url, "metrics_interval_s": 5}, "--dry-run")
+        assert preview.returncode == 0, preview.stderr
+        assert f"dry-run: write {config} (mode 600, owner " in preview.stderr
+        assert preview.stderr.split(f"{config} (mode 600, owner ")[1].split(
+            "\n")[0].endswith("): command_timeout_s, metrics_interval_s")
+        assert preview.stderr.endswith("info: changed\n")
+        assert tree(root, contents=True) == installed
+        same = install({"api_url": url, "metrics_interval_s": 10,
+                        "command_timeout_s": 60}, "--dry-run")
+        assert same.stderr.endswith("info: nothing changed\n"), same.stderr
+        refused = install({"api_url": url, "metrics_interval_s": "often"})
+        assert refused.returncode == 8, refused.stderr
+        assert "the agent refuses this configuration" in refused.stderr
+        assert "metrics_interval_s" in refused.stderr
+        assert tree(root, contents=True) == installed
+        os.unlink(settings)
+        os.mkfifo(settings)
+        fifo = installer("--offline", bundle, "--root", str(root), "--config-file",
+                         str(settings))
+        assert fifo.returncode == 8, fifo.stderr
+        assert f"error: --config-file {settings} is not a regular file; nothing " \
+            "was changed" in fifo.stderr
+
     def test_a_bundle_without_pip_or_pypi_is_one_clear_error_and_no_bundle(
             self, tmp_path):
         no_pip = tmp_path / "no-pip"
@@ -6376,27 +6474,21 @@ class TestInstaller:
         assert installer("--version", "../1").returncode == 2
 
     def test_version_downloaded_from_its_own_path(self, tmp_path):
-        """Each release X at BASE_URL/X/, checked against its .sha256 and
-        against what it says it is; a copy beside the script that is another
-        release is passed over."""
+        """Each release X published at BASE_URL/X/, checked against its
+        SHA256SUMS and against what it says it is."""
         served = tmp_path / "served"
-        release = AGENT_BYTES.replace(f'__version__ = "{agent.__version__}"'.encode(),
-                                      b'__version__ = "9.9.9"')
-        for version, text in (("9.9.9", release), ("9.9.7", AGENT_BYTES)):
-            (served / version).mkdir(parents=True)
-            (served / version / "chatops_agent.py").write_bytes(text)
-            digest = hashlib.sha256(text).hexdigest()
-            (served / version / "chatops_agent.py.sha256").write_text(
-                f"{digest}  chatops_agent.py\n")
+        served.mkdir()
+        bundle_of("9.9.9", need_bundle(), served / "9.9.9")
+        shutil.copytree(need_bundle(), served / "9.9.7")  # mislabelled
         with FileServer(served) as base_url:
             def install(version):
                 return installer("--dry-run", "--base-url", base_url, "--version",
                                  version, "--api-url", "https://chatops.example.com",
-                                 env=clean_env(CHATOPS_API_KEY=KEY))
+                                 env=pypi_out_of_reach(CHATOPS_API_KEY=KEY))
             got = install("9.9.9")
             assert got.returncode == 0, got.stderr
-            assert f"downloading {base_url}/9.9.9/chatops_agent.py" in got.stderr
-            assert "checksum verified" in got.stderr
+            assert f"downloading chatops-agent from {base_url}/9.9.9\n" in got.stderr
+            assert "checksums verified" in got.stderr
             assert "info: chatops-agent 9.9.9\n" in got.stderr
             missing = install("9.9.8")
             assert missing.returncode == 5
@@ -6405,6 +6497,69 @@ class TestInstaller:
             assert mislabelled.returncode == 5
             assert f"holds chatops-agent {agent.__version__}, not 9.9.7" in (
                 mislabelled.stderr)
+
+    def test_a_published_directory_is_the_only_source_and_all_of_it_is_checked(
+            self, system_root, tmp_path):
+        """--base-url: the agent and its websocket-client wheel both come
+        from the published directory, both checked against its SHA256SUMS
+        before anything changes; pip never asks an index (issue 27)."""
+        root, served = system_root, tmp_path / "served"
+        shutil.copytree(need_bundle(), served)
+        alone = tmp_path / "alone" / "install.sh"  # as piped from curl: nothing beside
+        alone.parent.mkdir()
+        shutil.copy(INSTALLER, alone)
+        with PackageIndex(tmp_path / "index") as index, FileServer(served) as url:
+            def install(*extra):
+                return installer("--root", str(root), "--base-url", url, "--api-url",
+                                 "https://chatops.example.com", *extra,
+                                 env=pypi_out_of_reach(index, CHATOPS_API_KEY=KEY),
+                                 script=str(alone))
+            got = install()
+            assert got.returncode == 0, got.stderr
+            assert "info: checksums verified (SHA256SUMS)\n" in got.stderr
+            assert index.asked == []  # PyPI (here, its stand-in) never asked
+            site = next((root / "opt/chatops-agent/venv/lib").glob("python3*"))
+            assert (site / "site-packages" / "websocket_client-"
+                    f"{BUNDLED_WEBSOCKET_CLIENT}.dist-info").is_dir()
+            wheel = next((served / "wheels").iterdir())
+            wheel.write_bytes(wheel.read_bytes() + b"altered")
+            before = tree(root, contents=True)
+            altered = install()
+            assert altered.returncode == 5, altered.stderr
+            assert "does not match its SHA256SUMS: the download is damaged or " \
+                "altered; nothing was changed" in altered.stderr
+            assert tree(root, contents=True) == before
+            wheel.unlink()
+            sign_bundle(served)  # an older publication: the agent only
+            unpublished = install()
+            assert unpublished.returncode == 5, unpublished.stderr
+            assert f"{url} publishes no websocket-client wheel" in unpublished.stderr
+            assert "give --pypi to take websocket-client " \
+                f"{BUNDLED_WEBSOCKET_CLIENT} from PyPI" in unpublished.stderr
+            assert index.asked == [] and tree(root, contents=True) == before
+
+    def test_pypi_only_when_asked_and_only_the_pinned_wheel(self, system_root,
+                                                             tmp_path):
+        """--pypi takes the pinned websocket-client from the index, checked
+        against the pinned hash: an index that serves another file under its
+        name installs nothing."""
+        root = system_root
+        common = ("--offline", need_bundle(), "--root", str(root), "--pypi")
+        wheel = next(pathlib.Path(need_bundle(), "wheels").iterdir())
+        with PackageIndex(tmp_path / "index", wheel) as index:
+            env = pypi_out_of_reach(index, CHATOPS_API_KEY=KEY)
+            got = installer(*common, env=env)
+            assert got.returncode == 0, got.stderr
+            assert f"websocket-client {BUNDLED_WEBSOCKET_CLIENT} from PyPI " \
+                "(hash-checked)" in got.stderr
+            assert any(path.endswith(wheel.name) for path in index.asked), index.asked
+            shutil.rmtree(root / "opt/chatops-agent/venv")
+            before = tree(root, contents=True)
+            index.serve(wheel.name, wheel.read_bytes() + b"altered")
+            refused = installer(*common, env=env)
+            assert refused.returncode == 5, refused.stderr
+            assert "THESE PACKAGES DO NOT MATCH THE HASHES" in refused.stderr
+            assert tree(root, contents=True) == before
 
     def test_the_key_file_is_only_a_small_regular_file_of_one_line(self, tmp_path):
         """As the agent reads its own files: a FIFO is refused at once (it
@@ -6454,10 +6609,7 @@ class TestInstaller:
         ca.cert_pem.write_to_path(str(ca_file))
         (tmp_path / "wgetrc").write_text(f"ca_certificate = {ca_file}\n")
         served = tmp_path / "served"
-        served.mkdir()
-        (served / "chatops_agent.py").write_bytes(AGENT_BYTES)
-        (served / "chatops_agent.py.sha256").write_text(
-            hashlib.sha256(AGENT_BYTES).hexdigest() + "  chatops_agent.py\n")
+        shutil.copytree(need_bundle(), served)
         env = clean_env(CHATOPS_API_KEY=KEY, CURL_CA_BUNDLE=str(ca_file),
                         WGETRC=str(tmp_path / "wgetrc"))
         if tool == "wget":
@@ -6473,14 +6625,14 @@ class TestInstaller:
         with FileServer(served) as plain, Redirector(plain, context) as https:
             refused = install(https)
         assert refused.returncode == 5, refused.stderr
-        assert f"{https}/chatops_agent.py redirected to " in refused.stderr
+        assert f"{https}/SHA256SUMS redirected to " in refused.stderr
         assert "never goes on in clear" in refused.stderr
-        assert "checksum verified" not in refused.stderr
+        assert "checksums verified" not in refused.stderr
         with FileServer(served, context) as secure, \
                 Redirector(secure, context) as https:
             followed = install(https)
         assert followed.returncode == 0, followed.stderr
-        assert "checksum verified" in followed.stderr
+        assert "checksums verified" in followed.stderr
 
     def test_help(self):
         result = installer("--help")
@@ -6772,13 +6924,18 @@ class TestReadme:
         self.from_a_bundle(api, box, tmp_path)
 
     def through_a_web_server(self, api, box, tmp_path):
+        """A published directory, installed on a host that cannot reach
+        PyPI (pip's index is a stand-in that records what it is asked)."""
         site = tmp_path / "site"
         self.on_host(PUBLISH.replace("/var/www/html/chatops-agent", str(site)))
-        with FileServer(site) as url:
+        with FileServer(site) as url, PackageIndex(tmp_path / "pypi") as pypi:
             self.files = url
+            self.pip = {"PIP_INDEX_URL": pypi.url + "/simple/"}
             got = self.installed(api, box, CURL_INSTALL)
-            assert "checksum verified" in got.stderr
+            assert "checksums verified (SHA256SUMS)" in got.stderr
             self.purged(box, CURL_PURGE)
+            assert pypi.asked == []
+            self.pip = self.PIP
 
     def from_a_bundle(self, api, box, tmp_path):
         connected = tmp_path / "connected"  # a checkout on a connected machine
@@ -6787,8 +6944,12 @@ class TestReadme:
             shutil.copy(os.path.join(os.path.dirname(AGENT), name), connected)
         self.on_host(MAKE_BUNDLE, cwd=connected)
         docker("cp", str(connected / "chatops-bundle"), f"{box}:/root/chatops-bundle")
-        self.installed(api, box, BUNDLE_INSTALL)
-        self.purged(box, PURGE, cwd="/root/chatops-bundle")
+        with PackageIndex(tmp_path / "no-pypi") as pypi:
+            self.pip = {"PIP_INDEX_URL": pypi.url + "/simple/"}
+            self.installed(api, box, BUNDLE_INSTALL)
+            self.purged(box, PURGE, cwd="/root/chatops-bundle")
+            assert pypi.asked == []
+            self.pip = self.PIP
 
     # -- how the blocks run ------------------------------------------------------
     def setup_box(self, box, tmp_path):
@@ -6805,7 +6966,8 @@ class TestReadme:
                          "file:/srv/apt ./' > /etc/apt/sources.list")
         assert mirror.returncode == 0, mirror.stderr
 
-    PIP = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "/wheels"}
+    PIP = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "/wheels"}  # a mirror of PyPI
+    pip = PIP  # what pip has in the box now
 
     api = files = None  # the test API's URL, the file server's
 
@@ -6821,7 +6983,7 @@ class TestReadme:
     def sh(self, box, script, cwd="/root", stdin=None):
         """`script` run by sh in the box, as root, in `cwd`."""
         script = self.own(script)
-        flags = [a for k, v in self.PIP.items() for a in ("-e", f"{k}={v}")]
+        flags = [a for k, v in self.pip.items() for a in ("-e", f"{k}={v}")]
         return subprocess.run(["docker", "exec", "-i", "-w", cwd, *flags, box,
                                "sh", "-c", script], input=stdin, capture_output=True,
                               text=True, timeout=300)
