@@ -7143,35 +7143,44 @@ def fleet(docker_engine):
         docker("rm", "-f", *names, check=False)
 
 
-class Uptime:
+class Watcher:
+    """Calls `sample()` every `period` s, in a thread, while `with` lasts."""
+
+    period = 0.05
+
+    def __enter__(self):
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+        return self
+
+    def _watch(self):
+        while not self.stop.wait(self.period):
+            self.sample()
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(5)
+
+
+class Uptime(Watcher):
     """Watches which hosts' agents are connected to their API, every 50 ms,
     and keeps each host's times without one."""
 
     def __init__(self, apis):
         self.apis = apis
         self.down = {host: [] for host in apis}  # host -> [[from, to or None]]
-        self.stop = threading.Event()
 
-    def __enter__(self):
-        self.thread = threading.Thread(target=self._watch, daemon=True)
-        self.thread.start()
-        return self
-
-    def _watch(self):
-        while not self.stop.wait(0.05):
-            now = time.monotonic()
-            for host, api in self.apis.items():
-                spans = self.down[host]
-                up = any(conn.protocol.state.name == "OPEN"
-                         for conn in list(api.connections))
-                if not up and not (spans and spans[-1][1] is None):
-                    spans.append([now, None])
-                elif up and spans and spans[-1][1] is None:
-                    spans[-1][1] = now
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join(5)
+    def sample(self):
+        now = time.monotonic()
+        for host, api in self.apis.items():
+            spans = self.down[host]
+            up = any(conn.protocol.state.name == "OPEN"
+                     for conn in list(api.connections))
+            if not up and not (spans and spans[-1][1] is None):
+                spans.append([now, None])
+            elif up and spans and spans[-1][1] is None:
+                spans[-1][1] = now
 
     def most_down_at_once(self):
         edges = sorted((t, step) for spans in self.down.values() for start, end in spans
@@ -7183,34 +7192,25 @@ class Uptime:
         return most
 
 
-class KeyWatch:
+class KeyWatch(Watcher):
     """Samples every process's command line on this machine, every 20 ms,
     while it runs: the controller's, and (sharing this kernel) the hosts'
     in their containers. `seen` keeps each one that held a key."""
 
+    period = 0.02
+
     def __init__(self, *keys):
         self.keys, self.seen, self.samples = keys, [], 0
-        self.stop = threading.Event()
 
-    def __enter__(self):
-        self.thread = threading.Thread(target=self._watch, daemon=True)
-        self.thread.start()
-        return self
-
-    def _watch(self):
-        while not self.stop.wait(0.02):
-            self.samples += 1
-            for pid in os.listdir("/proc"):
-                if pid.isdigit():
-                    with contextlib.suppress(OSError):
-                        with open(f"/proc/{pid}/cmdline", "rb") as f:
-                            line = f.read().replace(b"\0", b" ").decode("latin-1")
-                        if any(key in line for key in self.keys):
-                            self.seen.append(line)
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join(5)
+    def sample(self):
+        self.samples += 1
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                with contextlib.suppress(OSError):
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        line = f.read().replace(b"\0", b" ").decode("latin-1")
+                    if any(key in line for key in self.keys):
+                        self.seen.append(line)
 
 
 class TestFleet:
@@ -7386,6 +7386,10 @@ class TestFleet:
                         f"{host}'s agent 9.0.1 reporting")
                 rc, again, _ = self.play(inventory, by_url)
                 assert rc == 0 and again == {host: 0 for host in fleet}, again
+                rc, health, output = self.play(inventory, by_url, "--tags", "health")
+                assert rc == 0 and health == {host: 0 for host in fleet}, health
+                assert "TASK [chatops_agent : Wait for chatops-agent" in output
+                assert "TASK [chatops_agent : Run install.sh" not in output  # gate only
                 self.check_mode_on_an_installed_host(inventory, fleet[1], apis, by_url)
                 assert pypi.asked == []
                 for host in fleet:  # nothing left behind on the hosts
