@@ -324,7 +324,7 @@ if os.environ["CHATOPS_NEW_PLAINTEXT"] == "1":
 if os.environ["CHATOPS_NEW_STATE"]:  # the operator's own choice stays
     config.setdefault("state_dir", os.environ["CHATOPS_NEW_STATE"])
 text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-if config == before:  # the same settings: the file as it is, not rewritten
+if config == before and os.path.exists(old):  # the same: the file as it is
     with open(old) as f:
         text = f.read()
 with open(os.open(new, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:

@@ -6450,14 +6450,21 @@ class TestInstaller:
         os.chmod(home, 0o777)
         script = os.path.join(home, "install.sh")
         shutil.copy(INSTALLER, script)
-        result = subprocess.run(
-            [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", "sh", script],
-            capture_output=True, text=True, timeout=60,
-            env=clean_env(HOME=home))
-        shutil.rmtree(home)
+        def install(*args):
+            return subprocess.run(
+                [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", "sh",
+                 script, *args], capture_output=True, text=True, timeout=60,
+                env=clean_env(HOME=home))
+
+        result = install()
         assert result.returncode == 8 and "no API key" in result.stderr
         assert "not root: installing for nobody only" in result.stderr
         assert "sudo sh" in result.stderr
+        shutil.copy(AGENT, home)  # a checkout; and without a key, --no-start
+        empty = install("--no-start", "--dry-run")  # a config of no settings at all
+        shutil.rmtree(home)
+        assert empty.returncode == 0, empty.stderr
+        assert empty.stderr.endswith("info: changed\n")
 
     def test_version_from_a_bundle_only_if_it_is_that_release(self, system_root):
         bundle, root = need_bundle(), system_root
