@@ -4950,6 +4950,17 @@ def agent_in_state(request, api, run_agent):
 
 
 class TestSignals:
+    def test_the_shutdown_points_come_in_order_within_its_budget(self):
+        """Agent.shutdown's points, as its docstring orders them: commands
+        killed, then their replies queued, sent before the connection's
+        close wait begins, the connection closed, the metrics loop waited
+        for, all within SHUTDOWN_S."""
+        points = [0, agent.SHUTDOWN_KILL_AT_S, agent.SHUTDOWN_REPLIES_AT_S,
+                  agent.SHUTDOWN_CLOSED_AT_S - agent.SHUTDOWN_CLOSE_WAIT_S,
+                  agent.SHUTDOWN_CLOSED_AT_S, agent.SHUTDOWN_METRICS_AT_S,
+                  agent.SHUTDOWN_S]
+        assert all(a < b for a, b in zip(points, points[1:])), points
+
     @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
                              ids=["TERM", "INT", "HUP"])
     def test_a_signal_in_any_state_stops_cleanly(self, agent_in_state, signum):
