@@ -2890,6 +2890,116 @@ class DockerCLI:
         return len(out.split())
 
 
+class ContainerList:
+    """The containers as the reads and events left them: each row as docker
+    ps prints it, the state its status words are derived from, what a start
+    or death does, and what is in doubt. An event changes it in a time that
+    does not grow with the list. It has no lock: ContainerCache's guards it.
+    """
+
+    def __init__(self):
+        # id -> row, the oldest first: a create adds at the end, without a
+        # copy. Samples list them the newest first, as docker ps does.
+        self.rows = {}
+        self.added = 0  # rows create events added since the whole list was read
+        self.states = {}  # id -> ContainerState: the status text's words
+        self.configs = {}  # id -> ContainerConfig: what a start or death does
+        self.doubts = set()  # ids an event left uncertain: inspected next
+        self.stale = True  # the whole list is read next
+
+    def forget(self):
+        """Docker is gone: no container is known (whether the list is stale
+        stays as it was)."""
+        self.rows, self.states, self.configs = {}, {}, {}
+        self.doubts.clear()
+
+    def current(self):
+        """The rows, the newest first and at most MAX_CONTAINERS_LISTED, each
+        with its status and state as `docker ps` would print them now ("Up
+        37 seconds"): the words are derived at each sample, from the state
+        the reads and events left."""
+        now, rows = time.time(), []
+        for container_id in itertools.islice(reversed(self.rows),
+                                             MAX_CONTAINERS_LISTED):
+            row, state = self.rows[container_id], self.states.get(container_id)
+            rows.append(row if state is None else dict(
+                row, status=status_text(state, now), state=state_word(state)))
+        return rows
+
+    def install(self, rows, found):
+        """What a read found: the whole list (`rows` from docker ps), or the
+        containers in doubt (`rows` None), with what inspect said of each."""
+        if rows is not None:
+            self.rows = {row["id"]: row for row in reversed(rows)}
+            self.states, self.configs, self.added = {}, {}, 0
+        for container_id, item in found.items():
+            if container_id in self.rows:
+                self.states[container_id] = item.state
+                self.configs[container_id] = item.config
+                if rows is None:
+                    self._set_ports(container_id, item.ports)
+
+    def apply(self, event):
+        """Change the list as `event` tells, in a time that does not grow
+        with the list. One that cannot be applied (not read, of a container
+        the list does not hold, or a create beyond MAX_EVENT_ROWS since the
+        last read: a flood, which a read sets right) makes it stale."""
+        if event is None:
+            self.stale = True
+        elif event.action == "create":
+            if event.id in self.rows:
+                pass  # a read already found it
+            elif self.added >= MAX_EVENT_ROWS:
+                self.stale = True
+            else:
+                self.rows[event.id] = created_row(event)
+                self.states[event.id] = CREATED
+                self.added += 1
+        elif event.action == "destroy":
+            for table in (self.rows, self.states, self.configs):
+                table.pop(event.id, None)
+            self.doubts.discard(event.id)
+        elif event.id not in self.states:
+            self.stale = True
+        else:
+            self.states[event.id] = self._changed(self.states[event.id], event)
+
+    def _changed(self, state, event):
+        """The state of a container the list holds after `event`; its row's
+        ports and name follow, and what the event leaves unknown is doubted."""
+        config, action = self.configs.get(event.id), event.action
+        if action == "start":
+            ports = config.ports if config else None
+            self._set_ports(event.id, ports or [])
+            if ports is None:  # new since the last read, or a random host port
+                self.doubts.add(event.id)
+            return state._replace(
+                running=True, paused=False, restarting=False, dead=False,
+                exit_code=0, started=event.when,
+                health="starting" if config and config.healthcheck else None)
+        if action == "die":
+            self._set_ports(event.id, [])
+            if may_restart(config, event.detail):  # then it shows "Restarting"
+                self.doubts.add(event.id)
+            return state._replace(running=False, paused=False, restarting=False,
+                                  exit_code=event.detail, finished=event.when)
+        if action == "pause":  # its health checks stop: the engine says
+            # "unhealthy" then, with no event, until the first after unpause
+            return state._replace(paused=True, health=state.health and "unhealthy")
+        if action == "unpause":
+            return state._replace(paused=False)
+        if action == "health_status":
+            return state._replace(health=event.detail)
+        if action == "rename":
+            self.rows[event.id] = dict(self.rows[event.id], name=event.name)
+        if action == "stop" and state.running:  # a restarting one, stopped
+            self.doubts.add(event.id)
+        return state  # a restart: its start said it all
+
+    def _set_ports(self, container_id, ports):
+        self.rows[container_id] = dict(self.rows[container_id], ports=ports)
+
+
 class ContainerCache:
     """The container list for metrics, kept current by one `docker events` process.
 
@@ -2913,14 +3023,7 @@ class ContainerCache:
         self.cli = cli
         self.stop = threading.Event()  # set by stop_watching()
         self.status, self.detail = "starting", ""
-        # id -> row, the oldest first: a create adds at the end, without a
-        # copy. Samples list them the newest first, as docker ps does.
-        self._rows = {}
-        self._added = 0  # rows create events added since the whole list was read
-        self._states = {}  # id -> ContainerState: the status text's words
-        self._configs = {}  # id -> ContainerConfig: what a start or death does
-        self._doubts = set()  # ids an event left uncertain: inspected next
-        self._stale = True  # the whole list is read next
+        self._list = ContainerList()  # under self._lock
         self._replay = None  # during a read, the events that came meanwhile
         self._lock = threading.Lock()
         self._read = threading.Condition(self._lock)  # a read ended
@@ -2936,7 +3039,7 @@ class ContainerCache:
         if not self.config.docker_enabled:
             return [], {"status": "disabled"}
         with self._lock:
-            if self.status == "ok" and (self._stale or self._doubts):
+            if self.status == "ok" and (self._list.stale or self._list.doubts):
                 self._asked += 1
                 asked = self._asked
                 self._wake.set()
@@ -2947,22 +3050,9 @@ class ContainerCache:
                 status["detail" if self.status != "ok" else "server_version"] = (
                     self.detail
                 )
-            if len(self._rows) > MAX_CONTAINERS_LISTED:
-                status["omitted"] = len(self._rows) - MAX_CONTAINERS_LISTED
-            return self._current(), status
-
-    def _current(self):
-        """The rows, the newest first and at most MAX_CONTAINERS_LISTED, each
-        with its status and state as `docker ps` would print them now ("Up
-        37 seconds"): the words are derived at each sample, from the state
-        the reads and events left."""
-        now, rows = time.time(), []
-        for container_id in itertools.islice(reversed(self._rows),
-                                             MAX_CONTAINERS_LISTED):
-            row, state = self._rows[container_id], self._states.get(container_id)
-            rows.append(row if state is None else dict(
-                row, status=status_text(state, now), state=state_word(state)))
-        return rows
+            if len(self._list.rows) > MAX_CONTAINERS_LISTED:
+                status["omitted"] = len(self._list.rows) - MAX_CONTAINERS_LISTED
+            return self._list.current(), status
 
     def read_once(self):
         """Check and list once, without watching (for --once)."""
@@ -3007,11 +3097,11 @@ class ContainerCache:
         process ends (or is ended by stop_watching(), from another thread)."""
         try:
             events = self._start_events()
-            self._stale = True  # events may have been missed before it started
+            self._list.stale = True  # events may have been missed before it started
             self._wake.set()  # the first list, at once
             while not self.stop.is_set() and events.poll() is None:
                 if not self._wake.wait(self.config.docker_refresh_s):
-                    self._stale = True  # the safety net
+                    self._list.stale = True  # the safety net
                 self._wake.clear()
                 if not self.stop.is_set():
                     self._refresh()
@@ -3026,9 +3116,9 @@ class ContainerCache:
         The events that come meanwhile are applied again, in order, on top
         of what was read: each sets what it tells, so the last one wins."""
         with self._lock:
-            whole, doubts = self._stale, sorted(self._doubts)
-            self._stale = False
-            self._doubts.clear()
+            whole, doubts = self._list.stale, sorted(self._list.doubts)
+            self._list.stale = False
+            self._list.doubts.clear()
             answering = self._asked  # the samples that asked so far
             self._replay = []
         try:
@@ -3036,28 +3126,15 @@ class ContainerCache:
             found = self.cli.inspect([row["id"] for row in rows] if whole else doubts)
         except BaseException:
             with self._lock:
-                self._replay, self._stale = None, True
+                self._replay, self._list.stale = None, True
             raise
         with self._lock:
-            self._install(rows, found)
+            self._list.install(rows, found)
             replay, self._replay = self._replay, None
             for event in replay:
-                self._apply(event)
+                self._list.apply(event)
             self._answered = answering
             self._read.notify_all()
-
-    def _install(self, rows, found):
-        """What a read found: the whole list (`rows` from docker ps), or the
-        containers in doubt (`rows` None), with what inspect said of each."""
-        if rows is not None:
-            self._rows = {row["id"]: row for row in reversed(rows)}
-            self._states, self._configs, self._added = {}, {}, 0
-        for container_id, item in found.items():
-            if container_id in self._rows:
-                self._states[container_id] = item.state
-                self._configs[container_id] = item.config
-                if rows is None:
-                    self._set_ports(container_id, item.ports)
 
     def _on_event(self, event):
         """One line of docker events, read (`event`) or not (None)."""
@@ -3065,68 +3142,8 @@ class ContainerCache:
             if self._replay is not None and len(self._replay) < MAX_REPLAYED:
                 self._replay.append(event)
             elif self._replay is not None:
-                self._stale = True  # too many to apply again: read it all after
-            self._apply(event)
-
-    def _apply(self, event):
-        """Change the list as `event` tells, in a time that does not grow
-        with the list. One that cannot be applied (not read, of a container
-        the list does not hold, or a create beyond MAX_EVENT_ROWS since the
-        last read: a flood, which a read sets right) makes it stale."""
-        if event is None:
-            self._stale = True
-        elif event.action == "create":
-            if event.id in self._rows:
-                pass  # a read already found it
-            elif self._added >= MAX_EVENT_ROWS:
-                self._stale = True
-            else:
-                self._rows[event.id] = created_row(event)
-                self._states[event.id] = CREATED
-                self._added += 1
-        elif event.action == "destroy":
-            for table in (self._rows, self._states, self._configs):
-                table.pop(event.id, None)
-            self._doubts.discard(event.id)
-        elif event.id not in self._states:
-            self._stale = True
-        else:
-            self._states[event.id] = self._changed(self._states[event.id], event)
-
-    def _changed(self, state, event):
-        """The state of a container the list holds after `event`; its row's
-        ports and name follow, and what the event leaves unknown is doubted."""
-        config, action = self._configs.get(event.id), event.action
-        if action == "start":
-            ports = config.ports if config else None
-            self._set_ports(event.id, ports or [])
-            if ports is None:  # new since the last read, or a random host port
-                self._doubts.add(event.id)
-            return state._replace(
-                running=True, paused=False, restarting=False, dead=False,
-                exit_code=0, started=event.when,
-                health="starting" if config and config.healthcheck else None)
-        if action == "die":
-            self._set_ports(event.id, [])
-            if may_restart(config, event.detail):  # then it shows "Restarting"
-                self._doubts.add(event.id)
-            return state._replace(running=False, paused=False, restarting=False,
-                                  exit_code=event.detail, finished=event.when)
-        if action == "pause":  # its health checks stop: the engine says
-            # "unhealthy" then, with no event, until the first after unpause
-            return state._replace(paused=True, health=state.health and "unhealthy")
-        if action == "unpause":
-            return state._replace(paused=False)
-        if action == "health_status":
-            return state._replace(health=event.detail)
-        if action == "rename":
-            self._rows[event.id] = dict(self._rows[event.id], name=event.name)
-        if action == "stop" and state.running:  # a restarting one, stopped
-            self._doubts.add(event.id)
-        return state  # a restart: its start said it all
-
-    def _set_ports(self, container_id, ports):
-        self._rows[container_id] = dict(self._rows[container_id], ports=ports)
+                self._list.stale = True  # too many to apply again: read it all after
+            self._list.apply(event)
 
     def _start_events(self):
         filters = [f"--filter=event={event}" for event in LIST_EVENTS]
@@ -3162,8 +3179,7 @@ class ContainerCache:
             changed = status != self.status
             self.status, self.detail = status, detail
             if status != "ok":
-                self._rows, self._states, self._configs = {}, {}, {}
-                self._doubts.clear()
+                self._list.forget()
             self._read.notify_all()
         if changed and status == "ok":
             LOG.info("docker: daemon %s reachable", detail)
@@ -3893,21 +3909,64 @@ class Outbox:
             self._room.notify_all()
 
 
+class ReadProof:
+    """What shows that the API read the samples sent on one connection.
+
+    Its acknowledgement (`metrics_received`, in order, no id), from an API
+    that acknowledges; else the pong to a ping sent after them, because the
+    API handles messages in order. Whether it acknowledges is learnt on each
+    connection: a pong that answers a ping sent after a sample, with no
+    acknowledgement before it, means it never does. Each connection has a
+    new one; it is used under the SampleQueue's lock and has none of its own.
+    """
+
+    UNKNOWN, ACKS, NO_ACKS = "unknown", "acks", "no acks"
+
+    def __init__(self):
+        self.mode = self.UNKNOWN
+        self.last_sent = 0  # number of the last sample sent on this connection
+        # For each ping sent on this connection and not yet answered, oldest
+        # first: the number of the last sample sent before it (0: none).
+        self._pings = collections.deque()
+
+    def ping_due(self):
+        """True when samples went out since the last ping, and only a pong
+        can show them read (the API is not known to acknowledge)."""
+        last_pinged = self._pings[-1] if self._pings else 0
+        return self.mode != self.ACKS and self.last_sent > last_pinged
+
+    def ping_taken(self):
+        # Not noted once the API acknowledges: its pongs then prove nothing.
+        # Nor beyond a bound, for an API that never answers pings: a later
+        # pong is then matched to an older ping, which proves less, never more.
+        if self.mode != self.ACKS and len(self._pings) < MAX_UNANSWERED_PINGS:
+            self._pings.append(self.last_sent)
+
+    def pong(self):
+        """A pong answers the oldest ping not yet answered: every sample sent
+        before that ping has been read. (The number of the last sample it
+        shows read, 0 for none; True when it taught that the API does not
+        acknowledge.)"""
+        if not self._pings:
+            return 0, False  # a pong to a heartbeat while the API acknowledges
+        shown_read = self._pings.popleft()
+        if self.mode == self.ACKS or not shown_read:
+            return 0, False
+        learnt = self.mode == self.UNKNOWN
+        self.mode = self.NO_ACKS
+        return shown_read, learnt
+
+
 class SampleQueue:
     """The metrics samples not yet delivered, oldest first, in memory and in
     the spool; and how far this connection's delivery has got.
 
-    A sample is delivered only when the API has shown that it read it. The
-    first `_in_flight` samples are sent and not yet shown read, at most
-    METRICS_WINDOW; they go out again on the next connection if the link
-    drops, however it drops (a link that dies silently swallows whatever
-    is written into it). What shows a sample read: its acknowledgement
-    (`metrics_received`, in order, no id), from an API that acknowledges;
-    else the pong to a ping sent after it, because the API handles messages
-    in order. So after samples go out, `take()` hands out a ping, unless
-    the API acknowledges. Whether it does is learnt on each connection: a
-    pong that answers a ping sent after a sample, with no acknowledgement
-    before it, means it never does.
+    A sample is delivered only when the API has shown that it read it
+    (ReadProof). The first `_in_flight` samples are sent and not yet shown
+    read, at most METRICS_WINDOW; they go out again on the next connection
+    if the link drops, however it drops (a link that dies silently swallows
+    whatever is written into it). After samples go out, `take()` hands out
+    a ping, unless the API acknowledges.
 
     At most `capacity` samples and MAX_SAMPLE_BYTES are kept; the oldest go
     first. The spool (when a state directory is in use) is written only for
@@ -3924,15 +3983,13 @@ class SampleQueue:
     the receive loop.
     """
 
-    UNKNOWN, ACKS, NO_ACKS = "unknown", "acks", "no acks"
-
     def __init__(self, doorbell, capacity, spool=None, grace_s=0.0):
         self.doorbell = doorbell  # an Event the writer waits on: set, it looks
         self.capacity = capacity
         self.spool = spool
         self.grace_s = grace_s  # how long a sample may wait unwritten (see above)
         self.clock = time.monotonic
-        self.ack_mode = self.UNKNOWN
+        self.proof = ReadProof()  # under self._lock: it has no lock of its own
         self._lock = threading.Lock()
         self._samples = collections.deque()  # of Sample, oldest first
         self._in_flight = 0  # how many of the first are sent, unacknowledged
@@ -3943,10 +4000,6 @@ class SampleQueue:
         self._linked = False  # a connection is up (between link_up and its loss)
         self._spooled_bytes = 0  # of the samples in the spool, undelivered
         self._server_id = b""  # '"server_id":ID,' put in each sample sent
-        self._last_sent = 0  # number of the last sample sent on this connection
-        # For each ping sent on this connection and not yet answered, oldest
-        # first: the number of the last sample sent before it (0: none).
-        self._pings = collections.deque()
         self._waiting_since = None  # when in-flight samples last saw progress
         self.drops = DropCounter(
             f"offline buffer full ({capacity} samples or "
@@ -4071,7 +4124,7 @@ class SampleQueue:
     def ping(self):
         """The heartbeat's ping, noted: its pong shows what was sent before it read."""
         with self._lock:
-            self._ping_taken()
+            self.proof.ping_taken()
         return PING_MESSAGE
 
     def take(self):
@@ -4080,9 +4133,9 @@ class SampleQueue:
         `sent()` follows a sample."""
         with self._lock:
             if not self._ready():
-                if not self._proof_due():
+                if not self.proof.ping_due():
                     return None
-                self._ping_taken()
+                self.proof.ping_taken()
                 return "ping", PING_MESSAGE
             sample = self._sending = self._samples[self._in_flight]
             stamp = self._server_id
@@ -4098,28 +4151,15 @@ class SampleQueue:
             if not self._in_flight:
                 self._waiting_since = time.monotonic()
             self._in_flight += 1
-            self._last_sent = sample.number
+            self.proof.last_sent = sample.number
 
     def _ready(self):
         return self._in_flight < METRICS_WINDOW and len(self._samples) > self._in_flight
 
-    def _proof_due(self):
-        """True when samples went out since the last ping, and only a pong
-        can show them read (the API is not known to acknowledge)."""
-        last_pinged = self._pings[-1] if self._pings else 0
-        return self.ack_mode != self.ACKS and self._last_sent > last_pinged
-
-    def _ping_taken(self):
-        # Not noted once the API acknowledges: its pongs then prove nothing.
-        # Nor beyond a bound, for an API that never answers pings: a later
-        # pong is then matched to an older ping, which proves less, never more.
-        if self.ack_mode != self.ACKS and len(self._pings) < MAX_UNANSWERED_PINGS:
-            self._pings.append(self._last_sent)
-
     # -- the receiver -------------------------------------------------------------
     def acknowledged(self):
         with self._lock:
-            self.ack_mode = self.ACKS
+            self.proof.mode = ReadProof.ACKS
             if self._in_flight:
                 self._forget(self._samples.popleft())
                 self._in_flight -= 1
@@ -4133,17 +4173,11 @@ class SampleQueue:
         return time.monotonic() - since if since is not None else 0.0
 
     def pong_received(self):
-        """A pong answers the oldest ping not yet answered: every sample sent
-        before that ping has been read. With no acknowledgement before it,
-        the API does not acknowledge, and the pong delivers them."""
+        """A pong: the samples it shows read are delivered."""
         with self._lock:
-            if not self._pings:
-                return  # a pong to a heartbeat while the API acknowledges
-            shown_read = self._pings.popleft()
-            if self.ack_mode == self.ACKS or not shown_read:
+            shown_read, learnt = self.proof.pong()
+            if not shown_read:
                 return
-            learnt = self.ack_mode == self.UNKNOWN
-            self.ack_mode = self.NO_ACKS
             while self._in_flight and self._samples[0].number <= shown_read:
                 self._forget(self._samples.popleft())
                 self._in_flight -= 1
@@ -4162,10 +4196,8 @@ class SampleQueue:
             self._linked = False
             self._in_flight = 0
             self._sending = None
-            self._last_sent = 0
-            self._pings.clear()
             self._waiting_since = None
-            self.ack_mode = self.UNKNOWN
+            self.proof = ReadProof()
 
     @property
     def dropped_total(self):
@@ -5449,6 +5481,10 @@ class Session:
         self.close_code = code
         self.closing.set()
 
+    def ending(self):
+        """True once the connection is dead or its close is under way."""
+        return self.dead.is_set() or self.closing.is_set()
+
     def pong_due(self):
         with self._lock:
             return self._pong is not None
@@ -5485,82 +5521,21 @@ class Session:
         shut_down(self.ws.sock)
 
 
-class Link:
-    """Connects, authenticates, receives and writes; reconnects with backoff.
+class Connector:
+    """Opens one connection to the API as the agent does: the socket
+    (Transport: TCP, a proxy's tunnel, TLS), the upgrade with its offer of
+    compression, and `auth`. `connect()` returns the Session, or raises a
+    LinkError or AuthError that says why not and what to do."""
 
-    The receive loop runs in the thread that calls `run()`; each connection
-    gets one writer thread that alone sends, so a peer that stops reading
-    blocks only the writer (for at most one socket timeout), never the
-    metrics loop, the receive loop or a handler.
-    """
-
-    def __init__(self, config, outbox, samples, dispatcher, agent_info, stop):
+    def __init__(self, config, agent_info, websocket):
         self.config = config
-        self.outbox = outbox
-        self.samples = samples
-        self.doorbell = outbox.doorbell  # set: the writer has something to look at
-        self.dispatcher = dispatcher
         self.agent_info = agent_info
-        self.stop_event = stop  # set: the agent stops
+        self.websocket = websocket  # the websocket-client module
         self.url = ws_url(config.api_url)
         self.transport = Transport(self.url, config, os.environ)
-        self.session = None
-        self.close_code = 1000  # 1011 when the agent exits because a thread died
-        self.backoff = reconnect_backoff(config.reconnect_max_delay_s)
-        self.auth_backoff = Backoff(AUTH_RETRY_FIRST_S, AUTH_RETRY_MAX_S, floor=0.5)
-        self.websocket = load_websocket()
-        self._connecting = None  # the socket being opened or authenticated, for abort()
-        self._flush_until = None  # at shutdown: when sending what waits ends
-        self.thread = threading.Thread(target=self.run, name="receive", daemon=True)
+        self._connecting = None  # the socket being opened or authenticated, for stop()
 
-    def start(self):
-        """The receive thread, which runs `run()`; `stop()` ends it."""
-        self.thread.start()
-
-    def run(self):
-        """Connect, serve, reconnect, until the agent stops. Nothing that
-        happens to one connection may end this loop."""
-        while not self.stop_event.is_set():
-            try:
-                delay = self._attempt()
-            except Exception:  # a case nobody foresaw: report it, and try again
-                delay = self.backoff.next_delay()
-                LOG.exception(
-                    "the connection failed unexpectedly; retrying in %.1f s", delay
-                )
-            if delay is not None:
-                self.stop_event.wait(delay)
-
-    def _attempt(self):
-        """One connection from start to end; the delay before the next, if any."""
-        try:
-            session = self._connect()
-        except AuthError as e:
-            text = "%s; check the key; retrying in %.0f s"
-            return self._retry_after(e, self.auth_backoff, logging.ERROR, text)
-        except LinkError as e:
-            text = "%s; retrying in %.1f s"
-            return self._retry_after(e, self.backoff, logging.WARNING, text)
-        self.auth_backoff.reset()
-        self._serve(session)
-        if self.stop_event.is_set():
-            return None
-        if time.monotonic() - session.opened_at >= STABLE_AFTER_S:
-            self.backoff.reset()
-        delay = self.backoff.next_delay()
-        LOG.info("reconnecting in %.1f s", delay)
-        return delay
-
-    def _retry_after(self, error, backoff, level, text):
-        """The delay before the next attempt, logged; None once the agent stops
-        (a connect broken off by shutdown is nothing to report)."""
-        if self.stop_event.is_set():
-            return None
-        delay = backoff.next_delay()
-        LOG.log(level, text, error, delay)
-        return delay
-
-    def _connect(self):
+    def connect(self):
         if self.config.tls_skip_verify and self.url.startswith("wss:"):
             LOG.warning(
                 "TLS certificate verification is OFF (tls_skip_verify): anyone "
@@ -5613,7 +5588,7 @@ class Link:
         to ws://, or to another host). The whole attempt has a deadline,
         however slowly the peer answers.
         """
-        deadline = Deadline(CONNECT_DEADLINE_S, self.stop_connecting)
+        deadline = Deadline(CONNECT_DEADLINE_S, self.stop)
         try:
             with deadline:
                 sock = self.transport.open(time.monotonic() + CONNECT_DEADLINE_S,
@@ -5718,12 +5693,207 @@ class Link:
         LOG.debug("ignored %s before auth_success", shown(kind))
         return False, None
 
+    def stop(self):
+        """Break off a connection not yet authenticated: at shutdown nothing
+        waits to be sent on it."""
+        shut_down(self._connecting)
+
+
+
+class Writer:
+    """The one thread that sends on a session: replies before samples, the
+    heartbeat, the pong to the latest ping, and the liveness check that gives
+    a dead connection up. It ends with the session; at shutdown it first
+    sends what waits, until `farewell()` says, then a close frame of its own.
+    A peer that stops reading blocks this thread only, for at most one
+    socket timeout."""
+
+    def __init__(self, session, link):
+        self.session = session
+        self.outbox = link.outbox
+        self.samples = link.samples
+        self.doorbell = link.doorbell  # set: there is something to look at
+        self.heartbeat_s = link.config.heartbeat_interval_s
+        self.stop_event = link.stop_event  # set: the agent stops
+        self.farewell = link.farewell  # () -> (close code, send what waits until)
+        self.errors = (OSError, link.websocket.WebSocketException)
+        self.thread = threading.Thread(target=self.run, name="writer", daemon=True)
+
+    def start(self):
+        self.thread.start()
+
+    def join(self, timeout=None):
+        self.thread.join(timeout)
+
+    def run(self):
+        """Everything sent on one connection, the heartbeat and the liveness
+        check; ends with the connection."""
+        heartbeat = self.heartbeat_s
+        next_ping = time.monotonic() + heartbeat
+        try:
+            while not self._ending():
+                now = time.monotonic()
+                problem = self._liveness_problem(now)
+                if problem:
+                    LOG.warning("%s; reconnecting", problem)
+                    break
+                pong = self.session.take_pong()
+                if pong is not None:
+                    self.session.ws.pong(pong)
+                elif now >= next_ping:
+                    self.session.send(self.samples.ping())
+                    next_ping = now + heartbeat
+                else:
+                    wake_at = min(next_ping, self.session.last_rx + 2 * heartbeat)
+                    self._send_next(timeout=max(0.01, wake_at - now))
+            self._close()
+        except self.errors as e:
+            if not self.session.dead.is_set():
+                LOG.warning("sending failed: %s", e or type(e).__name__)
+            self.session.kill()
+
+    def _ending(self):
+        return self.session.ending() or self.stop_event.is_set()
+
+    def _close(self):
+        """How the writer ends: answering the API's close or failing the
+        connection (Session.close), or at shutdown sending what waits and a
+        close of its own."""
+        if self.session.closing.is_set():
+            self.session.ws.send_close(self.session.close_code, b"")
+        elif self.stop_event.is_set() and not self.session.dead.is_set():
+            code, flush_until = self.farewell()
+            self._flush(flush_until)
+            self.session.ws.send_close(code, CLOSE_REASONS[code])
+            return  # the receive loop waits for the API's close frame
+        self.session.kill()
+
+    def _send_next(self, timeout):
+        """Send the next message, or wait up to `timeout` for one. The bell is
+        cleared before looking, at the queues and at what else rings it (the
+        connection's end, a ping to answer): a ring after the look is heard."""
+        self.doorbell.clear()
+        if self._ending() or self.session.pong_due():
+            return
+        if not self._send_one():
+            self.doorbell.wait(timeout)
+
+    def _send_one(self):
+        """Send a reply, pong or chunk first, else a probe or a sample; False
+        when none may go now."""
+        for source in (self.outbox, self.samples):
+            item = source.take()
+            if item is not None:
+                LOG.debug("-> %s", item[0])
+                self.session.send(item[1])
+                source.sent()
+                return True
+        return False
+
+    def _liveness_problem(self, now):
+        """Why the connection should be given up, or None while it works."""
+        limit = 2 * self.heartbeat_s
+        if now - self.session.last_rx > limit:
+            return (
+                f"nothing heard from the API for {now - self.session.last_rx:.1f} s "
+                "(two heartbeats)"
+            )
+        waited = self.samples.unread_for()
+        if waited > limit:
+            return (
+                f"the API has shown no metrics read for {waited:.1f} s (two "
+                "heartbeats: no acknowledgement, no pong to a ping after them) "
+                "though it answers; sending them again"
+            )
+        return None
+
+    def _flush(self, deadline):
+        """Send what still waits (replies, the last samples), until `deadline`."""
+        while time.monotonic() < deadline and self._send_one():
+            pass
+
+
+class Link:
+    """The receive thread: connects (Connector), serves the session with the
+    receive loop and a Writer, and reconnects with backoff, until the agent
+    stops.
+
+    The receive loop only reads and hands messages on (to the dispatcher, or
+    to the writer a ping to answer); each connection gets one Writer thread
+    that alone sends, so a peer that stops reading blocks only the writer
+    (for at most one socket timeout), never the metrics loop, the receive
+    loop or a handler.
+    """
+
+    def __init__(self, config, outbox, samples, dispatcher, agent_info, stop):
+        self.config = config
+        self.outbox = outbox
+        self.samples = samples
+        self.doorbell = outbox.doorbell  # set: the writer has something to look at
+        self.dispatcher = dispatcher
+        self.agent_info = agent_info
+        self.stop_event = stop  # set: the agent stops
+        self.websocket = load_websocket()
+        self.connector = Connector(config, agent_info, self.websocket)
+        self.url = self.connector.url
+        self.session = None
+        self.backoff = reconnect_backoff(config.reconnect_max_delay_s)
+        self.auth_backoff = Backoff(AUTH_RETRY_FIRST_S, AUTH_RETRY_MAX_S, floor=0.5)
+        self._close_code = 1000  # 1011 when the agent exits because a thread died
+        self._flush_until = None  # at shutdown: when sending what waits ends
+        self.thread = threading.Thread(target=self.run, name="receive", daemon=True)
+
+    def start(self):
+        """The receive thread, which runs `run()`; `stop()` ends it."""
+        self.thread.start()
+
+    def run(self):
+        """Connect, serve, reconnect, until the agent stops. Nothing that
+        happens to one connection may end this loop."""
+        while not self.stop_event.is_set():
+            try:
+                delay = self._attempt()
+            except Exception:  # a case nobody foresaw: report it, and try again
+                delay = self.backoff.next_delay()
+                LOG.exception(
+                    "the connection failed unexpectedly; retrying in %.1f s", delay
+                )
+            if delay is not None:
+                self.stop_event.wait(delay)
+
+    def _attempt(self):
+        """One connection from start to end; the delay before the next, if any."""
+        try:
+            session = self.connector.connect()
+        except AuthError as e:
+            text = "%s; check the key; retrying in %.0f s"
+            return self._retry_after(e, self.auth_backoff, logging.ERROR, text)
+        except LinkError as e:
+            text = "%s; retrying in %.1f s"
+            return self._retry_after(e, self.backoff, logging.WARNING, text)
+        self.auth_backoff.reset()
+        self._serve(session)
+        if self.stop_event.is_set():
+            return None
+        if time.monotonic() - session.opened_at >= STABLE_AFTER_S:
+            self.backoff.reset()
+        delay = self.backoff.next_delay()
+        LOG.info("reconnecting in %.1f s", delay)
+        return delay
+
+    def _retry_after(self, error, backoff, level, text):
+        """The delay before the next attempt, logged; None once the agent stops
+        (a connect broken off by shutdown is nothing to report)."""
+        if self.stop_event.is_set():
+            return None
+        delay = backoff.next_delay()
+        LOG.log(level, text, error, delay)
+        return delay
+
     def _serve(self, session):
         self.session = session
         self.samples.link_up(session.server_id)
-        writer = threading.Thread(
-            target=self._write_loop, args=(session,), name="writer", daemon=True
-        )
+        writer = Writer(session, self)
         writer.start()
         try:
             self._receive_loop(session)
@@ -5772,7 +5942,7 @@ class Link:
             return True  # the usual case: one look, no wait
         taken = self.outbox.taken_count()
         while not self.outbox.wait_for_room(timeout=1.0):
-            if self._ending(session):
+            if session.ending() or self.stop_event.is_set():
                 return False
             if self.outbox.taken_count() != taken:
                 taken, session.last_rx = self.outbox.taken_count(), time.monotonic()
@@ -5797,122 +5967,31 @@ class Link:
             self.dispatcher.dispatch(payload, session)
         return True
 
-    def _write_loop(self, session):
-        """Everything sent on one connection, the heartbeat and the liveness
-        check; ends with the connection."""
-        heartbeat = self.config.heartbeat_interval_s
-        next_ping = time.monotonic() + heartbeat
-        try:
-            while not self._ending(session):
-                now = time.monotonic()
-                problem = self._liveness_problem(session, now)
-                if problem:
-                    LOG.warning("%s; reconnecting", problem)
-                    break
-                pong = session.take_pong()
-                if pong is not None:
-                    session.ws.pong(pong)
-                elif now >= next_ping:
-                    session.send(self.samples.ping())
-                    next_ping = now + heartbeat
-                else:
-                    wake_at = min(next_ping, session.last_rx + 2 * heartbeat)
-                    self._send_next(session, timeout=max(0.01, wake_at - now))
-            self._close(session)
-        except (OSError, self.websocket.WebSocketException) as e:
-            if not session.dead.is_set():
-                LOG.warning("sending failed: %s", e or type(e).__name__)
-            session.kill()
+    def farewell(self):
+        """How the writer ends at shutdown: (close code, send what waits until)."""
+        return self._close_code, self._flush_until or time.monotonic()
 
-    def _ending(self, session):
-        return (
-            session.dead.is_set()
-            or session.closing.is_set()
-            or self.stop_event.is_set()
-        )
-
-    def _close(self, session):
-        """How the writer ends: answering the API's close or failing the
-        connection (Session.close), or at shutdown sending what waits and a
-        close of its own."""
-        if session.closing.is_set():
-            session.ws.send_close(session.close_code, b"")
-        elif self.stop_event.is_set() and not session.dead.is_set():
-            self._flush(session)
-            session.ws.send_close(self.close_code, CLOSE_REASONS[self.close_code])
-            return  # the receive loop waits for the API's close frame
-        session.kill()
-
-    def _send_next(self, session, timeout):
-        """Send the next message, or wait up to `timeout` for one. The bell is
-        cleared before looking, at the queues and at what else rings it (the
-        connection's end, a ping to answer): a ring after the look is heard."""
-        self.doorbell.clear()
-        if self._ending(session) or session.pong_due():
-            return
-        if not self._send_one(session):
-            self.doorbell.wait(timeout)
-
-    def _send_one(self, session):
-        """Send a reply, pong or chunk first, else a probe or a sample; False
-        when none may go now."""
-        for source in (self.outbox, self.samples):
-            item = source.take()
-            if item is not None:
-                LOG.debug("-> %s", item[0])
-                session.send(item[1])
-                source.sent()
-                return True
-        return False
-
-    def _liveness_problem(self, session, now):
-        """Why the connection should be given up, or None while it works."""
-        limit = 2 * self.config.heartbeat_interval_s
-        if now - session.last_rx > limit:
-            return (
-                f"nothing heard from the API for {now - session.last_rx:.1f} s "
-                "(two heartbeats)"
-            )
-        waited = self.samples.unread_for()
-        if waited > limit:
-            return (
-                f"the API has shown no metrics read for {waited:.1f} s (two "
-                "heartbeats: no acknowledgement, no pong to a ping after them) "
-                "though it answers; sending them again"
-            )
-        return None
-
-    def _flush(self, session):
-        """Send what still waits (replies, the last samples), until stop() says."""
-        deadline = self._flush_until or time.monotonic()
-        while time.monotonic() < deadline and self._send_one(session):
-            pass
-
-    def stop(self, deadline):
-        """Send what waits and close, by `deadline` (monotonic): the writer
-        sends until SHUTDOWN_CLOSE_WAIT_S before it, then its close frame, and
-        the receive loop waits for the API's. What is still open then is
-        broken off."""
+    def stop(self, deadline, close_code=1000):
+        """Send what waits and close with `close_code`, by `deadline`
+        (monotonic): the writer sends until SHUTDOWN_CLOSE_WAIT_S before it,
+        then its close frame, and the receive loop waits for the API's. What
+        is still open then is broken off."""
+        self._close_code = close_code
         self._flush_until = deadline - SHUTDOWN_CLOSE_WAIT_S
         self.stop_event.set()
-        self.stop_connecting()
+        self.connector.stop()
         self.doorbell.set()
         self.thread.join(max(0.0, deadline - time.monotonic()))
         if self.thread.is_alive():
             self.abort()
             self.thread.join(0.5)
 
-    def stop_connecting(self):
-        """Break off a connection not yet authenticated: at shutdown nothing
-        waits to be sent on it."""
-        shut_down(self._connecting)
-
     def abort(self):
         """Break off what the receive thread waits for: a session, or a connect."""
         session = self.session
         if session is not None:
             session.kill()
-        self.stop_connecting()
+        self.connector.stop()
 
 
 ###############################################################################
@@ -6138,12 +6217,12 @@ class Agent:
         """
         start = time.monotonic()
         with Deadline(SHUTDOWN_S, self._shutdown_overran):
-            self.link.close_code = 1011 if self.exit_code else 1000
             self._stopping = "processes"
             self._stop_processes(start + SHUTDOWN_KILL_AT_S,
                                  start + SHUTDOWN_REPLIES_AT_S)
             self._stopping = "connection"
-            self.link.stop(start + SHUTDOWN_CLOSED_AT_S)
+            self.link.stop(start + SHUTDOWN_CLOSED_AT_S,
+                           close_code=1011 if self.exit_code else 1000)
             self._stopping = "metrics"
             self._stop_metrics(start + SHUTDOWN_METRICS_AT_S)
             self._stopping = "spool"

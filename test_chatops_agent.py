@@ -3012,6 +3012,33 @@ class TestDockerParsing:
         health["Action"] = "health_status: healthy"
         assert agent.container_event(json.dumps(health)).detail == "healthy"
 
+    def test_the_list_follows_events_and_doubts_what_they_leave_unknown(self):
+        """ContainerList alone, as the events process feeds it: no Docker."""
+        def event(action, exit_code="0", name="web"):
+            return agent.container_event(json.dumps({
+                "Type": "container", "Action": action, "timeNano": 1796441517715451927,
+                "Actor": {"ID": "485b5c3cdec6" + "0" * 52, "Attributes": {
+                    "exitCode": exit_code, "image": "busybox", "name": name}}}))
+        containers = agent.ContainerList()
+        containers.install([], {})
+        containers.stale = False
+        containers.apply(event("create"))
+        assert [(r["name"], r["status"]) for r in containers.current()] == [
+            ("web", "Created")]
+        containers.apply(event("start"))  # created since the last read: ports unknown
+        assert containers.doubts == {"485b5c3cdec6"}
+        assert containers.current()[0]["state"] == "running"
+        containers.apply(event("rename", name="db"))
+        containers.apply(event("die", exit_code="3"))
+        row = containers.current()[0]
+        assert (row["name"], row["state"], row["ports"]) == ("db", "exited", [])
+        assert row["status"].startswith("Exited (3)")
+        assert not containers.stale
+        containers.apply(event("destroy"))
+        assert containers.current() == [] and not containers.doubts
+        containers.apply(event("start"))  # of a container the list does not hold
+        assert containers.stale
+
     @pytest.mark.parametrize("change", [
         {"timeNano": float("nan")}, {"timeNano": 1e30}, {"timeNano": 2**70},
         {"timeNano": -5}, {"timeNano": "1"}, {"Action": 5}, {"Actor": None},
@@ -3795,7 +3822,7 @@ class TestRequests:
 
 class Queues:
     """An Outbox and a SampleQueue on one doorbell, as the agent has them,
-    and the writer's order of taking from them (Link._send_one)."""
+    and the writer's order of taking from them (Writer._send_one)."""
 
     def __init__(self, capacity, spool=None, reply_keep_s=300.0):
         doorbell = threading.Event()
@@ -3883,7 +3910,7 @@ class TestOutboxAndSamples:
         assert box.take()[1][0] == "command_result"  # no sent(): the send failed
         box.connection_lost()
         assert [taken(box)["request_id"] for _ in range(2)] == ["r1", "r2"]
-        box.samples.ack_mode = box.samples.NO_ACKS
+        box.samples.proof.mode = agent.ReadProof.NO_ACKS
         box.take()
         box.connection_lost()
         assert taken_samples(box, 1) == [{"n": 0}]
@@ -3935,9 +3962,9 @@ class TestOutboxAndSamples:
         box.samples.add({"n": 0})
         taken(box)
         box.samples.acknowledged()
-        assert box.samples.ack_mode == box.samples.ACKS
+        assert box.samples.proof.mode == agent.ReadProof.ACKS
         box.connection_lost()
-        assert box.samples.ack_mode == box.samples.UNKNOWN
+        assert box.samples.proof.mode == agent.ReadProof.UNKNOWN
 
     def test_api_that_never_acks_delivers_by_the_pong_to_a_later_ping(self):
         """Without acknowledgements a sample is delivered when the pong to a
@@ -3952,7 +3979,7 @@ class TestOutboxAndSamples:
         assert taken(box)["type"] == "metrics"
         assert taken(box) == {"type": "ping"}
         box.samples.pong_received()
-        assert box.samples.ack_mode == box.samples.NO_ACKS
+        assert box.samples.proof.mode == agent.ReadProof.NO_ACKS
         assert box.samples.counts() == (0, 1)  # sample 1 went after that ping
         box.samples.add({"n": 2})
         assert taken_samples(box, 1) == [{"n": 2}]
@@ -3974,12 +4001,12 @@ class TestOutboxAndSamples:
         assert [taken(box)["type"] for _ in range(2)] == ["metrics", "ping"]
         box.samples.pong_received()  # the heartbeat's
         assert box.samples.counts() == (0, 1)
-        assert box.samples.ack_mode == box.samples.UNKNOWN
+        assert box.samples.proof.mode == agent.ReadProof.UNKNOWN
         box.samples.add({"n": 1})
         box.samples.add({"n": 2})
         assert [taken(box)["type"] for _ in range(3)] == ["metrics", "metrics", "ping"]
         box.samples.pong_received()  # to the ping after sample 0
-        assert box.samples.ack_mode == box.samples.NO_ACKS
+        assert box.samples.proof.mode == agent.ReadProof.NO_ACKS
         assert box.samples.counts() == (0, 2)  # 0 shown read; 1 and 2 not yet
         box.samples.pong_received()
         assert box.samples.counts() == (0, 0)
@@ -4003,7 +4030,7 @@ class TestOutboxAndSamples:
         assert taken(box) == {"type": "ping"}
         box.samples.acknowledged()
         box.samples.pong_received()
-        assert box.samples.ack_mode == box.samples.ACKS
+        assert box.samples.proof.mode == agent.ReadProof.ACKS
         assert taken(box) is None  # no second probe
 
     def test_a_heartbeat_ping_counts_for_the_probe(self):
@@ -4016,9 +4043,9 @@ class TestOutboxAndSamples:
         taken(box)
         assert taken(box) == {"type": "ping"}
         box.samples.pong_received()  # the heartbeat's pong
-        assert box.samples.ack_mode == box.samples.UNKNOWN
+        assert box.samples.proof.mode == agent.ReadProof.UNKNOWN
         box.samples.pong_received()  # the probe's
-        assert box.samples.ack_mode == box.samples.NO_ACKS
+        assert box.samples.proof.mode == agent.ReadProof.NO_ACKS
 
     def test_waiting_for_acks_is_timed(self):
         box = Queues(10)
@@ -4094,7 +4121,7 @@ class TestQuietSpool:
             assert taken(box)["type"] == "metrics"
             assert taken(box) == {"type": "ping"}  # its pong shows the sample read
             box.samples.pong_received()
-        assert box.samples.ack_mode == box.samples.NO_ACKS
+        assert box.samples.proof.mode == agent.ReadProof.NO_ACKS
         assert (tmp_path / "spool").stat().st_size == len(agent.SPOOL_HEADER)
 
     def test_without_acks_a_sample_no_pong_showed_read_is_written(self, tmp_path):
@@ -4421,18 +4448,68 @@ def fresh_port():
 
 
 def connect_once(url, **settings):
-    """One connection attempt of the agent's Link, in this process."""
+    """One connection attempt of the agent's Connector, in this process."""
     flags = {"api_url": url, "api_key": KEY, **settings}
     config = agent.load_config({k: str(v) for k, v in flags.items()}, {})
-    box = Queues(10)
-    link = agent.Link(config, box.outbox, box.samples,
-                      agent.Dispatcher(config, box.outbox, box.samples, None),
-                      {}, threading.Event())
-    session = link._connect()
+    session = agent.Connector(config, {}, agent.load_websocket()).connect()
     session.kill()
     session.ws.shutdown()
     return session
 
+
+
+def unstarted_link(api, box, **settings):
+    """A Link that is never started, for its parts: its Connector and a Writer."""
+    flags = {"api_url": api.url, "api_key": KEY, **settings}
+    config = agent.load_config({k: str(v) for k, v in flags.items()}, {})
+    return agent.Link(config, box.outbox, box.samples,
+                      agent.Dispatcher(config, box.outbox, box.samples, None),
+                      {}, threading.Event())
+
+
+class TestWriter:
+    """The Writer alone on one session: no receive loop, no Link thread."""
+
+    def test_replies_first_then_samples_and_at_the_stop_a_close(self, api):
+        box = Queues(10)
+        link = unstarted_link(api, box)
+        session = link.connector.connect()
+        try:
+            box.samples.add({"cpu_percent": 1.5})
+            box.outbox.put({"type": "command_result", "request_id": "r1", "data": {}})
+            writer = agent.Writer(session, link)
+            writer.start()
+            wait_until(lambda: api.metrics(), what="the sample sent")
+            sent = [m["type"] for m in api.messages() if m["type"] != "ping"]
+            assert sent == ["auth", "command_result", "metrics"]
+            assert api.metrics()[0]["cpu_percent"] == 1.5
+            link.stop_event.set()
+            link.doorbell.set()
+            writer.join(5)
+            assert not writer.thread.is_alive()
+        finally:  # as the receive loop ends a session; the API then sees the close
+            session.kill()
+            session.ws.shutdown()
+        wait_until(lambda: api.closes, what="the writer's close frame")
+        assert api.closes[0][0] == 1000
+
+    def test_a_connection_nothing_is_heard_on_is_given_up(self, api, caplog):
+        """With no receive loop, nothing the API sends is heard: after two
+        heartbeats the writer kills the session, and says why."""
+        box = Queues(10)
+        link = unstarted_link(api, box, heartbeat_interval_s=1)
+        session = link.connector.connect()
+        writer = agent.Writer(session, link)
+        try:
+            with caplog.at_level("WARNING", logger="chatops-agent"):
+                writer.start()
+                assert session.dead.wait(10), "the writer never gave the session up"
+                writer.join(5)
+        finally:
+            session.kill()
+            session.ws.shutdown()
+        assert "nothing heard from the API for 2" in caplog.text
+        assert time.monotonic() - session.opened_at >= 2
 
 class TestHostileUpgrade:
     def test_any_answer_to_the_upgrade_is_a_link_error(self):
