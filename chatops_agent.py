@@ -70,6 +70,13 @@ POSIX_NEEDS = (("pwd", pwd), ("fcntl", fcntl), ("os.geteuid", "geteuid"),
                ("os.O_DIRECTORY", "O_DIRECTORY"),
                ("dir_fd", os.open in os.supports_dir_fd))
 
+# What this Python and kernel offer, decided once (as CPython's subprocess
+# decides _USE_POSIX_SPAWN): the code below asks these, never hasattr().
+HAVE_PROC = LINUX and os.path.isdir("/proc/self")  # process table, cmdlines
+HAVE_WAITID = hasattr(os, "waitid")  # see a child's exit without reaping it
+HAVE_PIDFD = hasattr(os, "pidfd_open")  # Python 3.9 on; Linux 5.3 on, or OSError
+HAVE_ORIG_ARGV = hasattr(sys, "orig_argv")  # Python 3.10 on
+FROZEN = bool(getattr(sys, "frozen", False))  # sys.executable is not a Python
 
 # The connection's TCP options, as websocket-client sets them on sockets of
 # its own: no Nagle delay for small frames, and keepalive that gives up on a
@@ -1231,15 +1238,13 @@ class PsutilSource:
 
     def processes(self):
         table = []
-        # Windows has no uids: the user name, then.
-        owner = "uids" if hasattr(self.psutil.Process, "uids") else "username"
         attrs = ["pid", "create_time", "name", "cpu_times", "memory_info", "status"]
-        for p in self.psutil.process_iter([*attrs, owner]):
+        for p in self.psutil.process_iter([*attrs, "uids"]):  # POSIX: it has uids
             info = p.info
             if info["cpu_times"] is None or info["memory_info"] is None:
                 continue  # access denied or gone
             uids = info.get("uids")
-            user = self.user_name(uids.real) if uids else (info.get("username") or "")
+            user = self.user_name(uids.real) if uids else ""
             table.append(
                 (
                     info["pid"],
@@ -1520,7 +1525,7 @@ class MetricsCollector:
 
 
 ###############################################################################
-# Protocol: the two forms of a request ########################################
+# Protocol: messages, and the two forms of a request ##########################
 ###############################################################################
 
 ID_FIELDS = ("request_id", "command_id")
@@ -1668,6 +1673,25 @@ def request_field(message, name, kinds, what, default=None):
     if (kinds is bool) != isinstance(value, bool) or not isinstance(value, kinds):
         raise RequestError(f"'{name}' must be {what}, got {json.dumps(value)[:60]}")
     return value
+
+
+# The heartbeat's ping, which also shows (by its pong) that samples were read.
+PING_MESSAGE = to_json({"type": "ping"})
+
+
+def auth_server_id(message):
+    """auth_success's server_id if it can go back in metrics; an unusable one
+    (NaN, an object, ...) is logged and left out of them."""
+    if "server_id" not in message:
+        return None
+    server_id = usable_id(message["server_id"])
+    if server_id is None:
+        LOG.warning(
+            "auth_success carried an unusable server_id (%s); metrics are sent "
+            "without one",
+            shown(message["server_id"]),
+        )
+    return server_id
 
 
 ###############################################################################
@@ -1900,6 +1924,8 @@ class Children:
 def process_table():
     """{pid: (state, ppid, pgid)} of every process, from /proc ({} without it)."""
     table = {}
+    if not HAVE_PROC:
+        return table
     with contextlib.suppress(OSError):
         for entry in os.listdir("/proc"):
             if entry.isdigit():
@@ -1942,7 +1968,7 @@ def tagged(table, needle):
 def leader_exited(proc):
     """True once the shell has exited, without reaping it: while it is unreaped,
     its pid, and so the group id, cannot be reused, and killpg stays safe."""
-    if hasattr(os, "waitid"):
+    if HAVE_WAITID:
         flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
         try:
             return os.waitid(os.P_PID, proc.pid, flags) is not None
@@ -1957,10 +1983,9 @@ def exit_watch(proc):
     and Python 3.9 on), or None, and the caller polls. Waking on the exit
     itself, rather than polling after the output's end, saves 1 to 2 ms of
     every short command."""
-    pidfd_open = getattr(os, "pidfd_open", None)  # Python 3.9 on
     fd = None
     with contextlib.suppress(OSError):  # a kernel before 5.3, or a seccomp filter
-        fd = pidfd_open(proc.pid) if pidfd_open else None
+        fd = os.pidfd_open(proc.pid) if HAVE_PIDFD else None
     try:
         yield fd
     finally:
@@ -3752,7 +3777,7 @@ class Requests:
 
 
 ###############################################################################
-# Delivery: what waits to be sent, and the spool ##############################
+# Delivery: what waits to be sent #############################################
 ###############################################################################
 
 
@@ -4203,6 +4228,10 @@ class SampleQueue:
     def dropped_total(self):
         return self.drops.total
 
+
+###############################################################################
+# The spool: samples kept on disk, in the state directory #####################
+###############################################################################
 
 class Spool:
     """The samples not yet delivered, on disk too, so that a restart loses none.
@@ -4701,7 +4730,6 @@ def spool_for(config):
 
 # RFC 6455 opcodes.
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
-PING_MESSAGE = to_json({"type": "ping"})
 CLOSE_REASONS = {1000: b"agent shutting down", 1011: b"agent restarting after an error"}
 
 
@@ -4779,21 +4807,6 @@ def upgrade_answer(ws, error):
     status = getattr(error, "status_code", None) or getattr(response, "status", None)
     headers = getattr(error, "resp_headers", None) or getattr(response, "headers", None)
     return status, headers or {}
-
-
-def auth_server_id(message):
-    """auth_success's server_id if it can go back in metrics; an unusable one
-    (NaN, an object, ...) is logged and left out of them."""
-    if "server_id" not in message:
-        return None
-    server_id = usable_id(message["server_id"])
-    if server_id is None:
-        LOG.warning(
-            "auth_success carried an unusable server_id (%s); metrics are sent "
-            "without one",
-            shown(message["server_id"]),
-        )
-    return server_id
 
 
 class Deadline:
@@ -6294,7 +6307,7 @@ def rerun_argv():
     was started, and so its flags, is not known (see started_as)."""
     if __spec__ is not None:
         return None  # python3 -m chatops_agent: an import already
-    if not sys.executable or getattr(sys, "frozen", False):
+    if not sys.executable or FROZEN:
         return None  # a frozen binary's sys.executable is the program, not Python
     script = os.path.abspath(__file__)
     try:
@@ -6316,8 +6329,10 @@ def started_as():
     """The command line this interpreter was started with, its own flags (-X
     utf8, -I, ...) included: sys.orig_argv from Python 3.10 on, else Linux's
     /proc/self/cmdline; None where neither tells."""
-    if hasattr(sys, "orig_argv"):
+    if HAVE_ORIG_ARGV:
         return list(sys.orig_argv)
+    if not HAVE_PROC:
+        return None
     try:
         with open("/proc/self/cmdline", "rb") as f:
             return [os.fsdecode(arg) for arg in f.read().split(b"\0")[:-1]]
@@ -6378,6 +6393,10 @@ def build_parser():
     return parser
 
 
+###############################################################################
+# One sample: --once, and a person's view of it (--once --text) ###############
+###############################################################################
+
 def run_once(config, text=False):
     cache = ContainerCache(config, DockerCLI(config, Children()))
 
@@ -6391,10 +6410,6 @@ def run_once(config, text=False):
         print(json.dumps({"type": "metrics", "data": data}, indent=2))
     return 0
 
-
-###############################################################################
-# A person's view of one sample (--once --text) ###############################
-###############################################################################
 
 TEXT_PROCESSES = 10  # the busiest processes shown; the JSON has them all
 
