@@ -3225,7 +3225,7 @@ class DockerJob(Job):
 
     def __init__(self, route, dialect, request_id, ref, params):
         super().__init__(route, dialect, request_id)
-        self.action = route.run.__name__  # start, stop, logs, ...: as the docs name it
+        self.action = route.action  # start, stop, logs, ...: as the docs name it
         self.ref = ref  # validated container name or id, or None for "list"
         self.params = params
 
@@ -3457,19 +3457,22 @@ def stats_numbers(row):
 #   params   of a Docker action: (message) -> its parameters, or RequestError
 #   reply, status: of a Docker action, its reply type and status word in the
 #            API's form (the docs' form answers every action docker_response)
+# A row of REQUESTS. Every name on the wire is data here (`reply`, `status`,
+# and `action`: a Docker action as the docs' docker_command names it), never
+# a Python name: renaming a method changes nothing the API sees.
 Route = collections.namedtuple(
-    "Route", "dialect lane parse run fields params reply status",
-    defaults=(None, None, None),
+    "Route", "dialect lane parse run fields params reply status action",
+    defaults=(None, None, None, None),
 )
 COMMAND_FIELDS = ("command", "timeout", "cwd", "stream", "requested_by")
 REF = ("container_id", "container")  # the container, by either name (container_ref)
 
 
-def docker(run, reply, status=None, params=None, fields=REF):
-    """The row of a Docker action, in the API's form: the action is `run`,
-    a method of DockerActions; the docs' docker_command names it by its name."""
+def docker(action, run, reply, status=None, params=None, fields=REF):
+    """The row of a Docker action, in the API's form: `run` (a method of
+    DockerActions) carries it out; the docs' docker_command names it `action`."""
     return Route(API, "docker", parse_docker_request, run, fields, params, reply,
-                 status)
+                 status, action)
 
 
 def take_server_id(dispatcher, message):
@@ -3539,25 +3542,28 @@ REQUESTS = {
                      COMMAND_FIELDS),
     "cancel_command": Route(None, None, parse_cancel, cancel_request, ("target_id",)),
     # Docker, in the API's form: one row an action.
-    "start_container": docker(DockerActions.start, "container_started", "started"),
-    "stop_container": docker(DockerActions.stop, "container_stopped", "stopped",
-                             stop_params, (*REF, "timeout")),
-    "restart_container": docker(DockerActions.restart, "container_restarted",
-                                "restarted", stop_params, (*REF, "timeout")),
-    "pause_container": docker(DockerActions.pause, "container_paused", "paused"),
-    "unpause_container": docker(DockerActions.unpause, "container_unpaused",
-                                "unpaused"),
-    "get_container_logs": docker(DockerActions.logs, "container_logs", None,
+    "start_container": docker("start", DockerActions.start, "container_started",
+                              "started"),
+    "stop_container": docker("stop", DockerActions.stop, "container_stopped",
+                             "stopped", stop_params, (*REF, "timeout")),
+    "restart_container": docker("restart", DockerActions.restart,
+                                "container_restarted", "restarted", stop_params,
+                                (*REF, "timeout")),
+    "pause_container": docker("pause", DockerActions.pause, "container_paused",
+                              "paused"),
+    "unpause_container": docker("unpause", DockerActions.unpause,
+                                "container_unpaused", "unpaused"),
+    "get_container_logs": docker("logs", DockerActions.logs, "container_logs", None,
                                  logs_params, (*REF, "tail", "since", "timestamps")),
-    "inspect_container": docker(DockerActions.inspect, "container_info"),
-    "get_container_stats": docker(DockerActions.stats, "container_stats"),
-    "list_containers": docker(DockerActions.list, "container_list", fields=()),
+    "inspect_container": docker("inspect", DockerActions.inspect, "container_info"),
+    "get_container_stats": docker("stats", DockerActions.stats, "container_stats"),
+    "list_containers": docker("list", DockerActions.list, "container_list",
+                              fields=()),
     # Docker in the docs' form: any of the actions above, named in 'action'.
     "docker_command": Route(DOCS, "docker", parse_docker_command, None, (
         "action", *REF, "timeout", "tail", "since", "timestamps")),
 }
-DOCKER_ACTIONS = {r.run.__name__: r for r in REQUESTS.values()
-                  if r.lane == "docker" and r.run is not None}
+DOCKER_ACTIONS = {r.action: r for r in REQUESTS.values() if r.action is not None}
 
 
 class Dispatcher:

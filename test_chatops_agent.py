@@ -793,14 +793,40 @@ class TestLayout:
         source, tree, starts, titles = agent_sections()
         platform_section = (starts[0], starts[1])
         modules = {"os", "sys", "socket", "signal", "select", "ssl", "fcntl", "time"}
-        asked = [
-            f"line {n.lineno}: {ast.get_source_segment(source, n)}" for n in ast.walk(tree)
-            if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
-            and n.func.id in ("hasattr", "getattr") and n.args
-            and isinstance(n.args[0], ast.Name) and n.args[0].id in modules
-            and not platform_section[0] <= n.lineno < platform_section[1]]
+
+        def asks_a_module(node):  # hasattr(os, ...), getattr(sys, ...)
+            return (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                    and node.func.id in ("hasattr", "getattr") and node.args
+                    and isinstance(node.args[0], ast.Name)
+                    and node.args[0].id in modules)
+        asked = [f"line {n.lineno}: {ast.get_source_segment(source, n)}"
+                 for n in ast.walk(tree) if asks_a_module(n)
+                 and not platform_section[0] <= n.lineno < platform_section[1]]
         assert asked == [], "\n".join(asked)
         assert titles[1] == "Defaults"
+
+    def test_protocol_names_are_data(self):
+        """Each Docker row of REQUESTS names its action as the docs' table
+        does, and no Python name becomes text: renaming a method changes
+        nothing on the wire. (The name of an exception's type, in a message
+        for a person, is no protocol name.)"""
+        with open(PROTOCOL_DOC, encoding="utf-8") as f:
+            rows = re.findall(r"^\| `(\w+)` \(`(\w+)`\) \| `(\w+)` \|", f.read(), re.M)
+        assert len(rows) == 9, rows
+        for request, reply, action in rows:
+            route = agent.REQUESTS[request]
+            assert (route.reply, route.action) == (reply, action), request
+            assert agent.DOCKER_ACTIONS[action] is route
+        assert sorted(agent.DOCKER_ACTIONS) == sorted(a for _, _, a in rows)
+        source, tree, _, _ = agent_sections()
+        def a_type(node):  # type(e), or a thread's args.exc_type
+            return (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                    and node.func.id == "type") or (
+                isinstance(node, ast.Attribute) and node.attr == "exc_type")
+        named = [f"line {n.lineno}: {ast.get_source_segment(source, n)}"
+                 for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+                 and n.attr == "__name__" and not a_type(n.value)]
+        assert named == [], "\n".join(named)
 
 
 class TestConfiguration:
@@ -1006,6 +1032,7 @@ class TestConfiguration:
 
 
 CONFIGURATION_DOC = os.path.join(os.path.dirname(AGENT), "docs", "configuration.md")
+PROTOCOL_DOC = os.path.join(os.path.dirname(AGENT), "docs", "protocol.md")
 GENERATED = ("<!-- generated from SETTINGS by test_chatops_agent.py: begin -->",
              "<!-- generated from SETTINGS: end -->")
 
