@@ -9,6 +9,42 @@ Run it:
 
 Needs Python 3.8+ and websocket-client; on systems without Linux's /proc it
 also needs psutil. See README.md, and docs/ for the protocol, settings and design.
+
+The file, top to bottom: each section uses only those above it (a test reads
+the syntax tree to hold that). docs/architecture.md is the longer map.
+
+    Platform              what this system offers, decided once (HAVE_*)
+    Defaults              every constant with its reason; SETTINGS, the settings
+    Errors                AgentError and its kinds, each with its exit status
+    Helpers               JSON, text safe for a log line, small reads, Backoff
+    Configuration         load_config: flags, variables, the file, checked
+    Metrics: sources      ProcSource (/proc), PsutilSource (elsewhere)
+    Metrics: collector    MetricsCollector: two readings into one sample
+    Protocol: messages, and the two forms of a request
+                          Dialect (API, DOCS): every reply's shape; Job
+    Commands              Children (every process started), CommandRunner
+    Docker                DockerCLI, ContainerList/Cache, DockerActions
+    Requests: the table, lanes, deadlines, cancel
+                          REQUESTS, Dispatcher, Lane, Requests
+    Delivery: what waits to be sent
+                          Outbox (replies), ReadProof, SampleQueue (samples)
+    The spool: samples kept on disk, in the state directory
+                          Spool, SpoolReader, the state directory's checks
+    Connection            Transport, Proxy, Deflate, FrameReader, Session;
+                          Connector, Writer, Link
+    The agent             Agent: builds the parts, runs the threads, stops
+    Command line          build_parser, the re-run as an import
+    One sample: --once, and a person's view of it (--once --text)
+    Diagnostics (--check) the checks, and main()
+
+Threads: main (waits for a signal or a dead thread), metrics (a sample each
+interval), receive (Link: connects, reads, hands each message on), writer (one
+per connection, the only one that sends), command-N and docker-N (the workers
+of the request lanes), docker and docker-events (the container list).
+
+Where to start: main() at the end, then Agent.start(). A request goes Link ->
+Dispatcher -> a lane's worker -> Outbox -> Writer; a sample goes
+MetricsCollector -> SampleQueue -> Writer, and the Spool when the API is away.
 """
 
 __version__ = "0.1.0"

@@ -787,6 +787,22 @@ class TestLayout:
         assert len(titles) >= 15 and titles[0] == "Platform", titles
         assert later == [], "\n".join(later)
 
+    def test_the_file_keeps_its_own_map(self):
+        """The module docstring lists the sections in file order, as the
+        banners name them, and docs/architecture.md's table the same."""
+        _, _, _, titles = agent_sections()
+        doc = agent.__doc__
+        where = [doc.find("\n    " + title) for title in titles]
+        assert -1 not in where, [t for t, at in zip(titles, where) if at == -1]
+        assert where == sorted(where), "the docstring lists the sections out of order"
+        with open(ARCHITECTURE_DOC, encoding="utf-8") as f:
+            table = f.read().split("| section | what it holds |", 1)[1]
+        rows = re.findall(r"^\| ([^|]+?) \|", table.split("\n\n", 1)[0], re.M)
+        assert rows == titles
+        for thread in ("main", "metrics", "receive", "writer", "command-N",
+                       "docker-N", "docker-events"):
+            assert thread in doc.split("Threads:", 1)[1]
+
     def test_capabilities_are_decided_once_in_platform(self):
         """hasattr() or getattr() on a standard module, outside Platform, is
         a capability decided in the wrong place: make it a HAVE_ constant."""
@@ -1033,6 +1049,7 @@ class TestConfiguration:
 
 CONFIGURATION_DOC = os.path.join(os.path.dirname(AGENT), "docs", "configuration.md")
 PROTOCOL_DOC = os.path.join(os.path.dirname(AGENT), "docs", "protocol.md")
+ARCHITECTURE_DOC = os.path.join(os.path.dirname(AGENT), "docs", "architecture.md")
 GENERATED = ("<!-- generated from SETTINGS by test_chatops_agent.py: begin -->",
              "<!-- generated from SETTINGS: end -->")
 
