@@ -34,6 +34,10 @@ import chatops_agent as agent  # noqa: E402
 import test_chatops_agent as harness  # noqa: E402  (its fake API and helpers)
 
 KEY = "bench-key-0123456789"
+# The ChatOps project's own agent, built (see ../shared/peers/README.md): run
+# beside this one in the same windows, when it is there.
+GO_AGENT = os.environ.get("CHATOPS_BENCH_GO_AGENT") or os.path.join(
+    os.path.dirname(REPO), "shared", "peers", "chatops-agent-go")
 DAY_S = 86400
 FLEET = 10_000  # agents, for the wire-cost line
 
@@ -704,6 +708,106 @@ def measure_peer(argv, window_s, scrape_url=None):
         stop(proc)
 
 
+def tree_memory_mib(pid):
+    """Pss_Anon of a process and of its standing children, its RSS and PSS."""
+    kids = [p for p in descendants(pid) if os.path.exists(f"/proc/{p}")]
+    own = smaps_mib(pid, "Pss_Anon")
+    return {"pss_anon_mib": own,
+            "pss_anon_with_children_mib": own + sum(smaps_mib(p, "Pss_Anon") for p in kids),
+            "rss_mib": smaps_mib(pid, "Rss"), "pss_mib": smaps_mib(pid, "Pss")}
+
+
+def side_by_side(windows, window_s, batches, containers):
+    """This agent and the ChatOps Go agent, started together, each against a
+    test API of its own (as the ChatOps API's uvicorn), measured over the same
+    windows: CPU % of one core with children, memory, the first metrics frame
+    after start, bytes per listed process, and `true` round trips with a bare
+    `sh -c true` between. The Go agent can panic when a reply and a metrics
+    send coincide, so the round trips of both are taken in batches just after
+    a metrics frame. None without the Go agent."""
+    if not os.access(GO_AGENT, os.X_OK):
+        return None
+    docker = [] if containers.available else ["--docker-enabled", "false"]
+    apis = {name: harness.FakeAPI(key=KEY, deflate="uvicorn").start()
+            for name in ("this", "go")}
+    started = time.monotonic()
+    procs = {"this": start_agent(apis["this"], *docker),
+             "go": subprocess.Popen(
+                 [GO_AGENT, "-api-key", KEY, "-api-url", apis["go"].url],
+                 env=harness.clean_env(), stdin=subprocess.DEVNULL,
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)}
+    try:
+        first = {}
+        while len(first) < 2:
+            harness.wait_until(lambda: any(apis[n].metrics() for n in apis if n not in first),
+                               15, "a first metrics frame from each agent")
+            for name in apis:
+                if name not in first and apis[name].metrics():
+                    first[name] = time.monotonic() - started
+        for name in apis:
+            harness.wait_until(lambda n=name: len(apis[n].metrics()) >= 2, 15, "a second")
+        cpu = {name: [] for name in apis}
+        for _ in range(windows):  # the same windows for both
+            t0, ns0 = time.monotonic(), {n: process_tree_ns(p.pid) for n, p in procs.items()}
+            time.sleep(window_s)  # the window being measured, not a wait for an event
+            t1, ns1 = time.monotonic(), {n: process_tree_ns(p.pid) for n, p in procs.items()}
+            for name in apis:
+                cpu[name].append(100 * (ns1[name] - ns0[name]) / 1e9 / (t1 - t0))
+        memory = {name: tree_memory_mib(proc.pid) for name, proc in procs.items()}
+        trips = round_trips_between_samples(apis, procs, batches)
+        results = {}
+        for name, api in apis.items():
+            last = api.metrics()[-1]
+            sizes = [len(agent.to_json(m)) for m in api.messages("metrics")]
+            results[name] = {
+                "first_frame_s": first[name], "cpu_percent": median(cpu[name]),
+                "cpu_percent_windows": cpu[name], "memory": memory[name],
+                "bytes_per_process": median(sizes) / max(1, len(last["processes"])),
+                "processes_in_frame": len(last["processes"]), **trips[name],
+                "alive": procs[name].poll() is None}
+    finally:
+        for proc in procs.values():
+            stop(proc)
+        for api in apis.values():
+            api.stop()
+    go, this = results["go"], results["this"]
+    results["go_over_this"] = {
+        "cpu": go["cpu_percent"] / this["cpu_percent"],
+        "pss_anon": go["memory"]["pss_anon_mib"] / this["memory"]["pss_anon_mib"],
+        "pss_anon_with_children": go["memory"]["pss_anon_with_children_mib"]
+        / this["memory"]["pss_anon_with_children_mib"],
+        "rss": go["memory"]["rss_mib"] / this["memory"]["rss_mib"],
+        "p50": go["p50_ms"] / this["p50_ms"], "p99": go["p99_ms"] / this["p99_ms"],
+        "first_frame": go["first_frame_s"] / this["first_frame_s"],
+        "bytes_per_process": go["bytes_per_process"] / this["bytes_per_process"]}
+    results["windows"], results["window_s"] = windows, window_s
+    results["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    return results
+
+
+def round_trips_between_samples(apis, procs, batches, per_batch=20):
+    """`true` round trips (ms) of each agent and of a bare `sh -c true`, taken
+    in turn in batches, each batch just after the Go agent's next sample."""
+    commanders = {n: harness.Commander(apis[n], procs[n]) for n in apis}
+    trips = {n: [] for n in apis}
+    bare = []
+    for _ in range(batches):
+        seen = len(apis["go"].metrics())
+        harness.wait_until(lambda s=seen: len(apis["go"].metrics()) > s, 15,
+                           "the Go agent's next sample")
+        for _ in range(per_batch):
+            for name, commander in commanders.items():
+                start = time.monotonic()
+                commander.run("true")
+                trips[name].append((time.monotonic() - start) * 1000)
+            start = time.monotonic()
+            subprocess.run(["sh", "-c", "true"], check=True)
+            bare.append((time.monotonic() - start) * 1000)
+    return {n: {"p50_ms": median(t), "p99_ms": percentile(t, 99),
+                "bare_sh_p50_ms": median(bare), "bare_sh_p99_ms": percentile(bare, 99),
+                "trips": len(t)} for n, t in trips.items()}
+
+
 def peers(window_s, workdir):
     results = {}
     exporter = shutil.which("prometheus-node-exporter")
@@ -897,6 +1001,40 @@ def print_table(results):
         else:
             print(f"{name:52} {figures['cpu_percent']:16.3f} {figures['rss_mib']:8.1f} "
                   f"{figures['peak_rss_mib']:9.1f}")
+    print_side_by_side(results.get("side_by_side"))
+
+
+def print_side_by_side(r):
+    if r is None:
+        print(f"\nthe ChatOps Go agent: not found at {GO_AGENT}")
+        return
+    go, this, ratio = r["go"], r["this"], r["go_over_this"]
+    print(f"\nbeside the ChatOps Go agent, same run ({r['date']}), "
+          f"{r['windows']} windows of {r['window_s']} s:")
+    print(f"{'figure':44} {'this agent':>12} {'Go agent':>12} {'Go / this':>10}")
+    lines = [
+        ("CPU, % of one core, with children", "cpu_percent", None, "cpu", "{:.3f}"),
+        ("Pss_Anon of the agent, MiB", "memory", "pss_anon_mib", "pss_anon", "{:.1f}"),
+        ("Pss_Anon with standing children, MiB", "memory", "pss_anon_with_children_mib",
+         "pss_anon_with_children", "{:.1f}"),
+        ("RSS of the agent, MiB", "memory", "rss_mib", "rss", "{:.1f}"),
+        ("`true` round trip p50, ms", "p50_ms", None, "p50", "{:.2f}"),
+        ("`true` round trip p99, ms", "p99_ms", None, "p99", "{:.2f}"),
+        ("first metrics frame after start, s", "first_frame_s", None, "first_frame",
+         "{:.2f}"),
+        ("bytes per listed process in a frame", "bytes_per_process", None,
+         "bytes_per_process", "{:.0f}"),
+    ]
+    for label, key, sub, ratio_key, form in lines:
+        a, b = this[key], go[key]
+        if sub:
+            a, b = a[sub], b[sub]
+        print(f"{label:44} {form.format(a):>12} {form.format(b):>12} "
+              f"{ratio[ratio_key]:10.2f}")
+    print(f"{'bare sh -c true in the same batches, p50 / p99, ms':44} "
+          f"{this['bare_sh_p50_ms']:.2f} / {this['bare_sh_p99_ms']:.2f}")
+    if not go["alive"]:
+        print("the Go agent had exited by the end of the run")
 
 
 def machine():
@@ -970,6 +1108,8 @@ def main():
             "churn": lambda: churn_cpu(containers, 1 if args.quick else 4, window,
                                        workdir),
             "peers": lambda: peers(20 if args.quick else 60, workdir),
+            "side_by_side": lambda: side_by_side(2 if args.quick else 6, window,
+                                                 2 if args.quick else 15, containers),
         }
         for name in args.only or parts:
             results[name] = parts[name]()
