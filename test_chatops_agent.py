@@ -3116,13 +3116,6 @@ class TestRequests:
     """Lanes, deadlines and cancel, as a user of the ChatOps web UI meets them:
     the API waits 10 s for a reply and drops a later one."""
 
-    def ask(self, cmd, kind, request_id, **fields):
-        """Send a Docker request in the API's form; its reply and how long it took."""
-        sent = time.monotonic()
-        send(cmd.api, kind, request_id, **fields)
-        reply = cmd.reply(request_id, 20)
-        return reply, time.monotonic() - sent
-
     def test_a_late_reply_is_still_sent_and_logged_as_late(self, commander):
         cmd = commander("--request-deadline-s", "0.5")
         reply = cmd.run("sleep 1; echo done")

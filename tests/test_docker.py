@@ -560,6 +560,13 @@ class TestRequests:
     """Lanes, deadlines and cancel of Docker requests, against the engine, as a
     user of the ChatOps web UI meets them: the API waits 10 s for a reply."""
 
+    def ask(self, cmd, kind, request_id, **fields):
+        """Send a Docker request in the API's form; its reply and how long it took."""
+        sent = time.monotonic()
+        send(cmd.api, kind, request_id, **fields)
+        reply = cmd.reply(request_id, 20)
+        return reply, time.monotonic() - sent
+
     def test_docker_never_waits_behind_commands_and_stale_requests_never_run(
             self, api, run_agent, container, tmp_path):
         name = container(STOPS_ON_TERM)
