@@ -7,7 +7,8 @@ Prints one table and writes bench/results.json. Everything compared is
 measured side by side in the same run; times are medians (and p95/p99) over
 many repetitions because the machine is shared. It needs what the tests need
 (requirements-test.txt); Docker rows need a running engine (the tests' image
-is built if missing); peer rows need the peers' Debian packages. Nothing here
+is built if missing); peer rows need the peers' Debian packages, and the
+side-by-side part the ChatOps Go agent's binary (GO_AGENT). Nothing here
 ever fails on a number.
 """
 
