@@ -1506,8 +1506,8 @@ class TestHostileCompression:
             (agreeing("permessage-deflate; client_max_window_bits=\u00b2", closes),
              1002),
             # two lines are two extensions, as on one line (issue 26, defect 5)
-            (agreeing_twice("permessage-deflate", "permessage-deflate; "
-                            "client_max_window_bits=10", closes), 1002),
+            (agreeing("permessage-deflate", closes,
+                      again="permessage-deflate; client_max_window_bits=10"), 1002),
         ]
         peer = RawPeer([answer for answer, _ in cases], upstream=api.port)
         try:
@@ -1572,25 +1572,15 @@ def gigabyte_bomb():
     return body[:-4]
 
 
-def agreeing_twice(first, second, closes):
-    """As agreeing(), but with the answer on two Sec-WebSocket-Extensions lines."""
-    def answer(conn, request):
-        head = upgrade_answer(request, first)
-        conn.sendall(head[:-2] + b"Sec-WebSocket-Extensions: %s\r\n\r\n"
-                     % second.encode())
-        conn.settimeout(3)
-        frame = read_client_frame(conn)
-        closes.append(frame and frame[0] == 0x8
-                      and int.from_bytes(frame[1][:2], "big"))
-
-    return answer
-
-
-def agreeing(extensions, closes):
-    """An answer for RawPeer: an upgrade that agrees to `extensions`; the code
+def agreeing(extensions, closes, again=None):
+    """An answer for RawPeer: an upgrade that agrees to `extensions` (and to
+    `again` on a second Sec-WebSocket-Extensions line, if given); the code
     of the agent's first frame, if it is a close, goes to `closes`."""
     def answer(conn, request):
-        conn.sendall(upgrade_answer(request, extensions))
+        head = upgrade_answer(request, extensions)
+        if again is not None:
+            head = head[:-2] + b"Sec-WebSocket-Extensions: %s\r\n\r\n" % again.encode()
+        conn.sendall(head)
         conn.settimeout(3)
         frame = read_client_frame(conn)
         closes.append(frame and frame[0] == 0x8
