@@ -1049,7 +1049,8 @@ class TestURLs:
             url = agent.ws_url(config.api_url)
             host, _, _, secure = parse_url(url)
             checked = urllib.parse.urlsplit(url).hostname
-            assert host.lower() == checked, (text, url)
+            # (urllib keeps the case after a '%', read as an IPv6 zone)
+            assert host.lower() == checked.lower(), (text, url)
             assert urllib.parse.urlsplit(agent.http_base(config.api_url)).hostname \
                 == checked
             if not secure:
