@@ -196,6 +196,7 @@ CPU_PRIME_S = 0.25  # first sample's CPU window after start
 SLOW_REFRESH_S = 60.0  # the mount table and CPU frequency are re-read this often
 ONCE_CPU_WINDOW_S = 0.5  # CPU window of --once
 CHECK_LINE_S = 10.0  # a --check line that asks the API gives up after this
+PROBE_ANSWER_S = 5.0  # --check's WebSocket: how long the API may take to answer
 CLOSE_REPLY_WAIT_S = 1.0  # how long the writer may take to answer the API's close
 SHUTDOWN_S = 5.0  # a stop takes at most this (Agent.shutdown); then the process ends
 SHUTDOWN_KILL_AT_S = 1.0  # points in it: commands get TERM, and KILL at this one;
@@ -1713,6 +1714,10 @@ def request_field(message, name, kinds, what, default=None):
 
 # The heartbeat's ping, which also shows (by its pong) that samples were read.
 PING_MESSAGE = to_json({"type": "ping"})
+# What --check sends in place of `auth`: the ChatOps server closes with 1008
+# and registers nothing (PROTOCOL.md, section 9), so a service that runs with
+# the same key keeps its connection.
+PROBE_MESSAGE = to_json({"type": "check"})
 
 
 def auth_server_id(message):
@@ -5576,11 +5581,17 @@ class Session:
         shut_down(self.ws.sock)
 
 
+# What --check's probe of the WebSocket found: how long the upgrade took, the
+# compression agreed (a Deflate, or None), and the API's answer, in words.
+Probe = collections.namedtuple("Probe", "upgraded_s deflate answer")
+
+
 class Connector:
     """Opens one connection to the API as the agent does: the socket
     (Transport: TCP, a proxy's tunnel, TLS), the upgrade with its offer of
     compression, and `auth`. `connect()` returns the Session, or raises a
-    LinkError or AuthError that says why not and what to do."""
+    LinkError or AuthError that says why not and what to do; `probe()`
+    does the same for --check without authenticating."""
 
     def __init__(self, config, agent_info, websocket):
         self.config = config
@@ -5614,6 +5625,50 @@ class Connector:
         frames = reader.deflate.describe() if reader.deflate else "uncompressed"
         LOG.info("connected to %s%s; frames: %s", self.url, as_server, frames)
         return Session(ws, reader, server_id, self.websocket.ABNF)
+
+    def probe(self):
+        """Open the WebSocket as connect() does, but send PROBE_MESSAGE in
+        place of `auth`, and read the answer: the key never goes out, and
+        the API registers no connection. A Probe; LinkError or AuthError
+        saying why the WebSocket did not open."""
+        ws = self.websocket.WebSocket(skip_utf8_validation=True,
+                                      enable_multithread=True)
+        started = time.monotonic()
+        try:
+            head = self._open(ws)
+            upgraded_s = time.monotonic() - started
+            reader = FrameReader(ws.sock, self._deflate(ws, head))
+            ws.send(PROBE_MESSAGE, opcode=OP_TEXT)
+            answer = self._probe_answer(ws, reader)
+        finally:
+            self._connecting = None
+            ws.shutdown()
+        return Probe(upgraded_s, reader.deflate, answer)
+
+    def _probe_answer(self, ws, reader):
+        """The API's answer to the probe, in words: the ChatOps server's is
+        a close 1008 asking for `auth`."""
+        deadline = time.monotonic() + PROBE_ANSWER_S
+        try:
+            while time.monotonic() < deadline:
+                frame = reader.next_message(deadline)
+                if frame is None:
+                    continue
+                opcode, payload = frame
+                if opcode == OP_CLOSE:
+                    code, reason, answer = close_frame_status(payload)
+                    answer_close(ws, answer)
+                    return describe_close(code, reason)
+                if opcode in (OP_TEXT, OP_BINARY):
+                    message, _ = parse_frame(payload)
+                    kind = message.get("type") if message else None
+                    return f"a {shown(kind)} message"
+        except ProtocolError as e:
+            answer_close(ws, e.code)
+            return f"a frame that broke the WebSocket protocol ({e})"
+        except (OSError, LinkError, self.websocket.WebSocketException) as e:
+            return f"the connection's end ({one_line(str(e)) or type(e).__name__})"
+        return f"nothing within {PROBE_ANSWER_S:g} s"
 
     def _offer(self):
         """The upgrade's extra headers: the offer of compression, if any."""
@@ -6683,6 +6738,7 @@ def run_check(config):
     results.extend(check_api(config))
     results.append(check_source())
     results.append(check_websocket())
+    results.append(check_websocket_path(config))
     for ok, text in results:  # the API's words among them: one line, no key
         print(f"{'ok' if ok else 'FAIL':<4} {redact(one_line(text), config.api_key)}")
     print(f"note {one_line(check_docker(config))}")
@@ -6734,6 +6790,31 @@ def check_websocket():
     except DependencyError as e:
         return False, str(e)
     return True, f"websocket-client {getattr(websocket, '__version__', '?')}"
+
+
+def check_websocket_path(config):
+    """The WebSocket opened as the service will open it (proxy, TLS, the
+    client's offer of compression), and never authenticated: a --check that
+    authenticated beside a running service would cut that service off from
+    the UI's requests (the API keeps one connection per key)."""
+    try:
+        connector = Connector(config, {}, load_websocket())
+    except DependencyError as e:
+        return False, f"WebSocket not opened: {e}"
+    where = connector.url
+    if connector.transport.proxy:
+        where += f" ({connector.transport.describe()})"
+    try:
+        probe = finished_within(CHECK_LINE_S, connector.probe)
+    except TimeoutError as e:
+        connector.stop()
+        return False, f"WebSocket at {where} not opened: {e}"
+    except AgentError as e:
+        return False, f"WebSocket at {where} not opened: {e}"
+    frames = probe.deflate.describe() if probe.deflate else "uncompressed (none agreed)"
+    return True, (f"WebSocket opened at {where} in {probe.upgraded_s * 1000:.0f} ms; "
+                  f"frames: {frames}; not authenticated (--check never is): the "
+                  f"API answered its probe with {probe.answer}")
 
 
 def check_docker(config):

@@ -285,6 +285,8 @@ class FakeAPI:
             self.extensions.append(list(conn.protocol.extensions))
         try:
             if not self._authenticate(conn, number):
+                with self.lock:  # refused: never one to send to
+                    self.connections.remove(conn)
                 return
             while self.hearing.wait():
                 self._on_frame(conn, number, conn.recv())
@@ -300,7 +302,11 @@ class FakeAPI:
         first = json.loads(conn.recv())
         with self.lock:
             self.frames.append((number, first))
-        if first.get("type") != "auth" or first.get("api_key") != self.key:
+        if first.get("type") != "auth":  # as the ChatOps server answers it
+            conn.close(1008, "Authentication required: send {'type': 'auth', "
+                             "'api_key': '...'} as first message")
+            return False
+        if first.get("api_key") != self.key:
             with self.lock:
                 self.rejections += 1
             if self.reject_with_error_frame:
@@ -1856,7 +1862,7 @@ class TestConnection:
         )
         assert result.returncode == 0, result.stdout + result.stderr
         lines = result.stdout.splitlines()
-        assert [line.split()[0] for line in lines] == ["ok"] * 6 + ["note"] * 2
+        assert [line.split()[0] for line in lines] == ["ok"] * 7 + ["note"] * 2
         assert lines[-2].startswith("note docker: ")
         assert lines[-1] == "note spool: off (state_dir none): a restart loses " \
             "undelivered samples"
@@ -1868,6 +1874,37 @@ class TestConnection:
             bad.returncode == 1
             and "FAIL API key rejected: HTTP 401 Invalid API key" in bad.stdout
         )
+
+    def test_check_opens_the_websocket_and_never_authenticates(self, api, run_agent):
+        """Beside a running service with the same key: --check opens the
+        WebSocket as the agent does and sends no key on it (the API keeps one
+        connection per key), and the service still gets requests. An upgrade
+        the API refuses fails the line while /health and the key pass."""
+        service = run_agent(api.url)
+        wait_until(api.metrics, 6, service.log)
+        env = clean_env(CHATOPS_API_KEY=KEY)
+        result = run_cli("--check", "--api-url", api.url, env=env)
+        assert result.returncode == 0, result.stdout
+        line = next(x for x in result.stdout.splitlines() if "WebSocket opened" in x)
+        assert line.startswith(
+            f"ok   WebSocket opened at ws://127.0.0.1:{api.port}{agent.WS_PATH} in ")
+        assert line.endswith(
+            "not authenticated (--check never is): the API answered its probe with "
+            "close 1008, policy violation: Authentication required: send {'type': "
+            "'auth', 'api_key': '...'} as first message")
+        with api.lock:
+            probe = [m for n, m in api.frames if n == 1]
+            auths = [m for _, m in api.frames if m.get("type") == "auth"]
+        assert probe == [{"type": "check"}] and len(auths) == 1
+        assert KEY not in json.dumps(probe)
+        assert Commander(api, service).run("true")["data"]["exit_code"] == 0
+        api.upgrade_status = 403
+        refused = run_cli("--check", "--api-url", api.url, env=env)
+        assert refused.returncode == 1
+        assert "ok   API key accepted" in refused.stdout
+        assert (f"FAIL WebSocket at ws://127.0.0.1:{api.port}{agent.WS_PATH} not "
+                "opened: authentication rejected by the API: HTTP 403 on the WebSocket "
+                "upgrade") in refused.stdout
 
     def test_check_fails_when_api_down(self):
         with socket.socket() as s:
@@ -2067,7 +2104,8 @@ class TestProxies:
         result = run_cli("--check", "--api-url", tls.url, "--ca-file", ca_file,
                          env=env)
         assert result.returncode == 0, result.stdout
-        assert proxy.connects() == [f"127.0.0.1:{tls.port}"] * 2  # health, key
+        # /health, the key, and the WebSocket, each through the tunnel
+        assert proxy.connects() == [f"127.0.0.1:{tls.port}"] * 3
         plain = run_cli("--check", "--api-url", api.url, env=env)
         assert "FAIL API key not checked: it would cross the proxy " \
             f"{proxy.url} in clear" in plain.stdout
