@@ -135,7 +135,7 @@ def parse_ts(text):
 
 class FakeAPI:
     """The ChatOps API's WebSocket side, as docs/protocol.md describes it, on
-    127.0.0.1.
+    127.0.0.1 (or `host`, e.g. ::1).
 
     Records every frame as (connection number, message). Can reject keys with
     close 1008, stop acknowledging, go silent, stop reading, drop connections,
@@ -148,8 +148,10 @@ class FakeAPI:
     cap, context kept both ways); None, no compression.
     """
 
-    def __init__(self, key=KEY, ack=True, ssl_context=None, port=0, deflate="capped"):
+    def __init__(self, key=KEY, ack=True, ssl_context=None, port=0, deflate="capped",
+                 host="127.0.0.1"):
         self.key = key
+        self.host = host
         self.deflate = deflate
         self.offers = []  # the extensions each upgrade offered (None: none)
         self.extensions = []  # the extensions agreed on each connection, in order
@@ -195,9 +197,9 @@ class FakeAPI:
 
     def _listen(self):
         """The listening socket, on the same port again after a stop."""
-        sock = socket.socket()
+        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self.port))
+        sock.bind((self.host, self.port))
         sock.listen()
         self.port = sock.getsockname()[1]
         return sock
@@ -225,7 +227,8 @@ class FakeAPI:
     @property
     def url(self):
         scheme = "https" if self.ssl_context else "http"
-        return f"{scheme}://127.0.0.1:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{host}:{self.port}"
 
     # -- what it saw -----------------------------------------------------------
     def messages(self, kind=None):
@@ -639,19 +642,34 @@ def run_agent(tmp_path):
 
 @pytest.fixture
 def tls_api(tmp_path):
-    """A FakeAPI behind TLS, its certificate for 127.0.0.1 and localhost from
-    a test CA; and the CA's PEM file."""
+    """A FakeAPI behind TLS, its certificate for 127.0.0.1, ::1 and localhost
+    from a test CA; and the CA's PEM file."""
+    context, ca_file = tls_context(tmp_path)
+    server = FakeAPI(ssl_context=context).start()
+    yield server, ca_file
+    server.stop()
+
+
+def have_ipv6_loopback():
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError:
+        return False
+    return True
+
+
+def tls_context(tmp_path):
+    """A server's TLS context with a certificate for 127.0.0.1, ::1 and
+    localhost from a test CA, and the CA's PEM file."""
     trustme = need_module("trustme")
     ca = trustme.CA()
     context = __import__("ssl").create_default_context(
         __import__("ssl").Purpose.CLIENT_AUTH
     )
-    ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+    ca.issue_cert("127.0.0.1", "::1", "localhost").configure_cert(context)
     ca_file = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
-    server = FakeAPI(ssl_context=context).start()
-    yield server, str(ca_file)
-    server.stop()
+    return context, str(ca_file)
 
 
 def run_cli(*args, env=None, timeout=30):
@@ -1906,6 +1924,31 @@ class TestConnection:
                 "opened: authentication rejected by the API: HTTP 403 on the WebSocket "
                 "upgrade") in refused.stdout
 
+    def test_a_name_of_two_addresses_connects_through_the_second(self, api,
+                                                                monkeypatch):
+        """A host name that resolves to two addresses, the first refusing
+        (nothing listens on 127.0.0.2): one attempt connects through the
+        second, within the connect deadline."""
+        real = socket.getaddrinfo
+
+        def resolve(host, port, *args, **kwargs):
+            if host != "api.test":
+                return real(host, port, *args, **kwargs)
+            return [*real("127.0.0.2", port, *args, **kwargs),
+                    *real("127.0.0.1", port, *args, **kwargs)]
+        monkeypatch.setattr(socket, "getaddrinfo", resolve)
+        config = agent.load_config({"api_url": f"http://api.test:{api.port}",
+                                    "api_key": KEY, "allow_plaintext": "true"}, {})
+        started = time.monotonic()
+        session = agent.Connector(config, {}, agent.load_websocket()).connect()
+        try:
+            assert time.monotonic() - started < agent.CONNECT_DEADLINE_S
+            assert session.ws.sock.getpeername() == ("127.0.0.1", api.port)
+            assert api.messages("auth")
+        finally:
+            session.kill()
+            session.ws.shutdown()
+
     def test_check_fails_when_api_down(self):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -1954,6 +1997,23 @@ class TestTLS:
             assert not elsewhere.connects and not elsewhere.messages()
         finally:
             elsewhere.stop()
+
+    def test_an_ipv6_address_in_brackets(self, tmp_path, run_agent):
+        """https://[::1]:PORT: the agent connects, and --check reads it alike."""
+        require(have_ipv6_loopback(), "no IPv6 loopback (::1) on this machine")
+        context, ca_file = tls_context(tmp_path)
+        api = FakeAPI(ssl_context=context, host="::1").start()
+        try:
+            assert api.url.startswith("https://[::1]:")
+            proc = run_agent(api.url, "--ca-file", ca_file)
+            wait_until(lambda: len(api.metrics()) >= 2, 15, proc.log)
+            assert f"connected to wss://[::1]:{api.port}{agent.WS_PATH}" in proc.log()
+            check = run_cli("--check", "--api-url", api.url, "--ca-file", ca_file,
+                            env=clean_env(CHATOPS_API_KEY=KEY))
+            assert check.returncode == 0, check.stdout
+            assert f"WebSocket opened at wss://[::1]:{api.port}" in check.stdout
+        finally:
+            api.stop()
 
     def test_check_follows_no_redirect(self, tls_api):
         """--check's HTTP requests must not carry X-API-Key to an http:// redirect."""
