@@ -4327,6 +4327,8 @@ class Spool:
             self._dir = lock_directory(open_state_directory(self.directory), self.path)
             self._fd = self._open_spool()
             found = self._load(capacity)
+        except SpoolHeld:
+            raise  # the agent does not start: see SpoolHeld
         except SpoolRefused as e:
             return self._refused(str(e))
         except OSError as e:
@@ -4496,7 +4498,16 @@ class Spool:
 
 class SpoolRefused(Exception):
     """A spool the agent must not use (another user's, readable by others, a
-    link, under a directory others may change, or locked by another agent)."""
+    link, under a directory others may change): samples stay in memory."""
+
+
+class SpoolHeld(SpoolRefused, AgentError):
+    """Another agent holds the spool's lock, and so, most likely, the same API
+    key: the ChatOps API keeps one connection per key and forgets it when any
+    connection of that key ends, so a second agent would cut the first off
+    from the UI's requests (PROTOCOL.md, section 9). The agent does not start.
+    What it cannot see: an agent with the same key elsewhere (another state
+    directory, another machine); docs/troubleshooting.md says how that shows."""
 
 
 def newest_pending(records, capacity):
@@ -4743,9 +4754,13 @@ def lock_directory(fd, path):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise SpoolRefused(
-            f"another agent uses the spool {path}; this one keeps its samples "
-            "in memory (give each agent its own state_dir)"
+        raise SpoolHeld(
+            f"another agent uses the spool {path}, and so most likely this API "
+            "key: the ChatOps API keeps one connection per key, and a second "
+            "agent would cut the first off from the web UI's commands. Stop the "
+            "other one first (systemctl stop chatops-agent), or give this one a "
+            "key and a state_dir of its own; --check never authenticates and may "
+            "run beside it"
         ) from None
     except BaseException:
         os.close(fd)
@@ -6209,7 +6224,9 @@ class Agent:
 
     # -- threads ------------------------------------------------------------------
     def start(self):
-        self.samples.open()  # samples a spool kept from before, delivered first
+        # Samples a spool kept from before, delivered first; SpoolHeld (the
+        # agent does not start) when another agent runs on this state_dir.
+        self.samples.open()
         self.link = Link(
             self.config,
             self.outbox,

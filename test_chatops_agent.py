@@ -3633,8 +3633,30 @@ class TestSpool:
     def test_one_agent_per_spool(self, tmp_path):
         first = spool_at(tmp_path)
         second = agent.Spool(str(tmp_path))
-        assert second.open(100) == ([], 0, 0) and "another agent uses" in second.problem
+        with pytest.raises(agent.SpoolHeld, match="another agent uses the spool"):
+            second.open(100)
         first.samples.close()
+
+    def test_a_second_agent_on_the_state_directory_does_not_start(
+            self, api, run_agent, tmp_path):
+        """Two agents of one state_dir most likely share the key, and the API
+        keeps one connection per key: the second one would cut the first off
+        from the UI's commands. It stops before it connects, and says why."""
+        state = str(tmp_path / "state")
+        first = run_agent(api.url, "--state-dir", state)
+        wait_until(api.metrics, 6, first.log)
+        second = subprocess.run(
+            [sys.executable, AGENT, "--api-url", api.url, "--state-dir", state],
+            env=clean_env(CHATOPS_API_KEY=KEY), capture_output=True, text=True,
+            timeout=30)
+        assert second.returncode == 1
+        assert f"another agent uses the spool {state}/" in second.stderr
+        assert "a second agent would cut the first off from the web UI's " \
+            "commands" in second.stderr
+        assert "--check never authenticates" in second.stderr
+        with api.lock:
+            assert len(api.connects) == 1
+        assert Commander(api, first).run("true")["data"]["exit_code"] == 0
 
     def test_a_torn_last_record_at_any_byte_is_skipped(self, tmp_path, caplog):
         box = spool_at(tmp_path / "whole")
