@@ -173,6 +173,10 @@ class FakeAPI:
         self.connects = []  # monotonic time of each accepted TCP+WS connection
         self.closes = []  # (code, reason) the agent closed with
         self.rejections = 0
+        # As the ChatOps server: one connection per key, the latest authenticated,
+        # forgotten when any authenticated connection of the key ends.
+        self.registered = None
+        self.ended = 0  # connections whose handling has ended
         self.lock = threading.Lock()
         self.new_frame = threading.Condition(self.lock)  # notified on every frame
         self.server = None
@@ -286,20 +290,27 @@ class FakeAPI:
             self.connects.append(time.monotonic())
             self.connections.append(conn)
             self.extensions.append(list(conn.protocol.extensions))
+        authenticated = False
         try:
             if not self._authenticate(conn, number):
                 with self.lock:  # refused: never one to send to
                     self.connections.remove(conn)
                 return
+            authenticated = True
+            with self.lock:
+                self.registered = conn
             while self.hearing.wait():
                 self._on_frame(conn, number, conn.recv())
         except ConnectionClosed:
             pass
         finally:
             received = conn.protocol.close_rcvd  # the agent's close frame, if any
-            if received is not None:
-                with self.lock:
+            with self.lock:
+                if received is not None:
                     self.closes.append((received.code, received.reason))
+                if authenticated:  # any of the key's connections: as the server
+                    self.registered = None
+                self.ended += 1
 
     def _authenticate(self, conn, number):
         first = json.loads(conn.recv())
@@ -349,6 +360,20 @@ class FakeAPI:
             conn.send(json.dumps({"type": "metrics_received", "status": "ok"}))
         elif message.get("type") == "ping":
             conn.send(json.dumps({"type": "pong"}))
+
+    def route(self, text):
+        """Send `text` as the ChatOps server routes a request: to the key's
+        registered connection; False when it has none (the server's 503
+        'Agent not connected')."""
+        with self.lock:
+            conn = self.registered
+        if conn is None:
+            return False
+        try:
+            conn.send(text)
+        except ConnectionClosed:
+            return False
+        return True
 
     def send_all(self, text):
         with self.lock:

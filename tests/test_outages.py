@@ -4,6 +4,7 @@ running agent watched for its spool's writes. Each takes seconds of real time
 by what it tests, so they are here and not in the fast suite.
 """
 
+import json
 import random
 import signal
 import statistics
@@ -101,6 +102,48 @@ class TestConnection:
                 f"{agent.CHECK_LINE_S:g} s") in result.stdout
         assert "FAIL API key not checked: GET /health failed first" in result.stdout
         assert took < agent.CHECK_LINE_S + 30, took  # the docker note has its own
+
+    def test_requests_reach_the_agent_after_every_kind_of_reconnect(
+            self, api, run_agent):
+        """The test API keeps one connection per key and forgets it when any
+        connection of that key ends, as the ChatOps server does: an agent that
+        authenticated anew before its old connection ended would be forgotten
+        (its metrics flowing, every request failing with 503). After a clean
+        close, an API restart and a dead link, with the old connection's end
+        seen at the API, a request still reaches the agent."""
+        proc = run_agent(api.url, "--heartbeat-interval-s", "1",
+                         "--reconnect-max-delay-s", "0.5")
+        asked = []
+
+        def request_reaches_the_agent():
+            request_id = f"r{len(asked)}"
+            asked.append(request_id)
+            assert api.route(json.dumps({"type": "execute_command",
+                                         "request_id": request_id,
+                                         "command": "true"})), proc.log()
+            api.wait_for(lambda: any(m.get("request_id") == request_id
+                                     for _, m in api.frames), 10, "the reply")
+
+        def reconnected(since_connects, since_ended):
+            wait_until(lambda: api.ended > since_ended and api.registered is not None
+                       and len(api.connects) > since_connects, 15, proc.log)
+
+        wait_until(lambda: api.registered is not None, 6, proc.log)
+        request_reaches_the_agent()
+        for drop in ("clean close", "restart", "dead link"):
+            connects, ended = len(api.connects), api.ended
+            if drop == "clean close":
+                api.close_all(1012, "service restart")
+            elif drop == "restart":
+                api.stop()
+                api.start()
+            else:  # the API hears the agent but says nothing: two heartbeats
+                api.silent = True
+                wait_until(lambda e=ended: api.ended > e, 10, proc.log)
+                api.silent = False
+            reconnected(connects, ended)
+            request_reaches_the_agent()
+        assert proc.proc.poll() is None
 
 
 class TestQuietSpool:
