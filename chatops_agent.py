@@ -113,6 +113,9 @@ HAVE_WAITID = hasattr(os, "waitid")  # see a child's exit without reaping it
 HAVE_PIDFD = hasattr(os, "pidfd_open")  # Python 3.9 on; Linux 5.3 on, or OSError
 HAVE_ORIG_ARGV = hasattr(sys, "orig_argv")  # Python 3.10 on
 FROZEN = bool(getattr(sys, "frozen", False))  # sys.executable is not a Python
+# ssl's reader of a certificate file (subject, expiry), for --check: CPython
+# has had it from 2.7 to 3.13, but it is not public, so it is asked for.
+DECODE_CERT = getattr(ssl._ssl, "_test_decode_cert", None)
 
 # The connection's TCP options, as websocket-client sets them on sockets of
 # its own: no Nagle delay for small frames, and keepalive that gives up on a
@@ -197,6 +200,7 @@ SLOW_REFRESH_S = 60.0  # the mount table and CPU frequency are re-read this ofte
 ONCE_CPU_WINDOW_S = 0.5  # CPU window of --once
 CHECK_LINE_S = 10.0  # a --check line that asks the API gives up after this
 PROBE_ANSWER_S = 5.0  # --check's WebSocket: how long the API may take to answer
+CERT_WARN_DAYS = 30  # --check warns of a client certificate this close to its end
 CLOSE_REPLY_WAIT_S = 1.0  # how long the writer may take to answer the API's close
 SHUTDOWN_S = 5.0  # a stop takes at most this (Agent.shutdown); then the process ends
 SHUTDOWN_KILL_AT_S = 1.0  # points in it: commands get TERM, and KILL at this one;
@@ -278,6 +282,12 @@ SETTINGS = (
             "PEM file of the CA that signed the API's certificate"),
     Setting("tls_skip_verify", False, "bool",
             "do not verify the API's TLS certificate (insecure; warned at connect)"),
+    Setting("tls_client_cert", None, "str",
+            "PEM file of the client certificate given when the API's TLS asks "
+            "for one (its key in it, or in tls_client_key)"),
+    Setting("tls_client_key", None, "str",
+            "PEM file of the client certificate's private key, private to the "
+            "agent's user (mode 600)"),
     Setting("allow_plaintext", False, "bool",
             "allow http/ws to a host that is not loopback (the key goes in clear)"),
     Setting("proxy", None, "proxy",
@@ -409,6 +419,10 @@ class AuthError(AgentError):
         self.code = code
         suffix = f" (close {code})" if code else ""
         super().__init__(f"authentication rejected by the API: {reason}{suffix}")
+
+
+class TLSFileError(AgentError):
+    """A client certificate or key file that cannot be used; says which."""
 
 
 class RequestError(AgentError):
@@ -947,14 +961,37 @@ def validate(config):
             f"command_cwd {config.command_cwd} is not a directory; give an existing "
             "one with --command-cwd"
         )
-    if config.ca_file:
+    if config.tls_client_key and not config.tls_client_cert:
+        raise ConfigError("tls_client_key is set without tls_client_cert: give the "
+                          "client certificate with --tls-client-cert")
+    if config.tls_client_cert:
+        check_client_key_private(config.tls_client_key or config.tls_client_cert)
+    if config.ca_file or config.tls_client_cert:
         try:
             tls_context(config)
+        except TLSFileError as e:
+            raise ConfigError(str(e)) from None
         except (OSError, ssl.SSLError) as e:
             raise ConfigError(
                 f"CA file {config.ca_file} cannot be used ({e.strerror or e}); give "
                 "the path of a PEM file with --ca-file"
             ) from None
+
+
+def check_client_key_private(path):
+    """ConfigError unless the file with the client key is the agent user's
+    own and readable by nobody else, as ssh wants of a private key."""
+    try:
+        info = os.stat(path)
+    except OSError as e:
+        raise ConfigError(f"the client key {path} cannot be used ({e.strerror or e}); "
+                          "give its PEM file with --tls-client-key") from None
+    if info.st_uid != os.geteuid() or stat.S_IMODE(info.st_mode) & 0o077:
+        raise ConfigError(
+            f"the client key {path} is not private to this user (mode "
+            f"{oct(stat.S_IMODE(info.st_mode))}, owner uid {info.st_uid}); the agent "
+            f"refuses it, as ssh refuses such a key. Fix: chmod 600 {path}, owned "
+            "by the agent's user")
 
 
 # What different URL parsers may read differently: whitespace and controls
@@ -1049,11 +1086,52 @@ def tls_context(config):
         context = ssl.create_default_context()
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
-        return context
-    if config.ca_file:
+    elif config.ca_file:
         pem, _ = read_small_file(config.ca_file, MAX_CA_FILE_BYTES)
-        return ssl.create_default_context(cadata=pem.decode("ascii", "replace"))
-    return ssl.create_default_context()
+        context = ssl.create_default_context(cadata=pem.decode("ascii", "replace"))
+    else:
+        context = ssl.create_default_context()
+    if config.tls_client_cert:
+        load_client_certificate(context, config)
+    return context
+
+
+def load_client_certificate(context, config):
+    """The client certificate (and its key) into `context`, read at each
+    connection as the CA file is: a renewed one is taken up without a
+    restart. TLSFileError naming the file when it cannot be used."""
+    cert, key = config.tls_client_cert, config.tls_client_key
+    try:
+        with regular_file(cert) as cert_path, regular_file(key) as key_path:
+            context.load_cert_chain(cert_path, key_path)
+    except (OSError, ssl.SSLError) as e:
+        files = f"{cert} and its key {key}" if key else cert
+        raise TLSFileError(
+            f"the client certificate {files} cannot be used ({e.strerror or e}); "
+            "give PEM files with --tls-client-cert and --tls-client-key"
+        ) from None
+
+
+@contextlib.contextmanager
+def regular_file(path):
+    """A path that names the regular file at `path` (None: None) for APIs
+    that read a file themselves (ssl's), or OSError: on Linux /dev/fd/N of a
+    descriptor opened without waiting, so that neither a FIFO nor a file
+    swapped in after the check is what they read."""
+    if path is None:
+        yield None
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        for is_kind, kind in FILE_KINDS:
+            if is_kind(info.st_mode):
+                raise OSError(f"it is {kind}, not a regular file")
+        if info.st_size > MAX_CA_FILE_BYTES:
+            raise OSError(f"it is larger than {MAX_CA_FILE_BYTES // 1024} KiB")
+        yield f"/dev/fd/{fd}" if HAVE_PROC else path
+    finally:
+        os.close(fd)
 
 
 ###############################################################################
@@ -4848,6 +4926,29 @@ def shut_down(sock):
             sock.shutdown(socket.SHUT_RDWR)
 
 
+# What a TLS server's alert says of the client certificate (OpenSSL's reasons).
+CERT_ASKED = ("TLSV13_ALERT_CERTIFICATE_REQUIRED",)
+CERT_REFUSED = ("SSLV3_ALERT_BAD_CERTIFICATE", "TLSV1_ALERT_UNKNOWN_CA",
+                "SSLV3_ALERT_CERTIFICATE_EXPIRED", "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+                "TLSV1_ALERT_ACCESS_DENIED", "SSLV3_ALERT_CERTIFICATE_REVOKED")
+
+
+def client_certificate_problem(error, config):
+    """What a TLS alert says of the client certificate, and what to do; None
+    when it says nothing of it."""
+    reason = getattr(error, "reason", None) if isinstance(error, ssl.SSLError) else None
+    if reason in CERT_ASKED or (reason == "SSLV3_ALERT_HANDSHAKE_FAILURE"
+                                and not config.tls_client_cert):
+        return ("the API's TLS asks for a client certificate and none was given: "
+                "set tls_client_cert and tls_client_key (--tls-client-cert, "
+                "--tls-client-key)")
+    if reason in CERT_REFUSED and config.tls_client_cert:
+        return (f"the API refused the client certificate {config.tls_client_cert} "
+                f"({reason.lower().replace('_', ' ')}): is it the one its CA "
+                "signed, and still valid? --check shows its subject and expiry")
+    return None
+
+
 def check_plaintext_peer(peer, allow_plaintext):
     """Refuse to go on in clear with a peer that is not loopback.
 
@@ -4902,16 +5003,47 @@ class HeadRecorder:
     Sec-WebSocket-Extensions lines are two extensions, as if on one line
     (RFC 9110 section 5.3). It reads that answer a byte at a time and no
     further, so what is recorded until the upgrade is done is the head.
+
+    It also keeps the last TLS error it met (`failure`): websocket-client
+    may report one in its own words ("socket is already closed"), and the
+    TLS alert says what the server wanted, e.g. a client certificate.
     """
 
     head = None
+    failure = None
 
     def recv(self, *args):
-        data = super().recv(*args)
+        try:
+            data = super().recv(*args)
+        except ssl.SSLError as e:
+            self.failure = e
+            raise
         head = self.head
         if head is not None and len(head) < MAX_HEAD_BYTES:
             head += data
         return data
+
+    def send(self, *args):
+        try:
+            return super().send(*args)
+        except (ssl.SSLError, ConnectionError) as e:
+            if isinstance(e, ssl.SSLError):
+                self.failure = e
+            if self.head is not None and isinstance(self, ssl.SSLSocket):
+                self._read_the_alert()
+            raise
+
+    def _read_the_alert(self):
+        """The upgrade's write failed because the server ended TLS: its alert,
+        if it came, waits to be read, and says why (TLS 1.3 clients learn of a
+        refused certificate only after their handshake is done). Only while
+        the upgrade is under way, when no other thread reads this socket."""
+        try:
+            super().recv(1)
+        except ssl.SSLError as alert:
+            self.failure = alert
+        except OSError:
+            pass
 
 
 class RecordingSocket(HeadRecorder, socket.socket):
@@ -5136,6 +5268,8 @@ class Transport:
         handshake is tracked too, so that a deadline can break it off."""
         try:
             context = tls_context(self.config)
+        except TLSFileError as e:
+            raise LinkError(str(e)) from None
         except (OSError, ssl.SSLError) as e:
             raise LinkError(
                 f"cannot use the CA file {self.config.ca_file} ({e.strerror or e}); "
@@ -5714,6 +5848,7 @@ class Connector:
         however slowly the peer answers.
         """
         deadline = Deadline(CONNECT_DEADLINE_S, self.stop)
+        sock = None
         try:
             with deadline:
                 sock = self.transport.open(time.monotonic() + CONNECT_DEADLINE_S,
@@ -5726,7 +5861,10 @@ class Connector:
             if ws.getstatus() != 101:  # 1.2.3 and 1.8.0 return a redirect as is
                 raise self.websocket.WebSocketException("the upgrade was refused")
         except Exception as e:  # a garbled answer raises anything: ValueError, ...
-            raise self._connect_error(ws, e, deadline.expired) from None
+            cause, tls_said = e, getattr(sock, "failure", None)
+            if client_certificate_problem(tls_said, self.config):
+                cause = tls_said  # what the TLS alert said, not the library's words
+            raise self._connect_error(ws, cause, deadline.expired) from None
         return head
 
     def _track(self, sock):
@@ -5762,6 +5900,9 @@ class Connector:
                 f"the API's TLS certificate is not trusted ({error.verify_message}); "
                 "for a private CA pass --ca-file"
             )
+        asked = client_certificate_problem(error, self.config)
+        if asked:
+            return LinkError(f"{asked} (at {self.url})")
         if isinstance(error, (OSError, wsc.WebSocketException)):
             return LinkError(f"cannot reach the API at {self.url}: {text}")
         return LinkError(
@@ -6692,7 +6833,7 @@ def check_api(config):
         status, body, location = finished_within(
             CHECK_LINE_S, http_get, base + "/health", config)
     except (OSError, ssl.SSLError) as e:
-        yield False, f"API not reachable at {base}/health: {unreachable(e)}"
+        yield False, f"API not reachable at {base}/health: {unreachable(e, config)}"
         yield False, KEY_NOT_CHECKED
         return
     if location is not None:
@@ -6717,7 +6858,7 @@ def check_api(config):
         status, body, location = finished_within(
             CHECK_LINE_S, http_get, me, config, {"X-API-Key": config.api_key})
     except (OSError, ssl.SSLError) as e:
-        yield False, f"API key not checked: GET {me} failed: {unreachable(e)}"
+        yield False, f"API key not checked: GET {me} failed: {unreachable(e, config)}"
         return
     if location is not None:
         yield False, not_followed(f"GET {me}", status, location)
@@ -6732,11 +6873,11 @@ def check_api(config):
         )
 
 
-def unreachable(error):
+def unreachable(error, config):
     reason = getattr(error, "reason", error)
     if isinstance(reason, ssl.SSLCertVerificationError):
         return f"{reason}; for a private CA pass --ca-file"
-    return str(reason)
+    return client_certificate_problem(reason, config) or str(reason)
 
 
 def not_followed(request, status, location):
@@ -6752,6 +6893,8 @@ def run_check(config):
     it is optional."""
     results = [(True, f"config valid: {config.config_path or 'no config file'}")]
     results.append((True, check_url(config)))
+    if config.tls_client_cert:
+        results.append(check_client_certificate(config.tls_client_cert))
     results.extend(check_api(config))
     results.append(check_source())
     results.append(check_websocket())
@@ -6789,6 +6932,30 @@ def check_url(config):
     else:
         tls = f"verified with {config.ca_file or 'the system CAs'}"
     return f"WebSocket URL {url}; TLS {tls}"
+
+
+def check_client_certificate(path):
+    """The client certificate's subject and the days until it expires: a
+    warning under CERT_WARN_DAYS, a failure once it has expired."""
+    if DECODE_CERT is None:
+        return True, (f"client certificate {path}: loaded (this Python cannot read "
+                      "its subject and expiry)")
+    try:
+        with regular_file(path) as readable:
+            cert = DECODE_CERT(readable)
+        expires = ssl.cert_time_to_seconds(cert["notAfter"])
+    except (OSError, ssl.SSLError, ValueError, KeyError) as e:
+        return False, f"client certificate {path} cannot be read ({e})"
+    subject = ", ".join(f"{k}={v}" for rdn in cert.get("subject", ()) for k, v in rdn)
+    days = (expires - time.time()) / DAY_S
+    text = (f"client certificate {path}: subject {subject or '(none)'}; expires "
+            f"{time.strftime('%Y-%m-%d', time.gmtime(expires))}")
+    if days < 0:
+        return False, f"{text}, {-days:.0f} days ago: the API will refuse it; renew it"
+    if days < CERT_WARN_DAYS:
+        return True, (f"{text}, in {days:.0f} days: WARNING, renew it within "
+                      f"{CERT_WARN_DAYS} days")
+    return True, f"{text}, in {days:.0f} days"
 
 
 def check_source():

@@ -683,6 +683,28 @@ def have_ipv6_loopback():
     return True
 
 
+def mutual_tls(tmp_path, not_after=None):
+    """A server's TLS context that asks for a client certificate of the test
+    CA; the CA's PEM file; and a client certificate (CN agent-7, valid until
+    `not_after`) and its key, mode 600, from that CA."""
+    trustme = need_module("trustme")
+    ssl = __import__("ssl")
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+    context.verify_mode = ssl.CERT_REQUIRED
+    ca.configure_trust(context)
+    files = {"ca": tmp_path / "ca.pem", "cert": tmp_path / "client.pem",
+             "key": tmp_path / "client.key"}
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    client = ca.issue_cert("agent.example", common_name="agent-7",
+                           not_after=not_after)
+    client.cert_chain_pems[0].write_to_path(str(files["cert"]))
+    client.private_key_pem.write_to_path(str(files["key"]))
+    files["key"].chmod(0o600)
+    return context, *(str(files[name]) for name in ("ca", "cert", "key"))
+
+
 def tls_context(tmp_path):
     """A server's TLS context with a certificate for 127.0.0.1, ::1 and
     localhost from a test CA, and the CA's PEM file."""
@@ -2039,6 +2061,61 @@ class TestTLS:
             assert f"WebSocket opened at wss://[::1]:{api.port}" in check.stdout
         finally:
             api.stop()
+
+    def test_a_client_certificate_when_the_api_asks_for_one(self, tmp_path,
+                                                            run_agent):
+        """An API whose TLS asks for a client certificate (as nginx with
+        ssl_verify_client on): without one the agent says what to set; with
+        one it connects, and --check takes it too and shows whose it is."""
+        context, ca_file, cert, key = mutual_tls(tmp_path)
+        api = FakeAPI(ssl_context=context).start()
+        try:
+            without = run_agent(api.url, "--ca-file", ca_file)
+            without.wait_log("the API's TLS asks for a client certificate and none "
+                             "was given: set tls_client_cert and tls_client_key", 15)
+            proc = run_agent(api.url, "--ca-file", ca_file, "--tls-client-cert", cert,
+                             CHATOPS_TLS_CLIENT_KEY=key)
+            wait_until(lambda: len(api.metrics()) >= 2, 15, proc.log)
+            check = run_cli("--check", "--api-url", api.url, "--ca-file", ca_file,
+                            "--tls-client-cert", cert, "--tls-client-key", key,
+                            env=clean_env(CHATOPS_API_KEY=KEY))
+            assert check.returncode == 0, check.stdout
+            line = next(x for x in check.stdout.splitlines() if "client cert" in x)
+            assert line.startswith(f"ok   client certificate {cert}: subject ")
+            assert "commonName=agent-7" in line and "WARNING" not in line
+            assert "ok   API key accepted" in check.stdout
+        finally:
+            api.stop()
+
+    def test_a_client_certificate_near_its_end_is_warned_of(self, tmp_path):
+        soon = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(
+            days=10, hours=1)
+        _, _, cert, key = mutual_tls(tmp_path, not_after=soon)
+        check = run_cli("--check", "--api-url", "https://127.0.0.1:9",
+                        "--tls-client-cert", cert, "--tls-client-key", key)
+        assert f"ok   client certificate {cert}: subject " in check.stdout
+        assert f"; expires {soon:%Y-%m-%d}, in 10 days: WARNING, renew it within " \
+            "30 days" in check.stdout
+
+    def test_a_client_key_others_may_read_is_refused_at_start(self, tmp_path):
+        _, _, cert, key = mutual_tls(tmp_path)
+        os.chmod(key, 0o640)
+        result = run_cli("--api-url", "https://127.0.0.1:9", "--tls-client-cert",
+                         cert, "--tls-client-key", key,
+                         env=clean_env(CHATOPS_API_KEY=KEY))
+        assert result.returncode == 2
+        assert f"the client key {key} is not private to this user (mode 0o640" \
+            in result.stderr
+        assert f"chmod 600 {key}" in result.stderr
+        os.chmod(key, 0o600)
+        with open(key, "w") as f:
+            f.write("not a key\n")
+        broken = run_cli("--api-url", "https://127.0.0.1:9", "--tls-client-cert",
+                         cert, "--tls-client-key", key,
+                         env=clean_env(CHATOPS_API_KEY=KEY))
+        assert broken.returncode == 2
+        assert f"the client certificate {cert} and its key {key} cannot be used" \
+            in broken.stderr
 
     def test_check_follows_no_redirect(self, tls_api):
         """--check's HTTP requests must not carry X-API-Key to an http:// redirect."""
