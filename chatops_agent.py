@@ -980,13 +980,15 @@ def validate(config):
 
 def check_client_key_private(path):
     """ConfigError unless the file with the client key is the agent user's
-    own and readable by nobody else, as ssh wants of a private key."""
+    own and readable by nobody else, as ssh wants of a private key. Root
+    may use (and install.sh check) a key that the service's user owns."""
     try:
         info = os.stat(path)
     except OSError as e:
         raise ConfigError(f"the client key {path} cannot be used ({e.strerror or e}); "
                           "give its PEM file with --tls-client-key") from None
-    if info.st_uid != os.geteuid() or stat.S_IMODE(info.st_mode) & 0o077:
+    euid = os.geteuid()
+    if stat.S_IMODE(info.st_mode) & 0o077 or (info.st_uid != euid and euid != 0):
         raise ConfigError(
             f"the client key {path} is not private to this user (mode "
             f"{oct(stat.S_IMODE(info.st_mode))}, owner uid {info.st_uid}); the agent "
