@@ -579,17 +579,28 @@ FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
               (stat.S_ISSOCK, "a socket"))
 
 
-def read_small_file(path, max_bytes):
-    """(bytes, os.stat_result) of the regular file at `path`, or OSError
-    saying why not. What the path names instead can neither block the agent
-    (a FIFO or a device is opened without waiting, then refused) nor fill its
-    memory (no more than `max_bytes` is read, whatever the file claims)."""
+def open_regular(path):
+    """(descriptor, os.stat_result) of the regular file at `path`, or OSError
+    saying why not: what the path names instead (a FIFO, a device) is opened
+    without waiting, then refused."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     try:
         info = os.fstat(fd)
         for is_kind, kind in FILE_KINDS:
             if is_kind(info.st_mode):
                 raise OSError(f"it is {kind}, not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, info
+
+
+def read_small_file(path, max_bytes):
+    """(bytes, os.stat_result) of the regular file at `path` (open_regular),
+    or OSError saying why not; no more than `max_bytes` is read, whatever
+    the file claims, so that it cannot fill the agent's memory."""
+    fd, info = open_regular(path)
+    try:
         data = os.read(fd, max_bytes + 1)
         while len(data) <= max_bytes:  # a file that grows, or /proc's size 0
             more = os.read(fd, max_bytes + 1 - len(data))
@@ -1123,12 +1134,8 @@ def regular_file(path):
     if path is None:
         yield None
         return
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    fd, info = open_regular(path)
     try:
-        info = os.fstat(fd)
-        for is_kind, kind in FILE_KINDS:
-            if is_kind(info.st_mode):
-                raise OSError(f"it is {kind}, not a regular file")
         if info.st_size > MAX_CA_FILE_BYTES:
             raise OSError(f"it is larger than {MAX_CA_FILE_BYTES // 1024} KiB")
         yield f"/dev/fd/{fd}" if HAVE_PROC else path
@@ -2106,7 +2113,7 @@ def exit_watch(proc):
     every short command."""
     fd = None
     with contextlib.suppress(OSError):  # a kernel before 5.3, or a seccomp filter
-        fd = os.pidfd_open(proc.pid) if HAVE_PIDFD else None
+        fd = os.pidfd_open(proc.pid) if HAVE_PIDFD else None  # novermin: guarded
     try:
         yield fd
     finally:
@@ -6587,7 +6594,7 @@ def started_as():
     utf8, -I, ...) included: sys.orig_argv from Python 3.10 on, else Linux's
     /proc/self/cmdline; None where neither tells."""
     if HAVE_ORIG_ARGV:
-        return list(sys.orig_argv)
+        return list(sys.orig_argv)  # novermin: guarded
     if not HAVE_PROC:
         return None
     try:

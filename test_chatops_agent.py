@@ -2099,10 +2099,13 @@ class TestTLS:
 
     def test_a_client_key_others_may_read_is_refused_at_start(self, tmp_path):
         _, _, cert, key = mutual_tls(tmp_path)
+
+        def start():
+            return run_cli("--api-url", "https://127.0.0.1:9", "--tls-client-cert",
+                           cert, "--tls-client-key", key,
+                           env=clean_env(CHATOPS_API_KEY=KEY))
         os.chmod(key, 0o640)
-        result = run_cli("--api-url", "https://127.0.0.1:9", "--tls-client-cert",
-                         cert, "--tls-client-key", key,
-                         env=clean_env(CHATOPS_API_KEY=KEY))
+        result = start()
         assert result.returncode == 2
         assert f"the client key {key} is not private to this user (mode 0o640" \
             in result.stderr
@@ -2110,9 +2113,7 @@ class TestTLS:
         os.chmod(key, 0o600)
         with open(key, "w") as f:
             f.write("not a key\n")
-        broken = run_cli("--api-url", "https://127.0.0.1:9", "--tls-client-cert",
-                         cert, "--tls-client-key", key,
-                         env=clean_env(CHATOPS_API_KEY=KEY))
+        broken = start()
         assert broken.returncode == 2
         assert f"the client certificate {cert} and its key {key} cannot be used" \
             in broken.stderr
