@@ -4973,6 +4973,24 @@ def check_plaintext_peer(peer, allow_plaintext):
         )
 
 
+# What nginx needs in the API's location to pass a WebSocket upgrade on.
+NGINX_UPGRADE_LINES = ('proxy_http_version 1.1; proxy_set_header Upgrade '
+                       '$http_upgrade; proxy_set_header Connection "upgrade";')
+
+
+def upgrade_not_passed(status, headers):
+    """What to do when the answer to the upgrade looks like a reverse proxy
+    that did not pass it on: the API then gets a plain GET, and answers it
+    (or the proxy does) with no 101. '' when it does not look so."""
+    server = one_line(str(headers.get("server", "")))[:60]
+    if status not in (200, 400, 404, 405, 426) and "nginx" not in server.lower():
+        return ""
+    by = f" ({server})" if server else ""
+    return (f"; a reverse proxy{by} in front of the API did not pass the WebSocket "
+            f"upgrade on: for nginx, put these in the API's location: "
+            f"{NGINX_UPGRADE_LINES}")
+
+
 def upgrade_answer(ws, error):
     """(status, headers) of the API's answer to the upgrade, as far as known."""
     response = getattr(ws, "handshake_response", None)
@@ -5903,7 +5921,8 @@ class Connector:
                 "address the API really serves"
             )
         if isinstance(error, wsc.WebSocketBadStatusException):
-            return LinkError(f"the API refused the WebSocket at {self.url}: {text}")
+            return LinkError(f"the API refused the WebSocket at {self.url}: {text}"
+                             f"{upgrade_not_passed(status, headers)}")
         if isinstance(error, ssl.SSLCertVerificationError):
             return LinkError(
                 f"the API's TLS certificate is not trusted ({error.verify_message}); "
