@@ -4084,6 +4084,10 @@ class ReadProof:
     def __init__(self):
         self.mode = self.UNKNOWN
         self.last_sent = 0  # number of the last sample sent on this connection
+        # The number of the last sample sent before the latest ping: kept
+        # apart from the pings waiting for their pong, so that an answered
+        # ping still counts as sent (else each pong called for another ping).
+        self.last_pinged = 0
         # For each ping sent on this connection and not yet answered, oldest
         # first: the number of the last sample sent before it (0: none).
         self._pings = collections.deque()
@@ -4091,14 +4095,16 @@ class ReadProof:
     def ping_due(self):
         """True when samples went out since the last ping, and only a pong
         can show them read (the API is not known to acknowledge)."""
-        last_pinged = self._pings[-1] if self._pings else 0
-        return self.mode != self.ACKS and self.last_sent > last_pinged
+        return self.mode != self.ACKS and self.last_sent > self.last_pinged
 
     def ping_taken(self):
         # Not noted once the API acknowledges: its pongs then prove nothing.
         # Nor beyond a bound, for an API that never answers pings: a later
         # pong is then matched to an older ping, which proves less, never more.
-        if self.mode != self.ACKS and len(self._pings) < MAX_UNANSWERED_PINGS:
+        if self.mode == self.ACKS:
+            return
+        self.last_pinged = self.last_sent
+        if len(self._pings) < MAX_UNANSWERED_PINGS:
             self._pings.append(self.last_sent)
 
     def pong(self):
