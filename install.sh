@@ -72,6 +72,11 @@ Usage: install.sh [options]
   --version X           install exactly release X (env CHATOPS_VERSION): from the
                         bundle or the file beside this script if it is X, else
                         from BASE_URL/X/; default: the newest
+  --proxy URL           the HTTP proxy the service reaches the API through, and
+                        install.sh its downloads: http://[USER:PASSWORD@]HOST:PORT,
+                        or none for none at all (env CHATOPS_PROXY; a password is
+                        visible in the process list on the command line: use the
+                        variable); a service does not see a shell's https_proxy
   --allow-plaintext     let the agent send its key over http:// or ws:// to a host that
                         is not loopback (env CHATOPS_ALLOW_PLAINTEXT=true); kept by a
                         re-run only while the API URL stays the same
@@ -96,6 +101,8 @@ parse_args() {
     NO_START=${CHATOPS_NO_START:-0}
     PYPI=${CHATOPS_PYPI:-0}
     CONFIG_FILE=${CHATOPS_CONFIG_FILE:-}
+    PROXY=${CHATOPS_PROXY:-}
+    PROXY_ARGUMENT=0
     case ${CHATOPS_ALLOW_PLAINTEXT:-} in
     true | 1) ALLOW_PLAINTEXT=1 ;;
     *) ALLOW_PLAINTEXT=0 ;;
@@ -114,6 +121,7 @@ parse_args() {
         --prepare-offline) need_value "$@" && PREPARE_DIR=$2 && MODE=prepare && shift ;;
         --base-url) need_value "$@" && BASE_URL=$2 && shift ;;
         --config-file) need_value "$@" && CONFIG_FILE=$2 && shift ;;
+        --proxy) need_value "$@" && PROXY=$2 && PROXY_ARGUMENT=1 && shift ;;
         --pypi) PYPI=1 ;;
         --version) need_value "$@" && VERSION=$2 && shift ;;
         --root) need_value "$@" && ROOT=$2 && shift ;;
@@ -134,6 +142,7 @@ parse_args() {
     case $VERSION in
     *[!0-9A-Za-z.+-]* | [!0-9]*) die "$E_USAGE" "--version $VERSION is not a version (like 0.1.0)" ;;
     esac
+    check_proxy
     if [ -n "$ROOT" ]; then
         NO_START=1
         ROOT=$(cd "$ROOT" && pwd) || die "$E_USAGE" "--root $ROOT is not a directory"
@@ -142,6 +151,32 @@ parse_args() {
 
 need_value() {
     [ $# -ge 2 ] || die "$E_USAGE" "$1 needs a value"
+}
+
+# A proxy URL (--proxy's, if none is given) as it may be shown: its password
+# replaced, as the agent shows it.
+shown_proxy() {
+    printf '%s\n' "${1-$PROXY}" | sed 's#^\([A-Za-z0-9+.-]*://[^:/@]*\):[^@/]*@#\1:<redacted>@#'
+}
+
+# --proxy: a form the agent takes (it checks the rest), and a password kept
+# off the command line from now on. install.sh's own downloads (curl, wget,
+# pip, apt-get) go through it too: they read these variables, which keeps
+# the password off their command lines.
+check_proxy() {
+    case $PROXY in
+    "") return ;;
+    none) unset https_proxy http_proxy HTTPS_PROXY HTTP_PROXY ;;
+    http://?* | HTTP://?*)
+        export https_proxy="$PROXY" http_proxy="$PROXY" HTTPS_PROXY="$PROXY" HTTP_PROXY="$PROXY"
+        ;;
+    *) die "$E_USAGE" "--proxy $(shown_proxy) is not a proxy: give" \
+        "http://[USER:PASSWORD@]HOST:PORT, or none for no proxy at all" ;;
+    esac
+    case $PROXY_ARGUMENT$PROXY in
+    1*://*:*@*) warn "the proxy's password was on install.sh's command line, where the" \
+        "process list shows it: give the URL in CHATOPS_PROXY instead" ;;
+    esac
 }
 
 # -- where things go ---------------------------------------------------------------
@@ -278,6 +313,7 @@ prepare_config() {
     NEW_CONFIG=$WORK/config.json
     has_key=$(CHATOPS_NEW_URL=$API_URL CHATOPS_NEW_KEY=$API_KEY CHATOPS_NEW_STATE=$STATE_DIR \
         CHATOPS_NEW_PLAINTEXT=$ALLOW_PLAINTEXT CHATOPS_NEW_FILE=$CONFIG_FILE \
+        CHATOPS_NEW_PROXY=$PROXY \
         python3 - "$CONFIG" "$NEW_CONFIG" "$WORK/config.changes" <<'PY'
 import json, os, stat, sys
 old, new, changes = sys.argv[1:]
@@ -319,6 +355,8 @@ if url:
     config["api_url"] = url
 if os.environ["CHATOPS_NEW_KEY"]:
     config["api_key"] = os.environ["CHATOPS_NEW_KEY"]
+if os.environ["CHATOPS_NEW_PROXY"]:
+    config["proxy"] = os.environ["CHATOPS_NEW_PROXY"]
 if os.environ["CHATOPS_NEW_PLAINTEXT"] == "1":
     config["allow_plaintext"] = True
 if os.environ["CHATOPS_NEW_STATE"]:  # the operator's own choice stays
@@ -337,6 +375,11 @@ print("yes" if config.get("api_key") else "no")
 PY
     ) || die "$E_CONFIG" "$has_key; nothing was changed"
     [ "$has_key" = no ] && [ "$NO_START" = 0 ] && no_key
+    if [ "$SYSTEM" = 1 ] && [ -n "${https_proxy:-${HTTPS_PROXY:-}}" ] &&
+        ! grep -q '"proxy"' "$NEW_CONFIG"; then
+        info "https_proxy is set here, and a service does not see it: --proxy URL (or" \
+            "CHATOPS_PROXY) gives the service its proxy, --proxy none says it needs none"
+    fi
     # As the service will run it: no CHATOPS_ variables, only the file.
     refusal=$(env -i PATH="$PATH" HOME="$HOME" python3 -I "$WORK/chatops_agent.py" \
         --config "$NEW_CONFIG" --print-config 2>&1 >/dev/null) ||
@@ -391,7 +434,10 @@ download_published() {
     hint=": --base-url names a directory made by install.sh --prepare-offline, published as it is"
     [ -n "$VERSION" ] && hint=": is $VERSION a release (see CHANGELOG.md)? Without --version the newest is installed"
     mkdir -p "$2/wheels"
-    info "downloading chatops-agent from $1"
+    case $PROXY in
+    "" | none) info "downloading chatops-agent from $1" ;;
+    *) info "downloading chatops-agent from $1 through the proxy $(shown_proxy)" ;;
+    esac
     download "$1/SHA256SUMS" "$2/SHA256SUMS.all" || die "$E_SOURCE" "cannot download $1/SHA256SUMS$hint"
     # Only the files this run needs, by names this script knows: what
     # SHA256SUMS lists is never taken as a path as it is.
@@ -458,12 +504,31 @@ download() {
 download_with_curl() {
     allowed='=https,http'
     [ "$SECURE" = 1 ] && allowed='=https'
-    said=$(curl -fsSL --proto "$allowed" --proto-redir "$allowed" -o "$2" "$1" 2>&1) &&
-        return 0
+    said=$(curl -fsSL --proto "$allowed" --proto-redir "$allowed" -o "$2" \
+        -w '\nCONNECT %{http_connect}\n' "$1" 2>&1) && return 0
+    status=$?
     # Status 1, from https: a redirect to a protocol not allowed.
-    [ $? = 1 ] && [ "$SECURE" = 1 ] && refuse_redirect "$1"
-    [ -n "${3:-}" ] || printf '%s\n' "$said" >&2
+    [ "$status" = 1 ] && [ "$SECURE" = 1 ] && refuse_redirect "$1"
+    # A proxy's answer to CONNECT (000: no proxy, or none reached).
+    connect=$(printf '%s\n' "$said" | sed -n 's/^CONNECT \([0-9]*\)$/\1/p')
+    case $connect in
+    "" | 000 | 200) ;;
+    *) proxy_refused "$1" "$connect" ;;
+    esac
+    [ -n "${3:-}" ] || printf '%s\n' "$said" | grep -v '^CONNECT [0-9]*$' | grep . >&2
     return 1
+}
+
+# proxy_refused URL STATUS: what the proxy said to CONNECT, and what to do.
+proxy_refused() {
+    target=$(printf '%s\n' "$1" | sed 's#^[A-Za-z]*://\([^/]*\).*#\1#')
+    case $2 in
+    401 | 407) what="check the user and password in its URL" ;;
+    403) what="ask for $target to be allowed through it" ;;
+    *) what="can it reach $target?" ;;
+    esac
+    die "$E_SOURCE" "the proxy $(shown_proxy "${https_proxy:-${HTTPS_PROXY:-}}") refused" \
+        "CONNECT to $target ($2), so $1 could not be downloaded: $what"
 }
 
 download_with_wget() {

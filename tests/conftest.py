@@ -30,6 +30,7 @@ from test_chatops_agent import (  # noqa: F401  its fixtures, for tests/ too
     commander,
     run_agent,
     stop_signals_at_their_defaults,
+    tinyproxy,
 )
 
 from test_chatops_agent import (  # the fast suite's helpers

@@ -154,6 +154,9 @@ def inventory_hosts(inventory):
     return list(json.loads(inventory.read_text())["chatops_agents"]["hosts"])
 
 
+PROXY_PASSWORD = "pr0xy-pw"  # a secret like the key: in no output, on no command line
+
+
 class TestFleet:
     """The role deploy/ansible/roles/chatops_agent on four systemd hosts,
     reached through Ansible's community.docker.docker connection, each agent
@@ -176,7 +179,7 @@ class TestFleet:
         extra_file = inventory.parent / "extra.json"
         extra_file.write_text(json.dumps(extra or {}))
         started = time.monotonic()
-        with KeyWatch(KEY, "not-the-key") as watch:
+        with KeyWatch(KEY, "not-the-key", PROXY_PASSWORD) as watch:
             result = subprocess.run(
                 [os.path.join(need_ansible(), "ansible-playbook"), "-vvv", "-i",
                  str(inventory), "-e", f"@{extra_file}", *flags,
@@ -190,6 +193,7 @@ class TestFleet:
               f"{watch.samples} process lists sampled")
         assert watch.samples > 10 and watch.seen == []
         assert KEY not in output and "not-the-key" not in output
+        assert PROXY_PASSWORD not in output
         recap = {m.group(1): int(m.group(2)) for m in re.finditer(
             r"^(\S+)\s+: ok=\d+\s+changed=(\d+)", result.stdout, re.M)}
         print(result.stdout[result.stdout.find("PLAY RECAP"):])
@@ -291,14 +295,21 @@ class TestFleet:
 
     @pytest.mark.timeout(480)
     def test_from_a_published_directory_without_pypi_curl_or_wget(self, fleet,
-                                                                   tmp_path):
+                                                                   tmp_path, tinyproxy):
         """The URL path: each host downloads the published directory itself
         (get_url), with neither curl nor wget, and pip's only index a
         recording stand-in for PyPI; a host first installed from a bundle
         gets the published release; check mode previews and changes
-        nothing; a wrong variable stops the play before any task."""
+        nothing; a wrong variable stops the play before any task. The last
+        host's service reaches its API through a proxy that wants a
+        password (chatops_agent_proxy; issue 29, goal 1)."""
         apis = {host: FakeAPI(key=KEY).start() for host in fleet}
-        inventory, _, _ = self.inventory(tmp_path, fleet, apis)
+        inventory, hosts, write_inventory = self.inventory(tmp_path, fleet, apis)
+        proxy = tinyproxy(auth=("chatops", PROXY_PASSWORD))
+        hosts[fleet[3]].update(
+            chatops_agent_proxy=proxy.url.replace("//", f"//chatops:{PROXY_PASSWORD}@"),
+            chatops_agent_settings={"metrics_interval_s": 1, "allow_plaintext": True})
+        write_inventory()
         published = tmp_path / "published"
         published.mkdir()
         bundle_of("9.0.1", need_bundle(), published / "9.0.1")
@@ -325,6 +336,7 @@ class TestFleet:
                     wait_until(lambda host=host: apis[host].metrics() and apis[
                         host].metrics()[-1]["agent_version"] == "9.0.1", 30,
                         f"{host}'s agent 9.0.1 reporting")
+                assert set(proxy.connects()) == {f"127.0.0.1:{apis[fleet[3]].port}"}
                 rc, again, _ = self.play(inventory, by_url)
                 assert rc == 0 and again == {host: 0 for host in fleet}, again
                 rc, health, output = self.play(inventory, by_url, "--tags", "health")

@@ -634,6 +634,77 @@ class TestInstaller:
         assert followed.returncode == 0, followed.stderr
         assert "checksums verified" in followed.stderr
 
+    def test_a_proxy_carries_the_downloads_and_goes_to_the_service(
+            self, system_root, tmp_path, tinyproxy):
+        """--proxy (or CHATOPS_PROXY): install.sh's downloads go through it,
+        and config.json gives it to the service, which sees no shell's
+        https_proxy; its password is shown nowhere and kept off command
+        lines (issue 29, goal 1)."""
+        trustme = need_module("trustme")
+        ca = trustme.CA()
+        context = __import__("ssl").create_default_context(
+            __import__("ssl").Purpose.CLIENT_AUTH)
+        ca.issue_cert("127.0.0.1").configure_cert(context)
+        ca_file = tmp_path / "ca.pem"
+        ca.cert_pem.write_to_path(str(ca_file))
+        proxy = tinyproxy(auth=("chatops", "pr0xy-pw"))
+        with_password = proxy.url.replace("//", "//chatops:pr0xy-pw@")
+        alone = tmp_path / "alone" / "install.sh"  # as piped from curl
+        alone.parent.mkdir()
+        shutil.copy(INSTALLER, alone)
+        served = tmp_path / "served"
+        shutil.copytree(need_bundle(), served)
+
+        def install(*args, **env):
+            return installer("--root", str(system_root), "--api-url",
+                             "https://chatops.example.com", *args, script=str(alone),
+                             env=pypi_out_of_reach(CHATOPS_API_KEY=KEY,
+                                                   CURL_CA_BUNDLE=str(ca_file), **env))
+
+        with FileServer(served, context) as base_url:
+            got = install("--base-url", base_url, CHATOPS_PROXY=with_password)
+            assert got.returncode == 0, got.stderr
+            port = base_url.rsplit(":", 1)[1]
+            assert len(proxy.connects()) >= 3  # SHA256SUMS, the agent, the wheel
+            assert set(proxy.connects()) == {f"127.0.0.1:{port}"}
+            assert f"{base_url} through the proxy http://chatops:<redacted>@" \
+                f"127.0.0.1:{proxy.port}" in got.stderr
+            config = json.loads((system_root / "etc/chatops-agent/config.json")
+                                .read_text())
+            assert config["proxy"] == with_password
+            wrong = install("--base-url", base_url, CHATOPS_PROXY=with_password
+                            .replace("pr0xy-pw", "not-it"))
+            assert wrong.returncode == 5, wrong.stderr
+            assert "error: the proxy http://chatops:<redacted>@127.0.0.1:" \
+                f"{proxy.port} refused CONNECT to 127.0.0.1:{port} (401), so " \
+                f"{base_url}/SHA256SUMS could not be downloaded: check the user " \
+                "and password in its URL" in wrong.stderr, wrong.stderr
+        visible = install("--dry-run", "--offline", need_bundle(),
+                          "--proxy", with_password.replace("pr0xy-pw", "0ther-pw"))
+        assert visible.returncode == 0, visible.stderr
+        assert "the proxy's password was on install.sh's command line, where the " \
+            "process list shows it: give the URL in CHATOPS_PROXY instead" in (
+                visible.stderr)
+        assert re.search(r"dry-run: write \S+/config.json \(mode 600, owner [^)]+\): "
+                         r"proxy\n", visible.stderr), visible.stderr
+        unseen = install("--dry-run", "--offline", need_bundle(), "--proxy", "none",
+                         https_proxy=proxy.url)
+        assert unseen.returncode == 0, unseen.stderr
+        assert "a service does not see it" not in unseen.stderr
+        config.pop("proxy")
+        (system_root / "etc/chatops-agent/config.json").write_text(json.dumps(config))
+        unseen = install("--dry-run", "--offline", need_bundle(), https_proxy=proxy.url)
+        assert "https_proxy is set here, and a service does not see it: --proxy URL " \
+            "(or CHATOPS_PROXY) gives the service its proxy" in unseen.stderr
+        socks = install("--dry-run", "--proxy", "socks5://u:pw@127.0.0.1:1080")
+        assert socks.returncode == 2
+        assert "--proxy socks5://u:<redacted>@127.0.0.1:1080 is not a proxy" in (
+            socks.stderr)
+        for result in (got, wrong, visible, unseen, socks):
+            shown = result.stdout + result.stderr
+            assert "pr0xy-pw" not in shown and "not-it" not in shown
+            assert "0ther-pw" not in shown and ":pw@" not in shown
+
     def test_help(self):
         result = installer("--help")
         assert result.returncode == 0 and "--prepare-offline" in result.stdout
