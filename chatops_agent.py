@@ -151,6 +151,7 @@ AUTH_TIMEOUT_S = 10.0  # how long the API may take to answer "auth"
 CONNECT_TIMEOUT_S = 10.0  # one read or write while connecting
 CONNECT_DEADLINE_S = 15.0  # the whole TCP, TLS and upgrade, however slow the peer
 MAX_HEAD_BYTES = 65536  # of an HTTP answer's head: the upgrade's, a proxy's
+MAX_REFUSAL_BODY = 4096  # of the page that answers an upgrade with no 101
 PROXY_PORT = 1080  # of a proxy URL without one, as curl has it
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # larger messages from the API are refused,
 # compressed or inflated. permessage-deflate (RFC 7692), as the agent offers it:
@@ -171,6 +172,10 @@ MAX_DEFLATE_STREAMS = 16  # deflate streams ended in one message (RFC 7692 7.2.3
 FIRST_RETRY_CEILING = 0.25  # first reconnect delay: uniform in [0, 0.25] x the cap
 STEADY_RETRY_FLOOR = 0.8  # later reconnect delays: uniform in [0.8, 1] x the cap
 STABLE_AFTER_S = 30.0  # a connection up this long resets the backoff
+# A connection ended with nothing from the API for this long may have been
+# cut by an idle timeout on the way (cut_when_quiet): the API speaks at least
+# once a sample (its acknowledgement, or the pong) or a heartbeat.
+IDLE_CUT_MIN_S = 2.0
 AUTH_RETRY_FIRST_S = 60.0  # a rejected key is retried slowly: 1, 2, 4, ... min
 AUTH_RETRY_MAX_S = 900.0
 METRICS_WINDOW = 32  # metrics frames sent but not yet shown read
@@ -4948,20 +4953,45 @@ CERT_REFUSED = ("SSLV3_ALERT_BAD_CERTIFICATE", "TLSV1_ALERT_UNKNOWN_CA",
                 "TLSV1_ALERT_ACCESS_DENIED", "SSLV3_ALERT_CERTIFICATE_REVOKED")
 
 
+# What nginx answers in place of the upgrade when `ssl_verify_client on`
+# finds no client certificate, or one it does not trust: it completes the
+# TLS handshake either way and says so in a page of status 400.
+NGINX_NO_CERTIFICATE = "No required SSL certificate was sent"
+NGINX_BAD_CERTIFICATE = "The SSL certificate error"
+
+
 def client_certificate_problem(error, config):
     """What a TLS alert says of the client certificate, and what to do; None
     when it says nothing of it."""
     reason = getattr(error, "reason", None) if isinstance(error, ssl.SSLError) else None
     if reason in CERT_ASKED or (reason == "SSLV3_ALERT_HANDSHAKE_FAILURE"
                                 and not config.tls_client_cert):
-        return ("the API's TLS asks for a client certificate and none was given: "
-                "set tls_client_cert and tls_client_key (--tls-client-cert, "
-                "--tls-client-key)")
+        return certificate_asked()
     if reason in CERT_REFUSED and config.tls_client_cert:
-        return (f"the API refused the client certificate {config.tls_client_cert} "
-                f"({reason.lower().replace('_', ' ')}): is it the one its CA "
-                "signed, and still valid? --check shows its subject and expiry")
+        return certificate_refused(config, reason.lower().replace("_", " "))
     return None
+
+
+def certificate_page(body, config):
+    """What nginx's page in place of the upgrade says of the client
+    certificate, and what to do; None when it says nothing of it."""
+    if NGINX_NO_CERTIFICATE in body:
+        return certificate_asked()
+    if NGINX_BAD_CERTIFICATE in body and config.tls_client_cert:
+        return certificate_refused(config, f"HTTP 400, {NGINX_BAD_CERTIFICATE}")
+    return None
+
+
+def certificate_asked():
+    return ("the API's TLS asks for a client certificate and none was given: "
+            "set tls_client_cert and tls_client_key (--tls-client-cert, "
+            "--tls-client-key)")
+
+
+def certificate_refused(config, why):
+    return (f"the API refused the client certificate {config.tls_client_cert} "
+            f"({why}): is it the one its CA signed, and still valid? --check "
+            "shows its subject and expiry")
 
 
 def check_plaintext_peer(peer, allow_plaintext):
@@ -4995,6 +5025,32 @@ def upgrade_not_passed(status, headers):
     return (f"; a reverse proxy{by} in front of the API did not pass the WebSocket "
             f"upgrade on: for nginx, put these in the API's location: "
             f"{NGINX_UPGRADE_LINES}")
+
+
+def cut_when_quiet(quiet_s, heartbeat_s):
+    """What to say of a connection that ended with no close frame after
+    `quiet_s` with nothing from the API: a proxy or load balancer that cuts
+    idle connections does that, and a ping is what keeps the API talking.
+    '' when the API spoke too recently for an idle cut."""
+    if quiet_s < IDLE_CUT_MIN_S:
+        return ""
+    return (f", after {quiet_s:.1f} s with nothing from the API: if a proxy or "
+            "load balancer on the way cuts connections idle that long, make its "
+            f"idle timeout longer than the agent's heartbeat ({heartbeat_s:g} s; "
+            "HAProxy: timeout tunnel, nginx: proxy_read_timeout), or set "
+            "heartbeat_interval_s below it")
+
+
+def refused_body(error, sock):
+    """The start of the body of an answer that refused the upgrade:
+    websocket-client 1.8 and later read it into the error; with 1.2.3 it is
+    what the socket recorded after the head (HeadRecorder.close)."""
+    body = getattr(error, "resp_body", None)
+    if body is None and sock is not None and sock.head:
+        body = bytes(sock.head).partition(b"\r\n\r\n")[2]
+    if isinstance(body, (bytes, bytearray)):
+        body = bytes(body).decode("utf-8", "replace")
+    return str(body or "")[:MAX_REFUSAL_BODY]
 
 
 def upgrade_answer(ws, error):
@@ -5065,6 +5121,20 @@ class HeadRecorder:
             if self.head is not None and isinstance(self, ssl.SSLSocket):
                 self._read_the_alert()
             raise
+
+    def close(self):
+        """websocket-client 1.2.3 closes the socket as soon as the upgrade is
+        refused, before anyone reads the page that says why (nginx's about a
+        client certificate, for one): what of it has come is recorded first.
+        Only without waiting, and only after a whole head without a 101."""
+        head = self.head
+        if head is not None and b"\r\n\r\n" in head and not head.startswith(
+                (b"HTTP/1.1 101", b"HTTP/1.0 101")):
+            with contextlib.suppress(OSError, ValueError):
+                self.setblocking(False)
+                while len(head) < MAX_HEAD_BYTES and self.recv(MAX_REFUSAL_BODY):
+                    pass
+        super().close()
 
     def _read_the_alert(self):
         """The upgrade's write failed because the server ended TLS: its alert,
@@ -5897,14 +5967,15 @@ class Connector:
             cause, tls_said = e, getattr(sock, "failure", None)
             if client_certificate_problem(tls_said, self.config):
                 cause = tls_said  # what the TLS alert said, not the library's words
-            raise self._connect_error(ws, cause, deadline.expired) from None
+            raise self._connect_error(ws, cause, deadline.expired, sock) from None
         return head
 
     def _track(self, sock):
         self._connecting = sock
 
-    def _connect_error(self, ws, error, expired):
-        """The LinkError (or AuthError) that says what went wrong, and what to do."""
+    def _connect_error(self, ws, error, expired, sock):
+        """The LinkError (or AuthError) that says what went wrong, and what to
+        do. `sock`: the socket the upgrade went on, if one was opened."""
         wsc = self.websocket
         status, headers = upgrade_answer(ws, error)
         text = one_line(str(error))[:300] or type(error).__name__
@@ -5927,6 +5998,11 @@ class Connector:
                 "address the API really serves"
             )
         if isinstance(error, wsc.WebSocketBadStatusException):
+            certificate = certificate_page(refused_body(error, sock), self.config)
+            if certificate:
+                server = one_line(str(headers.get("server", "")))[:60] or "no name"
+                return LinkError(f"{certificate} (at {self.url}: HTTP {status} "
+                                 f"from the server {server})")
             return LinkError(f"the API refused the WebSocket at {self.url}: {text}"
                              f"{upgrade_not_passed(status, headers)}")
         if isinstance(error, ssl.SSLCertVerificationError):
@@ -6225,7 +6301,9 @@ class Link:
                 return
             except (OSError, LinkError) as e:
                 if not session.dead.is_set():
-                    LOG.warning("connection lost: %s", e or type(e).__name__)
+                    quiet = time.monotonic() - session.last_rx
+                    LOG.warning("connection lost: %s%s", e or type(e).__name__,
+                                cut_when_quiet(quiet, self.config.heartbeat_interval_s))
                 return
             if frame is not None:
                 session.last_rx = time.monotonic()
