@@ -42,6 +42,59 @@ from test_chatops_agent import (  # the fast suite's helpers
 )
 
 
+# Tests of minutes (a connection held for ten) -------------------------------
+#
+# Such a test is marked `alongside(Watch)`. Its Watch (a class taking a work
+# directory, with close()) starts with the first test of tests/, so that its
+# minutes pass while the other tests run; the test itself runs last, and
+# only checks what the watch saw. CHATOPS_TEST_MINUTES=0 leaves them to
+# another pass (.ci/run runs them once, in its first pass).
+
+MINUTES_LEFT = ("the tests of minutes are left to another pass "
+                "(CHATOPS_TEST_MINUTES=0)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "alongside(watch): a test of minutes, whose watch starts with "
+        "the first test of tests/ and which runs last (tests/conftest.py)")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.get_closest_marker("alongside") is not None)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def watches(request, tmp_path_factory):
+    """Each selected `alongside` test's watch, started now, by node id; a
+    watch that could not start is kept as its exception, for its own test
+    to raise (it must not fail the tests it runs beside)."""
+    started = {}
+    if os.environ.get("CHATOPS_TEST_MINUTES") != "0":
+        for item in request.session.items:
+            marker = item.get_closest_marker("alongside")
+            if marker:
+                try:
+                    started[item.nodeid] = marker.args[0](
+                        tmp_path_factory.mktemp("alongside"))
+                except BaseException as e:  # noqa: BLE001 -- a skip too: its test's
+                    started[item.nodeid] = e
+    yield started
+    for watch in started.values():
+        if not isinstance(watch, BaseException):
+            watch.close()
+
+
+@pytest.fixture
+def alongside(request, watches):
+    """This test's watch, running since the first test of tests/."""
+    require(os.environ.get("CHATOPS_TEST_MINUTES") != "0", MINUTES_LEFT)
+    watch = watches[request.node.nodeid]
+    if isinstance(watch, BaseException):
+        raise watch
+    return watch
+
+
 @pytest.fixture(scope="session")
 def docker_engine():
     require(os.environ.get("CHATOPS_TEST_DOCKER_ENGINE") != "0",

@@ -10,12 +10,14 @@ import re
 import shutil
 import socket
 import subprocess
+import time
 
 import pytest
 
 import chatops_agent as agent
 from test_chatops_agent import (  # the fast suite's helpers
     KEY,
+    AgentProcess,
     Commander,
     FakeAPI,
     clean_env,
@@ -190,6 +192,50 @@ def behind(tmp_path):
         (thing.close if isinstance(thing, ReverseProxy) else thing.stop)()
 
 
+QUIET_MINUTES_S = 600  # how long each agent must keep its one connection
+IDLE_CUT_S = 45  # after which the proxies cut a connection on which the API is quiet
+METRICS_INTERVAL_S = next(s.default for s in agent.SETTINGS
+                          if s.name == "metrics_interval_s")
+
+
+class QuietMinutes:
+    """A watch (tests/conftest.py, `alongside`): two agents at their
+    defaults, one behind nginx and one behind HAProxy, each cutting a
+    connection quiet for IDLE_CUT_S, each agent with a test API of its own
+    (which acknowledges samples, as the ChatOps API does). Docker is off in
+    them: the engine is the Docker tests' to use meanwhile."""
+
+    def __init__(self, workdir):
+        self.runs, self.things = [], []
+        try:
+            for kind in (Nginx, HAProxy):
+                api = FakeAPI(deflate="uvicorn").start()
+                self.things.append(api)
+                proxy = kind(str(workdir / kind.name), api, idle_s=IDLE_CUT_S)
+                self.things.append(proxy)
+                watched = AgentProcess(
+                    workdir, "--api-url", proxy.url, "--ca-file", proxy.ca_file,
+                    "--docker-enabled", "false", env=clean_env(CHATOPS_API_KEY=KEY))
+                self.things.append(watched)
+                self.runs.append((kind.name, api, watched))
+        except BaseException:
+            self.close()
+            raise
+
+    def broken(self):
+        """What went wrong so far: a second connection, a lost one."""
+        return [f"{name}: {len(api.connects)} connections:\n{watched.log()[-1500:]}"
+                for name, api, watched in self.runs
+                if len(api.connects) > 1 or "connection lost" in watched.log()]
+
+    def close(self):
+        for thing in reversed(self.things):
+            if isinstance(thing, AgentProcess):
+                thing.terminate()
+            else:
+                (thing.close if isinstance(thing, ReverseProxy) else thing.stop)()
+
+
 @pytest.fixture
 def behind_nginx(behind):
     return lambda **options: behind(Nginx, **options)
@@ -266,6 +312,29 @@ class TestBehindReverseProxies:
                         env=clean_env(CHATOPS_API_KEY=KEY))
         assert check.returncode == 0, check.stdout
         assert "commonName=agent-7" in check.stdout, check.stdout
+
+    @pytest.mark.alongside.with_args(QuietMinutes)  # a class: not marked itself
+    @pytest.mark.timeout(QUIET_MINUTES_S + 120)  # when run alone
+    def test_ten_minutes_on_one_connection_through_proxies_that_cut_at_45_s(
+            self, alongside):
+        """An agent at its defaults keeps one connection for ten minutes
+        behind nginx (proxy_read_timeout 45s) and HAProxy (timeout tunnel
+        45s): what the API says (acknowledgements, pongs to the heartbeat)
+        never leaves it quiet that long. It runs beside the other tests of
+        tests/ (QuietMinutes), and then still answers a command."""
+        watch = alongside
+        for name, api, watched in watch.runs:
+            wait_until(lambda api=api: api.connects, 30, watched.log)
+        until = max(api.connects[0] for _, api, _ in watch.runs) + QUIET_MINUTES_S
+        wait_until(lambda: watch.broken() or time.monotonic() >= until,
+                   until - time.monotonic() + 30, "ten minutes")
+        assert watch.broken() == []
+        for name, api, watched in watch.runs:
+            held = time.monotonic() - api.connects[0]
+            samples = len(api.metrics())
+            print(f"{name}: one connection for {held:.0f} s, {samples} samples")
+            assert samples >= held / METRICS_INTERVAL_S - 3
+            assert Commander(api, watched).run("true")["data"]["exit_code"] == 0
 
     def test_an_nginx_that_does_not_pass_the_upgrade_is_named(self, behind_nginx,
                                                                run_agent):
