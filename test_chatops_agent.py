@@ -21,6 +21,7 @@ import inspect
 import itertools
 import json
 import os
+import pathlib
 import pwd
 import random
 import re
@@ -36,6 +37,7 @@ import time
 import urllib.parse
 import venv
 import symtable
+import tempfile
 import zipfile
 import zlib
 
@@ -2147,6 +2149,8 @@ class Tinyproxy:
     to `connect_ports` only (to any port if none), Basic auth if `auth`
     (user, password) is given. Its log tells which CONNECTs it was asked."""
 
+    refused = "Access violation"  # its reason phrase for a CONNECT it does not allow
+
     def __init__(self, tmp_path, connect_ports=(), auth=None):
         require(shutil.which("tinyproxy"),
                 "tinyproxy is not installed (apt-get install tinyproxy)")
@@ -2179,12 +2183,105 @@ class Tinyproxy:
         self.proc.wait(10)
 
 
+class Squid:
+    """Debian's squid on 127.0.0.1, started for a test, as Tinyproxy is: CONNECT
+    allowed to `connect_ports` only (to any port if none), Basic auth if
+    `auth` (user, password) is given (squid's basic_ncsa_auth, the password
+    MD5-crypted by openssl). Its cache.log, at debug level 11,2, shows each
+    request as it comes: that tells which CONNECTs it was asked. It runs as
+    Debian's user `proxy`, so its files are in a directory of their own."""
+
+    refused = "Forbidden"  # its reason phrase for a CONNECT it does not allow
+
+    def __init__(self, tmp_path, connect_ports=(), auth=None):
+        require(shutil.which("squid") or os.path.exists("/usr/sbin/squid"),
+                "squid is not installed (apt-get install squid)")
+        self.port = fresh_port()
+        self.dir = tempfile.mkdtemp(prefix="chatops-squid-")
+        os.chmod(self.dir, 0o755)
+        lines = [f"http_port 127.0.0.1:{self.port}", f"pid_filename {self.dir}/pid",
+                 f"cache_log {self.dir}/cache.log", "access_log none",
+                 f"coredump_dir {self.dir}", "cache deny all", "pinger_enable off",
+                 "dns_nameservers 127.0.0.1", "shutdown_lifetime 0 seconds",
+                 "debug_options ALL,1 11,2", "acl CONNECT method CONNECT"]
+        if connect_ports:
+            lines += ["acl allowed_ports port " + " ".join(map(str, connect_ports)),
+                      "http_access deny CONNECT !allowed_ports"]
+        if auth:
+            crypted = subprocess.run(["openssl", "passwd", "-1", auth[1]], check=True,
+                                     capture_output=True, text=True).stdout.strip()
+            with open(f"{self.dir}/passwd", "w") as f:
+                f.write(f"{auth[0]}:{crypted}\n")
+            lines += [f"auth_param basic program /usr/lib/squid/basic_ncsa_auth "
+                      f"{self.dir}/passwd", "auth_param basic realm chatops",
+                      "acl users proxy_auth REQUIRED", "http_access allow users"]
+        lines += ["http_access allow localhost", "http_access deny all"]
+        with open(f"{self.dir}/squid.conf", "w") as f:
+            f.write("\n".join(lines) + "\n")
+        with contextlib.suppress(KeyError):
+            proxy_user = pwd.getpwnam("proxy")
+            for name in os.listdir(self.dir):
+                os.chown(os.path.join(self.dir, name), proxy_user.pw_uid, -1)
+            os.chown(self.dir, proxy_user.pw_uid, -1)
+        self.log_path = pathlib.Path(self.dir, "cache.log")
+        self.proc = subprocess.Popen(
+            [shutil.which("squid") or "/usr/sbin/squid", "-N", "-f",
+             f"{self.dir}/squid.conf"], stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(self._listening, 15, self._log)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def _listening(self):
+        if self.proc.poll() is not None:
+            raise AssertionError(f"squid exited: {self._log()}")
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def _log(self):
+        try:
+            return self.log_path.read_text(errors="replace")[-3000:]
+        except OSError:
+            return "(no cache.log)"
+
+    def connects(self):
+        """The targets of the CONNECTs it was asked, in order."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return []
+        return re.findall(r"^CONNECT (\S+) HTTP/", text, re.M)
+
+    def close(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 @pytest.fixture
 def tinyproxy(tmp_path):
     started = []
 
     def start(**options):
         started.append(Tinyproxy(tmp_path, **options))
+        return started[-1]
+
+    yield start
+    for proxy in started:
+        proxy.close()
+
+
+@pytest.fixture(params=[Tinyproxy, Squid], ids=["tinyproxy", "squid"])
+def http_proxy(request, tmp_path):
+    """Starts an HTTP proxy of each kind in turn (Debian's tinyproxy and
+    squid), as `tinyproxy` does."""
+    started = []
+
+    def start(**options):
+        started.append(request.param(tmp_path, **options))
         return started[-1]
 
     yield start
@@ -2199,9 +2296,9 @@ class TestProxies:
     (issue 29, goal 1; and issue 26, defect 5: the agent opens the socket)."""
 
     @pytest.mark.parametrize("how", ["https_proxy", "HTTPS_PROXY", "--proxy"])
-    def test_through_the_proxy_named(self, tls_api, tinyproxy, run_agent, how):
+    def test_through_the_proxy_named(self, tls_api, http_proxy, run_agent, how):
         api, ca_file = tls_api
-        proxy = tinyproxy()
+        proxy = http_proxy()
         flags = ("--proxy", proxy.url) if how == "--proxy" else ()
         env = {} if flags else {how: proxy.url}
         proc = run_agent(api.url, "--ca-file", ca_file, *flags, **env)
@@ -2222,19 +2319,19 @@ class TestProxies:
         assert proxy.connects() == []
 
     def test_a_refusal_says_what_the_proxy_said_and_what_to_ask(
-            self, tls_api, tinyproxy, run_agent):
+            self, tls_api, http_proxy, run_agent):
         api, ca_file = tls_api
-        proxy = tinyproxy(connect_ports=[443])
+        proxy = http_proxy(connect_ports=[443])
         proc = run_agent(api.url, "--ca-file", ca_file, https_proxy=proxy.url)
         proc.wait_log(f"the proxy {proxy.url} refused CONNECT to 127.0.0.1:"
-                      f"{api.port} (403 Access violation): ask for port "
+                      f"{api.port} (403 {proxy.refused}): ask for port "
                       f"{api.port} to be allowed, or serve the API on 443", 15)
         assert api.connects == []
 
     def test_credentials_go_to_the_proxy_and_nowhere_else(
-            self, tls_api, tinyproxy, run_agent):
+            self, tls_api, http_proxy, run_agent):
         api, ca_file = tls_api
-        proxy = tinyproxy(auth=("chatops", "s3cret-pw"))
+        proxy = http_proxy(auth=("chatops", "s3cret-pw"))
         with_credentials = proxy.url.replace("//", "//chatops:s3cret-pw@")
         good = run_agent(api.url, "--ca-file", ca_file,
                          https_proxy=with_credentials, CHATOPS_LOG_LEVEL="debug")
@@ -2261,9 +2358,9 @@ class TestProxies:
         wait_until(lambda: len(api.metrics()) >= 2, 15, allowed.log)
         assert proxy.connects() == [f"127.0.0.1:{api.port}"]
 
-    def test_check_takes_the_same_proxy(self, tls_api, api, tinyproxy):
+    def test_check_takes_the_same_proxy(self, tls_api, api, http_proxy):
         tls, ca_file = tls_api
-        proxy = tinyproxy()
+        proxy = http_proxy()
         env = clean_env(CHATOPS_API_KEY=KEY, https_proxy=proxy.url,
                         http_proxy=proxy.url)
         result = run_cli("--check", "--api-url", tls.url, "--ca-file", ca_file,

@@ -323,7 +323,7 @@ class TestBehindReverseProxies:
         never leaves it quiet that long. It runs beside the other tests of
         tests/ (QuietMinutes), and then still answers a command."""
         watch = alongside
-        for name, api, watched in watch.runs:
+        for _, api, watched in watch.runs:
             wait_until(lambda api=api: api.connects, 30, watched.log)
         until = max(api.connects[0] for _, api, _ in watch.runs) + QUIET_MINUTES_S
         wait_until(lambda: watch.broken() or time.monotonic() >= until,
