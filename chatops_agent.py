@@ -5859,15 +5859,13 @@ class Connector:
                 "TLS certificate verification is OFF (tls_skip_verify): anyone "
                 "on the path can read the API key and the commands"
             )
-        ws = self.websocket.WebSocket(skip_utf8_validation=True,
-                                      enable_multithread=True)
         try:
-            head = self._open(ws)
-            reader = FrameReader(ws.sock, self._deflate(ws, head))
-            server_id = self._authenticate(ws, reader)
-        except BaseException:
-            ws.shutdown()
-            raise
+            ws, reader = self._upgraded()
+            try:
+                server_id = self._authenticate(ws, reader)
+            except BaseException:
+                ws.shutdown()
+                raise
         finally:
             self._connecting = None
         ws.settimeout(max(1.0, self.config.heartbeat_interval_s))
@@ -5883,19 +5881,30 @@ class Connector:
         place of `auth`, and read the answer: the key never goes out, and
         the API registers no connection. A Probe; LinkError or AuthError
         saying why the WebSocket did not open."""
-        ws = self.websocket.WebSocket(skip_utf8_validation=True,
-                                      enable_multithread=True)
         started = time.monotonic()
         try:
-            head = self._open(ws)
+            ws, reader = self._upgraded()
             upgraded_s = time.monotonic() - started
-            reader = FrameReader(ws.sock, self._deflate(ws, head))
-            ws.send(PROBE_MESSAGE, opcode=OP_TEXT)
-            answer = self._probe_answer(ws, reader)
+            try:
+                ws.send(PROBE_MESSAGE, opcode=OP_TEXT)
+                answer = self._probe_answer(ws, reader)
+            finally:
+                ws.shutdown()
         finally:
             self._connecting = None
-            ws.shutdown()
         return Probe(upgraded_s, reader.deflate, answer)
+
+    def _upgraded(self):
+        """A WebSocket upgraded as the service's is (_open), and the
+        FrameReader on its socket; nothing is left open when it fails."""
+        ws = self.websocket.WebSocket(skip_utf8_validation=True,
+                                      enable_multithread=True)
+        try:
+            head = self._open(ws)
+            return ws, FrameReader(ws.sock, self._deflate(ws, head))
+        except BaseException:
+            ws.shutdown()
+            raise
 
     def _probe_answer(self, ws, reader):
         """The API's answer to the probe, in words: the ChatOps server's is
