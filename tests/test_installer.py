@@ -24,8 +24,8 @@ from test_chatops_agent import (  # the fast suite's helpers
     KEY,
     clean_env,
     docker,
-    need_module,
     require,
+    tls_context,
     wait_until,
 )
 from conftest import (
@@ -600,13 +600,7 @@ class TestInstaller:
         only, one at a time), though the agent and its checksum wait there;
         one to another https address is followed (issue 26, defect 4)."""
         require(shutil.which(tool), f"{tool} is not installed (apt-get install {tool})")
-        trustme = need_module("trustme")
-        ca = trustme.CA()
-        context = __import__("ssl").create_default_context(
-            __import__("ssl").Purpose.CLIENT_AUTH)
-        ca.issue_cert("127.0.0.1").configure_cert(context)
-        ca_file = tmp_path / "ca.pem"
-        ca.cert_pem.write_to_path(str(ca_file))
+        context, ca_file = tls_context(tmp_path)
         (tmp_path / "wgetrc").write_text(f"ca_certificate = {ca_file}\n")
         served = tmp_path / "served"
         shutil.copytree(need_bundle(), served)
@@ -640,13 +634,7 @@ class TestInstaller:
         and config.json gives it to the service, which sees no shell's
         https_proxy; its password is shown nowhere and kept off command
         lines (issue 29, goal 1)."""
-        trustme = need_module("trustme")
-        ca = trustme.CA()
-        context = __import__("ssl").create_default_context(
-            __import__("ssl").Purpose.CLIENT_AUTH)
-        ca.issue_cert("127.0.0.1").configure_cert(context)
-        ca_file = tmp_path / "ca.pem"
-        ca.cert_pem.write_to_path(str(ca_file))
+        context, ca_file = tls_context(tmp_path)
         proxy = tinyproxy(auth=("chatops", "pr0xy-pw"))
         with_password = proxy.url.replace("//", "//chatops:pr0xy-pw@")
         alone = tmp_path / "alone" / "install.sh"  # as piped from curl
