@@ -515,7 +515,7 @@ download_with_curl() {
     "" | 000 | 200) ;;
     *) proxy_refused "$1" "$connect" ;;
     esac
-    [ -n "${3:-}" ] || printf '%s\n' "$said" | grep -v '^CONNECT [0-9]*$' | grep . >&2
+    [ -n "${3:-}" ] || printf '%s\n' "$said" | sed '/^CONNECT [0-9]*$/d; /^$/d' >&2
     return 1
 }
 
