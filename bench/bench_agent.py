@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -1080,6 +1081,9 @@ def main():
                         help="comma-separated parts to run, e.g. floor,idle (prints "
                              "their figures as JSON; results.json is left alone)")
     args = parser.parse_args()
+    # Stopped by SIGTERM, as by Ctrl-C: an exit, so that each part's finally
+    # stops the agents, APIs and containers it started (they outlived it).
+    signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
     AGENT_PYTHON[0] = args.agent_python
     # Idle windows are whole multiples of the 15 s process-table refresh, so
     # that each holds as many refreshes: the median of several is then stable.
