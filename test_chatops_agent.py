@@ -2166,12 +2166,8 @@ class Tinyproxy:
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(["tinyproxy", "-d", "-c", str(config)],
                                          stdout=log, stderr=subprocess.STDOUT)
-        wait_until(self._listening, 10, lambda: self.log_path.read_text())
+        wait_listening(self.port, self.proc, "tinyproxy", self.log_path.read_text)
         self.url = f"http://127.0.0.1:{self.port}"
-
-    def _listening(self):
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", self.port)) == 0
 
     def connects(self):
         """The targets of the CONNECTs it was asked, in order."""
@@ -2229,14 +2225,8 @@ class Squid:
              f"{self.dir}/squid.conf"], stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True)
-        wait_until(self._listening, 15, self._log)
+        wait_listening(self.port, self.proc, "squid", self._log)
         self.url = f"http://127.0.0.1:{self.port}"
-
-    def _listening(self):
-        if self.proc.poll() is not None:
-            raise AssertionError(f"squid exited: {self._log()}")
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", self.port)) == 0
 
     def _log(self):
         try:
@@ -2510,6 +2500,18 @@ def fresh_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_listening(port, proc, name, log, timeout_s=15):
+    """Wait until `proc`, a server started for a test, accepts connections
+    on 127.0.0.1:`port`; fail with `log()` if it exits first, or never does."""
+    def listening():
+        if proc.poll() is not None:
+            raise AssertionError(f"{name} exited: {log()}")
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_until(listening, timeout_s, log)
 
 
 def unstarted_link(api, box, **settings):

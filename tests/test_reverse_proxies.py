@@ -8,7 +8,6 @@ WebSocket needs, the commonest mistake.
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 
@@ -26,6 +25,7 @@ from test_chatops_agent import (  # the fast suite's helpers
     need_module,
     require,
     run_cli,
+    wait_listening,
     wait_until,
 )
 
@@ -62,13 +62,7 @@ class ReverseProxy:
             self.proc = subprocess.Popen(
                 [binary, *self.arguments()], stdin=subprocess.DEVNULL,
                 stdout=log, stderr=subprocess.STDOUT)
-        wait_until(self._listening, 10, self.log)
-
-    def _listening(self):
-        if self.proc.poll() is not None:
-            raise AssertionError(f"{self.name} exited: {self.log()}")
-        with socket.socket() as probe:
-            return probe.connect_ex(("127.0.0.1", self.port)) == 0
+        wait_listening(self.port, self.proc, self.name, self.log)
 
     def log(self):
         with open(self.files["proxy.log"]) as f:
