@@ -4425,8 +4425,6 @@ class Spool:
             self._dir = lock_directory(open_state_directory(self.directory), self.path)
             self._fd = self._open_spool()
             found = self._load(capacity)
-        except SpoolHeld:
-            raise  # the agent does not start: see SpoolHeld
         except SpoolRefused as e:
             return self._refused(str(e))
         except OSError as e:
@@ -4599,7 +4597,7 @@ class SpoolRefused(Exception):
     link, under a directory others may change): samples stay in memory."""
 
 
-class SpoolHeld(SpoolRefused, AgentError):
+class SpoolHeld(AgentError):
     """Another agent holds the spool's lock, and so, most likely, the same API
     key: the ChatOps API keeps one connection per key and forgets it when any
     connection of that key ends, so a second agent would cut the first off
@@ -4958,6 +4956,9 @@ CERT_REFUSED = ("SSLV3_ALERT_BAD_CERTIFICATE", "TLSV1_ALERT_UNKNOWN_CA",
 # TLS handshake either way and says so in a page of status 400.
 NGINX_NO_CERTIFICATE = "No required SSL certificate was sent"
 NGINX_BAD_CERTIFICATE = "The SSL certificate error"
+CERT_ASKED_TEXT = ("the API's TLS asks for a client certificate and none was given: "
+                   "set tls_client_cert and tls_client_key (--tls-client-cert, "
+                   "--tls-client-key)")
 
 
 def client_certificate_problem(error, config):
@@ -4966,7 +4967,7 @@ def client_certificate_problem(error, config):
     reason = getattr(error, "reason", None) if isinstance(error, ssl.SSLError) else None
     if reason in CERT_ASKED or (reason == "SSLV3_ALERT_HANDSHAKE_FAILURE"
                                 and not config.tls_client_cert):
-        return certificate_asked()
+        return CERT_ASKED_TEXT
     if reason in CERT_REFUSED and config.tls_client_cert:
         return certificate_refused(config, reason.lower().replace("_", " "))
     return None
@@ -4976,16 +4977,10 @@ def certificate_page(body, config):
     """What nginx's page in place of the upgrade says of the client
     certificate, and what to do; None when it says nothing of it."""
     if NGINX_NO_CERTIFICATE in body:
-        return certificate_asked()
+        return CERT_ASKED_TEXT
     if NGINX_BAD_CERTIFICATE in body and config.tls_client_cert:
         return certificate_refused(config, f"HTTP 400, {NGINX_BAD_CERTIFICATE}")
     return None
-
-
-def certificate_asked():
-    return ("the API's TLS asks for a client certificate and none was given: "
-            "set tls_client_cert and tls_client_key (--tls-client-cert, "
-            "--tls-client-key)")
 
 
 def certificate_refused(config, why):
